@@ -1,0 +1,133 @@
+//! The one place that says what each architecture does: [`Rules::for_config`] turns an
+//! architecture (and its training recipe) into independent behaviours, which the rest of the
+//! crate follows without asking which architecture it runs.
+
+use crate::config::{Architecture, ReluVariant, SaeConfig, TrainConfig};
+
+/// How training selects the active codes from `post = ReLU(pre)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Selection {
+    /// Every positive entry.
+    Relu,
+    /// The k largest of each row.
+    TopK(usize),
+    /// The k·B largest of the batch.
+    BatchTopK(usize),
+}
+
+/// The loss term added to the reconstruction MSE.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Penalty {
+    /// λ·s(t)·mean_b Σ_j f_bj·n_j, with n_j = ‖W_dec\[j\]‖ when `weight_by_decoder_norm`, else 1.
+    L1 {
+        /// λ.
+        coefficient: f32,
+        /// Whether n_j is the decoder row norm.
+        weight_by_decoder_norm: bool,
+        /// s(t) rises linearly from 0 to 1 over this many steps (0: always 1).
+        warmup_steps: u64,
+    },
+    /// α·AuxK over latents dead for `dead_tokens` tokens (Gao et al. 2024).
+    AuxK {
+        /// α.
+        alpha: f32,
+        /// Tokens without firing after which a latent is dead.
+        dead_tokens: u64,
+    },
+}
+
+/// The constraint on decoder rows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DecoderConstraint {
+    /// Rows move freely.
+    Free,
+    /// Rows stay unit-norm: the gradient's component along each row is removed before the step
+    /// (row normalised as w/(‖w‖ + `project_eps`)) and rows are rescaled by 1/(‖w‖ + `renorm_eps`)
+    /// after it. The epsilons are the reference's.
+    UnitNorm {
+        /// ε added to the norm when projecting the gradient.
+        project_eps: f32,
+        /// ε added to the norm when renormalising.
+        renorm_eps: f32,
+    },
+}
+
+/// What training does, decided once per run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rules {
+    /// Training-time selection.
+    pub selection: Selection,
+    /// Extra loss term.
+    pub penalty: Penalty,
+    /// Decoder-row constraint.
+    pub decoder: DecoderConstraint,
+    /// Clip the global gradient norm to this value before Adam.
+    pub max_grad_norm: Option<f32>,
+    /// Set b_dec to the geometric median of the first batch before the first step.
+    pub init_b_dec_from_median: bool,
+    /// Track the inference threshold θ as an EMA of the smallest kept code.
+    pub learn_threshold: bool,
+}
+
+impl Rules {
+    /// The reference behaviour (dictionary_learning 0.1.0) of each architecture.
+    pub fn for_config(sae: &SaeConfig, train: &TrainConfig) -> Rules {
+        let auxk = Penalty::AuxK {
+            alpha: train.auxk_alpha,
+            dead_tokens: train.dead_tokens,
+        };
+        // `set_decoder_norm_to_unit_norm` and `remove_gradient_parallel_to_decoder_directions`.
+        let topk_decoder = DecoderConstraint::UnitNorm {
+            project_eps: 1e-6,
+            renorm_eps: f32::EPSILON,
+        };
+        match sae.arch {
+            Architecture::Relu => {
+                let l1 = |weight_by_decoder_norm| Penalty::L1 {
+                    coefficient: train.l1_coefficient,
+                    weight_by_decoder_norm,
+                    warmup_steps: train.sparsity_warmup_steps,
+                };
+                match train.relu_variant {
+                    // StandardTrainerAprilUpdate: clips, decoder free.
+                    ReluVariant::DecoderNorm => Rules {
+                        selection: Selection::Relu,
+                        penalty: l1(true),
+                        decoder: DecoderConstraint::Free,
+                        max_grad_norm: Some(1.0),
+                        init_b_dec_from_median: false,
+                        learn_threshold: false,
+                    },
+                    // StandardTrainer with ConstrainedAdam: exact unit norm, no clipping.
+                    ReluVariant::UnitDecoder => Rules {
+                        selection: Selection::Relu,
+                        penalty: l1(false),
+                        decoder: DecoderConstraint::UnitNorm {
+                            project_eps: 0.0,
+                            renorm_eps: 0.0,
+                        },
+                        max_grad_norm: None,
+                        init_b_dec_from_median: false,
+                        learn_threshold: false,
+                    },
+                }
+            }
+            Architecture::TopK { k } => Rules {
+                selection: Selection::TopK(k),
+                penalty: auxk,
+                decoder: topk_decoder,
+                max_grad_norm: Some(1.0),
+                init_b_dec_from_median: true,
+                learn_threshold: false,
+            },
+            Architecture::BatchTopK { k } => Rules {
+                selection: Selection::BatchTopK(k),
+                penalty: auxk,
+                decoder: topk_decoder,
+                max_grad_norm: Some(1.0),
+                init_b_dec_from_median: true,
+                learn_threshold: true,
+            },
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The dense-GEMM seam: the few operations whose speed decides a step, behind one trait so
+//! the rest of the crate never knows which library (or device) runs them.
+
+pub mod sparse;
+
+use ndarray::{ArrayView2, ArrayViewMut2};
+
+/// Dense linear algebra used by the SAE. Implementations must be deterministic: the same inputs
+/// and thread count give bit-identical outputs.
+pub trait Backend: Send + Sync {
+    /// A short name for logs and benchmarks (`"matrixmultiply"`, `"openblas"`).
+    fn name(&self) -> &'static str;
+
+    /// `c ← alpha·a·b + beta·c`. `a` and `b` may be transposed views (`w.t()`); shapes must
+    /// agree, `(m, k)·(k, n)` into `(m, n)`.
+    fn gemm(
+        &self,
+        alpha: f32,
+        a: ArrayView2<'_, f32>,
+        b: ArrayView2<'_, f32>,
+        beta: f32,
+        c: ArrayViewMut2<'_, f32>,
+    );
+}
+
+/// The CPU backend: `ndarray`'s GEMM, which runs on `matrixmultiply` (threaded, pure Rust) by
+/// default and on the system OpenBLAS with the `openblas` feature.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    fn name(&self) -> &'static str {
+        if cfg!(feature = "openblas") {
+            "openblas"
+        } else {
+            "matrixmultiply"
+        }
+    }
+
+    fn gemm(
+        &self,
+        alpha: f32,
+        a: ArrayView2<'_, f32>,
+        b: ArrayView2<'_, f32>,
+        beta: f32,
+        mut c: ArrayViewMut2<'_, f32>,
+    ) {
+        ndarray::linalg::general_mat_mul(alpha, &a, &b, beta, &mut c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{array, Array2};
+
+    #[test]
+    fn gemm_handles_transposed_operands_and_accumulates() {
+        let a = array![[1.0f32, 2.0], [3.0, 4.0], [5.0, 6.0]]; // 3x2
+        let w = array![[1.0f32, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, -1.0]]; // 4x2
+        let mut c = Array2::<f32>::ones((3, 4));
+        Cpu.gemm(1.0, a.view(), w.t(), 1.0, c.view_mut());
+        let expected = array![
+            [2.0f32, 3.0, 4.0, 1.0],
+            [4.0, 5.0, 8.0, 3.0],
+            [6.0, 7.0, 12.0, 5.0]
+        ];
+        assert_eq!(c, expected);
+    }
+}

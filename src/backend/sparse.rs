@@ -1,0 +1,206 @@
+//! CPU kernels over sparse codes: everything whose cost is O(active codes · D) rather than
+//! O(B·F·D). Row-parallel with rayon, each output written by exactly one task.
+
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2, Axis};
+use rayon::prelude::*;
+
+use crate::select::Codes;
+
+/// Lanes of the independent accumulators in [`dot`]: enough for the compiler to vectorise.
+const LANES: usize = 16;
+
+/// Σ a_i·b_i with `LANES` partial sums (fixed order, so deterministic).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f32; LANES];
+    let (a_main, a_tail) = a.split_at(a.len() - a.len() % LANES);
+    let (b_main, b_tail) = b.split_at(a_main.len());
+    for (ca, cb) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    let mut tail = 0.0;
+    for (x, y) in a_tail.iter().zip(b_tail) {
+        tail += x * y;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// y ← y + alpha·x.
+#[inline]
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += alpha * xi;
+    }
+}
+
+/// `out_bd ← codes · w_fd (+ bias_d)`: each row is the bias plus the sum of its active
+/// latents' rows of `w_fd`, scaled by their codes.
+pub fn decode_into(
+    codes: &Codes,
+    w_fd: ArrayView2<'_, f32>,
+    bias_d: Option<ArrayView1<'_, f32>>,
+    mut out_bd: ArrayViewMut2<'_, f32>,
+) {
+    debug_assert_eq!(out_bd.nrows(), codes.n_rows());
+    out_bd
+        .axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(b, mut out_d)| {
+            let out = out_d.as_slice_mut().expect("contiguous output row");
+            match bias_d {
+                Some(bias) => out.copy_from_slice(bias.as_slice().expect("contiguous bias")),
+                None => out.fill(0.0),
+            }
+            let (idx, val) = codes.row(b);
+            for (&j, &v) in idx.iter().zip(val) {
+                axpy(
+                    v,
+                    w_fd.row(j as usize).as_slice().expect("contiguous row"),
+                    out,
+                );
+            }
+        });
+}
+
+/// For every active entry (b, j) of `codes`: `out[e] = u_bd[b] · w_fd[j]`, the gradient of a
+/// loss with upstream `u_bd = ∂L/∂x̂` with respect to that code.
+pub fn entry_dots(
+    codes: &Codes,
+    u_bd: ArrayView2<'_, f32>,
+    w_fd: ArrayView2<'_, f32>,
+    out: &mut [f32],
+) {
+    debug_assert_eq!(out.len(), codes.nnz());
+    for_each_row_mut(&codes.indptr, out, |b, out_row| {
+        let u = u_bd.row(b);
+        let u = u.as_slice().expect("contiguous row");
+        let (idx, _) = codes.row(b);
+        for (o, &j) in out_row.iter_mut().zip(idx) {
+            *o = dot(u, w_fd.row(j as usize).as_slice().expect("contiguous row"));
+        }
+    });
+}
+
+/// Calls `f(b, data[indptr[b]..indptr[b+1]])` for every row, rows in parallel.
+pub fn for_each_row_mut<T: Send>(
+    indptr: &[usize],
+    data: &mut [T],
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    // Split into fixed groups of rows first so the task count stays small.
+    const ROWS: usize = 16;
+    let n_rows = indptr.len() - 1;
+    let mut groups = Vec::with_capacity(n_rows.div_ceil(ROWS));
+    let mut rest = data;
+    for start in (0..n_rows).step_by(ROWS) {
+        let end = (start + ROWS).min(n_rows);
+        let (head, tail) = rest.split_at_mut(indptr[end] - indptr[start]);
+        groups.push((start, end, head));
+        rest = tail;
+    }
+    groups.into_par_iter().for_each(|(start, end, group)| {
+        let base = indptr[start];
+        for b in start..end {
+            f(b, &mut group[indptr[b] - base..indptr[b + 1] - base]);
+        }
+    });
+}
+
+/// Codes transposed to latent-major order (CSC): latent `j`'s entries are
+/// `entry[indptr[j]..indptr[j + 1]]`, each the position of that entry in the row-major
+/// [`Codes`] arrays, in ascending row order. Lets per-latent gradients be summed by one task each.
+#[derive(Clone, Debug, Default)]
+pub struct ByLatent {
+    /// Offsets per latent; length F + 1.
+    pub indptr: Vec<usize>,
+    /// Position of each entry in the row-major arrays.
+    pub entry: Vec<u32>,
+    /// Row of each entry.
+    pub row: Vec<u32>,
+}
+
+impl ByLatent {
+    /// Rebuilds `self` as the transpose of `codes` (counting sort; reuses capacity).
+    pub fn rebuild(&mut self, codes: &Codes) {
+        let f = codes.n_latents;
+        self.indptr.clear();
+        self.indptr.resize(f + 1, 0);
+        for &j in &codes.indices {
+            self.indptr[j as usize + 1] += 1;
+        }
+        for j in 0..f {
+            self.indptr[j + 1] += self.indptr[j];
+        }
+        self.entry.resize(codes.nnz(), 0);
+        self.row.resize(codes.nnz(), 0);
+        // `fill[j]` walks latent j's slots; rows are visited in order, so each latent's entries
+        // come out row-sorted.
+        let mut fill: Vec<usize> = self.indptr[..f].to_vec();
+        for b in 0..codes.n_rows() {
+            for e in codes.indptr[b]..codes.indptr[b + 1] {
+                let j = codes.indices[e] as usize;
+                self.entry[fill[j]] = e as u32;
+                self.row[fill[j]] = b as u32;
+                fill[j] += 1;
+            }
+        }
+    }
+
+    /// Latent `j`'s entries: (positions in the row-major arrays, rows).
+    pub fn latent(&self, j: usize) -> (&[u32], &[u32]) {
+        let r = self.indptr[j]..self.indptr[j + 1];
+        (&self.entry[r.clone()], &self.row[r])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{array, Array2};
+
+    #[test]
+    fn dot_matches_naive_for_all_tail_lengths() {
+        for n in [0, 1, 15, 16, 17, 33, 100] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let naive: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(&a, &b) as f64 - naive).abs() < 1e-5, "n = {n}");
+        }
+    }
+
+    #[test]
+    fn decode_and_entry_dots_match_dense() {
+        let dense = array![[0.0f32, 2.0, 0.0], [1.0, 0.0, 3.0], [0.0, 0.0, 0.0]];
+        let codes = Codes::from_dense(dense.view());
+        let w = array![[1.0f32, 2.0], [3.0, 4.0], [5.0, 6.0]];
+        let bias = array![0.5f32, -0.5];
+        let mut out = Array2::zeros((3, 2));
+        decode_into(&codes, w.view(), Some(bias.view()), out.view_mut());
+        assert_eq!(out, dense.dot(&w) + &bias);
+
+        let u = array![[1.0f32, 1.0], [2.0, 0.0], [0.0, 0.0]];
+        let mut g = vec![0.0; codes.nnz()];
+        entry_dots(&codes, u.view(), w.view(), &mut g);
+        let full = u.dot(&w.t());
+        assert_eq!(g, vec![full[[0, 1]], full[[1, 0]], full[[1, 2]]]);
+    }
+
+    #[test]
+    fn by_latent_is_the_transpose() {
+        let dense = array![[0.0f32, 2.0, 0.0], [1.0, 5.0, 3.0], [0.0, 7.0, 0.0]];
+        let codes = Codes::from_dense(dense.view());
+        let mut t = ByLatent::default();
+        t.rebuild(&codes);
+        let (entries, rows) = t.latent(1);
+        assert_eq!(rows, &[0, 1, 2]);
+        let vals: Vec<f32> = entries.iter().map(|&e| codes.values[e as usize]).collect();
+        assert_eq!(vals, vec![2.0, 5.0, 7.0]);
+        assert_eq!(t.latent(0).1, &[1]);
+        assert_eq!(t.latent(2).1, &[1]);
+    }
+}

@@ -1,0 +1,458 @@
+//! Hyperparameters: the SAE's shape and architecture ([`SaeConfig`]) and the training
+//! recipe ([`TrainConfig`]), each with a `validate()` that returns a typed [`ConfigError`].
+
+use serde::{Deserialize, Serialize};
+
+/// How the code f is made sparse. Each variant's rules live in one place, [`crate::arch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "arch", rename_all = "lowercase")]
+pub enum Architecture {
+    /// ReLU with an L1 penalty (dictionary_learning's `StandardTrainer` family).
+    Relu,
+    /// Keep the `k` largest codes of every row (Gao et al. 2024, `TopKTrainer`).
+    #[serde(rename = "topk")]
+    TopK {
+        /// Active latents per row.
+        k: usize,
+    },
+    /// Keep the `k·B` largest codes of the whole batch (Bussmann et al. 2024, `BatchTopKTrainer`);
+    /// outside training, keep codes above the learned threshold θ.
+    #[serde(rename = "batchtopk")]
+    BatchTopK {
+        /// Mean active latents per row.
+        k: usize,
+    },
+}
+
+impl Architecture {
+    /// The k of TopK/BatchTopK; `None` for ReLU.
+    pub fn k(&self) -> Option<usize> {
+        match *self {
+            Architecture::Relu => None,
+            Architecture::TopK { k } | Architecture::BatchTopK { k } => Some(k),
+        }
+    }
+}
+
+/// Which L1 formulation a ReLU SAE trains with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReluVariant {
+    /// Anthropic's April-2024 update (`StandardTrainerAprilUpdate`): penalty f_j·‖W_dec\[j\]‖,
+    /// decoder unconstrained, gradient norm clipped to 1.
+    #[default]
+    DecoderNorm,
+    /// Towards Monosemanticity (`StandardTrainer` with `ConstrainedAdam`): penalty f_j, decoder
+    /// rows kept at unit norm, no clipping.
+    UnitDecoder,
+}
+
+/// The shape and architecture of an SAE: all that is needed to build or load one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaeConfig {
+    /// D: width of the activations (the model's residual width).
+    pub d_model: usize,
+    /// F: number of latents (dictionary rows).
+    pub dict_size: usize,
+    /// Sparsity rule.
+    #[serde(flatten)]
+    pub arch: Architecture,
+}
+
+impl SaeConfig {
+    /// Checks every field; the error names the first invalid one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.d_model == 0 {
+            return Err(ConfigError::ZeroDModel);
+        }
+        if self.dict_size == 0 {
+            return Err(ConfigError::ZeroDictSize);
+        }
+        if self.arch.k() == Some(0) {
+            return Err(ConfigError::ZeroK);
+        }
+        Ok(())
+    }
+}
+
+/// The training recipe. Defaults follow dictionary_learning 0.1.0 unless noted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Steps the run will take; the learning-rate decay ends here. Default 10,000.
+    pub total_steps: u64,
+    /// Peak learning rate; `None` picks [`TrainConfig::learning_rate`]'s default.
+    pub lr: Option<f32>,
+    /// Linear learning-rate warm-up from 0 (default 1000, dictionary_learning).
+    pub warmup_steps: u64,
+    /// Step from which the learning rate decays linearly to 0 at `total_steps` (default none).
+    pub decay_start: Option<u64>,
+    /// Adam β1 (default 0.9, torch).
+    pub adam_beta1: f32,
+    /// Adam β2 (default 0.999, torch).
+    pub adam_beta2: f32,
+    /// Adam ε (default 1e-8, torch).
+    pub adam_eps: f32,
+    /// ReLU only: L1 coefficient λ (default 5.0, Anthropic April-2024 update, which assumes
+    /// activations normalized to E‖x‖ = √D).
+    pub l1_coefficient: f32,
+    /// ReLU only: which L1 formulation (default `decoder_norm`).
+    pub relu_variant: ReluVariant,
+    /// ReLU only: λ rises linearly from 0 over this many steps (default 2000; 0 disables).
+    pub sparsity_warmup_steps: u64,
+    /// TopK/BatchTopK: weight α of the AuxK loss (default 1/32, Gao et al. 2024 A.2).
+    pub auxk_alpha: f32,
+    /// TopK/BatchTopK: a latent is dead after this many tokens without firing (default 10M).
+    pub dead_tokens: u64,
+    /// BatchTopK: θ updates on steps after this one (0-based, as the reference's
+    /// `step > threshold_start_step`; default 1000).
+    pub threshold_start_step: u64,
+    /// BatchTopK: EMA factor β of θ (default 0.999).
+    pub threshold_beta: f32,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            total_steps: 10_000,
+            lr: None,
+            warmup_steps: 1000,
+            decay_start: None,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            l1_coefficient: 5.0,
+            relu_variant: ReluVariant::DecoderNorm,
+            sparsity_warmup_steps: 2000,
+            auxk_alpha: 1.0 / 32.0,
+            dead_tokens: 10_000_000,
+            threshold_start_step: 1000,
+            threshold_beta: 0.999,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The peak learning rate: `lr` if set, else 2e-4/√(F/2¹⁴) for TopK/BatchTopK (Gao et al.
+    /// 2024 scaling law, as dictionary_learning) and 5e-5 for ReLU (Anthropic April-2024 update).
+    pub fn learning_rate(&self, sae: &SaeConfig) -> f32 {
+        match (self.lr, sae.arch) {
+            (Some(lr), _) => lr,
+            (None, Architecture::Relu) => 5e-5,
+            (None, _) => (2e-4 / (sae.dict_size as f64 / 16384.0).sqrt()) as f32,
+        }
+    }
+
+    /// Checks every field against itself and against the SAE it will train.
+    pub fn validate(&self, sae: &SaeConfig) -> Result<(), ConfigError> {
+        use ConfigError as E;
+        sae.validate()?;
+        if self.total_steps == 0 {
+            return Err(E::ZeroTotalSteps);
+        }
+        if let Some(lr) = self.lr {
+            if !(lr.is_finite() && lr > 0.0) {
+                return Err(E::LearningRate(lr));
+            }
+        }
+        for (name, value) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+            ("threshold_beta", self.threshold_beta),
+        ] {
+            if !(0.0..1.0).contains(&value) {
+                return Err(E::Beta { name, value });
+            }
+        }
+        if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
+            return Err(E::AdamEps(self.adam_eps));
+        }
+        if !(self.l1_coefficient.is_finite() && self.l1_coefficient >= 0.0) {
+            return Err(E::L1Coefficient(self.l1_coefficient));
+        }
+        if !(self.auxk_alpha.is_finite() && self.auxk_alpha >= 0.0) {
+            return Err(E::AuxkAlpha(self.auxk_alpha));
+        }
+        if self.dead_tokens == 0 {
+            return Err(E::ZeroDeadTokens);
+        }
+        if self.warmup_steps >= self.total_steps {
+            return Err(E::WarmupNotBeforeEnd {
+                warmup_steps: self.warmup_steps,
+                total_steps: self.total_steps,
+            });
+        }
+        let relu = sae.arch == Architecture::Relu;
+        if relu && self.sparsity_warmup_steps >= self.total_steps {
+            return Err(E::SparsityWarmupNotBeforeEnd {
+                sparsity_warmup_steps: self.sparsity_warmup_steps,
+                total_steps: self.total_steps,
+            });
+        }
+        if let Some(decay_start) = self.decay_start {
+            if decay_start <= self.warmup_steps {
+                return Err(E::DecayNotAfterWarmup {
+                    decay_start,
+                    warmup_steps: self.warmup_steps,
+                });
+            }
+            if decay_start >= self.total_steps {
+                return Err(E::DecayNotBeforeEnd {
+                    decay_start,
+                    total_steps: self.total_steps,
+                });
+            }
+            if relu && self.sparsity_warmup_steps > 0 && decay_start <= self.sparsity_warmup_steps {
+                return Err(E::DecayNotAfterSparsityWarmup {
+                    decay_start,
+                    sparsity_warmup_steps: self.sparsity_warmup_steps,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One invalid hyperparameter: the message names the field (as spelled in config files and
+/// CLI flags) and what to change.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// D = 0.
+    #[error("d_model must be at least 1")]
+    ZeroDModel,
+    /// F = 0.
+    #[error("dict_size must be at least 1")]
+    ZeroDictSize,
+    /// k = 0.
+    #[error("k must be at least 1 for topk and batchtopk")]
+    ZeroK,
+    /// `total_steps` = 0.
+    #[error("total_steps must be at least 1")]
+    ZeroTotalSteps,
+    /// Learning rate not a finite positive number.
+    #[error("lr must be a finite number > 0, got {0}")]
+    LearningRate(f32),
+    /// A β outside [0, 1).
+    #[error("{name} must lie in [0, 1), got {value}")]
+    Beta {
+        /// Field name.
+        name: &'static str,
+        /// Offending value.
+        value: f32,
+    },
+    /// Adam ε not a finite positive number.
+    #[error("adam_eps must be a finite number > 0, got {0}")]
+    AdamEps(f32),
+    /// λ negative or not finite.
+    #[error("l1_coefficient must be a finite number >= 0, got {0}")]
+    L1Coefficient(f32),
+    /// α negative or not finite.
+    #[error("auxk_alpha must be a finite number >= 0, got {0}")]
+    AuxkAlpha(f32),
+    /// `dead_tokens` = 0 would call every latent dead at once.
+    #[error("dead_tokens must be at least 1")]
+    ZeroDeadTokens,
+    /// Warm-up as long as the run.
+    #[error("warmup_steps ({warmup_steps}) must be less than total_steps ({total_steps})")]
+    WarmupNotBeforeEnd {
+        /// Given warm-up.
+        warmup_steps: u64,
+        /// Given run length.
+        total_steps: u64,
+    },
+    /// Sparsity warm-up as long as the run.
+    #[error("sparsity_warmup_steps ({sparsity_warmup_steps}) must be less than total_steps ({total_steps})")]
+    SparsityWarmupNotBeforeEnd {
+        /// Given sparsity warm-up.
+        sparsity_warmup_steps: u64,
+        /// Given run length.
+        total_steps: u64,
+    },
+    /// Decay would start during warm-up.
+    #[error("decay_start ({decay_start}) must be greater than warmup_steps ({warmup_steps})")]
+    DecayNotAfterWarmup {
+        /// Given decay start.
+        decay_start: u64,
+        /// Given warm-up.
+        warmup_steps: u64,
+    },
+    /// Decay would start at or after the end.
+    #[error("decay_start ({decay_start}) must be less than total_steps ({total_steps})")]
+    DecayNotBeforeEnd {
+        /// Given decay start.
+        decay_start: u64,
+        /// Given run length.
+        total_steps: u64,
+    },
+    /// Decay would start while λ is still warming up.
+    #[error("decay_start ({decay_start}) must be greater than sparsity_warmup_steps ({sparsity_warmup_steps})")]
+    DecayNotAfterSparsityWarmup {
+        /// Given decay start.
+        decay_start: u64,
+        /// Given sparsity warm-up.
+        sparsity_warmup_steps: u64,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sae(arch: Architecture) -> SaeConfig {
+        SaeConfig {
+            d_model: 8,
+            dict_size: 32,
+            arch,
+        }
+    }
+
+    fn check(sae_cfg: SaeConfig, edit: impl FnOnce(&mut TrainConfig)) -> Result<(), ConfigError> {
+        let mut cfg = TrainConfig::default();
+        edit(&mut cfg);
+        cfg.validate(&sae_cfg)
+    }
+
+    const TOPK: Architecture = Architecture::TopK { k: 4 };
+
+    #[test]
+    fn defaults_are_valid_for_every_architecture() {
+        for arch in [Architecture::Relu, TOPK, Architecture::BatchTopK { k: 4 }] {
+            assert_eq!(check(sae(arch), |_| {}), Ok(()));
+        }
+    }
+
+    #[test]
+    fn sae_shape_errors() {
+        let mut s = sae(TOPK);
+        s.d_model = 0;
+        assert_eq!(s.validate(), Err(ConfigError::ZeroDModel));
+        let mut s = sae(TOPK);
+        s.dict_size = 0;
+        assert_eq!(s.validate(), Err(ConfigError::ZeroDictSize));
+        assert_eq!(
+            sae(Architecture::BatchTopK { k: 0 }).validate(),
+            Err(ConfigError::ZeroK)
+        );
+        assert_eq!(
+            sae(Architecture::TopK { k: 0 }).validate(),
+            Err(ConfigError::ZeroK)
+        );
+        // TrainConfig::validate checks the SAE too.
+        assert_eq!(
+            check(sae(Architecture::TopK { k: 0 }), |_| {}),
+            Err(ConfigError::ZeroK)
+        );
+    }
+
+    #[test]
+    fn learning_rate_must_be_finite_and_positive() {
+        for bad in [0.0, -1e-3, f32::NAN, f32::INFINITY] {
+            let err = check(sae(TOPK), |c| c.lr = Some(bad)).unwrap_err();
+            assert!(matches!(err, ConfigError::LearningRate(_)), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn betas_must_lie_in_unit_interval() {
+        for bad in [-0.1, 1.0, 1.5, f32::NAN] {
+            assert!(matches!(
+                check(sae(TOPK), |c| c.adam_beta1 = bad),
+                Err(ConfigError::Beta {
+                    name: "adam_beta1",
+                    ..
+                })
+            ));
+            assert!(matches!(
+                check(sae(TOPK), |c| c.adam_beta2 = bad),
+                Err(ConfigError::Beta {
+                    name: "adam_beta2",
+                    ..
+                })
+            ));
+            assert!(matches!(
+                check(sae(TOPK), |c| c.threshold_beta = bad),
+                Err(ConfigError::Beta {
+                    name: "threshold_beta",
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
+    fn scalar_field_errors() {
+        assert!(matches!(
+            check(sae(TOPK), |c| c.adam_eps = 0.0),
+            Err(ConfigError::AdamEps(_))
+        ));
+        assert!(matches!(
+            check(sae(Architecture::Relu), |c| c.l1_coefficient = -1.0),
+            Err(ConfigError::L1Coefficient(_))
+        ));
+        assert!(matches!(
+            check(sae(Architecture::Relu), |c| c.l1_coefficient = f32::NAN),
+            Err(ConfigError::L1Coefficient(_))
+        ));
+        assert!(matches!(
+            check(sae(TOPK), |c| c.auxk_alpha = -0.5),
+            Err(ConfigError::AuxkAlpha(_))
+        ));
+        assert_eq!(
+            check(sae(TOPK), |c| c.dead_tokens = 0),
+            Err(ConfigError::ZeroDeadTokens)
+        );
+        assert_eq!(
+            check(sae(TOPK), |c| c.total_steps = 0),
+            Err(ConfigError::ZeroTotalSteps)
+        );
+    }
+
+    #[test]
+    fn schedule_errors() {
+        assert!(matches!(
+            check(sae(TOPK), |c| {
+                c.total_steps = 100;
+                c.warmup_steps = 100
+            }),
+            Err(ConfigError::WarmupNotBeforeEnd { .. })
+        ));
+        assert!(matches!(
+            check(sae(TOPK), |c| c.decay_start = Some(1000)),
+            Err(ConfigError::DecayNotAfterWarmup { .. })
+        ));
+        assert!(matches!(
+            check(sae(TOPK), |c| c.decay_start = Some(10_000)),
+            Err(ConfigError::DecayNotBeforeEnd { .. })
+        ));
+        assert!(matches!(
+            check(sae(Architecture::Relu), |c| c.decay_start = Some(1500)),
+            Err(ConfigError::DecayNotAfterSparsityWarmup { .. })
+        ));
+        // The sparsity warm-up only constrains ReLU runs.
+        assert_eq!(check(sae(TOPK), |c| c.decay_start = Some(1500)), Ok(()));
+        assert!(matches!(
+            check(sae(Architecture::Relu), |c| {
+                c.total_steps = 1500;
+                c.decay_start = None
+            }),
+            Err(ConfigError::SparsityWarmupNotBeforeEnd { .. })
+        ));
+    }
+
+    #[test]
+    fn default_learning_rate_scales_with_dictionary_size() {
+        let mut s = sae(TOPK);
+        s.dict_size = 16384;
+        assert_eq!(TrainConfig::default().learning_rate(&s), 2e-4);
+        s.dict_size = 65536;
+        assert!((TrainConfig::default().learning_rate(&s) - 1e-4).abs() < 1e-10);
+    }
+
+    #[test]
+    fn serde_round_trip_uses_lowercase_arch_names() {
+        let s = sae(Architecture::BatchTopK { k: 16 });
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains("\"arch\":\"batchtopk\""), "{json}");
+        assert_eq!(serde_json::from_str::<SaeConfig>(&json).unwrap(), s);
+    }
+}

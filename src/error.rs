@@ -1,0 +1,54 @@
+//! The crate's error type: every fallible library call returns [`Result`].
+
+use crate::config::ConfigError;
+
+/// Everything that can go wrong in the library. The `sae` binary maps each to exit status 2.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A hyperparameter is out of range; the message names the field and the fix.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    /// An array does not have the shape the SAE or trainer expects.
+    #[error("{what} has shape {got:?}, expected {expected:?}")]
+    Shape {
+        /// Which array (for example `"batch x_bd"`).
+        what: String,
+        /// The shape the caller needs to pass.
+        expected: Vec<usize>,
+        /// The shape that was passed.
+        got: Vec<usize>,
+    },
+
+    /// A batch or parameter holds NaN or ±Inf.
+    #[error("{what} holds a non-finite value (NaN or Inf) at row {row}; clean or skip such rows")]
+    NonFinite {
+        /// Which array.
+        what: String,
+        /// Row of the first offending value.
+        row: usize,
+    },
+
+    /// A batch with no rows.
+    #[error("{what} has no rows; pass at least one row")]
+    Empty {
+        /// Which array.
+        what: String,
+    },
+}
+
+/// Shorthand for `Result<T, sparse_autoencoder::Error>`.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Checks that `got` equals `expected`, naming `what` in the error.
+pub(crate) fn check_shape(what: &str, got: &[usize], expected: &[usize]) -> Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(Error::Shape {
+            what: what.to_string(),
+            expected: expected.to_vec(),
+            got: got.to_vec(),
+        })
+    }
+}

@@ -1,0 +1,342 @@
+//! The update: learning-rate and sparsity schedules, the decoder-gradient projection, global
+//! gradient-norm clipping, and Adam (exactly `torch.optim.Adam`) fused with the decoder
+//! renormalisation into one parallel pass over the parameters.
+
+use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1, Zip};
+
+use crate::arch::DecoderConstraint;
+use crate::backend::sparse::dot;
+use crate::sae::Sae;
+
+/// The reference's learning-rate factor at 0-based `step` (dictionary_learning
+/// `get_lr_schedule`): linear warm-up from 0, constant, then linear decay to 0 at
+/// `total_steps` from `decay_start`.
+pub fn lr_factor(step: u64, warmup_steps: u64, decay_start: Option<u64>, total_steps: u64) -> f64 {
+    if step < warmup_steps {
+        return step as f64 / warmup_steps as f64;
+    }
+    match decay_start {
+        Some(start) if step >= start => {
+            total_steps.saturating_sub(step) as f64 / (total_steps - start) as f64
+        }
+        _ => 1.0,
+    }
+}
+
+/// The L1 coefficient's warm-up factor s(t) (dictionary_learning `get_sparsity_warmup_fn`).
+pub fn sparsity_scale(step: u64, warmup_steps: u64) -> f32 {
+    if warmup_steps == 0 {
+        1.0
+    } else {
+        (step as f64 / warmup_steps as f64).min(1.0) as f32
+    }
+}
+
+/// Four arrays shaped like an SAE's parameters: used for gradients and Adam's moments.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamTensors {
+    /// Shaped like W_enc, F×D.
+    pub w_enc_fd: Array2<f32>,
+    /// Shaped like b_enc, F.
+    pub b_enc_f: Array1<f32>,
+    /// Shaped like W_dec, F×D.
+    pub w_dec_fd: Array2<f32>,
+    /// Shaped like b_dec, D.
+    pub b_dec_d: Array1<f32>,
+}
+
+impl ParamTensors {
+    /// All zeros, for an SAE with `f` latents of width `d`.
+    pub fn zeros(f: usize, d: usize) -> Self {
+        ParamTensors {
+            w_enc_fd: Array2::zeros((f, d)),
+            b_enc_f: Array1::zeros(f),
+            w_dec_fd: Array2::zeros((f, d)),
+            b_dec_d: Array1::zeros(d),
+        }
+    }
+}
+
+/// A step's gradients. Only latents with `active_f[j]` have rows in `w_enc_fd`/`w_dec_fd`
+/// written this step: the other rows are zero by definition and never read, so a sparse step
+/// does not pay to clear F×D memory.
+#[derive(Clone, Debug)]
+pub struct Grads {
+    /// The gradient arrays (inactive rows hold stale values).
+    pub tensors: ParamTensors,
+    /// Which latents' rows are valid.
+    pub active_f: Vec<bool>,
+}
+
+impl Grads {
+    /// Zero gradients for `f` latents of width `d`.
+    pub fn zeros(f: usize, d: usize) -> Self {
+        Grads {
+            tensors: ParamTensors::zeros(f, d),
+            active_f: vec![false; f],
+        }
+    }
+
+    /// The gradients with inactive rows zeroed: what a dense framework would hold.
+    pub fn to_dense(&self) -> ParamTensors {
+        let mut t = self.tensors.clone();
+        for (j, &active) in self.active_f.iter().enumerate() {
+            if !active {
+                t.w_enc_fd.row_mut(j).fill(0.0);
+                t.w_dec_fd.row_mut(j).fill(0.0);
+            }
+        }
+        t
+    }
+
+    /// Removes from each active decoder-gradient row its component along the decoder row
+    /// (normalised as w/(‖w‖ + eps)), so a step keeps unit-norm rows on the sphere.
+    pub fn project_out_decoder_directions(&mut self, w_dec_fd: &Array2<f32>, eps: f32) {
+        Zip::from(self.tensors.w_dec_fd.rows_mut())
+            .and(w_dec_fd.rows())
+            .and(&self.active_f)
+            .par_for_each(|mut g, w, &active| {
+                if !active {
+                    return;
+                }
+                let (g, w) = (g.as_slice_mut().unwrap(), w.as_slice().unwrap());
+                let norm = dot(w, w).sqrt() + eps;
+                let along = g
+                    .iter()
+                    .zip(w)
+                    .map(|(gi, wi)| gi * (wi / norm))
+                    .sum::<f32>();
+                for (gi, wi) in g.iter_mut().zip(w) {
+                    *gi -= along * (wi / norm);
+                }
+            });
+    }
+
+    /// ‖g‖₂ over all four gradients, summed in f64.
+    pub fn global_norm(&self) -> f64 {
+        let sq = |v: ArrayView1<'_, f32>| v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        let rows: f64 = Zip::from(self.tensors.w_enc_fd.rows())
+            .and(self.tensors.w_dec_fd.rows())
+            .and(&self.active_f)
+            .par_map_collect(|e, d, &active| if active { sq(e) + sq(d) } else { 0.0 })
+            .iter()
+            .sum();
+        (rows + sq(self.tensors.b_enc_f.view()) + sq(self.tensors.b_dec_d.view())).sqrt()
+    }
+}
+
+/// Adam's hyperparameters (torch defaults: β = (0.9, 0.999), ε = 1e-8).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamConfig {
+    /// β1.
+    pub beta1: f32,
+    /// β2.
+    pub beta2: f32,
+    /// ε.
+    pub eps: f32,
+}
+
+/// Adam's state: the first and second moments and the step count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adam {
+    config: AdamConfig,
+    /// First moments (torch's `exp_avg`).
+    pub m: ParamTensors,
+    /// Second moments (torch's `exp_avg_sq`).
+    pub v: ParamTensors,
+    /// Steps taken.
+    pub t: u64,
+}
+
+/// Per-step scalars of the Adam update, computed as torch does (in f64, then used as f32).
+#[derive(Clone, Copy)]
+struct AdamStep {
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    step_size: f32,
+    bias_correction2_sqrt: f32,
+    eps: f32,
+    grad_scale: f32,
+}
+
+impl AdamStep {
+    /// One element, in torch's order of operations.
+    #[inline(always)]
+    fn update(&self, p: &mut f32, m: &mut f32, v: &mut f32, g: f32) {
+        let g = g * self.grad_scale;
+        *m += self.one_minus_beta1 * (g - *m);
+        *v = *v * self.beta2 + self.one_minus_beta2 * g * g;
+        let denom = v.sqrt() / self.bias_correction2_sqrt + self.eps;
+        *p += -self.step_size * (*m / denom);
+    }
+
+    fn update_vec(
+        &self,
+        p: ArrayViewMut1<f32>,
+        m: ArrayViewMut1<f32>,
+        v: ArrayViewMut1<f32>,
+        g: ArrayView1<f32>,
+    ) {
+        Zip::from(p)
+            .and(m)
+            .and(v)
+            .and(g)
+            .for_each(|p, m, v, &g| self.update(p, m, v, g));
+    }
+}
+
+impl Adam {
+    /// Zero moments for an SAE with `f` latents of width `d`.
+    pub fn new(config: AdamConfig, f: usize, d: usize) -> Self {
+        Adam {
+            config,
+            m: ParamTensors::zeros(f, d),
+            v: ParamTensors::zeros(f, d),
+            t: 0,
+        }
+    }
+
+    /// One Adam step on every parameter of `sae` with learning rate `lr`, gradients multiplied
+    /// by `grad_scale` first (the clipping factor), then decoder rows renormalised when
+    /// `decoder` asks for it. Rows of inactive latents are updated with a zero gradient
+    /// (their moments still decay), without reading the gradient buffer.
+    pub fn step(
+        &mut self,
+        sae: &mut Sae,
+        grads: &Grads,
+        lr: f64,
+        grad_scale: f32,
+        decoder: DecoderConstraint,
+    ) {
+        self.t += 1;
+        let c = self.config;
+        let t = self.t as i32;
+        let bias_correction1 = 1.0 - (c.beta1 as f64).powi(t);
+        let bias_correction2 = 1.0 - (c.beta2 as f64).powi(t);
+        let s = AdamStep {
+            one_minus_beta1: (1.0 - c.beta1 as f64) as f32,
+            beta2: c.beta2,
+            one_minus_beta2: (1.0 - c.beta2 as f64) as f32,
+            step_size: (lr / bias_correction1) as f32,
+            bias_correction2_sqrt: bias_correction2.sqrt() as f32,
+            eps: c.eps,
+            grad_scale,
+        };
+        let g = &grads.tensors;
+        let renorm_eps = match decoder {
+            DecoderConstraint::UnitNorm { renorm_eps, .. } => Some(renorm_eps),
+            DecoderConstraint::Free => None,
+        };
+        Zip::from(sae.w_enc_fd.rows_mut())
+            .and(self.m.w_enc_fd.rows_mut())
+            .and(self.v.w_enc_fd.rows_mut())
+            .and(g.w_enc_fd.rows())
+            .and(&grads.active_f)
+            .par_for_each(|p, m, v, g, &active| {
+                if active {
+                    s.update_vec(p, m, v, g);
+                } else {
+                    Zip::from(p)
+                        .and(m)
+                        .and(v)
+                        .for_each(|p, m, v| s.update(p, m, v, 0.0));
+                }
+            });
+        Zip::from(sae.w_dec_fd.rows_mut())
+            .and(self.m.w_dec_fd.rows_mut())
+            .and(self.v.w_dec_fd.rows_mut())
+            .and(g.w_dec_fd.rows())
+            .and(&grads.active_f)
+            .par_for_each(|mut p, m, v, g, &active| {
+                if active {
+                    s.update_vec(p.view_mut(), m, v, g);
+                } else {
+                    Zip::from(&mut p)
+                        .and(m)
+                        .and(v)
+                        .for_each(|p, m, v| s.update(p, m, v, 0.0));
+                }
+                if let Some(eps) = renorm_eps {
+                    let row = p.as_slice_mut().unwrap();
+                    let norm = dot(row, row).sqrt() + eps;
+                    row.iter_mut().for_each(|x| *x /= norm);
+                }
+            });
+        s.update_vec(
+            sae.b_enc_f.view_mut(),
+            self.m.b_enc_f.view_mut(),
+            self.v.b_enc_f.view_mut(),
+            g.b_enc_f.view(),
+        );
+        s.update_vec(
+            sae.b_dec_d.view_mut(),
+            self.m.b_dec_d.view_mut(),
+            self.v.b_dec_d.view_mut(),
+            g.b_dec_d.view(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lr_schedule_matches_reference() {
+        // warm-up 10, decay from 60 to 100.
+        let f = |s| lr_factor(s, 10, Some(60), 100);
+        assert_eq!(f(0), 0.0);
+        assert_eq!(f(5), 0.5);
+        assert_eq!(f(10), 1.0);
+        assert_eq!(f(59), 1.0);
+        assert_eq!(f(60), 1.0);
+        assert_eq!(f(80), 0.5);
+        assert_eq!(f(99), 1.0 / 40.0);
+        assert_eq!(lr_factor(0, 0, None, 100), 1.0);
+        assert_eq!(lr_factor(1000, 0, None, 100), 1.0);
+    }
+
+    #[test]
+    fn sparsity_scale_ramps() {
+        assert_eq!(sparsity_scale(0, 0), 1.0);
+        assert_eq!(sparsity_scale(0, 4), 0.0);
+        assert_eq!(sparsity_scale(2, 4), 0.5);
+        assert_eq!(sparsity_scale(9, 4), 1.0);
+    }
+
+    #[test]
+    fn adam_single_element_matches_closed_form() {
+        // First step of Adam moves by lr·g/(|g| + ε·…) ≈ lr·sign(g).
+        let s = AdamStep {
+            one_minus_beta1: 0.1,
+            beta2: 0.999,
+            one_minus_beta2: 0.001,
+            step_size: (1e-2 / 0.1f64) as f32,
+            bias_correction2_sqrt: (0.001f64).sqrt() as f32,
+            eps: 1e-8,
+            grad_scale: 1.0,
+        };
+        let (mut p, mut m, mut v) = (1.0f32, 0.0f32, 0.0f32);
+        s.update(&mut p, &mut m, &mut v, -3.0);
+        assert!((p - 1.01).abs() < 1e-6, "{p}");
+        assert!((m + 0.3).abs() < 1e-7);
+        assert!((v - 0.009).abs() < 1e-8);
+    }
+
+    #[test]
+    fn projection_removes_the_parallel_component() {
+        let mut grads = Grads::zeros(2, 3);
+        grads.tensors.w_dec_fd = ndarray::array![[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]];
+        grads.active_f = vec![true, false];
+        let w = ndarray::array![[0.0f32, 2.0, 0.0], [1.0, 0.0, 0.0]];
+        grads.project_out_decoder_directions(&w, 0.0);
+        assert_eq!(grads.tensors.w_dec_fd.row(0).to_vec(), vec![1.0, 0.0, 3.0]);
+        // Inactive rows are not touched.
+        assert_eq!(grads.tensors.w_dec_fd.row(1).to_vec(), vec![4.0, 5.0, 6.0]);
+        assert_eq!(
+            grads.to_dense().w_dec_fd.row(1).to_vec(),
+            vec![0.0, 0.0, 0.0]
+        );
+    }
+}

@@ -1,0 +1,397 @@
+//! The SAE itself: its parameters, their initialisation, and the inference-time encoder
+//! (GEMM, bias, ReLU, sparsification) and decoder.
+
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, Zip};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::arch::{Rules, Selection};
+use crate::backend::{sparse, Backend};
+use crate::config::{SaeConfig, TrainConfig};
+use crate::dist::{Collective, SingleProcess};
+use crate::error::{check_shape, Error, Result};
+use crate::select::{Codes, Selector};
+
+/// A sparse autoencoder. Row `j` of `w_enc_fd` and of `w_dec_fd` belongs to latent `j`.
+///
+/// pre = (x − b_dec)·W_encᵀ + b_enc, f = sparsify(ReLU(pre)), x̂ = f·W_dec + b_dec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sae {
+    pub(crate) config: SaeConfig,
+    pub(crate) w_enc_fd: Array2<f32>,
+    pub(crate) b_enc_f: Array1<f32>,
+    pub(crate) w_dec_fd: Array2<f32>,
+    pub(crate) b_dec_d: Array1<f32>,
+    /// BatchTopK's inference threshold θ; `None` until training sets it.
+    pub(crate) threshold: Option<f32>,
+}
+
+impl Sae {
+    /// A freshly initialised SAE: decoder rows are random unit directions, the encoder is the
+    /// decoder, both biases are zero (b_dec is set from the data when training starts, where
+    /// the architecture asks for it). The same seed gives the same parameters on any machine.
+    pub fn new(config: SaeConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let (f, d) = (config.dict_size, config.d_model);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut w_dec_fd: Array2<f32> =
+            Array2::from_shape_simple_fn((f, d), || StandardNormal.sample(&mut rng));
+        for mut row in w_dec_fd.rows_mut() {
+            let norm = row.dot(&row).sqrt();
+            row /= norm;
+        }
+        Ok(Sae {
+            config,
+            w_enc_fd: w_dec_fd.clone(),
+            b_enc_f: Array1::zeros(f),
+            w_dec_fd,
+            b_dec_d: Array1::zeros(d),
+            threshold: None,
+        })
+    }
+
+    /// An SAE from given parameters (shapes checked against `config`).
+    pub fn from_parts(
+        config: SaeConfig,
+        w_enc_fd: Array2<f32>,
+        b_enc_f: Array1<f32>,
+        w_dec_fd: Array2<f32>,
+        b_dec_d: Array1<f32>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let (f, d) = (config.dict_size, config.d_model);
+        check_shape("w_enc_fd", w_enc_fd.shape(), &[f, d])?;
+        check_shape("b_enc_f", b_enc_f.shape(), &[f])?;
+        check_shape("w_dec_fd", w_dec_fd.shape(), &[f, d])?;
+        check_shape("b_dec_d", b_dec_d.shape(), &[d])?;
+        // Standard (row-major) layout is what the kernels slice.
+        Ok(Sae {
+            config,
+            w_enc_fd: w_enc_fd.as_standard_layout().into_owned(),
+            b_enc_f,
+            w_dec_fd: w_dec_fd.as_standard_layout().into_owned(),
+            b_dec_d,
+            threshold: None,
+        })
+    }
+
+    /// Shape and architecture.
+    pub fn config(&self) -> &SaeConfig {
+        &self.config
+    }
+    /// Encoder weights, F×D.
+    pub fn w_enc_fd(&self) -> ArrayView2<'_, f32> {
+        self.w_enc_fd.view()
+    }
+    /// Encoder bias, F.
+    pub fn b_enc_f(&self) -> ArrayView1<'_, f32> {
+        self.b_enc_f.view()
+    }
+    /// Decoder weights, F×D (row j is latent j's direction).
+    pub fn w_dec_fd(&self) -> ArrayView2<'_, f32> {
+        self.w_dec_fd.view()
+    }
+    /// Decoder bias, D.
+    pub fn b_dec_d(&self) -> ArrayView1<'_, f32> {
+        self.b_dec_d.view()
+    }
+    /// BatchTopK's learned inference threshold θ, if training has set it.
+    pub fn threshold(&self) -> Option<f32> {
+        self.threshold
+    }
+
+    /// Checks that `x_bd` is a non-empty, finite batch of D-wide rows.
+    pub(crate) fn check_batch(&self, x_bd: ArrayView2<'_, f32>) -> Result<()> {
+        if x_bd.nrows() == 0 {
+            return Err(Error::Empty {
+                what: "batch x_bd".into(),
+            });
+        }
+        check_shape(
+            "batch x_bd",
+            x_bd.shape(),
+            &[x_bd.nrows(), self.config.d_model],
+        )?;
+        if let Some(row) = x_bd
+            .rows()
+            .into_iter()
+            .position(|r| r.iter().any(|v| !v.is_finite()))
+        {
+            return Err(Error::NonFinite {
+                what: "batch x_bd".into(),
+                row,
+            });
+        }
+        Ok(())
+    }
+
+    /// The encoder up to the sparsifier: `xc_bd ← x − b_dec` and `post_bf ← ReLU(xc·W_encᵀ +
+    /// b_enc)`. Both outputs are resized only if the batch size changed.
+    pub(crate) fn post_activations_into(
+        &self,
+        backend: &dyn Backend,
+        x_bd: ArrayView2<'_, f32>,
+        xc_bd: &mut Array2<f32>,
+        post_bf: &mut Array2<f32>,
+    ) {
+        let b = x_bd.nrows();
+        resize(xc_bd, (b, self.config.d_model));
+        resize(post_bf, (b, self.config.dict_size));
+        Zip::from(xc_bd.rows_mut())
+            .and(x_bd.rows())
+            .par_for_each(|mut xc, x| {
+                Zip::from(&mut xc)
+                    .and(&x)
+                    .and(&self.b_dec_d)
+                    .for_each(|c, &x, &bd| *c = x - bd)
+            });
+        backend.gemm(
+            1.0,
+            xc_bd.view(),
+            self.w_enc_fd.t(),
+            0.0,
+            post_bf.view_mut(),
+        );
+        Zip::from(post_bf.rows_mut()).par_for_each(|mut row| {
+            Zip::from(&mut row)
+                .and(&self.b_enc_f)
+                .for_each(|p, &be| *p = (*p + be).max(0.0))
+        });
+    }
+
+    /// Pre-activations (x − b_dec)·W_encᵀ + b_enc, before ReLU, as a dense B×F matrix.
+    pub fn pre_activations(
+        &self,
+        backend: &dyn Backend,
+        x_bd: ArrayView2<'_, f32>,
+    ) -> Result<Array2<f32>> {
+        self.check_batch(x_bd)?;
+        let xc_bd = &x_bd - &self.b_dec_d;
+        let mut pre_bf = Array2::zeros((x_bd.nrows(), self.config.dict_size));
+        backend.gemm(1.0, xc_bd.view(), self.w_enc_fd.t(), 0.0, pre_bf.view_mut());
+        pre_bf += &self.b_enc_f;
+        Ok(pre_bf)
+    }
+
+    /// Sparse codes of `x_bd` as used outside training: ReLU keeps every positive code, TopK
+    /// the k largest per row, BatchTopK those above θ (or, before θ is learned, the k·B largest
+    /// of this batch, the training rule).
+    pub fn encode(&self, backend: &dyn Backend, x_bd: ArrayView2<'_, f32>) -> Result<Codes> {
+        self.check_batch(x_bd)?;
+        let (mut xc_bd, mut post_bf) = (Array2::zeros((0, 0)), Array2::zeros((0, 0)));
+        self.post_activations_into(backend, x_bd, &mut xc_bd, &mut post_bf);
+        let mut codes = Codes::empty(self.config.dict_size);
+        let mut selector = Selector::default();
+        // Inference differs from training only in BatchTopK's threshold.
+        let rules = Rules::for_config(&self.config, &TrainConfig::default());
+        match (rules.selection, self.threshold) {
+            (Selection::BatchTopK(_), Some(theta)) => {
+                selector.threshold(post_bf.view(), theta, &mut codes)
+            }
+            (selection, _) => select_into(
+                &mut selector,
+                selection,
+                post_bf.view(),
+                &SingleProcess,
+                &mut codes,
+            ),
+        }
+        Ok(codes)
+    }
+
+    /// Reconstruction x̂ = codes·W_dec + b_dec.
+    pub fn decode(&self, codes: &Codes) -> Result<Array2<f32>> {
+        if codes.n_latents != self.config.dict_size {
+            return Err(Error::Shape {
+                what: "codes".into(),
+                expected: vec![codes.n_rows(), self.config.dict_size],
+                got: vec![codes.n_rows(), codes.n_latents],
+            });
+        }
+        let mut x_hat_bd = Array2::zeros((codes.n_rows(), self.config.d_model));
+        sparse::decode_into(
+            codes,
+            self.w_dec_fd.view(),
+            Some(self.b_dec_d.view()),
+            x_hat_bd.view_mut(),
+        );
+        Ok(x_hat_bd)
+    }
+}
+
+/// Applies a training-time [`Selection`] rule to `post_bf`.
+pub(crate) fn select_into(
+    selector: &mut Selector,
+    selection: Selection,
+    post_bf: ArrayView2<'_, f32>,
+    collective: &dyn Collective,
+    codes: &mut Codes,
+) {
+    match selection {
+        Selection::Relu => selector.relu(post_bf, codes),
+        Selection::TopK(k) => selector.topk(post_bf, k, codes),
+        Selection::BatchTopK(k) => {
+            let mut rows = [post_bf.nrows() as u64];
+            collective.all_reduce_sum_u64(&mut rows);
+            selector.batch_topk(post_bf, k * rows[0] as usize, collective, codes)
+        }
+    }
+}
+
+/// Resizes a workspace matrix only when its shape changes (contents are then garbage).
+pub(crate) fn resize(a: &mut Array2<f32>, shape: (usize, usize)) {
+    if a.dim() != shape {
+        *a = Array2::zeros(shape);
+    }
+}
+
+/// The geometric median of the rows of `x_bd` (over all processes' rows) by Weiszfeld's
+/// iteration from the mean: at most `max_iter` iterations, stopping once the estimate moves
+/// less than `tol`, as dictionary_learning initialises b_dec. Computed in f64.
+pub fn geometric_median(
+    x_bd: ArrayView2<'_, f32>,
+    collective: &dyn Collective,
+    max_iter: usize,
+    tol: f64,
+) -> Array1<f32> {
+    let d = x_bd.ncols();
+    // [Σ_b w_b·x_b (D values), Σ_b w_b], summed across processes.
+    let weighted_sum = |weights: &dyn Fn(ArrayView1<'_, f32>) -> f64| {
+        let mut acc = vec![0.0f64; d + 1];
+        for row in x_bd.axis_iter(Axis(0)) {
+            let w = weights(row);
+            for (a, &v) in acc.iter_mut().zip(row.iter()) {
+                *a += w * v as f64;
+            }
+            acc[d] += w;
+        }
+        collective.all_reduce_sum_f64(&mut acc);
+        let total = acc[d];
+        acc.truncate(d);
+        acc.iter_mut().for_each(|a| *a /= total);
+        acc
+    };
+    let mut guess = weighted_sum(&|_| 1.0);
+    for _ in 0..max_iter {
+        let next = weighted_sum(&|row| {
+            let dist2: f64 = row
+                .iter()
+                .zip(&guess)
+                .map(|(&v, &g)| (v as f64 - g).powi(2))
+                .sum();
+            // A row sitting on the estimate would get infinite weight; cap it so a one-row
+            // batch's median is that row.
+            1.0 / dist2.sqrt().max(1e-12)
+        });
+        let step: f64 = next
+            .iter()
+            .zip(&guess)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        guess = next;
+        if step < tol {
+            break;
+        }
+    }
+    guess.iter().map(|&g| g as f32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+    use crate::config::Architecture;
+    use ndarray::array;
+
+    fn cfg(arch: Architecture) -> SaeConfig {
+        SaeConfig {
+            d_model: 6,
+            dict_size: 20,
+            arch,
+        }
+    }
+
+    #[test]
+    fn init_is_seeded_unit_norm_and_tied() {
+        let a = Sae::new(cfg(Architecture::TopK { k: 3 }), 7).unwrap();
+        let b = Sae::new(cfg(Architecture::TopK { k: 3 }), 7).unwrap();
+        let c = Sae::new(cfg(Architecture::TopK { k: 3 }), 8).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a.w_dec_fd, c.w_dec_fd);
+        assert_eq!(a.w_enc_fd, a.w_dec_fd);
+        for row in a.w_dec_fd.rows() {
+            assert!((row.dot(&row) - 1.0).abs() < 1e-6);
+        }
+        assert!(a.b_enc_f.iter().chain(&a.b_dec_d).all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn from_parts_rejects_wrong_shapes() {
+        let err = Sae::from_parts(
+            cfg(Architecture::Relu),
+            Array2::zeros((20, 5)),
+            Array1::zeros(20),
+            Array2::zeros((20, 6)),
+            Array1::zeros(6),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("w_enc_fd"), "{err}");
+    }
+
+    #[test]
+    fn encode_rejects_bad_batches() {
+        let sae = Sae::new(cfg(Architecture::TopK { k: 3 }), 1).unwrap();
+        assert!(matches!(
+            sae.encode(&Cpu, Array2::zeros((0, 6)).view()),
+            Err(Error::Empty { .. })
+        ));
+        assert!(matches!(
+            sae.encode(&Cpu, Array2::zeros((2, 5)).view()),
+            Err(Error::Shape { .. })
+        ));
+        let mut x = Array2::zeros((3, 6));
+        x[[2, 1]] = f32::NAN;
+        assert!(matches!(
+            sae.encode(&Cpu, x.view()),
+            Err(Error::NonFinite { row: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn encode_decode_topk_round_trip_shapes() {
+        let sae = Sae::new(cfg(Architecture::TopK { k: 3 }), 1).unwrap();
+        let x = Array2::from_shape_fn((4, 6), |(b, d)| ((b * 7 + d) as f32).sin());
+        let codes = sae.encode(&Cpu, x.view()).unwrap();
+        assert!(codes.indptr.windows(2).all(|w| w[1] - w[0] <= 3));
+        let x_hat = sae.decode(&codes).unwrap();
+        let dense = codes.to_dense().dot(&sae.w_dec_fd) + &sae.b_dec_d;
+        assert!((x_hat - dense).iter().all(|v| v.abs() < 1e-6));
+    }
+
+    #[test]
+    fn geometric_median_of_symmetric_points_and_single_row() {
+        let x = array![
+            [0.0f32, 0.0],
+            [2.0, 0.0],
+            [0.0, 2.0],
+            [2.0, 2.0],
+            [1.0, 1.0]
+        ];
+        let m = geometric_median(x.view(), &SingleProcess, 100, 1e-5);
+        assert!(
+            (m[0] - 1.0).abs() < 1e-4 && (m[1] - 1.0).abs() < 1e-4,
+            "{m}"
+        );
+        // Robust to an outlier, unlike the mean.
+        let x = array![[0.0f32], [1.0], [2.0], [1000.0]];
+        let m = geometric_median(x.view(), &SingleProcess, 100, 1e-5);
+        assert!(m[0] < 3.0, "{m}");
+        let one = array![[3.0f32, -1.0]];
+        assert_eq!(
+            geometric_median(one.view(), &SingleProcess, 100, 1e-5),
+            array![3.0, -1.0]
+        );
+    }
+}

@@ -1,0 +1,230 @@
+//! The analytic backward pass: from the upstream gradients (∂L/∂x̂ and AuxK's ∂L/∂ê) to the
+//! gradients of W_enc, b_enc, W_dec and b_dec. The sparse path touches only active latents,
+//! O(active codes · D); the dense path (ReLU with dense codes) uses three GEMMs.
+
+use ndarray::{Array1, ArrayView2, Axis, Zip};
+use rayon::prelude::*;
+
+use super::Workspace;
+use crate::backend::sparse::{axpy, dot, entry_dots};
+use crate::backend::Backend;
+use crate::optim::Grads;
+use crate::sae::{resize, Sae};
+
+/// Code density above which a ReLU step switches to dense GEMMs. A GEMM runs near peak while
+/// the sparse kernels are bound by memory traffic on W rows, so dense wins well before codes
+/// are half full; 5% is a conservative crossover for D in the hundreds to thousands.
+pub fn dense_threshold_default() -> f32 {
+    0.05
+}
+
+/// Latents per parallel task when reducing over latents.
+const LATENTS_PER_CHUNK: usize = 256;
+/// Rows per parallel task when reducing over rows.
+const ROWS_PER_CHUNK: usize = 64;
+
+/// What the backward pass needs besides the workspace.
+pub(super) struct Context<'a> {
+    pub sae: &'a Sae,
+    /// Rows in the global batch (the loss is a mean over them).
+    pub n_global: usize,
+    /// λ·s(t) for ReLU (0 otherwise).
+    pub l1_coef: f32,
+    /// Whether the L1 term weighs each code by its decoder row's norm.
+    pub weight_by_decoder_norm: bool,
+}
+
+impl Context<'_> {
+    /// n_j for the L1 penalty: ‖W_dec\[j\]‖ or 1.
+    fn l1_weights(&self) -> Vec<f32> {
+        let w = &self.sae.w_dec_fd;
+        if self.weight_by_decoder_norm {
+            w.axis_iter(Axis(0))
+                .into_par_iter()
+                .map(|row| {
+                    let row = row.as_slice().unwrap();
+                    dot(row, row).sqrt()
+                })
+                .collect()
+        } else {
+            vec![1.0; w.nrows()]
+        }
+    }
+
+    /// Adds the L1 penalty's decoder-norm gradient, (λs/B)·(Σ_b f_bj)·w_j/‖w_j‖, to row j.
+    fn add_l1_decoder_grad(&self, j: usize, code_sum: f32, norm: f32, grad_row: &mut [f32]) {
+        if self.weight_by_decoder_norm && self.l1_coef != 0.0 && code_sum != 0.0 {
+            let w = self.sae.w_dec_fd.row(j);
+            let c = self.l1_coef / self.n_global as f32 * code_sum / norm;
+            axpy(c, w.as_slice().unwrap(), grad_row);
+        }
+    }
+}
+
+/// Sparse backward. Returns the local L1 sum Σ f_bj·n_j (0 unless ReLU).
+pub(super) fn sparse(ctx: &Context<'_>, ws: &mut Workspace, grads: &mut Grads) -> f64 {
+    let sae = ctx.sae;
+    let n_local = ws.xc_bd.nrows();
+    let n_j = ctx.l1_weights();
+    let (up_main, up_aux) = ws.upstream_bd.view().split_at(Axis(0), n_local);
+
+    // ∂L/∂f at each active code; f > 0 there, so it is also ∂L/∂pre.
+    ws.g_codes.resize(ws.codes.nnz(), 0.0);
+    entry_dots(&ws.codes, up_main, sae.w_dec_fd.view(), &mut ws.g_codes);
+    if ctx.l1_coef != 0.0 {
+        let per_row = ctx.l1_coef / ctx.n_global as f32;
+        for (g, &j) in ws.g_codes.iter_mut().zip(&ws.codes.indices) {
+            *g += per_row * n_j[j as usize];
+        }
+    }
+    ws.g_aux.resize(ws.aux_codes.nnz(), 0.0);
+    entry_dots(&ws.aux_codes, up_aux, sae.w_dec_fd.view(), &mut ws.g_aux);
+
+    ws.by_latent.rebuild(&ws.codes);
+    ws.aux_by_latent.rebuild(&ws.aux_codes);
+
+    // One task per group of latents: each writes only its own rows.
+    let t = &mut grads.tensors;
+    let (codes, aux_codes) = (&ws.codes, &ws.aux_codes);
+    let (g_codes, g_aux) = (&ws.g_codes, &ws.g_aux);
+    let (by_latent, aux_by_latent) = (&ws.by_latent, &ws.aux_by_latent);
+    let xc_bd = &ws.xc_bd;
+    Zip::indexed(t.w_dec_fd.rows_mut())
+        .and(t.w_enc_fd.rows_mut())
+        .and(&mut t.b_enc_f)
+        .and(&mut grads.active_f)
+        .par_for_each(|j, mut gd, mut ge, gb, active| {
+            let (main_e, main_b) = by_latent.latent(j);
+            let (aux_e, aux_b) = aux_by_latent.latent(j);
+            *active = !(main_e.is_empty() && aux_e.is_empty());
+            *gb = 0.0;
+            if !*active {
+                return;
+            }
+            let gd = gd.as_slice_mut().unwrap();
+            let ge = ge.as_slice_mut().unwrap();
+            gd.fill(0.0);
+            ge.fill(0.0);
+            let mut code_sum = 0.0f32;
+            for (&e, &b) in main_e.iter().zip(main_b) {
+                let (v, g) = (codes.values[e as usize], g_codes[e as usize]);
+                axpy(v, up_main.row(b as usize).as_slice().unwrap(), gd);
+                axpy(g, xc_bd.row(b as usize).as_slice().unwrap(), ge);
+                *gb += g;
+                code_sum += v;
+            }
+            for (&e, &b) in aux_e.iter().zip(aux_b) {
+                let (v, g) = (aux_codes.values[e as usize], g_aux[e as usize]);
+                axpy(v, up_aux.row(b as usize).as_slice().unwrap(), gd);
+                axpy(g, xc_bd.row(b as usize).as_slice().unwrap(), ge);
+                *gb += g;
+            }
+            ctx.add_l1_decoder_grad(j, code_sum, n_j[j], gd);
+        });
+
+    bias_grads(ctx, up_main, grads);
+    codes
+        .values
+        .iter()
+        .zip(&codes.indices)
+        .map(|(&v, &j)| v as f64 * n_j[j as usize] as f64)
+        .sum()
+}
+
+/// Dense backward for a ReLU SAE whose codes are the whole of `post_bf`. Returns the local L1
+/// sum Σ f_bj·n_j.
+pub(super) fn dense_relu(
+    ctx: &Context<'_>,
+    backend: &dyn Backend,
+    ws: &mut Workspace,
+    grads: &mut Grads,
+) -> f64 {
+    let sae = ctx.sae;
+    let n_local = ws.xc_bd.nrows();
+    let n_j = ctx.l1_weights();
+    let up_main = ws.upstream_bd.slice(ndarray::s![..n_local, ..]);
+    let t = &mut grads.tensors;
+
+    // ∂L/∂pre = (u·W_decᵀ + λs·n_j/B)·[post > 0].
+    resize(&mut ws.g_pre_bf, ws.post_bf.dim());
+    backend.gemm(1.0, up_main, sae.w_dec_fd.t(), 0.0, ws.g_pre_bf.view_mut());
+    let per_row = ctx.l1_coef / ctx.n_global as f32;
+    Zip::from(ws.g_pre_bf.rows_mut())
+        .and(ws.post_bf.rows())
+        .par_for_each(|mut g, post| {
+            Zip::from(&mut g)
+                .and(&post)
+                .and(&n_j)
+                .for_each(|g, &p, &n| *g = if p > 0.0 { *g + per_row * n } else { 0.0 })
+        });
+
+    backend.gemm(1.0, ws.post_bf.t(), up_main, 0.0, t.w_dec_fd.view_mut());
+    let code_sums = column_sums_by(ws.post_bf.view(), |v| v);
+    Zip::indexed(t.w_dec_fd.rows_mut()).par_for_each(|j, mut gd| {
+        ctx.add_l1_decoder_grad(j, code_sums[j], n_j[j], gd.as_slice_mut().unwrap());
+    });
+    backend.gemm(
+        1.0,
+        ws.g_pre_bf.t(),
+        ws.xc_bd.view(),
+        0.0,
+        t.w_enc_fd.view_mut(),
+    );
+    t.b_enc_f = Array1::from(column_sums_by(ws.g_pre_bf.view(), |g| g));
+    grads.active_f.fill(true);
+
+    bias_grads(ctx, up_main, grads);
+    code_sums
+        .iter()
+        .zip(&n_j)
+        .map(|(&s, &n)| s as f64 * n as f64)
+        .sum()
+}
+
+/// ∂L/∂b_dec = Σ_b ∂L/∂x̂_b − Σ_j ∂L/∂b_enc\[j\]·W_enc\[j\] (b_dec enters x̂ directly and the
+/// encoder through x − b_dec). Uses `grads.tensors.b_enc_f` and `active_f`, already filled.
+fn bias_grads(ctx: &Context<'_>, up_main: ArrayView2<'_, f32>, grads: &mut Grads) {
+    let w_enc = &ctx.sae.w_enc_fd;
+    let (b_enc, active) = (&grads.tensors.b_enc_f, &grads.active_f);
+    let f = w_enc.nrows();
+    let through_encoder: Vec<Vec<f32>> = (0..f.div_ceil(LATENTS_PER_CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let mut acc = vec![0.0f32; w_enc.ncols()];
+            for j in c * LATENTS_PER_CHUNK..((c + 1) * LATENTS_PER_CHUNK).min(f) {
+                if active[j] && b_enc[j] != 0.0 {
+                    axpy(b_enc[j], w_enc.row(j).as_slice().unwrap(), &mut acc);
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut g = Array1::from(column_sums_by(up_main, |u| u));
+    for part in through_encoder {
+        g.iter_mut().zip(part).for_each(|(g, p)| *g -= p);
+    }
+    grads.tensors.b_dec_d = g;
+}
+
+/// Σ_b map(a\[b, j\]) for every column j: row chunks in parallel, partial sums added in a fixed
+/// order so the result does not depend on scheduling.
+pub(super) fn column_sums_by(a: ArrayView2<'_, f32>, map: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let (n_rows, n_cols) = a.dim();
+    let partials: Vec<Vec<f32>> = (0..n_rows.div_ceil(ROWS_PER_CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let mut acc = vec![0.0f32; n_cols];
+            for b in c * ROWS_PER_CHUNK..((c + 1) * ROWS_PER_CHUNK).min(n_rows) {
+                for (s, &v) in acc.iter_mut().zip(a.row(b)) {
+                    *s += map(v);
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0.0f32; n_cols];
+    for p in partials {
+        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
+    total
+}

@@ -1,0 +1,567 @@
+//! Training: the [`Trainer`] owns an SAE, its Adam state, the dead-latent counters and the
+//! step's workspaces, and runs one step as encode → select → decode → loss → backward →
+//! update.
+
+mod backward;
+
+use ndarray::{Array2, ArrayView2, Axis, Zip};
+use rayon::prelude::*;
+
+use crate::arch::{DecoderConstraint, Penalty, Rules, Selection};
+use crate::backend::{sparse, Backend, Cpu};
+use crate::config::TrainConfig;
+use crate::dist::{Collective, SingleProcess};
+use crate::error::Result;
+use crate::optim::{lr_factor, sparsity_scale, Adam, AdamConfig, Grads, ParamTensors};
+use crate::sae::{geometric_median, resize, select_into, Sae};
+use crate::select::{Codes, Selector};
+
+pub use backward::dense_threshold_default;
+
+/// What one step measured. Losses are means over the batch's rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepStats {
+    /// The optimised loss: `mse + penalty`.
+    pub loss: f32,
+    /// mean_b ‖x − x̂‖².
+    pub mse: f32,
+    /// The architecture's extra term as added to the loss: α·AuxK, or λ·s(t)·L1.
+    pub penalty: f32,
+    /// The unweighted extra term: the normalised AuxK loss, or mean_b Σ_j f_bj·n_j.
+    pub aux: f32,
+    /// Fraction of variance explained, 1 − mse / mean_b ‖x − x̄‖².
+    pub fve: f32,
+    /// Mean active latents per row.
+    pub l0: f32,
+    /// Fraction of latents dead (no firing for `dead_tokens` tokens) after this step.
+    pub dead_fraction: f32,
+    /// Learning rate used by this step.
+    pub lr: f32,
+    /// BatchTopK's threshold θ after this step.
+    pub threshold: Option<f32>,
+}
+
+/// Dense copies of a step's internals, recorded when [`Trainer::set_capture`] is on (tests and
+/// debugging; costs B×F memory).
+#[derive(Clone, Debug)]
+pub struct Captured {
+    /// Parameters the gradients were taken at (after b_dec's initialisation).
+    pub params: ParamTensors,
+    /// The code f, B×F.
+    pub codes_bf: Array2<f32>,
+    /// AuxK's codes among dead latents, B×F (zeros when none are dead).
+    pub aux_codes_bf: Array2<f32>,
+    /// The reconstruction, B×D.
+    pub x_hat_bd: Array2<f32>,
+    /// ∂loss/∂parameters straight from the backward pass.
+    pub raw_grads: ParamTensors,
+    /// The gradients Adam steps with: projected and clipped as the architecture asks.
+    pub update_grads: ParamTensors,
+}
+
+/// Step-sized buffers, reused across steps (reallocated only when the batch size changes).
+#[derive(Default)]
+struct Workspace {
+    xc_bd: Array2<f32>,
+    post_bf: Array2<f32>,
+    codes: Codes,
+    aux_codes: Codes,
+    selector: Selector,
+    /// Rows 0..B: ∂L/∂x̂; rows B..2B: ∂L/∂ê (AuxK's reconstruction of the residual).
+    upstream_bd: Array2<f32>,
+    x_hat_bd: Array2<f32>,
+    aux_hat_bd: Array2<f32>,
+    /// ∂L/∂pre at each active code (same order as `codes.values`), and at each AuxK code.
+    g_codes: Vec<f32>,
+    g_aux: Vec<f32>,
+    by_latent: sparse::ByLatent,
+    aux_by_latent: sparse::ByLatent,
+    /// Dense ReLU path only: ∂L/∂pre, B×F.
+    g_pre_bf: Array2<f32>,
+    fired_f: Vec<u64>,
+    dead_f: Vec<u32>,
+}
+
+/// Trains one SAE. Same seed, data and thread count give bit-identical parameters.
+///
+/// The batch-level state (BatchTopK's global selection, the dead-latent counters, the
+/// gradients, b_dec's initialisation) goes through a [`Collective`], the single seam for
+/// data-parallel training across processes.
+pub struct Trainer {
+    sae: Sae,
+    config: TrainConfig,
+    rules: Rules,
+    lr: f32,
+    adam: Adam,
+    step: u64,
+    tokens_since_fired_f: Vec<u64>,
+    grads: Grads,
+    backend: Box<dyn Backend>,
+    collective: Box<dyn Collective>,
+    ws: Workspace,
+    dense_threshold: f32,
+    capture: Option<Captured>,
+    capture_on: bool,
+}
+
+impl Trainer {
+    /// A trainer on the CPU backend in a single process.
+    pub fn new(sae: Sae, config: TrainConfig) -> Result<Self> {
+        Self::with_parts(sae, config, Box::new(Cpu), Box::new(SingleProcess))
+    }
+
+    /// A trainer on a given backend and collective.
+    pub fn with_parts(
+        sae: Sae,
+        config: TrainConfig,
+        backend: Box<dyn Backend>,
+        collective: Box<dyn Collective>,
+    ) -> Result<Self> {
+        config.validate(sae.config())?;
+        let (f, d) = (sae.config().dict_size, sae.config().d_model);
+        let adam = Adam::new(
+            AdamConfig {
+                beta1: config.adam_beta1,
+                beta2: config.adam_beta2,
+                eps: config.adam_eps,
+            },
+            f,
+            d,
+        );
+        Ok(Trainer {
+            rules: Rules::for_config(sae.config(), &config),
+            lr: config.learning_rate(sae.config()),
+            sae,
+            config,
+            adam,
+            step: 0,
+            tokens_since_fired_f: vec![0; f],
+            grads: Grads::zeros(f, d),
+            backend,
+            collective,
+            ws: Workspace::default(),
+            dense_threshold: dense_threshold_default(),
+            capture: None,
+            capture_on: false,
+        })
+    }
+
+    /// The SAE being trained.
+    pub fn sae(&self) -> &Sae {
+        &self.sae
+    }
+    /// Ends training, returning the SAE.
+    pub fn into_sae(self) -> Sae {
+        self.sae
+    }
+    /// Adam's state.
+    pub fn adam(&self) -> &Adam {
+        &self.adam
+    }
+    /// Steps taken so far.
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+    /// Tokens since each latent last fired.
+    pub fn tokens_since_fired(&self) -> &[u64] {
+        &self.tokens_since_fired_f
+    }
+    /// The training recipe.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// ReLU only: code density (active / (B·F)) above which a step uses dense GEMMs for the
+    /// decoder and backward instead of the sparse kernels. Both give the same result up to
+    /// float rounding; the crossover is a speed matter (default [`dense_threshold_default`]).
+    pub fn set_dense_threshold(&mut self, density: f32) {
+        self.dense_threshold = density;
+    }
+
+    /// Records dense copies of each step's internals, readable with [`Trainer::captured`].
+    pub fn set_capture(&mut self, on: bool) {
+        self.capture_on = on;
+        if !on {
+            self.capture = None;
+        }
+    }
+
+    /// The last step's internals, when capture is on.
+    pub fn captured(&self) -> Option<&Captured> {
+        self.capture.as_ref()
+    }
+
+    /// One training step on the batch `x_bd` (B rows of width D).
+    pub fn step(&mut self, x_bd: ArrayView2<'_, f32>) -> Result<StepStats> {
+        self.sae.check_batch(x_bd)?;
+        let rules = self.rules;
+        if self.step == 0 && rules.init_b_dec_from_median {
+            self.sae.b_dec_d = geometric_median(x_bd, &*self.collective, 100, 1e-5);
+        }
+        let n_local = x_bd.nrows();
+        let mut n_global = [n_local as u64];
+        self.collective.all_reduce_sum_u64(&mut n_global);
+        let n_global = n_global[0] as usize;
+
+        // Encode.
+        let ws = &mut self.ws;
+        self.sae
+            .post_activations_into(&*self.backend, x_bd, &mut ws.xc_bd, &mut ws.post_bf);
+        let dense = rules.selection == Selection::Relu
+            && positive_fraction(ws.post_bf.view()) > self.dense_threshold;
+        if !dense {
+            select_into(
+                &mut ws.selector,
+                rules.selection,
+                ws.post_bf.view(),
+                &*self.collective,
+                &mut ws.codes,
+            );
+        }
+
+        // Batch-level bookkeeping: who fired, who is dead, θ.
+        ws.fired_f.clear();
+        ws.fired_f.resize(self.sae.config.dict_size, 0);
+        if dense {
+            let counts = backward::column_sums_by(ws.post_bf.view(), |v| (v > 0.0) as u8 as f32);
+            for (fired, c) in ws.fired_f.iter_mut().zip(counts) {
+                *fired = c as u64;
+            }
+        } else {
+            for &j in &ws.codes.indices {
+                ws.fired_f[j as usize] += 1;
+            }
+        }
+        let nnz_local: u64 = if dense {
+            ws.fired_f.iter().sum()
+        } else {
+            ws.codes.nnz() as u64
+        };
+        self.collective.all_reduce_sum_u64(&mut ws.fired_f);
+        for (since, &fired) in self.tokens_since_fired_f.iter_mut().zip(&ws.fired_f) {
+            *since = if fired > 0 {
+                0
+            } else {
+                *since + n_global as u64
+            };
+        }
+        if rules.learn_threshold && self.step > self.config.threshold_start_step {
+            let mut min = [ws
+                .codes
+                .values
+                .iter()
+                .copied()
+                .fold(f32::INFINITY, f32::min)];
+            self.collective.all_reduce_min_f32(&mut min);
+            // The reference counts an empty selection as a minimum of 0.
+            let m = if min[0].is_finite() { min[0] } else { 0.0 };
+            let beta = self.config.threshold_beta;
+            self.sae.threshold = Some(match self.sae.threshold {
+                None => m,
+                Some(theta) => beta * theta + (1.0 - beta) * m,
+            });
+        }
+
+        // Decode, reconstruction loss and its upstream gradient ∂L/∂x̂ = −2e/B.
+        let d = self.sae.config.d_model;
+        resize(&mut ws.upstream_bd, (2 * n_local, d));
+        resize(&mut ws.x_hat_bd, (n_local, d));
+        if dense {
+            ws.x_hat_bd.assign(&self.sae.b_dec_d);
+            self.backend.gemm(
+                1.0,
+                ws.post_bf.view(),
+                self.sae.w_dec_fd.view(),
+                1.0,
+                ws.x_hat_bd.view_mut(),
+            );
+        } else {
+            sparse::decode_into(
+                &ws.codes,
+                self.sae.w_dec_fd.view(),
+                Some(self.sae.b_dec_d.view()),
+                ws.x_hat_bd.view_mut(),
+            );
+        }
+        let scale = -2.0 / n_global as f32;
+        let (mut up_main, mut up_aux) = ws.upstream_bd.view_mut().split_at(Axis(0), n_local);
+        Zip::from(&mut up_main)
+            .and(&x_bd)
+            .and(&ws.x_hat_bd)
+            .par_for_each(|u, &x, &xh| *u = scale * (x - xh));
+        // Residuals e = x − x̂ are −u·B/2; the batch sums below use e directly.
+        let mut sums = [
+            row_sq_sum(x_bd, &ws.x_hat_bd, None),
+            total_variance_times_n(x_bd, &*self.collective),
+        ];
+        self.collective.all_reduce_sum_f64(&mut sums[..1]);
+        let mse = sums[0] / n_global as f64;
+        let fve = 1.0 - sums[0] / sums[1];
+
+        // The architecture's penalty.
+        let mut aux = 0.0f64;
+        let mut penalty = 0.0f64;
+        let mut l1_coef = 0.0f32;
+        let mut aux_active = false;
+        match rules.penalty {
+            Penalty::L1 {
+                coefficient,
+                warmup_steps,
+                ..
+            } => {
+                l1_coef = coefficient * sparsity_scale(self.step, warmup_steps);
+                up_aux.fill(0.0);
+            }
+            Penalty::AuxK { alpha, dead_tokens } => {
+                ws.dead_f.clear();
+                ws.dead_f.extend(
+                    self.tokens_since_fired_f
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, &t)| t >= dead_tokens)
+                        .map(|(j, _)| j as u32),
+                );
+                if ws.dead_f.is_empty() {
+                    up_aux.fill(0.0);
+                } else {
+                    let k_aux = (d / 2).min(ws.dead_f.len());
+                    ws.selector
+                        .topk_among(ws.post_bf.view(), &ws.dead_f, k_aux, &mut ws.aux_codes);
+                    resize(&mut ws.aux_hat_bd, (n_local, d));
+                    sparse::decode_into(
+                        &ws.aux_codes,
+                        self.sae.w_dec_fd.view(),
+                        None,
+                        ws.aux_hat_bd.view_mut(),
+                    );
+                    // e − ê, and e − mean_b(e), with e = x − x̂ held constant.
+                    let mut e_sum = residual_sum(x_bd, &ws.x_hat_bd);
+                    self.collective.all_reduce_sum_f64(&mut e_sum);
+                    let e_mean: Vec<f64> = e_sum.iter().map(|s| s / n_global as f64).collect();
+                    let mut parts = [
+                        aux_sq_sum(x_bd, &ws.x_hat_bd, &ws.aux_hat_bd),
+                        row_sq_sum(x_bd, &ws.x_hat_bd, Some(&e_mean)),
+                    ];
+                    self.collective.all_reduce_sum_f64(&mut parts);
+                    let denom = parts[1] / n_global as f64;
+                    let value = (parts[0] / n_global as f64) / denom;
+                    if value.is_finite() {
+                        aux = value;
+                        penalty = alpha as f64 * value;
+                        aux_active = true;
+                        // ∂(α·AuxK)/∂ê = −2α(e − ê)/(B·denom).
+                        let g = (-2.0 * alpha as f64 / (n_global as f64 * denom)) as f32;
+                        Zip::from(&mut up_aux)
+                            .and(&x_bd)
+                            .and(&ws.x_hat_bd)
+                            .and(&ws.aux_hat_bd)
+                            .par_for_each(|u, &x, &xh, &ah| *u = g * ((x - xh) - ah));
+                    } else {
+                        up_aux.fill(0.0);
+                    }
+                }
+            }
+        }
+        if !aux_active {
+            ws.aux_codes = Codes::empty(self.sae.config.dict_size);
+            ws.aux_codes.indptr.resize(n_local + 1, 0);
+        }
+
+        // Backward.
+        let ctx = backward::Context {
+            sae: &self.sae,
+            n_global,
+            l1_coef,
+            weight_by_decoder_norm: matches!(
+                rules.penalty,
+                Penalty::L1 {
+                    weight_by_decoder_norm: true,
+                    ..
+                }
+            ),
+        };
+        let l1 = if dense {
+            backward::dense_relu(&ctx, &*self.backend, ws, &mut self.grads)
+        } else {
+            backward::sparse(&ctx, ws, &mut self.grads)
+        };
+        if let Penalty::L1 { .. } = rules.penalty {
+            let mut l1_sum = [l1];
+            self.collective.all_reduce_sum_f64(&mut l1_sum);
+            aux = l1_sum[0] / n_global as f64;
+            penalty = l1_coef as f64 * aux;
+        }
+        if self.collective.world_size() > 1 {
+            all_reduce_grads(&mut self.grads, &*self.collective);
+        }
+        let raw_grads = self.capture_on.then(|| self.grads.to_dense());
+
+        // Update.
+        if let DecoderConstraint::UnitNorm { project_eps, .. } = rules.decoder {
+            self.grads
+                .project_out_decoder_directions(&self.sae.w_dec_fd, project_eps);
+        }
+        let grad_scale = match rules.max_grad_norm {
+            Some(max) => {
+                let coef = max as f64 / (self.grads.global_norm() + 1e-6);
+                coef.min(1.0) as f32
+            }
+            None => 1.0,
+        };
+        if let Some(raw_grads) = raw_grads {
+            let mut update_grads = self.grads.to_dense();
+            for a in [&mut update_grads.w_enc_fd, &mut update_grads.w_dec_fd] {
+                a.mapv_inplace(|g| g * grad_scale);
+            }
+            for a in [&mut update_grads.b_enc_f, &mut update_grads.b_dec_d] {
+                a.mapv_inplace(|g| g * grad_scale);
+            }
+            let ws = &self.ws;
+            self.capture = Some(Captured {
+                params: ParamTensors {
+                    w_enc_fd: self.sae.w_enc_fd.clone(),
+                    b_enc_f: self.sae.b_enc_f.clone(),
+                    w_dec_fd: self.sae.w_dec_fd.clone(),
+                    b_dec_d: self.sae.b_dec_d.clone(),
+                },
+                codes_bf: if dense {
+                    ws.post_bf.clone()
+                } else {
+                    ws.codes.to_dense()
+                },
+                aux_codes_bf: ws.aux_codes.to_dense(),
+                x_hat_bd: ws.x_hat_bd.clone(),
+                raw_grads,
+                update_grads,
+            });
+        }
+        let lr = self.lr as f64
+            * lr_factor(
+                self.step,
+                self.config.warmup_steps,
+                self.config.decay_start,
+                self.config.total_steps,
+            );
+        self.adam
+            .step(&mut self.sae, &self.grads, lr, grad_scale, rules.decoder);
+        self.step += 1;
+
+        let mut nnz = [nnz_local];
+        self.collective.all_reduce_sum_u64(&mut nnz);
+        let n_dead = match rules.penalty {
+            Penalty::AuxK { .. } => self.ws.dead_f.len(),
+            Penalty::L1 { .. } => self
+                .tokens_since_fired_f
+                .iter()
+                .filter(|&&t| t >= self.config.dead_tokens)
+                .count(),
+        };
+        Ok(StepStats {
+            loss: (mse + penalty) as f32,
+            mse: mse as f32,
+            penalty: penalty as f32,
+            aux: aux as f32,
+            fve: fve as f32,
+            l0: nnz[0] as f32 / n_global as f32,
+            dead_fraction: n_dead as f32 / self.sae.config.dict_size as f32,
+            lr: lr as f32,
+            threshold: self.sae.threshold,
+        })
+    }
+}
+
+/// Fraction of positive entries of `post_bf`.
+fn positive_fraction(post_bf: ArrayView2<'_, f32>) -> f32 {
+    let count: usize = post_bf
+        .axis_iter(Axis(0))
+        .into_par_iter()
+        .map(|row| row.iter().filter(|&&v| v > 0.0).count())
+        .sum();
+    count as f32 / post_bf.len().max(1) as f32
+}
+
+/// Σ_b ‖(x_b − x̂_b) − c‖² in f64 (c = 0 when `None`), summed row by row in a fixed order.
+fn row_sq_sum(x_bd: ArrayView2<'_, f32>, x_hat_bd: &Array2<f32>, c: Option<&[f64]>) -> f64 {
+    Zip::from(x_bd.rows())
+        .and(x_hat_bd.rows())
+        .par_map_collect(|x, xh| {
+            x.iter()
+                .zip(xh)
+                .enumerate()
+                .map(|(i, (&x, &xh))| {
+                    let e = (x - xh) as f64 - c.map_or(0.0, |c| c[i]);
+                    e * e
+                })
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+/// Σ_b ‖(x_b − x̂_b) − ê_b‖² in f64 (e − ê formed in f32 as the reference does).
+fn aux_sq_sum(x_bd: ArrayView2<'_, f32>, x_hat_bd: &Array2<f32>, aux_hat_bd: &Array2<f32>) -> f64 {
+    Zip::from(x_bd.rows())
+        .and(x_hat_bd.rows())
+        .and(aux_hat_bd.rows())
+        .par_map_collect(|x, xh, ah| {
+            Zip::from(&x)
+                .and(&xh)
+                .and(&ah)
+                .fold(0.0f64, |acc, &x, &xh, &ah| {
+                    let r = ((x - xh) - ah) as f64;
+                    acc + r * r
+                })
+        })
+        .sum()
+}
+
+/// Σ_b (x_b − x̂_b) per column, in f64.
+fn residual_sum(x_bd: ArrayView2<'_, f32>, x_hat_bd: &Array2<f32>) -> Vec<f64> {
+    let mut sum = vec![0.0f64; x_bd.ncols()];
+    for (x, xh) in x_bd.rows().into_iter().zip(x_hat_bd.rows()) {
+        for ((s, &x), &xh) in sum.iter_mut().zip(&x).zip(&xh) {
+            *s += (x - xh) as f64;
+        }
+    }
+    sum
+}
+
+/// Σ_b ‖x_b − x̄‖² over the global batch (x̄ its mean), for the FVE.
+fn total_variance_times_n(x_bd: ArrayView2<'_, f32>, collective: &dyn Collective) -> f64 {
+    let d = x_bd.ncols();
+    let mut sum = vec![0.0f64; d + 1];
+    for row in x_bd.rows() {
+        for (s, &x) in sum.iter_mut().zip(&row) {
+            *s += x as f64;
+        }
+    }
+    sum[d] = x_bd.nrows() as f64;
+    collective.all_reduce_sum_f64(&mut sum);
+    let n = sum[d];
+    let mean: Vec<f64> = sum[..d].iter().map(|s| s / n).collect();
+    let mut total = [x_bd
+        .rows()
+        .into_iter()
+        .map(|row| {
+            row.iter()
+                .zip(&mean)
+                .map(|(&x, m)| (x as f64 - m).powi(2))
+                .sum::<f64>()
+        })
+        .sum::<f64>()];
+    collective.all_reduce_sum_f64(&mut total);
+    total[0]
+}
+
+/// Sums every process's gradients (inactive rows zeroed first, then all rows active).
+fn all_reduce_grads(grads: &mut Grads, collective: &dyn Collective) {
+    let dense = grads.to_dense();
+    grads.tensors = dense;
+    let t = &mut grads.tensors;
+    for a in [&mut t.w_enc_fd, &mut t.w_dec_fd] {
+        collective.all_reduce_sum_f32(a.as_slice_mut().expect("standard layout"));
+    }
+    for a in [&mut t.b_enc_f, &mut t.b_dec_d] {
+        collective.all_reduce_sum_f32(a.as_slice_mut().expect("standard layout"));
+    }
+    grads.active_f.fill(true);
+}
