@@ -1,0 +1,70 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use ndarray::{Array, Array1, Array2, Dimension};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sparse_autoencoder::{Architecture, Sae, SaeConfig};
+
+/// max_i |a_i − b_i| / max_i |b_i|: the error relative to the reference array's scale.
+pub fn rel_err<D: Dimension>(a: &Array<f32, D>, reference: &Array<f32, D>) -> f64 {
+    assert_eq!(a.shape(), reference.shape(), "shapes differ");
+    let scale = reference
+        .iter()
+        .fold(0.0f64, |m, &v| m.max((v as f64).abs()));
+    let diff = a
+        .iter()
+        .zip(reference)
+        .fold(0.0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+    if scale == 0.0 {
+        diff
+    } else {
+        diff / scale
+    }
+}
+
+/// Asserts `rel_err(a, reference) <= tol`, naming `what`.
+#[track_caller]
+pub fn assert_close<D: Dimension>(
+    what: &str,
+    a: &Array<f32, D>,
+    reference: &Array<f32, D>,
+    tol: f64,
+) {
+    let err = rel_err(a, reference);
+    assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}");
+}
+
+/// Activation-like data: an offset plus sparse non-negative mixtures of random directions.
+pub fn synthetic_batch(b: usize, d: usize, seed: u64) -> Array2<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let dirs = Array2::from_shape_fn((2 * d + 3, d), |_| rng.gen::<f32>() * 2.0 - 1.0);
+    let offset = Array1::from_shape_fn(d, |_| rng.gen::<f32>());
+    let mut x = Array2::zeros((b, d));
+    for mut row in x.rows_mut() {
+        row.assign(&offset);
+        for _ in 0..3 {
+            let g = rng.gen_range(0..dirs.nrows());
+            row.scaled_add(rng.gen::<f32>() * 2.0, &dirs.row(g));
+        }
+        row.mapv_inplace(|v| v + 0.05 * (rng.gen::<f32>() - 0.5));
+    }
+    x
+}
+
+/// An SAE with random (not unit-norm, not tied) parameters, so gradient checks see the
+/// general case.
+pub fn random_sae(arch: Architecture, d: usize, f: usize, seed: u64) -> Sae {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut u = |scale: f32| rng.gen::<f32>() * 2.0 * scale - scale;
+    let w_enc = Array2::from_shape_fn((f, d), |_| u(0.5));
+    let b_enc = Array1::from_shape_fn(f, |_| u(0.3));
+    let w_dec = Array2::from_shape_fn((f, d), |_| u(0.5));
+    let b_dec = Array1::from_shape_fn(d, |_| u(0.3));
+    let config = SaeConfig {
+        d_model: d,
+        dict_size: f,
+        arch,
+    };
+    Sae::from_parts(config, w_enc, b_enc, w_dec, b_dec).unwrap()
+}

@@ -1,0 +1,219 @@
+//! The analytic backward pass against central finite differences of an independent f64
+//! implementation of each architecture's loss, with the step's selection held fixed.
+
+mod common;
+
+use common::{random_sae, synthetic_batch};
+use ndarray::{Array1, Array2, Zip};
+use sparse_autoencoder::optim::ParamTensors;
+use sparse_autoencoder::{Architecture, ReluVariant, TrainConfig, Trainer};
+
+const B: usize = 16;
+const D: usize = 8;
+const F: usize = 24;
+
+#[derive(Clone)]
+struct Params64 {
+    w_enc: Array2<f64>,
+    b_enc: Array1<f64>,
+    w_dec: Array2<f64>,
+    b_dec: Array1<f64>,
+}
+
+impl Params64 {
+    fn from(p: &ParamTensors) -> Self {
+        Params64 {
+            w_enc: p.w_enc_fd.mapv(f64::from),
+            b_enc: p.b_enc_f.mapv(f64::from),
+            w_dec: p.w_dec_fd.mapv(f64::from),
+            b_dec: p.b_dec_d.mapv(f64::from),
+        }
+    }
+
+    fn tensor_mut(&mut self, which: usize) -> &mut [f64] {
+        match which {
+            0 => self.w_enc.as_slice_mut().unwrap(),
+            1 => self.b_enc.as_slice_mut().unwrap(),
+            2 => self.w_dec.as_slice_mut().unwrap(),
+            _ => self.b_dec.as_slice_mut().unwrap(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Penalty {
+    AuxK { alpha: f64 },
+    L1 { coef: f64, weighted: bool },
+}
+
+/// The loss with the codes restricted to `mask` (and AuxK's codes to `aux_mask`), and AuxK's
+/// residual `e0` held constant, as the reference detaches it.
+fn loss64(
+    p: &Params64,
+    x: &Array2<f64>,
+    mask: &Array2<bool>,
+    aux_mask: &Array2<bool>,
+    e0: &Array2<f64>,
+    penalty: Penalty,
+) -> f64 {
+    let pre = (x - &p.b_dec).dot(&p.w_enc.t()) + &p.b_enc;
+    let keep = |m: &Array2<bool>| {
+        let mut f = pre.clone();
+        Zip::from(&mut f).and(m).for_each(|v, &k| {
+            if !k {
+                *v = 0.0
+            }
+        });
+        f
+    };
+    let f = keep(mask);
+    let x_hat = f.dot(&p.w_dec) + &p.b_dec;
+    let n = x.nrows() as f64;
+    let mse = (x - &x_hat).mapv(|v| v * v).sum() / n;
+    match penalty {
+        Penalty::AuxK { alpha } => {
+            let e_hat = keep(aux_mask).dot(&p.w_dec);
+            let num = (e0 - &e_hat).mapv(|v| v * v).sum() / n;
+            let mean = e0.mean_axis(ndarray::Axis(0)).unwrap();
+            let den = (e0 - &mean).mapv(|v| v * v).sum() / n;
+            mse + alpha * num / den
+        }
+        Penalty::L1 { coef, weighted } => {
+            let norms: Array1<f64> = p
+                .w_dec
+                .rows()
+                .into_iter()
+                .map(|r| if weighted { r.dot(&r).sqrt() } else { 1.0 })
+                .collect();
+            mse + coef * (f.dot(&norms)).sum() / n
+        }
+    }
+}
+
+/// Runs one step with capture on, then compares each raw gradient with central differences.
+fn check(arch: Architecture, config: TrainConfig, penalty: Penalty, dense_threshold: Option<f32>) {
+    let sae = random_sae(arch, D, F, 3);
+    let x = synthetic_batch(B, D, 4);
+    let mut trainer = Trainer::new(sae, config).unwrap();
+    if let Some(t) = dense_threshold {
+        trainer.set_dense_threshold(t);
+    }
+    trainer.set_capture(true);
+    trainer.step(x.view()).unwrap();
+    let cap = trainer.captured().unwrap();
+
+    let base = Params64::from(&cap.params);
+    let x64 = x.mapv(f64::from);
+    let mask = cap.codes_bf.mapv(|v| v != 0.0);
+    let aux_mask = cap.aux_codes_bf.mapv(|v| v != 0.0);
+    if let Penalty::AuxK { .. } = penalty {
+        assert!(
+            aux_mask.iter().any(|&m| m),
+            "AuxK must be active for this check"
+        );
+    }
+    let e0 = &x64 - &(cap.codes_bf.mapv(f64::from).dot(&base.w_dec) + &base.b_dec);
+
+    let analytic = [
+        cap.raw_grads.w_enc_fd.as_slice().unwrap().to_vec(),
+        cap.raw_grads.b_enc_f.to_vec(),
+        cap.raw_grads.w_dec_fd.as_slice().unwrap().to_vec(),
+        cap.raw_grads.b_dec_d.to_vec(),
+    ];
+    let names = ["W_enc", "b_enc", "W_dec", "b_dec"];
+    let h = 1e-6;
+    for (which, grad) in analytic.iter().enumerate() {
+        let mut fd = vec![0.0f64; grad.len()];
+        for (i, fd_i) in fd.iter_mut().enumerate() {
+            let mut plus = base.clone();
+            plus.tensor_mut(which)[i] += h;
+            let mut minus = base.clone();
+            minus.tensor_mut(which)[i] -= h;
+            *fd_i = (loss64(&plus, &x64, &mask, &aux_mask, &e0, penalty)
+                - loss64(&minus, &x64, &mask, &aux_mask, &e0, penalty))
+                / (2.0 * h);
+        }
+        let scale = fd.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert!(
+            scale > 0.0,
+            "{}: gradient is identically zero",
+            names[which]
+        );
+        let err = grad
+            .iter()
+            .zip(&fd)
+            .fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()))
+            / scale;
+        assert!(err < 1e-4, "{}: relative error {err:e}", names[which]);
+    }
+}
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        total_steps: 10,
+        warmup_steps: 0,
+        sparsity_warmup_steps: 0,
+        l1_coefficient: 0.5,
+        // Every latent that does not fire in the first batch is dead at once: AuxK is active.
+        dead_tokens: B as u64,
+        ..TrainConfig::default()
+    }
+}
+
+#[test]
+fn topk_gradients_match_finite_differences() {
+    check(
+        Architecture::TopK { k: 3 },
+        config(),
+        Penalty::AuxK { alpha: 1.0 / 32.0 },
+        None,
+    );
+}
+
+#[test]
+fn batchtopk_gradients_match_finite_differences() {
+    check(
+        Architecture::BatchTopK { k: 3 },
+        config(),
+        Penalty::AuxK { alpha: 1.0 / 32.0 },
+        None,
+    );
+}
+
+#[test]
+fn auxk_weight_enters_the_gradient() {
+    let cfg = TrainConfig {
+        auxk_alpha: 0.75,
+        ..config()
+    };
+    check(
+        Architecture::TopK { k: 2 },
+        cfg,
+        Penalty::AuxK { alpha: 0.75 },
+        None,
+    );
+}
+
+#[test]
+fn relu_decoder_norm_gradients_match_finite_differences_sparse_and_dense() {
+    let penalty = Penalty::L1 {
+        coef: 0.5,
+        weighted: true,
+    };
+    check(Architecture::Relu, config(), penalty, Some(2.0));
+    check(Architecture::Relu, config(), penalty, Some(0.0));
+}
+
+#[test]
+fn relu_unit_decoder_gradients_match_finite_differences_sparse_and_dense() {
+    let cfg = TrainConfig {
+        relu_variant: ReluVariant::UnitDecoder,
+        ..config()
+    };
+    let penalty = Penalty::L1 {
+        coef: 0.5,
+        weighted: false,
+    };
+    check(Architecture::Relu, cfg.clone(), penalty, Some(2.0));
+    check(Architecture::Relu, cfg, penalty, Some(0.0));
+}
