@@ -1,0 +1,290 @@
+//! Whole training steps: reproducibility, the two ReLU paths, θ, dead latents, learning, and
+//! the edge cases (k ≥ F, k·B ≥ B·F, all-zero rows, D = 1, F = 1, one-row batches).
+
+mod common;
+
+use common::{assert_close, synthetic_batch};
+use ndarray::Array2;
+use sparse_autoencoder::backend::Cpu;
+use sparse_autoencoder::{Architecture, Error, Sae, SaeConfig, StepStats, TrainConfig, Trainer};
+
+fn sae_config(arch: Architecture, d: usize, f: usize) -> SaeConfig {
+    SaeConfig {
+        d_model: d,
+        dict_size: f,
+        arch,
+    }
+}
+
+fn short_run() -> TrainConfig {
+    TrainConfig {
+        total_steps: 40,
+        warmup_steps: 5,
+        decay_start: Some(30),
+        sparsity_warmup_steps: 10,
+        l1_coefficient: 0.1,
+        threshold_start_step: 3,
+        dead_tokens: 64,
+        lr: Some(1e-2),
+        ..TrainConfig::default()
+    }
+}
+
+/// Trains `steps` steps on fresh synthetic batches; returns the trainer and the last stats.
+fn train(
+    arch: Architecture,
+    d: usize,
+    f: usize,
+    b: usize,
+    steps: usize,
+    config: TrainConfig,
+) -> (Trainer, StepStats) {
+    let mut trainer = Trainer::new(Sae::new(sae_config(arch, d, f), 11).unwrap(), config).unwrap();
+    let mut stats = StepStats::default();
+    for s in 0..steps {
+        let x = synthetic_batch(b, d, 100 + s as u64);
+        stats = trainer.step(x.view()).unwrap();
+        assert!(
+            stats.loss.is_finite() && stats.mse.is_finite() && stats.aux.is_finite(),
+            "step {s}: {stats:?}"
+        );
+    }
+    (trainer, stats)
+}
+
+fn all_finite(sae: &Sae) -> bool {
+    sae.w_enc_fd()
+        .iter()
+        .chain(sae.w_dec_fd().iter())
+        .chain(sae.b_enc_f().iter())
+        .chain(sae.b_dec_d().iter())
+        .all(|v| v.is_finite())
+}
+
+const ARCHS: [Architecture; 3] = [
+    Architecture::Relu,
+    Architecture::TopK { k: 4 },
+    Architecture::BatchTopK { k: 4 },
+];
+
+#[test]
+fn same_seed_and_threads_give_bit_identical_parameters() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    for arch in ARCHS {
+        let run = || pool.install(|| train(arch, 24, 96, 64, 30, short_run()).0);
+        let (a, b) = (run(), run());
+        assert_eq!(a.sae(), b.sae(), "{arch:?}");
+        assert_eq!(a.adam(), b.adam(), "{arch:?}");
+    }
+}
+
+#[test]
+fn relu_dense_and_sparse_paths_agree() {
+    let run = |threshold: f32| {
+        let mut trainer = Trainer::new(
+            Sae::new(sae_config(Architecture::Relu, 16, 64), 5).unwrap(),
+            short_run(),
+        )
+        .unwrap();
+        trainer.set_dense_threshold(threshold);
+        for s in 0..20 {
+            trainer.step(synthetic_batch(32, 16, s).view()).unwrap();
+        }
+        trainer.into_sae()
+    };
+    let (sparse, dense) = (run(2.0), run(0.0));
+    assert_close(
+        "W_enc",
+        &dense.w_enc_fd().to_owned(),
+        &sparse.w_enc_fd().to_owned(),
+        1e-4,
+    );
+    assert_close(
+        "W_dec",
+        &dense.w_dec_fd().to_owned(),
+        &sparse.w_dec_fd().to_owned(),
+        1e-4,
+    );
+    assert_close(
+        "b_enc",
+        &dense.b_enc_f().to_owned(),
+        &sparse.b_enc_f().to_owned(),
+        1e-4,
+    );
+    assert_close(
+        "b_dec",
+        &dense.b_dec_d().to_owned(),
+        &sparse.b_dec_d().to_owned(),
+        1e-4,
+    );
+}
+
+#[test]
+fn training_learns_the_synthetic_data() {
+    for arch in ARCHS {
+        let config = TrainConfig {
+            total_steps: 300,
+            warmup_steps: 20,
+            lr: Some(5e-3),
+            l1_coefficient: 0.02,
+            sparsity_warmup_steps: 50,
+            ..TrainConfig::default()
+        };
+        let (_, first) = train(arch, 16, 64, 64, 1, config.clone());
+        let (_, last) = train(arch, 16, 64, 64, 300, config);
+        assert!(last.fve > 0.8, "{arch:?}: FVE {} after 300 steps", last.fve);
+        assert!(
+            last.mse < 0.2 * first.mse,
+            "{arch:?}: {first:?} -> {last:?}"
+        );
+    }
+}
+
+#[test]
+fn batchtopk_learns_a_threshold_and_uses_it_outside_training() {
+    let (trainer, stats) = train(Architecture::BatchTopK { k: 4 }, 16, 64, 32, 3, short_run());
+    // The reference updates θ only on steps after threshold_start_step (3).
+    assert_eq!(stats.threshold, None);
+    assert_eq!(trainer.sae().threshold(), None);
+    let (trainer, stats) = train(
+        Architecture::BatchTopK { k: 4 },
+        16,
+        64,
+        32,
+        10,
+        short_run(),
+    );
+    let theta = stats.threshold.expect("θ is set after step 4");
+    assert!(theta > 0.0);
+    let sae = trainer.into_sae();
+    let x = synthetic_batch(50, 16, 999);
+    let codes = sae.encode(&Cpu, x.view()).unwrap();
+    assert!(codes.values.iter().all(|&v| v > theta));
+    let pre = sae.pre_activations(&Cpu, x.view()).unwrap();
+    let expected = pre.mapv(|v| if v > theta { v } else { 0.0 });
+    assert_eq!(codes.to_dense(), expected);
+}
+
+#[test]
+fn dead_latents_are_counted_and_revived_by_auxk() {
+    // 512 latents for 16-wide data with k = 2: most never fire and die after 64 tokens.
+    let (trainer, stats) = train(Architecture::TopK { k: 2 }, 16, 512, 32, 6, short_run());
+    assert!(stats.dead_fraction > 0.5, "{stats:?}");
+    assert!(stats.aux > 0.0, "AuxK should be active: {stats:?}");
+    let since = trainer.tokens_since_fired();
+    let dead = since.iter().filter(|&&t| t >= 64).count();
+    assert_eq!(dead as f32 / 512.0, stats.dead_fraction);
+}
+
+#[test]
+fn k_at_least_f_keeps_every_positive_code() {
+    for arch in [
+        Architecture::TopK { k: 40 },
+        Architecture::BatchTopK { k: 40 },
+    ] {
+        let sae = Sae::new(sae_config(arch, 8, 32), 2).unwrap();
+        let x = synthetic_batch(10, 8, 3);
+        let mut trainer = Trainer::new(sae, short_run()).unwrap();
+        trainer.set_capture(true);
+        trainer.step(x.view()).unwrap();
+        let cap = trainer.captured().unwrap();
+        let pre = Sae::from_parts(
+            *trainer.sae().config(),
+            cap.params.w_enc_fd.clone(),
+            cap.params.b_enc_f.clone(),
+            cap.params.w_dec_fd.clone(),
+            cap.params.b_dec_d.clone(),
+        )
+        .unwrap()
+        .pre_activations(&Cpu, x.view())
+        .unwrap();
+        assert_eq!(cap.codes_bf, pre.mapv(|v| v.max(0.0)), "{arch:?}");
+    }
+}
+
+#[test]
+fn all_zero_rows_d1_f1_and_single_rows_train_without_nan() {
+    for arch in ARCHS {
+        // All-zero rows mixed with data, and a batch of nothing but zeros.
+        let mut trainer =
+            Trainer::new(Sae::new(sae_config(arch, 8, 32), 1).unwrap(), short_run()).unwrap();
+        let mut x = synthetic_batch(16, 8, 1);
+        x.rows_mut()
+            .into_iter()
+            .step_by(2)
+            .for_each(|mut r| r.fill(0.0));
+        for _ in 0..3 {
+            assert!(trainer.step(x.view()).unwrap().loss.is_finite());
+        }
+        assert!(trainer
+            .step(Array2::zeros((16, 8)).view())
+            .unwrap()
+            .loss
+            .is_finite());
+        assert!(all_finite(trainer.sae()), "{arch:?}");
+
+        // D = 1 (AuxK's k_aux = D/2 = 0) and F = 1.
+        for (d, f) in [(1, 8), (8, 1), (1, 1)] {
+            let arch = match arch {
+                Architecture::Relu => arch,
+                Architecture::TopK { .. } => Architecture::TopK { k: 1 },
+                Architecture::BatchTopK { .. } => Architecture::BatchTopK { k: 1 },
+            };
+            let (trainer, _) = train(arch, d, f, 8, 12, short_run());
+            assert!(all_finite(trainer.sae()), "{arch:?} d={d} f={f}");
+        }
+
+        // One row per batch: AuxK's normaliser is 0, and the reference then counts AuxK as 0.
+        let config = TrainConfig {
+            dead_tokens: 4,
+            ..short_run()
+        };
+        let (trainer, stats) = train(arch, 8, 64, 1, 12, config);
+        assert!(all_finite(trainer.sae()), "{arch:?}");
+        if arch != Architecture::Relu {
+            assert!(stats.dead_fraction > 0.0);
+            assert_eq!(stats.aux, 0.0, "{stats:?}");
+        }
+    }
+}
+
+#[test]
+fn bad_batches_are_errors_not_panics() {
+    let mut trainer = Trainer::new(
+        Sae::new(sae_config(Architecture::TopK { k: 2 }, 8, 16), 0).unwrap(),
+        short_run(),
+    )
+    .unwrap();
+    assert!(matches!(
+        trainer.step(Array2::zeros((0, 8)).view()),
+        Err(Error::Empty { .. })
+    ));
+    assert!(matches!(
+        trainer.step(Array2::zeros((4, 7)).view()),
+        Err(Error::Shape { .. })
+    ));
+    let mut x = Array2::zeros((4, 8));
+    x[[3, 0]] = f32::INFINITY;
+    let err = trainer.step(x.view()).unwrap_err();
+    assert!(matches!(err, Error::NonFinite { row: 3, .. }), "{err}");
+    // Nothing was consumed by the failed steps.
+    assert_eq!(trainer.steps_done(), 0);
+}
+
+#[test]
+fn invalid_train_config_is_rejected_by_the_trainer() {
+    let sae = Sae::new(sae_config(Architecture::TopK { k: 2 }, 8, 16), 0).unwrap();
+    let config = TrainConfig {
+        lr: Some(-1.0),
+        ..short_run()
+    };
+    assert!(matches!(
+        Trainer::new(sae, config),
+        Err(Error::Config(
+            sparse_autoencoder::ConfigError::LearningRate(_)
+        ))
+    ));
+}
