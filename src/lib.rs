@@ -50,4 +50,4 @@ pub use config::{Architecture, ConfigError, ReluVariant, SaeConfig, TrainConfig}
 pub use error::{Error, Result};
 pub use sae::Sae;
 pub use select::Codes;
-pub use train::{StepStats, Trainer};
+pub use train::{PhaseTimes, StepStats, Trainer};

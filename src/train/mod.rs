@@ -4,6 +4,8 @@
 
 mod backward;
 
+use std::time::{Duration, Instant};
+
 use ndarray::{Array2, ArrayView2, Axis, Zip};
 use rayon::prelude::*;
 
@@ -39,6 +41,22 @@ pub struct StepStats {
     pub lr: f32,
     /// BatchTopK's threshold θ after this step.
     pub threshold: Option<f32>,
+}
+
+/// Wall-clock time of each phase of the last step.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PhaseTimes {
+    /// x − b_dec, the encoder GEMM, bias and ReLU.
+    pub encode: Duration,
+    /// Sparsification (top-k, batch top-k or ReLU codes).
+    pub select: Duration,
+    /// Dead-latent and θ bookkeeping, decoding, the losses and their upstream gradients
+    /// (AuxK's selection and decoding included).
+    pub decode_loss: Duration,
+    /// The backward pass to all four parameter gradients.
+    pub backward: Duration,
+    /// Projection, clipping and the fused Adam step.
+    pub update: Duration,
 }
 
 /// Dense copies of a step's internals, recorded when [`Trainer::set_capture`] is on (tests and
@@ -102,6 +120,7 @@ pub struct Trainer {
     dense_threshold: f32,
     capture: Option<Captured>,
     capture_on: bool,
+    times: PhaseTimes,
 }
 
 impl Trainer {
@@ -143,6 +162,7 @@ impl Trainer {
             dense_threshold: dense_threshold_default(),
             capture: None,
             capture_on: false,
+            times: PhaseTimes::default(),
         })
     }
 
@@ -186,6 +206,11 @@ impl Trainer {
         }
     }
 
+    /// How long each phase of the last step took.
+    pub fn phase_times(&self) -> PhaseTimes {
+        self.times
+    }
+
     /// The last step's internals, when capture is on.
     pub fn captured(&self) -> Option<&Captured> {
         self.capture.as_ref()
@@ -204,9 +229,16 @@ impl Trainer {
         let n_global = n_global[0] as usize;
 
         // Encode.
+        let mut clock = Instant::now();
+        let mut lap = || {
+            let now = Instant::now();
+            std::mem::replace(&mut clock, now).elapsed()
+        };
+        let mut times = PhaseTimes::default();
         let ws = &mut self.ws;
         self.sae
             .post_activations_into(&*self.backend, x_bd, &mut ws.xc_bd, &mut ws.post_bf);
+        times.encode = lap();
         let dense = rules.selection == Selection::Relu
             && positive_fraction(ws.post_bf.view()) > self.dense_threshold;
         if !dense {
@@ -218,6 +250,8 @@ impl Trainer {
                 &mut ws.codes,
             );
         }
+
+        times.select = lap();
 
         // Batch-level bookkeeping: who fired, who is dead, θ.
         ws.fired_f.clear();
@@ -367,6 +401,8 @@ impl Trainer {
             ws.aux_codes.indptr.resize(n_local + 1, 0);
         }
 
+        times.decode_loss = lap();
+
         // Backward.
         let ctx = backward::Context {
             sae: &self.sae,
@@ -395,6 +431,8 @@ impl Trainer {
             all_reduce_grads(&mut self.grads, &*self.collective);
         }
         let raw_grads = self.capture_on.then(|| self.grads.to_dense());
+
+        times.backward = lap();
 
         // Update.
         if let DecoderConstraint::UnitNorm { project_eps, .. } = rules.decoder {
@@ -445,6 +483,8 @@ impl Trainer {
         self.adam
             .step(&mut self.sae, &self.grads, lr, grad_scale, rules.decoder);
         self.step += 1;
+        times.update = lap();
+        self.times = times;
 
         let mut nnz = [nnz_local];
         self.collective.all_reduce_sum_u64(&mut nnz);
