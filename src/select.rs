@@ -100,7 +100,7 @@ struct ChunkBuf {
     values: Vec<f32>,
     /// Per-row candidates as sortable keys (see [`key`]).
     scratch: Vec<u64>,
-    /// Batch top-k: entries of this chunk whose value equals the cut exactly.
+    /// Batch top-k: entries of this chunk equal to the cut, then how many of them to keep.
     ties: usize,
 }
 
@@ -108,6 +108,9 @@ struct ChunkBuf {
 #[derive(Default)]
 pub struct Selector {
     chunks: Vec<ChunkBuf>,
+    /// Batch top-k: the strided sample's bit patterns, and the radix histogram.
+    sample: Vec<u32>,
+    hist: Vec<u64>,
 }
 
 /// Sort key of a non-negative value at latent `j`: larger key = larger value, then smaller
@@ -120,6 +123,58 @@ fn key(v: f32, j: usize) -> u64 {
 #[inline]
 fn key_latent(key: u64) -> u32 {
     u32::MAX - (key as u32)
+}
+
+/// Fills `scratch` with keys of the entries of `row` that can be among its `k` largest
+/// positive ones: those at or above a bound taken from a strided sample of the row, or every
+/// positive entry when fewer than `k` pass the bound. Exact: if k entries are ≥ t, the k-th
+/// largest is ≥ t.
+fn row_candidates(row: &[f32], k: usize, scratch: &mut Vec<u64>) {
+    const STRIDE: usize = 16;
+    scratch.clear();
+    let rank = 2 * k / STRIDE + 4;
+    if k > 0 && row.len() >= 4 * STRIDE * rank {
+        scratch.extend(row.iter().step_by(STRIDE).map(|v| v.to_bits() as u64));
+        let bound = *scratch.select_nth_unstable_by(rank, |a, b| b.cmp(a)).1 as u32;
+        let bound = f32::from_bits(bound);
+        scratch.clear();
+        if bound > 0.0 {
+            scan_at_least(row, bound.to_bits(), |j, v| scratch.push(key(v, j)));
+            if scratch.len() >= k {
+                return;
+            }
+            scratch.clear();
+        }
+    }
+    scan_at_least(row, 1, |j, v| scratch.push(key(v, j)));
+}
+
+/// Calls `emit(j, v)`, in order, for each positive `v = row[j]` whose bit pattern is at least
+/// `lower_bits` (≥ 1; negative values and zeros never qualify). Blocks of 16 are tested with
+/// one vectorisable comparison first, since selections keep a small fraction of entries.
+#[inline]
+fn scan_at_least(row: &[f32], lower_bits: u32, mut emit: impl FnMut(usize, f32)) {
+    debug_assert!(lower_bits >= 1);
+    // lower_bits <= bits < sign bit, in one unsigned comparison.
+    let span = 0x8000_0000u32.wrapping_sub(lower_bits);
+    let pass = |v: &f32| v.to_bits().wrapping_sub(lower_bits) < span;
+    const BLOCK: usize = 16;
+    let mut blocks = row.chunks_exact(BLOCK);
+    for (c, block) in blocks.by_ref().enumerate() {
+        if block.iter().fold(false, |any, v| any | pass(v)) {
+            for (i, v) in block.iter().enumerate() {
+                if pass(v) {
+                    emit(c * BLOCK + i, *v);
+                }
+            }
+        }
+    }
+    let base = row.len() - blocks.remainder().len();
+    for (i, v) in blocks.remainder().iter().enumerate() {
+        if pass(v) {
+            emit(base + i, *v);
+        }
+    }
 }
 
 /// Keeps the `k` largest keys of `cand` (any order in, ascending latent order out).
@@ -190,20 +245,21 @@ impl Selector {
 
     /// Entries with `post > theta` (BatchTopK's inference rule; `theta = 0` is plain ReLU).
     pub fn threshold(&mut self, post_bf: ArrayView2<'_, f32>, theta: f32, out: &mut Codes) {
-        let theta = theta.max(0.0);
+        let post_bf = post_bf.as_standard_layout();
+        // v > θ ⇔ bits(v) ≥ bits(θ) + 1 for non-negative θ.
+        let lower_bits = theta.max(0.0).to_bits() + 1;
         self.build(post_bf.nrows(), post_bf.ncols(), out, |b, buf| {
-            for (j, &v) in post_bf.row(b).iter().enumerate() {
-                if v > theta {
-                    buf.indices.push(j as u32);
-                    buf.values.push(v);
-                }
-            }
+            scan_at_least(post_bf.row(b).as_slice().unwrap(), lower_bits, |j, v| {
+                buf.indices.push(j as u32);
+                buf.values.push(v);
+            })
         });
     }
 
     /// The `k` largest positive entries of each row (TopK). Rows with fewer than `k` positive
     /// entries keep all of them: a zero code is no code.
     pub fn topk(&mut self, post_bf: ArrayView2<'_, f32>, k: usize, out: &mut Codes) {
+        let post_bf = post_bf.as_standard_layout();
         self.build(post_bf.nrows(), post_bf.ncols(), out, |b, buf| {
             let ChunkBuf {
                 indices,
@@ -211,12 +267,7 @@ impl Selector {
                 scratch,
                 ..
             } = buf;
-            scratch.clear();
-            for (j, &v) in post_bf.row(b).iter().enumerate() {
-                if v > 0.0 {
-                    scratch.push(key(v, j));
-                }
-            }
+            row_candidates(post_bf.row(b).as_slice().unwrap(), k, scratch);
             push_top_k(scratch, k, indices, values);
         });
     }
@@ -249,15 +300,15 @@ impl Selector {
         });
     }
 
-    /// The `k_total` largest positive entries of the whole batch (BatchTopK), summed over every
+    /// The `k_total` largest positive entries of the whole batch (BatchTopK), counted over every
     /// process of `collective`.
     ///
-    /// Radix selection on the values' bit patterns (non-negative f32 order like their bits):
-    /// a histogram of the top 16 bits finds the bin holding the cut, one gather pass keeps the
-    /// entries at or above that bin, and a histogram of the low 16 bits of the boundary bin's
-    /// entries finds the exact cut. The histograms are what processes exchange; nothing sorts B·F
-    /// values. Entries equal to the cut are taken in row-major order until `k_total` are kept;
-    /// across several processes each would apply that rule to its own rows.
+    /// Nothing sorts or histograms all B·F values: a strided sample gives a lower bound on the
+    /// cut, one pass keeps the entries above it (typically ~1.3·k_total), and radix selection on
+    /// those candidates' bit patterns (non-negative f32 order like their bits) finds the exact
+    /// cut. The candidate histograms are what processes exchange. If the bound was too high on
+    /// any process, every process redoes the pass with no bound. Entries equal to the cut are
+    /// taken in row-major order until `k_total` are kept (per process, with several).
     pub fn batch_topk(
         &mut self,
         post_bf: ArrayView2<'_, f32>,
@@ -265,53 +316,98 @@ impl Selector {
         collective: &dyn Collective,
         out: &mut Codes,
     ) {
+        let post_bf = post_bf.as_standard_layout();
         let (n_rows, n_latents) = post_bf.dim();
-        let mut high = histogram_high(post_bf);
-        collective.all_reduce_sum_u64(&mut high);
-
-        // Bin holding the k_total-th largest value, and how many lie strictly above it.
-        let mut above = 0u64;
-        let mut bin = None;
-        for h in (0..=0xFFFF).rev() {
-            if above + high[h] >= k_total as u64 {
-                bin = Some(h as u32);
-                break;
-            }
-            above += high[h];
-        }
-        // Fewer positives than k_total: keep them all.
-        let Some(bin) = bin else {
-            return self.relu(post_bf, out);
-        };
-        let lower_bits = bin << 16;
-        self.build(n_rows, n_latents, out, |b, buf| {
-            for (j, &v) in post_bf.row(b).iter().enumerate() {
-                if v > 0.0 && v.to_bits() >= lower_bits {
+        let mut n_total = [post_bf.len() as u64];
+        collective.all_reduce_sum_u64(&mut n_total);
+        let bound = self.sampled_lower_bound(post_bf.as_slice().unwrap(), k_total, n_total[0]);
+        for lower_bits in [bound, 1] {
+            self.build(n_rows, n_latents, out, |b, buf| {
+                scan_at_least(post_bf.row(b).as_slice().unwrap(), lower_bits, |j, v| {
                     buf.indices.push(j as u32);
                     buf.values.push(v);
-                }
+                })
+            });
+            let cut = self.exact_cut(&out.values, k_total, collective);
+            // The bound failed if the cut lies below it (or fewer than k_total passed it).
+            let failed = match cut {
+                Some((cut_bits, _)) => cut_bits < lower_bits,
+                None => lower_bits > 1,
+            };
+            let mut failures = [failed as u64];
+            collective.all_reduce_sum_u64(&mut failures);
+            if failures[0] > 0 && lower_bits > 1 {
+                continue;
             }
-        });
+            if let Some((cut_bits, tie_quota)) = cut {
+                self.keep_above_cut(n_rows, n_latents, cut_bits, tie_quota, out);
+            }
+            return;
+        }
+    }
 
-        let mut low = vec![0u64; 1 << 16];
-        for (&v, _) in out.values.iter().zip(&out.indices) {
-            if v.to_bits() >> 16 == bin {
-                low[(v.to_bits() & 0xFFFF) as usize] += 1;
+    /// The bit pattern of a value likely below the `k_total`-th largest: the
+    /// (1.25·expected + 32)-th largest of every 257th entry; 1 (no bound) if the sample is short.
+    fn sampled_lower_bound(&mut self, post: &[f32], k_total: usize, n_total: u64) -> u32 {
+        const STRIDE: usize = 257;
+        let sample = &mut self.sample;
+        sample.clear();
+        sample.extend(
+            post.iter()
+                .step_by(STRIDE)
+                .map(|v| v.to_bits())
+                .filter(|&bits| bits > 0 && bits < 0x8000_0000),
+        );
+        let expected = k_total as f64 * post.len().div_ceil(STRIDE) as f64 / n_total as f64;
+        let rank = (1.25 * expected + 32.0) as usize;
+        if rank >= sample.len() {
+            return 1;
+        }
+        *sample.select_nth_unstable_by(rank, |a, b| b.cmp(a)).1
+    }
+
+    /// The exact cut among the candidate `values` of all processes: `(cut_bits, tie_quota)`
+    /// such that the values above `cut_bits` plus `tie_quota` values equal to it make
+    /// `k_total`. `None` if there are fewer than `k_total` candidates in all.
+    fn exact_cut(
+        &mut self,
+        values: &[f32],
+        k_total: usize,
+        collective: &dyn Collective,
+    ) -> Option<(u32, usize)> {
+        let hist = &mut self.hist;
+        hist.clear();
+        hist.resize(1 << 16, 0);
+        for v in values {
+            hist[(v.to_bits() >> 16) as usize] += 1;
+        }
+        collective.all_reduce_sum_u64(hist);
+        let (high, above) = find_rank(hist, k_total as u64)?;
+        hist.fill(0);
+        for v in values {
+            if v.to_bits() >> 16 == high {
+                hist[(v.to_bits() & 0xFFFF) as usize] += 1;
             }
         }
-        collective.all_reduce_sum_u64(&mut low);
-        let mut kept = above;
-        let mut cut_bits = lower_bits;
-        for l in (0..=0xFFFF).rev() {
-            if kept + low[l] >= k_total as u64 {
-                cut_bits = lower_bits | l as u32;
-                break;
-            }
-            kept += low[l];
-        }
-        // `kept` counts entries strictly above the cut; the rest of the quota are ties.
-        let mut tie_quota = k_total - kept as usize;
+        collective.all_reduce_sum_u64(hist);
+        let (low, above_in_bin) =
+            find_rank(hist, k_total as u64 - above).expect("the boundary bin holds the rest");
+        Some((
+            (high << 16) | low,
+            k_total - (above + above_in_bin) as usize,
+        ))
+    }
 
+    /// Filters the chunk buffers of the last [`Selector::build`] down to the values above
+    /// `cut_bits` and the first `tie_quota` values equal to it (row-major), then regathers `out`.
+    fn keep_above_cut(
+        &mut self,
+        n_rows: usize,
+        n_latents: usize,
+        cut_bits: u32,
+        mut tie_quota: usize,
+        out: &mut Codes,
+    ) {
         let n_chunks = n_rows.div_ceil(ROWS_PER_CHUNK);
         self.chunks[..n_chunks].par_iter_mut().for_each(|buf| {
             buf.ties = buf
@@ -320,77 +416,56 @@ impl Selector {
                 .filter(|v| v.to_bits() == cut_bits)
                 .count()
         });
-        let quotas: Vec<usize> = self.chunks[..n_chunks]
-            .iter()
-            .map(|buf| {
-                let q = buf.ties.min(tie_quota);
-                tie_quota -= q;
-                q
-            })
-            .collect();
-        self.chunks[..n_chunks]
-            .par_iter_mut()
-            .zip(quotas)
-            .for_each(|(buf, mut quota)| {
-                let ChunkBuf {
-                    row_len,
-                    indices,
-                    values,
-                    ..
-                } = buf;
-                let mut w = 0;
-                let mut r = 0;
-                for len in row_len.iter_mut() {
-                    let mut kept_in_row = 0;
-                    for i in r..r + *len {
-                        let bits = values[i].to_bits();
-                        let keep = bits > cut_bits || (bits == cut_bits && quota > 0);
-                        if bits == cut_bits && keep {
-                            quota -= 1;
+        for buf in &mut self.chunks[..n_chunks] {
+            let q = buf.ties.min(tie_quota);
+            tie_quota -= q;
+            buf.ties = q;
+        }
+        self.chunks[..n_chunks].par_iter_mut().for_each(|buf| {
+            let ChunkBuf {
+                row_len,
+                indices,
+                values,
+                ties: quota,
+                ..
+            } = buf;
+            let (mut w, mut r) = (0, 0);
+            for len in row_len.iter_mut() {
+                let mut kept_in_row = 0;
+                for i in r..r + *len {
+                    let bits = values[i].to_bits();
+                    let keep = bits > cut_bits || (bits == cut_bits && *quota > 0);
+                    if keep {
+                        if bits == cut_bits {
+                            *quota -= 1;
                         }
-                        if keep {
-                            indices[w] = indices[i];
-                            values[w] = values[i];
-                            w += 1;
-                            kept_in_row += 1;
-                        }
+                        indices[w] = indices[i];
+                        values[w] = values[i];
+                        w += 1;
+                        kept_in_row += 1;
                     }
-                    r += *len;
-                    *len = kept_in_row;
                 }
-                indices.truncate(w);
-                values.truncate(w);
-            });
+                r += *len;
+                *len = kept_in_row;
+            }
+            indices.truncate(w);
+            values.truncate(w);
+        });
         self.gather(n_chunks, n_latents, out);
     }
 }
 
-/// Counts of positive entries by the top 16 bits of their f32 pattern.
-fn histogram_high(post_bf: ArrayView2<'_, f32>) -> Vec<u64> {
-    let n_rows = post_bf.nrows();
-    let n_chunks = n_rows.div_ceil(ROWS_PER_CHUNK);
-    (0..n_chunks)
-        .into_par_iter()
-        .fold(
-            || vec![0u64; 1 << 16],
-            |mut hist, c| {
-                for b in c * ROWS_PER_CHUNK..((c + 1) * ROWS_PER_CHUNK).min(n_rows) {
-                    for &v in post_bf.row(b) {
-                        if v > 0.0 {
-                            hist[(v.to_bits() >> 16) as usize] += 1;
-                        }
-                    }
-                }
-                hist
-            },
-        )
-        .reduce(
-            || vec![0u64; 1 << 16],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
+/// Scanning `hist` from its top bin down: the non-empty bin where the running count reaches
+/// `rank`, and the count strictly above it. `None` if the total is below `rank`.
+fn find_rank(hist: &[u64], rank: u64) -> Option<(u32, u64)> {
+    let mut above = 0u64;
+    for h in (0..hist.len()).rev() {
+        if hist[h] > 0 && above + hist[h] >= rank {
+            return Some((h as u32, above));
+        }
+        above += hist[h];
+    }
+    None
 }
 
 #[cfg(test)]
@@ -428,6 +503,51 @@ mod tests {
             let mut codes = Codes::empty(0);
             Selector::default().batch_topk(post.view(), n, &SingleProcess, &mut codes);
             assert_eq!(codes.to_dense(), brute_batch_topk(&post, n), "n = {n}");
+        }
+    }
+
+    /// Brute-force per-row top-k.
+    fn brute_topk(post: &Array2<f32>, k: usize) -> Array2<f32> {
+        let mut out = Array2::zeros(post.dim());
+        for (b, row) in post.rows().into_iter().enumerate() {
+            let mut r: Vec<(f32, usize)> = row
+                .iter()
+                .enumerate()
+                .filter(|(_, &v)| v > 0.0)
+                .map(|(j, &v)| (v, j))
+                .collect();
+            r.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            for &(v, j) in r.iter().take(k) {
+                out[[b, j]] = v;
+            }
+        }
+        out
+    }
+
+    /// Large matrices take the sampled-bound paths; the adversarial one puts the largest values
+    /// exactly on the sampled positions so the bound is too high and the fallback must run.
+    #[test]
+    fn sampled_bounds_are_exact_even_when_they_fail() {
+        let random = random_post(64, 2048, 3);
+        let mut adversarial = random.mapv(|v| v * 0.01);
+        adversarial
+            .as_slice_mut()
+            .unwrap()
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| i % 257 == 0 || i % 16 == 0)
+            .for_each(|(_, v)| *v = 5.0 + *v);
+        for post in [&random, &adversarial] {
+            let mut codes = Codes::empty(0);
+            let mut sel = Selector::default();
+            for n in [1, 64, 1000, 64 * 32, 20_000] {
+                sel.batch_topk(post.view(), n, &SingleProcess, &mut codes);
+                assert_eq!(codes.to_dense(), brute_batch_topk(post, n), "n = {n}");
+            }
+            for k in [1, 8, 64, 300] {
+                sel.topk(post.view(), k, &mut codes);
+                assert_eq!(codes.to_dense(), brute_topk(post, k), "k = {k}");
+            }
         }
     }
 
