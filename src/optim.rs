@@ -5,6 +5,7 @@
 use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1, Zip};
 
 use crate::arch::DecoderConstraint;
+use crate::backend::simd::dispatch;
 use crate::backend::sparse::dot;
 use crate::sae::Sae;
 
@@ -184,6 +185,37 @@ impl AdamStep {
             .and(g)
             .for_each(|p, m, v, &g| self.update(p, m, v, g));
     }
+
+    /// One contiguous row; `g = None` means a zero gradient (the buffer is not read).
+    #[inline(always)]
+    fn update_row(
+        &self,
+        mut p: ArrayViewMut1<f32>,
+        mut m: ArrayViewMut1<f32>,
+        mut v: ArrayViewMut1<f32>,
+        g: Option<ArrayView1<f32>>,
+    ) {
+        let (p, m, v) = (
+            p.as_slice_mut().unwrap(),
+            m.as_slice_mut().unwrap(),
+            v.as_slice_mut().unwrap(),
+        );
+        let n = p.len();
+        let (m, v) = (&mut m[..n], &mut v[..n]);
+        match g {
+            Some(g) => {
+                let g = &g.as_slice().unwrap()[..n];
+                for i in 0..n {
+                    self.update(&mut p[i], &mut m[i], &mut v[i], g[i]);
+                }
+            }
+            None => {
+                for i in 0..n {
+                    self.update(&mut p[i], &mut m[i], &mut v[i], 0.0);
+                }
+            }
+        }
+    }
 }
 
 impl Adam {
@@ -234,14 +266,7 @@ impl Adam {
             .and(g.w_enc_fd.rows())
             .and(&grads.active_f)
             .par_for_each(|p, m, v, g, &active| {
-                if active {
-                    s.update_vec(p, m, v, g);
-                } else {
-                    Zip::from(p)
-                        .and(m)
-                        .and(v)
-                        .for_each(|p, m, v| s.update(p, m, v, 0.0));
-                }
+                dispatch(|| s.update_row(p, m, v, active.then_some(g)))
             });
         Zip::from(sae.w_dec_fd.rows_mut())
             .and(self.m.w_dec_fd.rows_mut())
@@ -249,19 +274,14 @@ impl Adam {
             .and(g.w_dec_fd.rows())
             .and(&grads.active_f)
             .par_for_each(|mut p, m, v, g, &active| {
-                if active {
-                    s.update_vec(p.view_mut(), m, v, g);
-                } else {
-                    Zip::from(&mut p)
-                        .and(m)
-                        .and(v)
-                        .for_each(|p, m, v| s.update(p, m, v, 0.0));
-                }
-                if let Some(eps) = renorm_eps {
-                    let row = p.as_slice_mut().unwrap();
-                    let norm = dot(row, row).sqrt() + eps;
-                    row.iter_mut().for_each(|x| *x /= norm);
-                }
+                dispatch(|| {
+                    s.update_row(p.view_mut(), m, v, active.then_some(g));
+                    if let Some(eps) = renorm_eps {
+                        let row = p.as_slice_mut().unwrap();
+                        let norm = dot(row, row).sqrt() + eps;
+                        row.iter_mut().for_each(|x| *x /= norm);
+                    }
+                })
             });
         s.update_vec(
             sae.b_enc_f.view_mut(),

@@ -1,6 +1,7 @@
 //! The dense-GEMM seam: the few operations whose speed decides a step, behind one trait so
 //! the rest of the crate never knows which library (or device) runs them.
 
+pub mod simd;
 pub mod sparse;
 
 use ndarray::{ArrayView2, ArrayViewMut2};

@@ -4,13 +4,14 @@
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
+use super::simd::dispatch;
 use crate::select::Codes;
 
 /// Lanes of the independent accumulators in [`dot`]: enough for the compiler to vectorise.
 const LANES: usize = 16;
 
 /// Σ a_i·b_i with `LANES` partial sums (fixed order, so deterministic).
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0.0f32; LANES];
@@ -29,7 +30,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// y ← y + alpha·x.
-#[inline]
+#[inline(always)]
 pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     debug_assert_eq!(x.len(), y.len());
     for (yi, xi) in y.iter_mut().zip(x) {
@@ -65,50 +66,6 @@ pub fn decode_into(
                 );
             }
         });
-}
-
-/// For every active entry (b, j) of `codes`: `out[e] = u_bd[b] · w_fd[j]`, the gradient of a
-/// loss with upstream `u_bd = ∂L/∂x̂` with respect to that code.
-pub fn entry_dots(
-    codes: &Codes,
-    u_bd: ArrayView2<'_, f32>,
-    w_fd: ArrayView2<'_, f32>,
-    out: &mut [f32],
-) {
-    debug_assert_eq!(out.len(), codes.nnz());
-    for_each_row_mut(&codes.indptr, out, |b, out_row| {
-        let u = u_bd.row(b);
-        let u = u.as_slice().expect("contiguous row");
-        let (idx, _) = codes.row(b);
-        for (o, &j) in out_row.iter_mut().zip(idx) {
-            *o = dot(u, w_fd.row(j as usize).as_slice().expect("contiguous row"));
-        }
-    });
-}
-
-/// Calls `f(b, data[indptr[b]..indptr[b+1]])` for every row, rows in parallel.
-pub fn for_each_row_mut<T: Send>(
-    indptr: &[usize],
-    data: &mut [T],
-    f: impl Fn(usize, &mut [T]) + Sync,
-) {
-    // Split into fixed groups of rows first so the task count stays small.
-    const ROWS: usize = 16;
-    let n_rows = indptr.len() - 1;
-    let mut groups = Vec::with_capacity(n_rows.div_ceil(ROWS));
-    let mut rest = data;
-    for start in (0..n_rows).step_by(ROWS) {
-        let end = (start + ROWS).min(n_rows);
-        let (head, tail) = rest.split_at_mut(indptr[end] - indptr[start]);
-        groups.push((start, end, head));
-        rest = tail;
-    }
-    groups.into_par_iter().for_each(|(start, end, group)| {
-        let base = indptr[start];
-        for b in start..end {
-            f(b, &mut group[indptr[b] - base..indptr[b + 1] - base]);
-        }
-    });
 }
 
 /// Codes transposed to latent-major order (CSC): latent `j`'s entries are
@@ -174,7 +131,7 @@ mod tests {
     }
 
     #[test]
-    fn decode_and_entry_dots_match_dense() {
+    fn decode_matches_dense() {
         let dense = array![[0.0f32, 2.0, 0.0], [1.0, 0.0, 3.0], [0.0, 0.0, 0.0]];
         let codes = Codes::from_dense(dense.view());
         let w = array![[1.0f32, 2.0], [3.0, 4.0], [5.0, 6.0]];
@@ -182,12 +139,6 @@ mod tests {
         let mut out = Array2::zeros((3, 2));
         decode_into(&codes, w.view(), Some(bias.view()), out.view_mut());
         assert_eq!(out, dense.dot(&w) + &bias);
-
-        let u = array![[1.0f32, 1.0], [2.0, 0.0], [0.0, 0.0]];
-        let mut g = vec![0.0; codes.nnz()];
-        entry_dots(&codes, u.view(), w.view(), &mut g);
-        let full = u.dot(&w.t());
-        assert_eq!(g, vec![full[[0, 1]], full[[1, 0]], full[[1, 2]]]);
     }
 
     #[test]

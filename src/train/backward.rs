@@ -6,7 +6,8 @@ use ndarray::{Array1, ArrayView2, Axis, Zip};
 use rayon::prelude::*;
 
 use super::Workspace;
-use crate::backend::sparse::{axpy, dot, entry_dots};
+use crate::backend::simd::dispatch;
+use crate::backend::sparse::{axpy, dot};
 use crate::backend::Backend;
 use crate::optim::Grads;
 use crate::sae::{resize, Sae};
@@ -68,27 +69,18 @@ pub(super) fn sparse(ctx: &Context<'_>, ws: &mut Workspace, grads: &mut Grads) -
     let n_j = ctx.l1_weights();
     let (up_main, up_aux) = ws.upstream_bd.view().split_at(Axis(0), n_local);
 
-    // ∂L/∂f at each active code; f > 0 there, so it is also ∂L/∂pre.
-    ws.g_codes.resize(ws.codes.nnz(), 0.0);
-    entry_dots(&ws.codes, up_main, sae.w_dec_fd.view(), &mut ws.g_codes);
-    if ctx.l1_coef != 0.0 {
-        let per_row = ctx.l1_coef / ctx.n_global as f32;
-        for (g, &j) in ws.g_codes.iter_mut().zip(&ws.codes.indices) {
-            *g += per_row * n_j[j as usize];
-        }
-    }
-    ws.g_aux.resize(ws.aux_codes.nnz(), 0.0);
-    entry_dots(&ws.aux_codes, up_aux, sae.w_dec_fd.view(), &mut ws.g_aux);
-
     ws.by_latent.rebuild(&ws.codes);
     ws.aux_by_latent.rebuild(&ws.aux_codes);
 
-    // One task per group of latents: each writes only its own rows.
+    // One task per latent j, writing only row j. Per entry (b, j) with code v:
+    // g = ∂L/∂f_bj = u_b·W_dec[j] (+ the L1 term; f > 0 so it is also ∂L/∂pre),
+    // ∂W_dec[j] += v·u_b, ∂W_enc[j] += g·(x_b − b_dec), ∂b_enc[j] += g.
+    // Latent-major order reads W_dec[j] once, not once per entry.
     let t = &mut grads.tensors;
     let (codes, aux_codes) = (&ws.codes, &ws.aux_codes);
-    let (g_codes, g_aux) = (&ws.g_codes, &ws.g_aux);
     let (by_latent, aux_by_latent) = (&ws.by_latent, &ws.aux_by_latent);
     let xc_bd = &ws.xc_bd;
+    let l1_per_row = ctx.l1_coef / ctx.n_global as f32;
     Zip::indexed(t.w_dec_fd.rows_mut())
         .and(t.w_enc_fd.rows_mut())
         .and(&mut t.b_enc_f)
@@ -101,24 +93,31 @@ pub(super) fn sparse(ctx: &Context<'_>, ws: &mut Workspace, grads: &mut Grads) -
             if !*active {
                 return;
             }
+            let w = sae.w_dec_fd.row(j);
+            let w = w.as_slice().unwrap();
             let gd = gd.as_slice_mut().unwrap();
             let ge = ge.as_slice_mut().unwrap();
             gd.fill(0.0);
             ge.fill(0.0);
             let mut code_sum = 0.0f32;
-            for (&e, &b) in main_e.iter().zip(main_b) {
-                let (v, g) = (codes.values[e as usize], g_codes[e as usize]);
-                axpy(v, up_main.row(b as usize).as_slice().unwrap(), gd);
-                axpy(g, xc_bd.row(b as usize).as_slice().unwrap(), ge);
-                *gb += g;
-                code_sum += v;
-            }
-            for (&e, &b) in aux_e.iter().zip(aux_b) {
-                let (v, g) = (aux_codes.values[e as usize], g_aux[e as usize]);
-                axpy(v, up_aux.row(b as usize).as_slice().unwrap(), gd);
-                axpy(g, xc_bd.row(b as usize).as_slice().unwrap(), ge);
-                *gb += g;
-            }
+            dispatch(|| {
+                let mut entry = |v: f32, u: &[f32], b: u32, extra: f32| {
+                    let g = dot(u, w) + extra;
+                    axpy(v, u, gd);
+                    axpy(g, xc_bd.row(b as usize).as_slice().unwrap(), ge);
+                    *gb += g;
+                };
+                for (&e, &b) in main_e.iter().zip(main_b) {
+                    let v = codes.values[e as usize];
+                    let u = up_main.row(b as usize);
+                    entry(v, u.as_slice().unwrap(), b, l1_per_row * n_j[j]);
+                    code_sum += v;
+                }
+                for (&e, &b) in aux_e.iter().zip(aux_b) {
+                    let u = up_aux.row(b as usize);
+                    entry(aux_codes.values[e as usize], u.as_slice().unwrap(), b, 0.0);
+                }
+            });
             ctx.add_l1_decoder_grad(j, code_sum, n_j[j], gd);
         });
 

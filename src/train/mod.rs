@@ -89,9 +89,6 @@ struct Workspace {
     upstream_bd: Array2<f32>,
     x_hat_bd: Array2<f32>,
     aux_hat_bd: Array2<f32>,
-    /// ∂L/∂pre at each active code (same order as `codes.values`), and at each AuxK code.
-    g_codes: Vec<f32>,
-    g_aux: Vec<f32>,
     by_latent: sparse::ByLatent,
     aux_by_latent: sparse::ByLatent,
     /// Dense ReLU path only: ∂L/∂pre, B×F.
