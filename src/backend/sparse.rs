@@ -58,13 +58,12 @@ pub fn decode_into(
                 None => out.fill(0.0),
             }
             let (idx, val) = codes.row(b);
-            for (&j, &v) in idx.iter().zip(val) {
-                axpy(
-                    v,
-                    w_fd.row(j as usize).as_slice().expect("contiguous row"),
-                    out,
-                );
-            }
+            dispatch(|| {
+                for (&j, &v) in idx.iter().zip(val) {
+                    let w = w_fd.row(j as usize);
+                    axpy(v, w.as_slice().expect("contiguous row"), out);
+                }
+            })
         });
 }
 
