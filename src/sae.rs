@@ -126,18 +126,19 @@ impl Sae {
         Ok(())
     }
 
-    /// The encoder up to the sparsifier: `xc_bd ← x − b_dec` and `post_bf ← ReLU(xc·W_encᵀ +
-    /// b_enc)`. Both outputs are resized only if the batch size changed.
-    pub(crate) fn post_activations_into(
+    /// The encoder up to the sparsifier: `xc_bd ← x − b_dec` and `pre_bf ← xc·W_encᵀ + b_enc`.
+    /// ReLU is left to the selection, which never keeps a non-positive entry. Both outputs are
+    /// resized only if the batch size changed.
+    pub(crate) fn pre_activations_into(
         &self,
         backend: &dyn Backend,
         x_bd: ArrayView2<'_, f32>,
         xc_bd: &mut Array2<f32>,
-        post_bf: &mut Array2<f32>,
+        pre_bf: &mut Array2<f32>,
     ) {
         let b = x_bd.nrows();
         resize(xc_bd, (b, self.config.d_model));
-        resize(post_bf, (b, self.config.dict_size));
+        resize(pre_bf, (b, self.config.dict_size));
         Zip::from(xc_bd.rows_mut())
             .and(x_bd.rows())
             .par_for_each(|mut xc, x| {
@@ -146,18 +147,8 @@ impl Sae {
                     .and(&self.b_dec_d)
                     .for_each(|c, &x, &bd| *c = x - bd)
             });
-        backend.gemm(
-            1.0,
-            xc_bd.view(),
-            self.w_enc_fd.t(),
-            0.0,
-            post_bf.view_mut(),
-        );
-        Zip::from(post_bf.rows_mut()).par_for_each(|mut row| {
-            Zip::from(&mut row)
-                .and(&self.b_enc_f)
-                .for_each(|p, &be| *p = (*p + be).max(0.0))
-        });
+        backend.gemm(1.0, xc_bd.view(), self.w_enc_fd.t(), 0.0, pre_bf.view_mut());
+        Zip::from(pre_bf.rows_mut()).par_for_each(|mut row| row += &self.b_enc_f);
     }
 
     /// Pre-activations (x − b_dec)·W_encᵀ + b_enc, before ReLU, as a dense B×F matrix.
@@ -167,10 +158,8 @@ impl Sae {
         x_bd: ArrayView2<'_, f32>,
     ) -> Result<Array2<f32>> {
         self.check_batch(x_bd)?;
-        let xc_bd = &x_bd - &self.b_dec_d;
-        let mut pre_bf = Array2::zeros((x_bd.nrows(), self.config.dict_size));
-        backend.gemm(1.0, xc_bd.view(), self.w_enc_fd.t(), 0.0, pre_bf.view_mut());
-        pre_bf += &self.b_enc_f;
+        let (mut xc_bd, mut pre_bf) = (Array2::zeros((0, 0)), Array2::zeros((0, 0)));
+        self.pre_activations_into(backend, x_bd, &mut xc_bd, &mut pre_bf);
         Ok(pre_bf)
     }
 
@@ -179,20 +168,20 @@ impl Sae {
     /// of this batch, the training rule).
     pub fn encode(&self, backend: &dyn Backend, x_bd: ArrayView2<'_, f32>) -> Result<Codes> {
         self.check_batch(x_bd)?;
-        let (mut xc_bd, mut post_bf) = (Array2::zeros((0, 0)), Array2::zeros((0, 0)));
-        self.post_activations_into(backend, x_bd, &mut xc_bd, &mut post_bf);
+        let (mut xc_bd, mut pre_bf) = (Array2::zeros((0, 0)), Array2::zeros((0, 0)));
+        self.pre_activations_into(backend, x_bd, &mut xc_bd, &mut pre_bf);
         let mut codes = Codes::empty(self.config.dict_size);
         let mut selector = Selector::default();
         // Inference differs from training only in BatchTopK's threshold.
         let rules = Rules::for_config(&self.config, &TrainConfig::default());
         match (rules.selection, self.threshold) {
             (Selection::BatchTopK(_), Some(theta)) => {
-                selector.threshold(post_bf.view(), theta, &mut codes)
+                selector.threshold(pre_bf.view(), theta, &mut codes)
             }
             (selection, _) => select_into(
                 &mut selector,
                 selection,
-                post_bf.view(),
+                pre_bf.view(),
                 &SingleProcess,
                 &mut codes,
             ),
@@ -220,21 +209,21 @@ impl Sae {
     }
 }
 
-/// Applies a training-time [`Selection`] rule to `post_bf`.
+/// Applies a training-time [`Selection`] rule to the pre-activations `pre_bf` (ReLU implied).
 pub(crate) fn select_into(
     selector: &mut Selector,
     selection: Selection,
-    post_bf: ArrayView2<'_, f32>,
+    pre_bf: ArrayView2<'_, f32>,
     collective: &dyn Collective,
     codes: &mut Codes,
 ) {
     match selection {
-        Selection::Relu => selector.relu(post_bf, codes),
-        Selection::TopK(k) => selector.topk(post_bf, k, codes),
+        Selection::Relu => selector.relu(pre_bf, codes),
+        Selection::TopK(k) => selector.topk(pre_bf, k, codes),
         Selection::BatchTopK(k) => {
-            let mut rows = [post_bf.nrows() as u64];
+            let mut rows = [pre_bf.nrows() as u64];
             collective.all_reduce_sum_u64(&mut rows);
-            selector.batch_topk(post_bf, k * rows[0] as usize, collective, codes)
+            selector.batch_topk(pre_bf, k * rows[0] as usize, collective, codes)
         }
     }
 }

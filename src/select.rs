@@ -1,6 +1,7 @@
 //! Sparsification: turns post-ReLU activations `post_bf` into sparse [`Codes`] (ReLU, per-row
 //! top-k, batch-wide top-k, threshold, and AuxK's top-k among dead latents), in parallel and
-//! without per-step allocation of anything B×F-sized.
+//! without per-step allocation of anything B×F-sized. Inputs may be pre-activations: an entry
+//! ≤ 0 is never selected, so the ReLU is implied.
 
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;

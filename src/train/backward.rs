@@ -130,7 +130,7 @@ pub(super) fn sparse(ctx: &Context<'_>, ws: &mut Workspace, grads: &mut Grads) -
         .sum()
 }
 
-/// Dense backward for a ReLU SAE whose codes are the whole of `post_bf`. Returns the local L1
+/// Dense backward for a ReLU SAE whose codes are the whole of (ReLU'd) `pre_bf`. Returns the local L1
 /// sum Σ f_bj·n_j.
 pub(super) fn dense_relu(
     ctx: &Context<'_>,
@@ -145,11 +145,11 @@ pub(super) fn dense_relu(
     let t = &mut grads.tensors;
 
     // ∂L/∂pre = (u·W_decᵀ + λs·n_j/B)·[post > 0].
-    resize(&mut ws.g_pre_bf, ws.post_bf.dim());
+    resize(&mut ws.g_pre_bf, ws.pre_bf.dim());
     backend.gemm(1.0, up_main, sae.w_dec_fd.t(), 0.0, ws.g_pre_bf.view_mut());
     let per_row = ctx.l1_coef / ctx.n_global as f32;
     Zip::from(ws.g_pre_bf.rows_mut())
-        .and(ws.post_bf.rows())
+        .and(ws.pre_bf.rows())
         .par_for_each(|mut g, post| {
             Zip::from(&mut g)
                 .and(&post)
@@ -157,8 +157,8 @@ pub(super) fn dense_relu(
                 .for_each(|g, &p, &n| *g = if p > 0.0 { *g + per_row * n } else { 0.0 })
         });
 
-    backend.gemm(1.0, ws.post_bf.t(), up_main, 0.0, t.w_dec_fd.view_mut());
-    let code_sums = column_sums_by(ws.post_bf.view(), |v| v);
+    backend.gemm(1.0, ws.pre_bf.t(), up_main, 0.0, t.w_dec_fd.view_mut());
+    let code_sums = column_sums_by(ws.pre_bf.view(), |v| v);
     Zip::indexed(t.w_dec_fd.rows_mut()).par_for_each(|j, mut gd| {
         ctx.add_l1_decoder_grad(j, code_sums[j], n_j[j], gd.as_slice_mut().unwrap());
     });

@@ -81,7 +81,8 @@ pub struct Captured {
 #[derive(Default)]
 struct Workspace {
     xc_bd: Array2<f32>,
-    post_bf: Array2<f32>,
+    /// Pre-activations, B×F; ReLU'd in place on the dense ReLU path only.
+    pre_bf: Array2<f32>,
     codes: Codes,
     aux_codes: Codes,
     selector: Selector,
@@ -234,15 +235,18 @@ impl Trainer {
         let mut times = PhaseTimes::default();
         let ws = &mut self.ws;
         self.sae
-            .post_activations_into(&*self.backend, x_bd, &mut ws.xc_bd, &mut ws.post_bf);
+            .pre_activations_into(&*self.backend, x_bd, &mut ws.xc_bd, &mut ws.pre_bf);
         times.encode = lap();
         let dense = rules.selection == Selection::Relu
-            && positive_fraction(ws.post_bf.view()) > self.dense_threshold;
-        if !dense {
+            && positive_fraction(ws.pre_bf.view()) > self.dense_threshold;
+        if dense {
+            // The dense path multiplies the codes matrix itself: make it ReLU(pre).
+            ws.pre_bf.par_mapv_inplace(|v| v.max(0.0));
+        } else {
             select_into(
                 &mut ws.selector,
                 rules.selection,
-                ws.post_bf.view(),
+                ws.pre_bf.view(),
                 &*self.collective,
                 &mut ws.codes,
             );
@@ -254,7 +258,7 @@ impl Trainer {
         ws.fired_f.clear();
         ws.fired_f.resize(self.sae.config.dict_size, 0);
         if dense {
-            let counts = backward::column_sums_by(ws.post_bf.view(), |v| (v > 0.0) as u8 as f32);
+            let counts = backward::column_sums_by(ws.pre_bf.view(), |v| (v > 0.0) as u8 as f32);
             for (fired, c) in ws.fired_f.iter_mut().zip(counts) {
                 *fired = c as u64;
             }
@@ -301,7 +305,7 @@ impl Trainer {
             ws.x_hat_bd.assign(&self.sae.b_dec_d);
             self.backend.gemm(
                 1.0,
-                ws.post_bf.view(),
+                ws.pre_bf.view(),
                 self.sae.w_dec_fd.view(),
                 1.0,
                 ws.x_hat_bd.view_mut(),
@@ -357,7 +361,7 @@ impl Trainer {
                 } else {
                     let k_aux = (d / 2).min(ws.dead_f.len());
                     ws.selector
-                        .topk_among(ws.post_bf.view(), &ws.dead_f, k_aux, &mut ws.aux_codes);
+                        .topk_among(ws.pre_bf.view(), &ws.dead_f, k_aux, &mut ws.aux_codes);
                     resize(&mut ws.aux_hat_bd, (n_local, d));
                     sparse::decode_into(
                         &ws.aux_codes,
@@ -460,7 +464,7 @@ impl Trainer {
                     b_dec_d: self.sae.b_dec_d.clone(),
                 },
                 codes_bf: if dense {
-                    ws.post_bf.clone()
+                    ws.pre_bf.clone()
                 } else {
                     ws.codes.to_dense()
                 },
