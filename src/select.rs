@@ -537,7 +537,7 @@ mod tests {
             .iter_mut()
             .enumerate()
             .filter(|(i, _)| i % 257 == 0 || i % 16 == 0)
-            .for_each(|(_, v)| *v = 5.0 + *v);
+            .for_each(|(_, v)| *v += 5.0);
         for post in [&random, &adversarial] {
             let mut codes = Codes::empty(0);
             let mut sel = Selector::default();
