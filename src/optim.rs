@@ -90,39 +90,50 @@ impl Grads {
         t
     }
 
-    /// Removes from each active decoder-gradient row its component along the decoder row
-    /// (normalised as w/(‖w‖ + eps)), so a step keeps unit-norm rows on the sphere.
-    pub fn project_out_decoder_directions(&mut self, w_dec_fd: &Array2<f32>, eps: f32) {
-        Zip::from(self.tensors.w_dec_fd.rows_mut())
+    /// Readies the gradients for the step in one pass over the latent rows: when
+    /// `project_eps` is given, removes from each decoder-gradient row its component along the
+    /// decoder row (normalised as w/(‖w‖ + eps)), so a step keeps unit-norm rows on the sphere;
+    /// when `want_norm`, returns the global ‖g‖₂ over all four gradients (after projection,
+    /// summed in f64), else 0.
+    pub fn project_and_norm(
+        &mut self,
+        w_dec_fd: &Array2<f32>,
+        project_eps: Option<f32>,
+        want_norm: bool,
+    ) -> f64 {
+        let sq = |v: &[f32]| v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        let row_sq = Zip::from(self.tensors.w_dec_fd.rows_mut())
+            .and(self.tensors.w_enc_fd.rows())
             .and(w_dec_fd.rows())
             .and(&self.active_f)
-            .par_for_each(|mut g, w, &active| {
+            .par_map_collect(|mut gd, ge, w, &active| {
                 if !active {
-                    return;
+                    return 0.0;
                 }
-                let (g, w) = (g.as_slice_mut().unwrap(), w.as_slice().unwrap());
-                let norm = dot(w, w).sqrt() + eps;
-                let along = g
-                    .iter()
-                    .zip(w)
-                    .map(|(gi, wi)| gi * (wi / norm))
-                    .sum::<f32>();
-                for (gi, wi) in g.iter_mut().zip(w) {
-                    *gi -= along * (wi / norm);
+                let (gd, w) = (gd.as_slice_mut().unwrap(), w.as_slice().unwrap());
+                if let Some(eps) = project_eps {
+                    let norm = dot(w, w).sqrt() + eps;
+                    let along = gd
+                        .iter()
+                        .zip(w)
+                        .map(|(gi, wi)| gi * (wi / norm))
+                        .sum::<f32>();
+                    for (gi, wi) in gd.iter_mut().zip(w) {
+                        *gi -= along * (wi / norm);
+                    }
+                }
+                if want_norm {
+                    sq(gd) + sq(ge.as_slice().unwrap())
+                } else {
+                    0.0
                 }
             });
-    }
-
-    /// ‖g‖₂ over all four gradients, summed in f64.
-    pub fn global_norm(&self) -> f64 {
-        let sq = |v: ArrayView1<'_, f32>| v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
-        let rows: f64 = Zip::from(self.tensors.w_enc_fd.rows())
-            .and(self.tensors.w_dec_fd.rows())
-            .and(&self.active_f)
-            .par_map_collect(|e, d, &active| if active { sq(e) + sq(d) } else { 0.0 })
-            .iter()
-            .sum();
-        (rows + sq(self.tensors.b_enc_f.view()) + sq(self.tensors.b_dec_d.view())).sqrt()
+        if !want_norm {
+            return 0.0;
+        }
+        let biases = sq(self.tensors.b_enc_f.as_slice().unwrap())
+            + sq(self.tensors.b_dec_d.as_slice().unwrap());
+        (row_sq.iter().sum::<f64>() + biases).sqrt()
     }
 }
 
@@ -350,8 +361,10 @@ mod tests {
         grads.tensors.w_dec_fd = ndarray::array![[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]];
         grads.active_f = vec![true, false];
         let w = ndarray::array![[0.0f32, 2.0, 0.0], [1.0, 0.0, 0.0]];
-        grads.project_out_decoder_directions(&w, 0.0);
+        let norm = grads.project_and_norm(&w, Some(0.0), true);
         assert_eq!(grads.tensors.w_dec_fd.row(0).to_vec(), vec![1.0, 0.0, 3.0]);
+        // Only active rows (and the zero biases) count: ‖(1, 0, 3)‖.
+        assert!((norm - 10f64.sqrt()).abs() < 1e-12);
         // Inactive rows are not touched.
         assert_eq!(grads.tensors.w_dec_fd.row(1).to_vec(), vec![4.0, 5.0, 6.0]);
         assert_eq!(

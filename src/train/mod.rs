@@ -436,15 +436,18 @@ impl Trainer {
         times.backward = lap();
 
         // Update.
-        if let DecoderConstraint::UnitNorm { project_eps, .. } = rules.decoder {
-            self.grads
-                .project_out_decoder_directions(&self.sae.w_dec_fd, project_eps);
-        }
+        let project_eps = match rules.decoder {
+            DecoderConstraint::UnitNorm { project_eps, .. } => Some(project_eps),
+            DecoderConstraint::Free => None,
+        };
+        let norm = self.grads.project_and_norm(
+            &self.sae.w_dec_fd,
+            project_eps,
+            rules.max_grad_norm.is_some(),
+        );
+        // torch's clip_grad_norm_: scale by max/(‖g‖ + 1e-6) when that is below 1.
         let grad_scale = match rules.max_grad_norm {
-            Some(max) => {
-                let coef = max as f64 / (self.grads.global_norm() + 1e-6);
-                coef.min(1.0) as f32
-            }
+            Some(max) => (max as f64 / (norm + 1e-6)).min(1.0) as f32,
             None => 1.0,
         };
         if let Some(raw_grads) = raw_grads {
@@ -557,40 +560,60 @@ fn aux_sq_sum(x_bd: ArrayView2<'_, f32>, x_hat_bd: &Array2<f32>, aux_hat_bd: &Ar
 
 /// Σ_b (x_b − x̂_b) per column, in f64.
 fn residual_sum(x_bd: ArrayView2<'_, f32>, x_hat_bd: &Array2<f32>) -> Vec<f64> {
-    let mut sum = vec![0.0f64; x_bd.ncols()];
-    for (x, xh) in x_bd.rows().into_iter().zip(x_hat_bd.rows()) {
-        for ((s, &x), &xh) in sum.iter_mut().zip(&x).zip(&xh) {
-            *s += (x - xh) as f64;
+    sum_over_rows(x_bd.nrows(), x_bd.ncols(), |b, acc| {
+        for ((a, &x), &xh) in acc.iter_mut().zip(x_bd.row(b)).zip(x_hat_bd.row(b)) {
+            *a += (x - xh) as f64;
         }
-    }
-    sum
+    })
 }
 
 /// Σ_b ‖x_b − x̄‖² over the global batch (x̄ its mean), for the FVE.
 fn total_variance_times_n(x_bd: ArrayView2<'_, f32>, collective: &dyn Collective) -> f64 {
     let d = x_bd.ncols();
-    let mut sum = vec![0.0f64; d + 1];
-    for row in x_bd.rows() {
-        for (s, &x) in sum.iter_mut().zip(&row) {
-            *s += x as f64;
+    let mut sum = sum_over_rows(x_bd.nrows(), d, |b, acc| {
+        for (a, &x) in acc.iter_mut().zip(x_bd.row(b)) {
+            *a += x as f64;
         }
-    }
-    sum[d] = x_bd.nrows() as f64;
+    });
+    sum.push(x_bd.nrows() as f64);
     collective.all_reduce_sum_f64(&mut sum);
     let n = sum[d];
     let mean: Vec<f64> = sum[..d].iter().map(|s| s / n).collect();
     let mut total = [x_bd
-        .rows()
-        .into_iter()
+        .axis_iter(Axis(0))
+        .into_par_iter()
         .map(|row| {
             row.iter()
                 .zip(&mean)
                 .map(|(&x, m)| (x as f64 - m).powi(2))
                 .sum::<f64>()
         })
+        .collect::<Vec<f64>>()
+        .iter()
         .sum::<f64>()];
     collective.all_reduce_sum_f64(&mut total);
     total[0]
+}
+
+/// Σ over rows b < `n_rows` of what `add_row(b, acc)` adds into a D-vector, in f64: fixed
+/// chunks of rows in parallel, their partial sums added in order (deterministic).
+fn sum_over_rows(n_rows: usize, d: usize, add_row: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
+    const ROWS: usize = 256;
+    let partials: Vec<Vec<f64>> = (0..n_rows.div_ceil(ROWS))
+        .into_par_iter()
+        .map(|c| {
+            let mut acc = vec![0.0f64; d];
+            for b in c * ROWS..((c + 1) * ROWS).min(n_rows) {
+                add_row(b, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0.0f64; d];
+    for p in partials {
+        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
+    total
 }
 
 /// Sums every process's gradients (inactive rows zeroed first, then all rows active).
