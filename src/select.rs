@@ -135,7 +135,12 @@ fn row_candidates(row: &[f32], k: usize, scratch: &mut Vec<u64>) {
     scratch.clear();
     let rank = 2 * k / STRIDE + 4;
     if k > 0 && row.len() >= 4 * STRIDE * rank {
-        scratch.extend(row.iter().step_by(STRIDE).map(|v| v.to_bits() as u64));
+        // Non-positive entries (pre-activations may be negative) sample as 0.
+        scratch.extend(
+            row.iter()
+                .step_by(STRIDE)
+                .map(|v| v.max(0.0).to_bits() as u64),
+        );
         let bound = *scratch.select_nth_unstable_by(rank, |a, b| b.cmp(a)).1 as u32;
         let bound = f32::from_bits(bound);
         scratch.clear();
@@ -538,12 +543,15 @@ mod tests {
             .enumerate()
             .filter(|(i, _)| i % 257 == 0 || i % 16 == 0)
             .for_each(|(_, v)| *v += 5.0);
-        for post in [&random, &adversarial] {
+        // Pre-activations: negative entries must never be selected.
+        let signed = random.mapv(|v| v - 0.3);
+        for post in [&random, &adversarial, &signed] {
             let mut codes = Codes::empty(0);
             let mut sel = Selector::default();
             for n in [1, 64, 1000, 64 * 32, 20_000] {
                 sel.batch_topk(post.view(), n, &SingleProcess, &mut codes);
                 assert_eq!(codes.to_dense(), brute_batch_topk(post, n), "n = {n}");
+                assert!(codes.values.iter().all(|&v| v > 0.0));
             }
             for k in [1, 8, 64, 300] {
                 sel.topk(post.view(), k, &mut codes);
