@@ -87,12 +87,13 @@ pub struct TrainConfig {
     pub warmup_steps: u64,
     /// Step from which the learning rate decays linearly to 0 at `total_steps` (default none).
     pub decay_start: Option<u64>,
-    /// Adam β1 (default 0.9, torch).
-    pub adam_beta1: f32,
+    /// Adam β1 (default 0.9, torch). The β's are f64 because the reference computes 1 − β in
+    /// double precision: from an f32 0.999, 1 − β would be off by 1.3e-5.
+    pub adam_beta1: f64,
     /// Adam β2 (default 0.999, torch).
-    pub adam_beta2: f32,
+    pub adam_beta2: f64,
     /// Adam ε (default 1e-8, torch).
-    pub adam_eps: f32,
+    pub adam_eps: f64,
     /// ReLU only: L1 coefficient λ (default 5.0, Anthropic April-2024 update, which assumes
     /// activations normalized to E‖x‖ = √D).
     pub l1_coefficient: f32,
@@ -108,7 +109,7 @@ pub struct TrainConfig {
     /// `step > threshold_start_step`; default 1000).
     pub threshold_start_step: u64,
     /// BatchTopK: EMA factor β of θ (default 0.999).
-    pub threshold_beta: f32,
+    pub threshold_beta: f64,
 }
 
 impl Default for TrainConfig {
@@ -238,11 +239,11 @@ pub enum ConfigError {
         /// Field name.
         name: &'static str,
         /// Offending value.
-        value: f32,
+        value: f64,
     },
     /// Adam ε not a finite positive number.
     #[error("adam_eps must be a finite number > 0, got {0}")]
-    AdamEps(f32),
+    AdamEps(f64),
     /// λ negative or not finite.
     #[error("l1_coefficient must be a finite number >= 0, got {0}")]
     L1Coefficient(f32),
@@ -354,7 +355,7 @@ mod tests {
 
     #[test]
     fn betas_must_lie_in_unit_interval() {
-        for bad in [-0.1, 1.0, 1.5, f32::NAN] {
+        for bad in [-0.1, 1.0, 1.5, f64::NAN] {
             assert!(matches!(
                 check(sae(TOPK), |c| c.adam_beta1 = bad),
                 Err(ConfigError::Beta {

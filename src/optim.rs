@@ -141,11 +141,11 @@ impl Grads {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamConfig {
     /// β1.
-    pub beta1: f32,
+    pub beta1: f64,
     /// β2.
-    pub beta2: f32,
+    pub beta2: f64,
     /// ε.
-    pub eps: f32,
+    pub eps: f64,
 }
 
 /// Adam's state: the first and second moments and the step count.
@@ -255,15 +255,15 @@ impl Adam {
         self.t += 1;
         let c = self.config;
         let t = self.t as i32;
-        let bias_correction1 = 1.0 - (c.beta1 as f64).powi(t);
-        let bias_correction2 = 1.0 - (c.beta2 as f64).powi(t);
+        let bias_correction1 = 1.0 - c.beta1.powi(t);
+        let bias_correction2 = 1.0 - c.beta2.powi(t);
         let s = AdamStep {
-            one_minus_beta1: (1.0 - c.beta1 as f64) as f32,
-            beta2: c.beta2,
-            one_minus_beta2: (1.0 - c.beta2 as f64) as f32,
+            one_minus_beta1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            one_minus_beta2: (1.0 - c.beta2) as f32,
             step_size: (lr / bias_correction1) as f32,
             bias_correction2_sqrt: bias_correction2.sqrt() as f32,
-            eps: c.eps,
+            eps: c.eps as f32,
             grad_scale,
         };
         let g = &grads.tensors;

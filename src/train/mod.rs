@@ -290,10 +290,11 @@ impl Trainer {
             self.collective.all_reduce_min_f32(&mut min);
             // The reference counts an empty selection as a minimum of 0.
             let m = if min[0].is_finite() { min[0] } else { 0.0 };
+            // f32 arithmetic with β and 1 − β rounded from f64, as torch does with Python floats.
             let beta = self.config.threshold_beta;
             self.sae.threshold = Some(match self.sae.threshold {
                 None => m,
-                Some(theta) => beta * theta + (1.0 - beta) * m,
+                Some(theta) => beta as f32 * theta + (1.0 - beta) as f32 * m,
             });
         }
 

@@ -32,6 +32,9 @@ pub fn assert_close<D: Dimension>(
     tol: f64,
 ) {
     let err = rel_err(a, reference);
+    if std::env::var("SAE_PRINT_ERRORS").is_ok() {
+        eprintln!("{what}: {err:e}");
+    }
     assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}");
 }
 
