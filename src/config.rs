@@ -285,6 +285,9 @@ pub enum ConfigError {
         /// Given run length.
         total_steps: u64,
     },
+    /// An invalid field of the synthetic dataset's configuration.
+    #[error("synthetic data: {0}")]
+    Synth(&'static str),
     /// Decay would start while λ is still warming up.
     #[error("decay_start ({decay_start}) must be greater than sparsity_warmup_steps ({sparsity_warmup_steps})")]
     DecayNotAfterSparsityWarmup {

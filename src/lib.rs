@@ -44,6 +44,7 @@ pub mod error;
 pub mod optim;
 pub mod sae;
 pub mod select;
+pub mod synth;
 pub mod train;
 
 pub use config::{Architecture, ConfigError, ReluVariant, SaeConfig, TrainConfig};
