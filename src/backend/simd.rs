@@ -35,3 +35,18 @@ unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
 unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
+
+/// Asks the CPU to start loading `data` into cache: used one item ahead in loops that jump
+/// between rows, whose next address the hardware prefetcher cannot guess.
+#[inline(always)]
+pub fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(16) {
+        // SAFETY: prefetching is only a hint, and the address lies inside `data`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr() as *const i8,
+            )
+        };
+    }
+}

@@ -4,7 +4,7 @@
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
-use super::simd::dispatch;
+use super::simd::{dispatch, prefetch};
 use crate::select::Codes;
 
 /// Lanes of the independent accumulators in [`dot`]: enough for the compiler to vectorise.
@@ -59,7 +59,10 @@ pub fn decode_into(
             }
             let (idx, val) = codes.row(b);
             dispatch(|| {
-                for (&j, &v) in idx.iter().zip(val) {
+                for (i, (&j, &v)) in idx.iter().zip(val).enumerate() {
+                    if let Some(&next) = idx.get(i + 1) {
+                        prefetch(w_fd.row(next as usize).as_slice().expect("contiguous row"));
+                    }
                     let w = w_fd.row(j as usize);
                     axpy(v, w.as_slice().expect("contiguous row"), out);
                 }

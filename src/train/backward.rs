@@ -6,7 +6,7 @@ use ndarray::{Array1, ArrayView2, Axis, Zip};
 use rayon::prelude::*;
 
 use super::Workspace;
-use crate::backend::simd::dispatch;
+use crate::backend::simd::{dispatch, prefetch};
 use crate::backend::sparse::{axpy, dot};
 use crate::backend::Backend;
 use crate::optim::Grads;
@@ -107,7 +107,11 @@ pub(super) fn sparse(ctx: &Context<'_>, ws: &mut Workspace, grads: &mut Grads) -
                     axpy(g, xc_bd.row(b as usize).as_slice().unwrap(), ge);
                     *gb += g;
                 };
-                for (&e, &b) in main_e.iter().zip(main_b) {
+                for (i, (&e, &b)) in main_e.iter().zip(main_b).enumerate() {
+                    if let Some(&next) = main_b.get(i + 1) {
+                        prefetch(up_main.row(next as usize).as_slice().unwrap());
+                        prefetch(xc_bd.row(next as usize).as_slice().unwrap());
+                    }
                     let v = codes.values[e as usize];
                     let u = up_main.row(b as usize);
                     entry(v, u.as_slice().unwrap(), b, l1_per_row * n_j[j]);
