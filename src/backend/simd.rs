@@ -45,7 +45,7 @@ pub fn prefetch(data: &[f32]) {
         // SAFETY: prefetching is only a hint, and the address lies inside `data`.
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                line.as_ptr() as *const i8,
+                line.as_ptr() as *const i8
             )
         };
     }

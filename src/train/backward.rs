@@ -21,8 +21,6 @@ pub fn dense_threshold_default() -> f32 {
 
 /// Latents per parallel task when reducing over latents.
 const LATENTS_PER_CHUNK: usize = 256;
-/// Rows per parallel task when reducing over rows.
-const ROWS_PER_CHUNK: usize = 64;
 
 /// What the backward pass needs besides the workspace.
 pub(super) struct Context<'a> {
@@ -209,25 +207,11 @@ fn bias_grads(ctx: &Context<'_>, up_main: ArrayView2<'_, f32>, grads: &mut Grads
     grads.tensors.b_dec_d = g;
 }
 
-/// Σ_b map(a\[b, j\]) for every column j: row chunks in parallel, partial sums added in a fixed
-/// order so the result does not depend on scheduling.
+/// Σ_b map(a\[b, j\]) for every column j, in a fixed order (see [`super::sum_over_rows`]).
 pub(super) fn column_sums_by(a: ArrayView2<'_, f32>, map: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let (n_rows, n_cols) = a.dim();
-    let partials: Vec<Vec<f32>> = (0..n_rows.div_ceil(ROWS_PER_CHUNK))
-        .into_par_iter()
-        .map(|c| {
-            let mut acc = vec![0.0f32; n_cols];
-            for b in c * ROWS_PER_CHUNK..((c + 1) * ROWS_PER_CHUNK).min(n_rows) {
-                for (s, &v) in acc.iter_mut().zip(a.row(b)) {
-                    *s += map(v);
-                }
-            }
-            acc
-        })
-        .collect();
-    let mut total = vec![0.0f32; n_cols];
-    for p in partials {
-        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
-    }
-    total
+    super::sum_over_rows(a.nrows(), a.ncols(), |b, acc: &mut [f32]| {
+        for (s, &v) in acc.iter_mut().zip(a.row(b)) {
+            *s += map(v);
+        }
+    })
 }

@@ -596,21 +596,24 @@ fn total_variance_times_n(x_bd: ArrayView2<'_, f32>, collective: &dyn Collective
     total[0]
 }
 
-/// Σ over rows b < `n_rows` of what `add_row(b, acc)` adds into a D-vector, in f64: fixed
+/// Σ over rows b < `n_rows` of what `add_row(b, acc)` adds into a `width`-vector: fixed
 /// chunks of rows in parallel, their partial sums added in order (deterministic).
-fn sum_over_rows(n_rows: usize, d: usize, add_row: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
-    const ROWS: usize = 256;
-    let partials: Vec<Vec<f64>> = (0..n_rows.div_ceil(ROWS))
+fn sum_over_rows<T>(n_rows: usize, width: usize, add_row: impl Fn(usize, &mut [T]) + Sync) -> Vec<T>
+where
+    T: Copy + Default + std::ops::AddAssign + Send,
+{
+    const ROWS: usize = 64;
+    let partials: Vec<Vec<T>> = (0..n_rows.div_ceil(ROWS))
         .into_par_iter()
         .map(|c| {
-            let mut acc = vec![0.0f64; d];
+            let mut acc = vec![T::default(); width];
             for b in c * ROWS..((c + 1) * ROWS).min(n_rows) {
                 add_row(b, &mut acc);
             }
             acc
         })
         .collect();
-    let mut total = vec![0.0f64; d];
+    let mut total = vec![T::default(); width];
     for p in partials {
         total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
     }
