@@ -84,13 +84,6 @@ impl Codes {
         }
         dense
     }
-
-    /// Fills `fired_f[j] = true` for every latent with at least one active code.
-    pub fn mark_fired(&self, fired_f: &mut [bool]) {
-        for &j in &self.indices {
-            fired_f[j as usize] = true;
-        }
-    }
 }
 
 /// One chunk's output rows, kept between steps so their capacity is reused.
