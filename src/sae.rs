@@ -11,7 +11,7 @@ use crate::backend::{sparse, Backend};
 use crate::config::{SaeConfig, TrainConfig};
 use crate::dist::{Collective, SingleProcess};
 use crate::error::{check_shape, Error, Result};
-use crate::select::{Codes, Selector};
+use crate::select::{Codes, PreActs, Selector};
 
 /// A sparse autoencoder. Row `j` of `w_enc_fd` and of `w_dec_fd` belongs to latent `j`.
 ///
@@ -126,19 +126,20 @@ impl Sae {
         Ok(())
     }
 
-    /// The encoder up to the sparsifier: `xc_bd ← x − b_dec` and `pre_bf ← xc·W_encᵀ + b_enc`.
-    /// ReLU is left to the selection, which never keeps a non-positive entry. Both outputs are
-    /// resized only if the batch size changed.
+    /// The encoder up to the sparsifier: `xc_bd ← x − b_dec` and `gemm_bf ← xc·W_encᵀ`; with
+    /// b_enc ([`Sae::pre_acts`]) that makes the pre-activations. Bias and ReLU are left to the
+    /// selection, which reads each entry once anyway. Outputs are resized only if the batch
+    /// size changed.
     pub(crate) fn pre_activations_into(
         &self,
         backend: &dyn Backend,
         x_bd: ArrayView2<'_, f32>,
         xc_bd: &mut Array2<f32>,
-        pre_bf: &mut Array2<f32>,
+        gemm_bf: &mut Array2<f32>,
     ) {
         let b = x_bd.nrows();
         resize(xc_bd, (b, self.config.d_model));
-        resize(pre_bf, (b, self.config.dict_size));
+        resize(gemm_bf, (b, self.config.dict_size));
         Zip::from(xc_bd.rows_mut())
             .and(x_bd.rows())
             .par_for_each(|mut xc, x| {
@@ -147,8 +148,19 @@ impl Sae {
                     .and(&self.b_dec_d)
                     .for_each(|c, &x, &bd| *c = x - bd)
             });
-        backend.gemm(1.0, xc_bd.view(), self.w_enc_fd.t(), 0.0, pre_bf.view_mut());
-        Zip::from(pre_bf.rows_mut()).par_for_each(|mut row| row += &self.b_enc_f);
+        backend.gemm(
+            1.0,
+            xc_bd.view(),
+            self.w_enc_fd.t(),
+            0.0,
+            gemm_bf.view_mut(),
+        );
+    }
+
+    /// The pre-activations whose GEMM part is `gemm_bf` (from `pre_activations_into`).
+    pub(crate) fn pre_acts<'a>(&'a self, gemm_bf: &'a Array2<f32>) -> PreActs<'a> {
+        PreActs::new(gemm_bf.view(), self.b_enc_f.as_slice().expect("contiguous"))
+            .expect("encoder output matches the SAE")
     }
 
     /// Pre-activations (x − b_dec)·W_encᵀ + b_enc, before ReLU, as a dense B×F matrix.
@@ -158,9 +170,9 @@ impl Sae {
         x_bd: ArrayView2<'_, f32>,
     ) -> Result<Array2<f32>> {
         self.check_batch(x_bd)?;
-        let (mut xc_bd, mut pre_bf) = (Array2::zeros((0, 0)), Array2::zeros((0, 0)));
-        self.pre_activations_into(backend, x_bd, &mut xc_bd, &mut pre_bf);
-        Ok(pre_bf)
+        let (mut xc_bd, mut gemm_bf) = (Array2::zeros((0, 0)), Array2::zeros((0, 0)));
+        self.pre_activations_into(backend, x_bd, &mut xc_bd, &mut gemm_bf);
+        Ok(self.pre_acts(&gemm_bf).to_dense())
     }
 
     /// Sparse codes of `x_bd` as used outside training: ReLU keeps every positive code, TopK
@@ -168,23 +180,18 @@ impl Sae {
     /// of this batch, the training rule).
     pub fn encode(&self, backend: &dyn Backend, x_bd: ArrayView2<'_, f32>) -> Result<Codes> {
         self.check_batch(x_bd)?;
-        let (mut xc_bd, mut pre_bf) = (Array2::zeros((0, 0)), Array2::zeros((0, 0)));
-        self.pre_activations_into(backend, x_bd, &mut xc_bd, &mut pre_bf);
+        let (mut xc_bd, mut gemm_bf) = (Array2::zeros((0, 0)), Array2::zeros((0, 0)));
+        self.pre_activations_into(backend, x_bd, &mut xc_bd, &mut gemm_bf);
+        let pre = self.pre_acts(&gemm_bf);
         let mut codes = Codes::empty(self.config.dict_size);
         let mut selector = Selector::default();
         // Inference differs from training only in BatchTopK's threshold.
         let rules = Rules::for_config(&self.config, &TrainConfig::default());
         match (rules.selection, self.threshold) {
-            (Selection::BatchTopK(_), Some(theta)) => {
-                selector.threshold(pre_bf.view(), theta, &mut codes)
+            (Selection::BatchTopK(_), Some(theta)) => selector.threshold(pre, theta, &mut codes),
+            (selection, _) => {
+                select_into(&mut selector, selection, pre, &SingleProcess, &mut codes)
             }
-            (selection, _) => select_into(
-                &mut selector,
-                selection,
-                pre_bf.view(),
-                &SingleProcess,
-                &mut codes,
-            ),
         }
         Ok(codes)
     }
@@ -209,21 +216,21 @@ impl Sae {
     }
 }
 
-/// Applies a training-time [`Selection`] rule to the pre-activations `pre_bf` (ReLU implied).
+/// Applies a training-time [`Selection`] rule to the pre-activations (ReLU implied).
 pub(crate) fn select_into(
     selector: &mut Selector,
     selection: Selection,
-    pre_bf: ArrayView2<'_, f32>,
+    pre: PreActs<'_>,
     collective: &dyn Collective,
     codes: &mut Codes,
 ) {
     match selection {
-        Selection::Relu => selector.relu(pre_bf, codes),
-        Selection::TopK(k) => selector.topk(pre_bf, k, codes),
+        Selection::Relu => selector.relu(pre, codes),
+        Selection::TopK(k) => selector.topk(pre, k, codes),
         Selection::BatchTopK(k) => {
-            let mut rows = [pre_bf.nrows() as u64];
+            let mut rows = [pre.n_rows() as u64];
             collective.all_reduce_sum_u64(&mut rows);
-            selector.batch_topk(pre_bf, k * rows[0] as usize, collective, codes)
+            selector.batch_topk(pre, k * rows[0] as usize, collective, codes)
         }
     }
 }

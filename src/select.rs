@@ -1,12 +1,77 @@
-//! Sparsification: turns post-ReLU activations `post_bf` into sparse [`Codes`] (ReLU, per-row
+//! Sparsification: turns pre-activations ([`PreActs`]) into sparse [`Codes`] (ReLU, per-row
 //! top-k, batch-wide top-k, threshold, and AuxK's top-k among dead latents), in parallel and
-//! without per-step allocation of anything B×F-sized. Inputs may be pre-activations: an entry
-//! ≤ 0 is never selected, so the ReLU is implied.
+//! without per-step allocation of anything B×F-sized.
 
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
 use crate::dist::Collective;
+use crate::error::{check_shape, Error, Result};
+
+/// Pre-activations as the encoder leaves them: entry (b, j) is `gemm_bf[b, j] + bias_f[j]`.
+/// The bias is added by whoever reads an entry rather than in a pass of its own over B×F
+/// memory; ReLU is implied, since an entry ≤ 0 is never selected.
+#[derive(Clone, Copy, Debug)]
+pub struct PreActs<'a> {
+    gemm_bf: ArrayView2<'a, f32>,
+    bias_f: &'a [f32],
+}
+
+impl<'a> PreActs<'a> {
+    /// Pairs a B×F matrix (standard layout) with the F biases to add to each of its rows.
+    pub fn new(gemm_bf: ArrayView2<'a, f32>, bias_f: &'a [f32]) -> Result<Self> {
+        check_shape("bias_f", &[bias_f.len()], &[gemm_bf.ncols()])?;
+        if gemm_bf.as_slice().is_none() {
+            return Err(Error::Shape {
+                what: "pre-activations (not in standard layout; use .as_standard_layout())".into(),
+                expected: gemm_bf.shape().to_vec(),
+                got: gemm_bf.shape().to_vec(),
+            });
+        }
+        Ok(PreActs { gemm_bf, bias_f })
+    }
+
+    /// Rows B.
+    pub fn n_rows(&self) -> usize {
+        self.gemm_bf.nrows()
+    }
+
+    /// Latents F.
+    pub fn n_latents(&self) -> usize {
+        self.gemm_bf.ncols()
+    }
+
+    /// Row `b` before its bias.
+    fn row(&self, b: usize) -> &'a [f32] {
+        let f = self.n_latents();
+        &self.gemm_bf.to_slice().expect("standard layout")[b * f..(b + 1) * f]
+    }
+
+    /// Entry (b, j), bias included.
+    pub fn get(&self, b: usize, j: usize) -> f32 {
+        self.row(b)[j] + self.bias_f[j]
+    }
+
+    /// Fraction of positive entries.
+    pub fn positive_fraction(&self) -> f32 {
+        let count: usize = (0..self.n_rows())
+            .into_par_iter()
+            .map(|b| {
+                let row = self.row(b);
+                row.iter()
+                    .zip(self.bias_f)
+                    .filter(|(v, b)| **v + **b > 0.0)
+                    .count()
+            })
+            .sum();
+        count as f32 / (self.n_rows() * self.n_latents()).max(1) as f32
+    }
+
+    /// The dense B×F pre-activations, bias included.
+    pub fn to_dense(&self) -> Array2<f32> {
+        &self.gemm_bf + &ndarray::ArrayView1::from(self.bias_f)
+    }
+}
 
 /// Rows handled by one parallel task. Fixed (not derived from the thread count) so that results
 /// never depend on scheduling.
@@ -123,55 +188,61 @@ fn key_latent(key: u64) -> u32 {
 /// positive ones: those at or above a bound taken from a strided sample of the row, or every
 /// positive entry when fewer than `k` pass the bound. Exact: if k entries are ≥ t, the k-th
 /// largest is ≥ t.
-fn row_candidates(row: &[f32], k: usize, scratch: &mut Vec<u64>) {
+fn row_candidates(row: &[f32], bias: &[f32], k: usize, scratch: &mut Vec<u64>) {
     const STRIDE: usize = 16;
     scratch.clear();
     let rank = 2 * k / STRIDE + 4;
     if k > 0 && row.len() >= 4 * STRIDE * rank {
-        // Non-positive entries (pre-activations may be negative) sample as 0.
+        // Non-positive entries sample as 0.
         scratch.extend(
             row.iter()
+                .zip(bias)
                 .step_by(STRIDE)
-                .map(|v| v.max(0.0).to_bits() as u64),
+                .map(|(v, b)| (v + b).max(0.0).to_bits() as u64),
         );
         let bound = *scratch.select_nth_unstable_by(rank, |a, b| b.cmp(a)).1 as u32;
         let bound = f32::from_bits(bound);
         scratch.clear();
         if bound > 0.0 {
-            scan_at_least(row, bound.to_bits(), |j, v| scratch.push(key(v, j)));
+            scan_at_least(row, bias, bound.to_bits(), |j, v| scratch.push(key(v, j)));
             if scratch.len() >= k {
                 return;
             }
             scratch.clear();
         }
     }
-    scan_at_least(row, 1, |j, v| scratch.push(key(v, j)));
+    scan_at_least(row, bias, 1, |j, v| scratch.push(key(v, j)));
 }
 
-/// Calls `emit(j, v)`, in order, for each positive `v = row[j]` whose bit pattern is at least
-/// `lower_bits` (≥ 1; negative values and zeros never qualify). Blocks of 16 are tested with
-/// one vectorisable comparison first, since selections keep a small fraction of entries.
+/// Calls `emit(j, v)`, in order, for each positive `v = row[j] + bias[j]` whose bit pattern
+/// is at least `lower_bits` (≥ 1; negative values and zeros never qualify). Blocks of 16 are
+/// tested with one vectorisable comparison first, since selections keep a small fraction.
 #[inline]
-fn scan_at_least(row: &[f32], lower_bits: u32, mut emit: impl FnMut(usize, f32)) {
+fn scan_at_least(row: &[f32], bias: &[f32], lower_bits: u32, mut emit: impl FnMut(usize, f32)) {
     debug_assert!(lower_bits >= 1);
     // lower_bits <= bits < sign bit, in one unsigned comparison.
     let span = 0x8000_0000u32.wrapping_sub(lower_bits);
-    let pass = |v: &f32| v.to_bits().wrapping_sub(lower_bits) < span;
+    let pass = |v: f32| v.to_bits().wrapping_sub(lower_bits) < span;
     const BLOCK: usize = 16;
-    let mut blocks = row.chunks_exact(BLOCK);
-    for (c, block) in blocks.by_ref().enumerate() {
-        if block.iter().fold(false, |any, v| any | pass(v)) {
-            for (i, v) in block.iter().enumerate() {
-                if pass(v) {
-                    emit(c * BLOCK + i, *v);
+    let bias = &bias[..row.len()];
+    let mut blocks = row.chunks_exact(BLOCK).zip(bias.chunks_exact(BLOCK));
+    for (c, (block, bias)) in blocks.by_ref().enumerate() {
+        if block
+            .iter()
+            .zip(bias)
+            .fold(false, |any, (v, b)| any | pass(v + b))
+        {
+            for (i, (v, b)) in block.iter().zip(bias).enumerate() {
+                if pass(v + b) {
+                    emit(c * BLOCK + i, v + b);
                 }
             }
         }
     }
-    let base = row.len() - blocks.remainder().len();
-    for (i, v) in blocks.remainder().iter().enumerate() {
-        if pass(v) {
-            emit(base + i, *v);
+    let base = row.len() - row.len() % BLOCK;
+    for (i, (v, b)) in row[base..].iter().zip(&bias[base..]).enumerate() {
+        if pass(v + b) {
+            emit(base + i, v + b);
         }
     }
 }
@@ -238,17 +309,16 @@ impl Selector {
     }
 
     /// Every positive entry (a ReLU SAE's code).
-    pub fn relu(&mut self, post_bf: ArrayView2<'_, f32>, out: &mut Codes) {
-        self.threshold(post_bf, 0.0, out)
+    pub fn relu(&mut self, pre: PreActs<'_>, out: &mut Codes) {
+        self.threshold(pre, 0.0, out)
     }
 
     /// Entries with `post > theta` (BatchTopK's inference rule; `theta = 0` is plain ReLU).
-    pub fn threshold(&mut self, post_bf: ArrayView2<'_, f32>, theta: f32, out: &mut Codes) {
-        let post_bf = post_bf.as_standard_layout();
+    pub fn threshold(&mut self, pre: PreActs<'_>, theta: f32, out: &mut Codes) {
         // v > θ ⇔ bits(v) ≥ bits(θ) + 1 for non-negative θ.
         let lower_bits = theta.max(0.0).to_bits() + 1;
-        self.build(post_bf.nrows(), post_bf.ncols(), out, |b, buf| {
-            scan_at_least(post_bf.row(b).as_slice().unwrap(), lower_bits, |j, v| {
+        self.build(pre.n_rows(), pre.n_latents(), out, |b, buf| {
+            scan_at_least(pre.row(b), pre.bias_f, lower_bits, |j, v| {
                 buf.indices.push(j as u32);
                 buf.values.push(v);
             })
@@ -257,30 +327,23 @@ impl Selector {
 
     /// The `k` largest positive entries of each row (TopK). Rows with fewer than `k` positive
     /// entries keep all of them: a zero code is no code.
-    pub fn topk(&mut self, post_bf: ArrayView2<'_, f32>, k: usize, out: &mut Codes) {
-        let post_bf = post_bf.as_standard_layout();
-        self.build(post_bf.nrows(), post_bf.ncols(), out, |b, buf| {
+    pub fn topk(&mut self, pre: PreActs<'_>, k: usize, out: &mut Codes) {
+        self.build(pre.n_rows(), pre.n_latents(), out, |b, buf| {
             let ChunkBuf {
                 indices,
                 values,
                 scratch,
                 ..
             } = buf;
-            row_candidates(post_bf.row(b).as_slice().unwrap(), k, scratch);
+            row_candidates(pre.row(b), pre.bias_f, k, scratch);
             push_top_k(scratch, k, indices, values);
         });
     }
 
     /// The `k` largest positive entries of each row among `latents` only (AuxK's selection among
     /// dead latents). `latents` must be ascending.
-    pub fn topk_among(
-        &mut self,
-        post_bf: ArrayView2<'_, f32>,
-        latents: &[u32],
-        k: usize,
-        out: &mut Codes,
-    ) {
-        self.build(post_bf.nrows(), post_bf.ncols(), out, |b, buf| {
+    pub fn topk_among(&mut self, pre: PreActs<'_>, latents: &[u32], k: usize, out: &mut Codes) {
+        self.build(pre.n_rows(), pre.n_latents(), out, |b, buf| {
             let ChunkBuf {
                 indices,
                 values,
@@ -288,9 +351,8 @@ impl Selector {
                 ..
             } = buf;
             scratch.clear();
-            let row = post_bf.row(b);
             for &j in latents {
-                let v = row[j as usize];
+                let v = pre.get(b, j as usize);
                 if v > 0.0 {
                     scratch.push(key(v, j as usize));
                 }
@@ -310,19 +372,18 @@ impl Selector {
     /// taken in row-major order until `k_total` are kept (per process, with several).
     pub fn batch_topk(
         &mut self,
-        post_bf: ArrayView2<'_, f32>,
+        pre: PreActs<'_>,
         k_total: usize,
         collective: &dyn Collective,
         out: &mut Codes,
     ) {
-        let post_bf = post_bf.as_standard_layout();
-        let (n_rows, n_latents) = post_bf.dim();
-        let mut n_total = [post_bf.len() as u64];
+        let (n_rows, n_latents) = (pre.n_rows(), pre.n_latents());
+        let mut n_total = [(n_rows * n_latents) as u64];
         collective.all_reduce_sum_u64(&mut n_total);
-        let bound = self.sampled_lower_bound(post_bf.as_slice().unwrap(), k_total, n_total[0]);
+        let bound = self.sampled_lower_bound(pre, k_total, n_total[0]);
         for lower_bits in [bound, 1] {
             self.build(n_rows, n_latents, out, |b, buf| {
-                scan_at_least(post_bf.row(b).as_slice().unwrap(), lower_bits, |j, v| {
+                scan_at_least(pre.row(b), pre.bias_f, lower_bits, |j, v| {
                     buf.indices.push(j as u32);
                     buf.values.push(v);
                 })
@@ -347,17 +408,20 @@ impl Selector {
 
     /// The bit pattern of a value likely below the `k_total`-th largest: the
     /// (1.25·expected + 32)-th largest of every 257th entry; 1 (no bound) if the sample is short.
-    fn sampled_lower_bound(&mut self, post: &[f32], k_total: usize, n_total: u64) -> u32 {
+    fn sampled_lower_bound(&mut self, pre: PreActs<'_>, k_total: usize, n_total: u64) -> u32 {
         const STRIDE: usize = 257;
+        let f = pre.n_latents();
+        let n = pre.n_rows() * f;
+        let flat = pre.gemm_bf.to_slice().expect("standard layout");
         let sample = &mut self.sample;
         sample.clear();
         sample.extend(
-            post.iter()
+            (0..n)
                 .step_by(STRIDE)
-                .map(|v| v.to_bits())
+                .map(|i| (flat[i] + pre.bias_f[i % f]).to_bits())
                 .filter(|&bits| bits > 0 && bits < 0x8000_0000),
         );
-        let expected = k_total as f64 * post.len().div_ceil(STRIDE) as f64 / n_total as f64;
+        let expected = k_total as f64 * n.div_ceil(STRIDE) as f64 / n_total as f64;
         let rank = (1.25 * expected + 32.0) as usize;
         if rank >= sample.len() {
             return 1;
@@ -474,6 +538,41 @@ mod tests {
     use ndarray::array;
     use rand::{Rng, SeedableRng};
 
+    /// `a` as pre-activations with a zero bias.
+    fn unbiased(a: &Array2<f32>) -> PreActs<'_> {
+        let zeros: &'static [f32] = vec![0.0; a.ncols()].leak();
+        PreActs::new(a.view(), zeros).unwrap()
+    }
+
+    /// The bias is added before selecting: selecting from (gemm, bias) equals selecting from
+    /// the dense sum with no bias.
+    #[test]
+    fn bias_is_added_before_selection() {
+        let gemm = random_post(48, 1500, 9).mapv(|v| v - 0.3);
+        let bias: Vec<f32> = (0..1500)
+            .map(|j| ((j * 37 % 101) as f32 / 101.0) - 0.5)
+            .collect();
+        let pre = PreActs::new(gemm.view(), &bias).unwrap();
+        let dense = pre.to_dense();
+        let (mut a, mut b) = (Codes::empty(0), Codes::empty(0));
+        let mut sel = Selector::default();
+        sel.batch_topk(pre, 300, &SingleProcess, &mut a);
+        sel.batch_topk(unbiased(&dense), 300, &SingleProcess, &mut b);
+        assert_eq!(a, b);
+        assert_eq!(a.to_dense(), brute_batch_topk(&dense, 300));
+        sel.topk(pre, 7, &mut a);
+        assert_eq!(a.to_dense(), brute_topk(&dense, 7));
+        sel.threshold(pre, 0.2, &mut a);
+        assert_eq!(a.to_dense(), dense.mapv(|v| if v > 0.2 { v } else { 0.0 }));
+        sel.topk_among(pre, &[3, 50, 700], 2, &mut a);
+        sel.topk_among(unbiased(&dense), &[3, 50, 700], 2, &mut b);
+        assert_eq!(a, b);
+        let positive = dense.iter().filter(|&&v| v > 0.0).count() as f32 / dense.len() as f32;
+        assert_eq!(pre.positive_fraction(), positive);
+        assert!(PreActs::new(gemm.view(), &bias[1..]).is_err());
+        assert!(PreActs::new(gemm.t(), &bias).is_err());
+    }
+
     fn random_post(b: usize, f: usize, seed: u64) -> Array2<f32> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         Array2::from_shape_fn((b, f), |_| (rng.gen::<f32>() - 0.4).max(0.0))
@@ -500,7 +599,7 @@ mod tests {
         let post = random_post(37, 53, 1);
         for n in [1, 10, 37 * 4, 500, 37 * 53, 37 * 53 + 10] {
             let mut codes = Codes::empty(0);
-            Selector::default().batch_topk(post.view(), n, &SingleProcess, &mut codes);
+            Selector::default().batch_topk(unbiased(&post), n, &SingleProcess, &mut codes);
             assert_eq!(codes.to_dense(), brute_batch_topk(&post, n), "n = {n}");
         }
     }
@@ -542,12 +641,12 @@ mod tests {
             let mut codes = Codes::empty(0);
             let mut sel = Selector::default();
             for n in [1, 64, 1000, 64 * 32, 20_000] {
-                sel.batch_topk(post.view(), n, &SingleProcess, &mut codes);
+                sel.batch_topk(unbiased(&post), n, &SingleProcess, &mut codes);
                 assert_eq!(codes.to_dense(), brute_batch_topk(post, n), "n = {n}");
                 assert!(codes.values.iter().all(|&v| v > 0.0));
             }
             for k in [1, 8, 64, 300] {
-                sel.topk(post.view(), k, &mut codes);
+                sel.topk(unbiased(&post), k, &mut codes);
                 assert_eq!(codes.to_dense(), brute_topk(post, k), "k = {k}");
             }
         }
@@ -560,7 +659,7 @@ mod tests {
             Array2::from_shape_fn((20, 9), |(b, j)| if (b + j) % 3 == 0 { 0.5 } else { 0.25 });
         for n in [5, 60, 61, 100, 180] {
             let mut codes = Codes::empty(0);
-            Selector::default().batch_topk(post.view(), n, &SingleProcess, &mut codes);
+            Selector::default().batch_topk(unbiased(&post), n, &SingleProcess, &mut codes);
             assert_eq!(codes.nnz(), n.min(180));
             assert_eq!(codes.to_dense(), brute_batch_topk(&post, n), "n = {n}");
         }
@@ -574,7 +673,7 @@ mod tests {
             [0.2, 0.2, 0.2, 0.1]
         ];
         let mut codes = Codes::empty(0);
-        Selector::default().topk(post.view(), 2, &mut codes);
+        Selector::default().topk(unbiased(&post), 2, &mut codes);
         assert_eq!(
             codes.to_dense(),
             array![
@@ -584,7 +683,7 @@ mod tests {
             ]
         );
         // k >= F keeps every positive entry.
-        Selector::default().topk(post.view(), 10, &mut codes);
+        Selector::default().topk(unbiased(&post), 10, &mut codes);
         assert_eq!(codes.to_dense(), post);
     }
 
@@ -592,7 +691,7 @@ mod tests {
     fn topk_among_only_looks_at_listed_latents() {
         let post = array![[0.1f32, 0.9, 0.4, 0.5], [0.7, 0.0, 0.0, 0.3]];
         let mut codes = Codes::empty(0);
-        Selector::default().topk_among(post.view(), &[0, 2, 3], 1, &mut codes);
+        Selector::default().topk_among(unbiased(&post), &[0, 2, 3], 1, &mut codes);
         assert_eq!(
             codes.to_dense(),
             array![[0.0f32, 0.0, 0.0, 0.5], [0.7, 0.0, 0.0, 0.0]]
@@ -604,10 +703,10 @@ mod tests {
         let post = random_post(19, 31, 2);
         let mut codes = Codes::empty(0);
         let mut sel = Selector::default();
-        sel.relu(post.view(), &mut codes);
+        sel.relu(unbiased(&post), &mut codes);
         assert_eq!(codes.to_dense(), post);
         assert_eq!(codes, Codes::from_dense(post.view()));
-        sel.threshold(post.view(), 0.3, &mut codes);
+        sel.threshold(unbiased(&post), 0.3, &mut codes);
         assert_eq!(
             codes.to_dense(),
             post.mapv(|v| if v > 0.3 { v } else { 0.0 })

@@ -81,7 +81,8 @@ pub struct Captured {
 #[derive(Default)]
 struct Workspace {
     xc_bd: Array2<f32>,
-    /// Pre-activations, B×F; ReLU'd in place on the dense ReLU path only.
+    /// The encoder GEMM's output xc·W_encᵀ, B×F (readers add b_enc); on the dense ReLU path it
+    /// is turned into the codes ReLU(pre) in place.
     pre_bf: Array2<f32>,
     codes: Codes,
     aux_codes: Codes,
@@ -238,15 +239,20 @@ impl Trainer {
             .pre_activations_into(&*self.backend, x_bd, &mut ws.xc_bd, &mut ws.pre_bf);
         times.encode = lap();
         let dense = rules.selection == Selection::Relu
-            && positive_fraction(ws.pre_bf.view()) > self.dense_threshold;
+            && self.sae.pre_acts(&ws.pre_bf).positive_fraction() > self.dense_threshold;
         if dense {
             // The dense path multiplies the codes matrix itself: make it ReLU(pre).
-            ws.pre_bf.par_mapv_inplace(|v| v.max(0.0));
+            let b_enc = &self.sae.b_enc_f;
+            Zip::from(ws.pre_bf.rows_mut()).par_for_each(|mut row| {
+                Zip::from(&mut row)
+                    .and(b_enc)
+                    .for_each(|v, &b| *v = (*v + b).max(0.0))
+            });
         } else {
             select_into(
                 &mut ws.selector,
                 rules.selection,
-                ws.pre_bf.view(),
+                self.sae.pre_acts(&ws.pre_bf),
                 &*self.collective,
                 &mut ws.codes,
             );
@@ -361,8 +367,9 @@ impl Trainer {
                     up_aux.fill(0.0);
                 } else {
                     let k_aux = (d / 2).min(ws.dead_f.len());
+                    let pre = self.sae.pre_acts(&ws.pre_bf);
                     ws.selector
-                        .topk_among(ws.pre_bf.view(), &ws.dead_f, k_aux, &mut ws.aux_codes);
+                        .topk_among(pre, &ws.dead_f, k_aux, &mut ws.aux_codes);
                     resize(&mut ws.aux_hat_bd, (n_local, d));
                     sparse::decode_into(
                         &ws.aux_codes,
@@ -513,16 +520,6 @@ impl Trainer {
             threshold: self.sae.threshold,
         })
     }
-}
-
-/// Fraction of positive entries of `post_bf`.
-fn positive_fraction(post_bf: ArrayView2<'_, f32>) -> f32 {
-    let count: usize = post_bf
-        .axis_iter(Axis(0))
-        .into_par_iter()
-        .map(|row| row.iter().filter(|&&v| v > 0.0).count())
-        .sum();
-    count as f32 / post_bf.len().max(1) as f32
 }
 
 /// Σ_b ‖(x_b − x̂_b) − c‖² in f64 (c = 0 when `None`), summed row by row in a fixed order.
