@@ -599,7 +599,7 @@ mod tests {
         let post = random_post(37, 53, 1);
         for n in [1, 10, 37 * 4, 500, 37 * 53, 37 * 53 + 10] {
             let mut codes = Codes::empty(0);
-            Selector::default().batch_topk(unbiased(post), n, &SingleProcess, &mut codes);
+            Selector::default().batch_topk(unbiased(&post), n, &SingleProcess, &mut codes);
             assert_eq!(codes.to_dense(), brute_batch_topk(&post, n), "n = {n}");
         }
     }
@@ -659,7 +659,7 @@ mod tests {
             Array2::from_shape_fn((20, 9), |(b, j)| if (b + j) % 3 == 0 { 0.5 } else { 0.25 });
         for n in [5, 60, 61, 100, 180] {
             let mut codes = Codes::empty(0);
-            Selector::default().batch_topk(unbiased(post), n, &SingleProcess, &mut codes);
+            Selector::default().batch_topk(unbiased(&post), n, &SingleProcess, &mut codes);
             assert_eq!(codes.nnz(), n.min(180));
             assert_eq!(codes.to_dense(), brute_batch_topk(&post, n), "n = {n}");
         }
@@ -673,7 +673,7 @@ mod tests {
             [0.2, 0.2, 0.2, 0.1]
         ];
         let mut codes = Codes::empty(0);
-        Selector::default().topk(unbiased(post), 2, &mut codes);
+        Selector::default().topk(unbiased(&post), 2, &mut codes);
         assert_eq!(
             codes.to_dense(),
             array![
@@ -683,7 +683,7 @@ mod tests {
             ]
         );
         // k >= F keeps every positive entry.
-        Selector::default().topk(unbiased(post), 10, &mut codes);
+        Selector::default().topk(unbiased(&post), 10, &mut codes);
         assert_eq!(codes.to_dense(), post);
     }
 
@@ -691,7 +691,7 @@ mod tests {
     fn topk_among_only_looks_at_listed_latents() {
         let post = array![[0.1f32, 0.9, 0.4, 0.5], [0.7, 0.0, 0.0, 0.3]];
         let mut codes = Codes::empty(0);
-        Selector::default().topk_among(unbiased(post), &[0, 2, 3], 1, &mut codes);
+        Selector::default().topk_among(unbiased(&post), &[0, 2, 3], 1, &mut codes);
         assert_eq!(
             codes.to_dense(),
             array![[0.0f32, 0.0, 0.0, 0.5], [0.7, 0.0, 0.0, 0.0]]
@@ -703,10 +703,10 @@ mod tests {
         let post = random_post(19, 31, 2);
         let mut codes = Codes::empty(0);
         let mut sel = Selector::default();
-        sel.relu(unbiased(post), &mut codes);
+        sel.relu(unbiased(&post), &mut codes);
         assert_eq!(codes.to_dense(), post);
         assert_eq!(codes, Codes::from_dense(post.view()));
-        sel.threshold(unbiased(post), 0.3, &mut codes);
+        sel.threshold(unbiased(&post), 0.3, &mut codes);
         assert_eq!(
             codes.to_dense(),
             post.mapv(|v| if v > 0.3 { v } else { 0.0 })
