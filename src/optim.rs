@@ -90,18 +90,9 @@ impl Grads {
         t
     }
 
-    /// Readies the gradients for the step in one pass over the latent rows: when
-    /// `project_eps` is given, removes from each decoder-gradient row its component along the
-    /// decoder row (normalised as w/(‖w‖ + eps)), so a step keeps unit-norm rows on the sphere;
-    /// when `want_norm`, returns the global ‖g‖₂ over all four gradients (after projection,
-    /// summed in f64), else 0.
-    pub fn project_and_norm(
-        &mut self,
-        w_dec_fd: &Array2<f32>,
-        project_eps: Option<f32>,
-        want_norm: bool,
-    ) -> f64 {
-        let sq = |v: &[f32]| v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+    /// Readies the gradients for the step in one pass over the latent rows (see
+    /// [`RowPrep`]); returns the global ‖g‖₂ over all four gradients when `prep.want_norm`.
+    pub fn project_and_norm(&mut self, w_dec_fd: &Array2<f32>, prep: RowPrep) -> f64 {
         let row_sq = Zip::from(self.tensors.w_dec_fd.rows_mut())
             .and(self.tensors.w_enc_fd.rows())
             .and(w_dec_fd.rows())
@@ -110,30 +101,77 @@ impl Grads {
                 if !active {
                     return 0.0;
                 }
-                let (gd, w) = (gd.as_slice_mut().unwrap(), w.as_slice().unwrap());
-                if let Some(eps) = project_eps {
-                    let norm = dot(w, w).sqrt() + eps;
-                    let along = gd
-                        .iter()
-                        .zip(w)
-                        .map(|(gi, wi)| gi * (wi / norm))
-                        .sum::<f32>();
-                    for (gi, wi) in gd.iter_mut().zip(w) {
-                        *gi -= along * (wi / norm);
-                    }
-                }
-                if want_norm {
-                    sq(gd) + sq(ge.as_slice().unwrap())
-                } else {
-                    0.0
-                }
+                let (gd, ge, w) = (
+                    gd.as_slice_mut().unwrap(),
+                    ge.as_slice().unwrap(),
+                    w.as_slice().unwrap(),
+                );
+                dispatch(|| prep.apply(gd, ge, w))
             });
-        if !want_norm {
-            return 0.0;
-        }
+        self.global_norm(row_sq.as_slice().expect("contiguous"))
+    }
+
+    /// ‖g‖₂ from the latent rows' squared norms (as [`RowPrep::apply`] returns them) and the
+    /// biases, summed in f64 in a fixed order.
+    pub fn global_norm(&self, row_sq_f: &[f64]) -> f64 {
         let biases = sq(self.tensors.b_enc_f.as_slice().unwrap())
             + sq(self.tensors.b_dec_d.as_slice().unwrap());
-        (row_sq.iter().sum::<f64>() + biases).sqrt()
+        (row_sq_f.iter().sum::<f64>() + biases).sqrt()
+    }
+}
+
+/// Σ x² in f64, with 8 independent partial sums so the loop vectorises instead of waiting on
+/// one long chain of dependent additions.
+#[inline(always)]
+fn sq(v: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in chunks.by_ref() {
+        for l in 0..8 {
+            acc[l] += c[l] as f64 * c[l] as f64;
+        }
+    }
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&x| x as f64 * x as f64)
+        .sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// What one latent's gradient rows need before the step. The backward pass applies it to each
+/// row while the row is still in cache; [`Grads::project_and_norm`] applies it in a pass of its
+/// own where that cannot be done (gradients summed across processes, or inspected raw).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowPrep {
+    /// Remove from ∂W_dec\[j\] its component along W_dec\[j\] (normalised as w/(‖w‖ + eps)),
+    /// so a step keeps unit-norm rows on the sphere.
+    pub project_eps: Option<f32>,
+    /// Return the rows' squared norm (for clipping).
+    pub want_norm: bool,
+}
+
+impl RowPrep {
+    /// Applies to latent j's rows `gd` (∂W_dec, projected in place) and `ge` (∂W_enc), with
+    /// `w` = W_dec\[j\]; returns ‖gd‖² + ‖ge‖² after projection, or 0 if no norm is wanted.
+    #[inline(always)]
+    pub fn apply(&self, gd: &mut [f32], ge: &[f32], w: &[f32]) -> f64 {
+        if let Some(eps) = self.project_eps {
+            let norm = dot(w, w).sqrt() + eps;
+            let along = gd
+                .iter()
+                .zip(w)
+                .map(|(gi, wi)| gi * (wi / norm))
+                .sum::<f32>();
+            for (gi, wi) in gd.iter_mut().zip(w) {
+                *gi -= along * (wi / norm);
+            }
+        }
+        if self.want_norm {
+            sq(gd) + sq(ge)
+        } else {
+            0.0
+        }
     }
 }
 
@@ -361,7 +399,11 @@ mod tests {
         grads.tensors.w_dec_fd = ndarray::array![[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]];
         grads.active_f = vec![true, false];
         let w = ndarray::array![[0.0f32, 2.0, 0.0], [1.0, 0.0, 0.0]];
-        let norm = grads.project_and_norm(&w, Some(0.0), true);
+        let prep = RowPrep {
+            project_eps: Some(0.0),
+            want_norm: true,
+        };
+        let norm = grads.project_and_norm(&w, prep);
         assert_eq!(grads.tensors.w_dec_fd.row(0).to_vec(), vec![1.0, 0.0, 3.0]);
         // Only active rows (and the zero biases) count: ‖(1, 0, 3)‖.
         assert!((norm - 10f64.sqrt()).abs() < 1e-12);

@@ -9,7 +9,7 @@ use super::Workspace;
 use crate::backend::simd::{dispatch, prefetch};
 use crate::backend::sparse::{axpy, dot};
 use crate::backend::Backend;
-use crate::optim::Grads;
+use crate::optim::{Grads, RowPrep};
 use crate::sae::{resize, Sae};
 
 /// Code density above which a ReLU step switches to dense GEMMs. A GEMM runs near peak while
@@ -31,6 +31,9 @@ pub(super) struct Context<'a> {
     pub l1_coef: f32,
     /// Whether the L1 term weighs each code by its decoder row's norm.
     pub weight_by_decoder_norm: bool,
+    /// The update's per-row preparation, done here while the rows are in cache; `None` when
+    /// the trainer does it in a separate pass.
+    pub fused_prep: Option<RowPrep>,
 }
 
 impl Context<'_> {
@@ -79,11 +82,14 @@ pub(super) fn sparse(ctx: &Context<'_>, ws: &mut Workspace, grads: &mut Grads) -
     let (by_latent, aux_by_latent) = (&ws.by_latent, &ws.aux_by_latent);
     let xc_bd = &ws.xc_bd;
     let l1_per_row = ctx.l1_coef / ctx.n_global as f32;
+    ws.row_sq_f.clear();
+    ws.row_sq_f.resize(sae.config.dict_size, 0.0);
     Zip::indexed(t.w_dec_fd.rows_mut())
         .and(t.w_enc_fd.rows_mut())
         .and(&mut t.b_enc_f)
         .and(&mut grads.active_f)
-        .par_for_each(|j, mut gd, mut ge, gb, active| {
+        .and(&mut ws.row_sq_f)
+        .par_for_each(|j, mut gd, mut ge, gb, active, row_sq| {
             let (main_e, main_b) = by_latent.latent(j);
             let (aux_e, aux_b) = aux_by_latent.latent(j);
             *active = !(main_e.is_empty() && aux_e.is_empty());
@@ -121,6 +127,9 @@ pub(super) fn sparse(ctx: &Context<'_>, ws: &mut Workspace, grads: &mut Grads) -
                 }
             });
             ctx.add_l1_decoder_grad(j, code_sum, n_j[j], gd);
+            if let Some(prep) = ctx.fused_prep {
+                *row_sq = dispatch(|| prep.apply(gd, ge, w));
+            }
         });
 
     bias_grads(ctx, up_main, grads);

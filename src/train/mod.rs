@@ -14,7 +14,7 @@ use crate::backend::{sparse, Backend, Cpu};
 use crate::config::TrainConfig;
 use crate::dist::{Collective, SingleProcess};
 use crate::error::Result;
-use crate::optim::{lr_factor, sparsity_scale, Adam, AdamConfig, Grads, ParamTensors};
+use crate::optim::{lr_factor, sparsity_scale, Adam, AdamConfig, Grads, ParamTensors, RowPrep};
 use crate::sae::{geometric_median, resize, select_into, Sae};
 use crate::select::{Codes, Selector};
 
@@ -93,6 +93,8 @@ struct Workspace {
     aux_hat_bd: Array2<f32>,
     by_latent: sparse::ByLatent,
     aux_by_latent: sparse::ByLatent,
+    /// ‖∂W_dec\[j\]‖² + ‖∂W_enc\[j\]‖² per latent, when the backward pass prepared the rows.
+    row_sq_f: Vec<f64>,
     /// Dense ReLU path only: ∂L/∂pre, B×F.
     g_pre_bf: Array2<f32>,
     fired_f: Vec<u64>,
@@ -218,6 +220,9 @@ impl Trainer {
     /// One training step on the batch `x_bd` (B rows of width D).
     pub fn step(&mut self, x_bd: ArrayView2<'_, f32>) -> Result<StepStats> {
         self.sae.check_batch(x_bd)?;
+        // The row kernels slice rows: a strided or transposed view is copied once here.
+        let x_bd = x_bd.as_standard_layout();
+        let x_bd = x_bd.view();
         let rules = self.rules;
         if self.step == 0 && rules.init_b_dec_from_median {
             self.sae.b_dec_d = geometric_median(x_bd, &*self.collective, 100, 1e-5);
@@ -412,8 +417,18 @@ impl Trainer {
 
         times.decode_loss = lap();
 
-        // Backward.
+        // Backward. Unless the raw gradients are wanted (capture) or must first be summed
+        // across processes, the update's per-row work is done by the backward pass itself.
+        let prep = RowPrep {
+            project_eps: match rules.decoder {
+                DecoderConstraint::UnitNorm { project_eps, .. } => Some(project_eps),
+                DecoderConstraint::Free => None,
+            },
+            want_norm: rules.max_grad_norm.is_some(),
+        };
+        let fuse = !dense && !self.capture_on && self.collective.world_size() == 1;
         let ctx = backward::Context {
+            fused_prep: fuse.then_some(prep),
             sae: &self.sae,
             n_global,
             l1_coef,
@@ -444,15 +459,11 @@ impl Trainer {
         times.backward = lap();
 
         // Update.
-        let project_eps = match rules.decoder {
-            DecoderConstraint::UnitNorm { project_eps, .. } => Some(project_eps),
-            DecoderConstraint::Free => None,
+        let norm = if fuse {
+            self.grads.global_norm(&self.ws.row_sq_f)
+        } else {
+            self.grads.project_and_norm(&self.sae.w_dec_fd, prep)
         };
-        let norm = self.grads.project_and_norm(
-            &self.sae.w_dec_fd,
-            project_eps,
-            rules.max_grad_norm.is_some(),
-        );
         // torch's clip_grad_norm_: scale by max/(‖g‖ + 1e-6) when that is below 1.
         let grad_scale = match rules.max_grad_norm {
             Some(max) => (max as f64 / (norm + 1e-6)).min(1.0) as f32,
@@ -527,14 +538,11 @@ fn row_sq_sum(x_bd: ArrayView2<'_, f32>, x_hat_bd: &Array2<f32>, c: Option<&[f64
     Zip::from(x_bd.rows())
         .and(x_hat_bd.rows())
         .par_map_collect(|x, xh| {
-            x.iter()
-                .zip(xh)
-                .enumerate()
-                .map(|(i, (&x, &xh))| {
-                    let e = (x - xh) as f64 - c.map_or(0.0, |c| c[i]);
-                    e * e
-                })
-                .sum::<f64>()
+            let (x, xh) = (x.to_slice().unwrap(), xh.to_slice().unwrap());
+            lanes_sum(x.len(), |i| {
+                let e = (x[i] - xh[i]) as f64 - c.map_or(0.0, |c| c[i]);
+                e * e
+            })
         })
         .sum()
 }
@@ -545,15 +553,32 @@ fn aux_sq_sum(x_bd: ArrayView2<'_, f32>, x_hat_bd: &Array2<f32>, aux_hat_bd: &Ar
         .and(x_hat_bd.rows())
         .and(aux_hat_bd.rows())
         .par_map_collect(|x, xh, ah| {
-            Zip::from(&x)
-                .and(&xh)
-                .and(&ah)
-                .fold(0.0f64, |acc, &x, &xh, &ah| {
-                    let r = ((x - xh) - ah) as f64;
-                    acc + r * r
-                })
+            let (x, xh, ah) = (
+                x.to_slice().unwrap(),
+                xh.to_slice().unwrap(),
+                ah.to_slice().unwrap(),
+            );
+            lanes_sum(x.len(), |i| {
+                let r = ((x[i] - xh[i]) - ah[i]) as f64;
+                r * r
+            })
         })
         .sum()
+}
+
+/// Σ_{i < n} term(i) in f64 with 8 independent partial sums: a long row reduces at the speed
+/// of the adds, not of one chain of dependent additions. Deterministic for a given n.
+#[inline]
+fn lanes_sum(n: usize, term: impl Fn(usize) -> f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let main = n - n % 8;
+    for i in (0..main).step_by(8) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += term(i + l);
+        }
+    }
+    let tail: f64 = (main..n).map(&term).sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// Σ_b (x_b − x̂_b) per column, in f64.
@@ -581,10 +606,8 @@ fn total_variance_times_n(x_bd: ArrayView2<'_, f32>, collective: &dyn Collective
         .axis_iter(Axis(0))
         .into_par_iter()
         .map(|row| {
-            row.iter()
-                .zip(&mean)
-                .map(|(&x, m)| (x as f64 - m).powi(2))
-                .sum::<f64>()
+            let row = row.to_slice().unwrap();
+            lanes_sum(row.len(), |i| (row[i] as f64 - mean[i]).powi(2))
         })
         .collect::<Vec<f64>>()
         .iter()
