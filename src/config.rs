@@ -288,6 +288,24 @@ pub enum ConfigError {
     /// An invalid field of the synthetic dataset's configuration.
     #[error("synthetic data: {0}")]
     Synth(&'static str),
+    /// Loader: a batch of no rows.
+    #[error("batch_size must be at least 1")]
+    ZeroBatchSize,
+    /// Loader: a buffer of no rows, or more than a slot index addresses.
+    #[error("buffer_rows must lie in 1..=4294967295, got {0}")]
+    BufferRows(usize),
+    /// Loader: a zero memory budget for the shuffle buffer.
+    #[error("buffer_bytes must be at least 1 (the buffer always holds at least one row)")]
+    ZeroBufferBytes,
+    /// Loader: chunks of no rows.
+    #[error("chunk_rows must be at least 1")]
+    ZeroChunkRows,
+    /// Loader: no batches prepared ahead.
+    #[error("prefetch must be at least 1 batch")]
+    ZeroPrefetch,
+    /// Loader: an input scale that is not a finite positive number.
+    #[error("scale must be a finite number > 0, got {0}")]
+    InputScale(f32),
     /// Decay would start while λ is still warming up.
     #[error("decay_start ({decay_start}) must be greater than sparsity_warmup_steps ({sparsity_warmup_steps})")]
     DecayNotAfterSparsityWarmup {

@@ -1,6 +1,7 @@
 //! The crate's error type: every fallible library call returns [`Result`].
 
 use crate::config::ConfigError;
+use crate::data::DataError;
 
 /// Everything that can go wrong in the library. The `sae` binary maps each to exit status 2.
 #[derive(Debug, thiserror::Error)]
@@ -8,6 +9,10 @@ pub enum Error {
     /// A hyperparameter is out of range; the message names the field and the fix.
     #[error(transparent)]
     Config(#[from] ConfigError),
+
+    /// Activation data that cannot be used; the message names the file and the fix.
+    #[error(transparent)]
+    Data(#[from] DataError),
 
     /// An array does not have the shape the SAE or trainer expects.
     #[error("{what} has shape {got:?}, expected {expected:?}")]

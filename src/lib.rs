@@ -6,7 +6,8 @@
 //! ([`Architecture::TopK`]) or a batch-wide top-(k·B) ([`Architecture::BatchTopK`]), with the
 //! semantics of the reference Python library dictionary_learning.
 //!
-//! Data flows through the modules in this order: a batch `x_bd` → [`sae`] (encoder GEMM on a
+//! Data flows through the modules in this order: [`data`] (shuffled batches from `.npy`
+//! shards) → a batch `x_bd` → [`sae`] (encoder GEMM on a
 //! [`backend`]) → [`select`] (sparsify) → decode → loss → backward ([`train`]) → [`optim`]
 //! (Adam). [`arch`] is the one place that says how each architecture behaves; [`dist`] is the
 //! seam for data-parallel training.
@@ -39,6 +40,7 @@ extern crate blas_src;
 pub mod arch;
 pub mod backend;
 pub mod config;
+pub mod data;
 pub mod dist;
 pub mod error;
 pub mod optim;

@@ -214,6 +214,38 @@ impl Sae {
         );
         Ok(x_hat_bd)
     }
+
+    /// Folds an input scale into the parameters: an SAE trained on c·x becomes one that takes
+    /// raw x, as dictionary_learning's `scale_biases` after `normalize_activations`. b_enc,
+    /// b_dec and θ are divided by c, so the codes of raw x are the trained codes of c·x divided
+    /// by c, and so is the reconstruction.
+    ///
+    /// A ReLU SAE's decoder rows are also made unit-norm, each norm moved into its encoder row
+    /// and bias (a ReLU code scales with its pre-activation, so the reconstruction is
+    /// unchanged and each code reads in units of its unit direction). TopK and BatchTopK rows
+    /// are unit-norm already, and rescaling codes there would change which are selected.
+    pub fn fold_input_scale(&mut self, c: f32) -> Result<()> {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(crate::ConfigError::InputScale(c).into());
+        }
+        self.b_enc_f /= c;
+        self.b_dec_d /= c;
+        self.threshold = self.threshold.map(|theta| theta / c);
+        if self.config.arch == crate::Architecture::Relu {
+            Zip::from(self.w_dec_fd.rows_mut())
+                .and(self.w_enc_fd.rows_mut())
+                .and(&mut self.b_enc_f)
+                .par_for_each(|mut w_dec_d, mut w_enc_d, b_enc| {
+                    let norm = w_dec_d.dot(&w_dec_d).sqrt();
+                    if norm > 0.0 && norm.is_finite() {
+                        w_dec_d /= norm;
+                        w_enc_d *= norm;
+                        *b_enc *= norm;
+                    }
+                });
+        }
+        Ok(())
+    }
 }
 
 /// Applies a training-time [`Selection`] rule to the pre-activations (ReLU implied).

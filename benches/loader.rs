@@ -1,0 +1,2 @@
+//! Loader throughput: placeholder replaced by the loader benchmark.
+fn main() {}

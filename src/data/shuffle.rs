@@ -1,0 +1,629 @@
+//! Shuffled batches from a bounded buffer: every row once an epoch, in a seeded random order,
+//! with the source read sequentially, one chunk at a time.
+//!
+//! The rows are cut into chunks of `chunk_rows` consecutive rows; each epoch streams the
+//! chunks in a fresh random order into a buffer of at most `buffer_rows` rows. A batch takes
+//! distinct buffer slots at random and each taken slot is refilled with the next row of the
+//! stream. When the stream ends, the buffer drains and the next epoch begins, so a batch may
+//! hold the last rows of one epoch and the first of the next.
+
+use std::ops::Range;
+
+use ndarray::{Array2, ArrayViewMut2};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::{DataError, Source};
+use crate::config::ConfigError;
+use crate::error::{check_shape, Result};
+
+/// How batches are drawn. Defaults are this crate's own (no reference library streams
+/// activations this way); each says why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoaderConfig {
+    /// Rows per batch (default 4096, the batch every benchmark of this crate uses).
+    pub batch_size: usize,
+    /// Rows the shuffle buffer holds; `None` (the default) takes 2²⁰ or what fits
+    /// `buffer_bytes`, whichever is less, and never more than the dataset.
+    pub buffer_rows: Option<usize>,
+    /// Memory budget of the shuffle buffer in bytes when `buffer_rows` is `None` (default
+    /// 4 GiB: 2²⁰ rows up to D = 1024).
+    pub buffer_bytes: u64,
+    /// Consecutive rows read as one unit (default 1024: 1.5 MiB of float16 at D = 768, long
+    /// enough for sequential reads, short enough that a buffer mixes hundreds of chunks).
+    pub chunk_rows: usize,
+    /// Batches the background thread prepares ahead (default 2: enough to hide a refill;
+    /// each costs one batch of memory).
+    pub prefetch: usize,
+    /// Seed of the chunk order and of the draws.
+    pub seed: u64,
+    /// Skip rows holding NaN or ±Inf (counted in [`Batcher::skipped_rows`]) instead of
+    /// stopping at the first one (default false: bad data should be seen, not trained on).
+    pub skip_non_finite: bool,
+    /// Factor applied to every row as it is read: normalisation's c (default 1).
+    pub scale: f32,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            batch_size: 4096,
+            buffer_rows: None,
+            buffer_bytes: 4 << 30,
+            chunk_rows: 1024,
+            prefetch: 2,
+            seed: 0,
+            skip_non_finite: false,
+            scale: 1.0,
+        }
+    }
+}
+
+/// The largest buffer a slot index (u32) can address.
+const MAX_BUFFER_ROWS: usize = u32::MAX as usize;
+
+impl LoaderConfig {
+    /// Checks every field.
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
+        use ConfigError as E;
+        if self.batch_size == 0 {
+            return Err(E::ZeroBatchSize);
+        }
+        if let Some(rows) = self.buffer_rows {
+            if rows == 0 || rows > MAX_BUFFER_ROWS {
+                return Err(E::BufferRows(rows));
+            }
+        }
+        if self.buffer_bytes == 0 {
+            return Err(E::ZeroBufferBytes);
+        }
+        if self.chunk_rows == 0 {
+            return Err(E::ZeroChunkRows);
+        }
+        if self.prefetch == 0 {
+            return Err(E::ZeroPrefetch);
+        }
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return Err(E::InputScale(self.scale));
+        }
+        Ok(())
+    }
+
+    /// Rows the buffer will hold for a dataset of `n_rows` rows of width `d_model`.
+    pub fn buffer_capacity(&self, n_rows: u64, d_model: usize) -> usize {
+        let rows = self.buffer_rows.unwrap_or_else(|| {
+            let fits = self.buffer_bytes / (4 * d_model as u64).max(1);
+            fits.clamp(1, 1 << 20) as usize
+        });
+        rows.min(usize::try_from(n_rows).unwrap_or(usize::MAX))
+    }
+}
+
+/// Where a [`Batcher`] stands: restoring it gives the batches an uninterrupted run would have
+/// seen next. Small except for `slot_rows`, 8 bytes per buffered row.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// Epochs completed.
+    pub epoch: u64,
+    /// Rows of this epoch's chunk stream already read into the buffer (or skipped).
+    pub stream_pos: u64,
+    /// Position of the draw generator (ChaCha8 word position).
+    pub rng_word_pos: u128,
+    /// Non-finite rows skipped so far.
+    pub skipped_rows: u64,
+    /// The source row in each occupied buffer slot.
+    pub slot_rows: Vec<u64>,
+    /// Identity of the data and loader the cursor belongs to, checked on restore.
+    pub n_rows: u64,
+    /// See `n_rows`.
+    pub seed: u64,
+    /// See `n_rows`.
+    pub chunk_rows: usize,
+}
+
+/// What one batch changed in a [`Cursor`]: the slots it wrote and where things stand after.
+/// The prefetch thread sends these so the consumer's cursor follows the batches it received,
+/// not the ones made ahead.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CursorDelta {
+    writes: Vec<(u32, u64)>,
+    len: usize,
+    epoch: u64,
+    stream_pos: u64,
+    rng_word_pos: u128,
+    skipped_rows: u64,
+}
+
+impl Cursor {
+    /// Applies the changes of one batch, in the order they were made.
+    pub(crate) fn apply(&mut self, delta: &CursorDelta) {
+        for &(slot, row) in &delta.writes {
+            let slot = slot as usize;
+            if slot >= self.slot_rows.len() {
+                self.slot_rows.resize(slot + 1, 0);
+            }
+            self.slot_rows[slot] = row;
+        }
+        // Slots below the final length that no write touched were never emptied: a buffer
+        // only shrinks below a slot by draining, and refilling after a drain writes the slot.
+        self.slot_rows.resize(delta.len, 0);
+        self.epoch = delta.epoch;
+        self.stream_pos = delta.stream_pos;
+        self.rng_word_pos = delta.rng_word_pos;
+        self.skipped_rows = delta.skipped_rows;
+    }
+}
+
+/// Makes shuffled batches from a [`Source`], synchronously. [`super::Prefetcher`] runs one on
+/// a background thread.
+///
+/// Memory: the buffer (capacity × D f32) plus, per epoch, 8 bytes per chunk. After an error
+/// the batcher is spent; build a new one (or restore a [`Cursor`]).
+pub struct Batcher<S> {
+    source: S,
+    config: LoaderConfig,
+    d_model: usize,
+    n_rows: u64,
+    capacity: usize,
+    epoch: u64,
+    /// Chunk indices in this epoch's order.
+    order: Vec<u64>,
+    /// Stream position at which each chunk of `order` starts, plus the total.
+    order_starts: Vec<u64>,
+    stream_pos: u64,
+    rng: ChaCha8Rng,
+    /// capacity × D rows; slot i holds source row `slot_rows[i]` for i < `slot_rows.len()`.
+    buf: Vec<f32>,
+    slot_rows: Vec<u64>,
+    skipped_rows: u64,
+    /// Slot writes since the last `take_delta`, kept only for the prefetch thread.
+    log: Option<Vec<(u32, u64)>>,
+}
+
+/// A pointer to the buffer that tasks share; each task writes only its own distinct slots.
+#[derive(Clone, Copy)]
+struct SlotsPtr(*mut f32);
+// SAFETY: used only in `Batcher::read_into_slots`, whose tasks touch pairwise distinct slots.
+unsafe impl Send for SlotsPtr {}
+unsafe impl Sync for SlotsPtr {}
+
+impl SlotsPtr {
+    /// Slot `slot` of a buffer of D-wide rows.
+    ///
+    /// # Safety
+    /// The slot lies inside the buffer and no other live reference touches it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row<'a>(self, slot: usize, d: usize) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(slot * d), d)
+    }
+}
+
+impl<S: Source> Batcher<S> {
+    /// A batcher at the start of epoch 0. Nothing is read until the first batch.
+    pub fn new(source: S, config: LoaderConfig) -> Result<Self> {
+        config.validate()?;
+        let (d_model, n_rows) = (source.d_model(), source.n_rows());
+        if n_rows == 0 || d_model == 0 {
+            return Err(crate::Error::Empty {
+                what: "data source".into(),
+            });
+        }
+        let capacity = config.buffer_capacity(n_rows, d_model);
+        let mut batcher = Batcher {
+            source,
+            d_model,
+            n_rows,
+            capacity,
+            epoch: 0,
+            order: Vec::new(),
+            order_starts: Vec::new(),
+            stream_pos: 0,
+            rng: ChaCha8Rng::seed_from_u64(config.seed),
+            // Zeroed pages come from the OS untouched: a buffer bigger than the data a run
+            // reaches costs no memory.
+            buf: vec![0.0; capacity * d_model],
+            slot_rows: Vec::with_capacity(capacity),
+            skipped_rows: 0,
+            log: None,
+            config,
+        };
+        batcher.set_epoch(0);
+        Ok(batcher)
+    }
+
+    /// A batcher that continues where `cursor` was taken: with the same source and config it
+    /// yields the batches the original would have yielded next.
+    pub fn with_cursor(source: S, config: LoaderConfig, cursor: &Cursor) -> Result<Self> {
+        let mut batcher = Batcher::new(source, config)?;
+        let mismatch = |what: String| crate::Error::from(DataError::Cursor(what));
+        if cursor.n_rows != batcher.n_rows {
+            return Err(mismatch(format!(
+                "it was taken on {} rows, this dataset has {}",
+                cursor.n_rows, batcher.n_rows
+            )));
+        }
+        if cursor.seed != batcher.config.seed || cursor.chunk_rows != batcher.config.chunk_rows {
+            return Err(mismatch(format!(
+                "it was taken with seed {} and chunk_rows {}, not {} and {}",
+                cursor.seed, cursor.chunk_rows, batcher.config.seed, batcher.config.chunk_rows
+            )));
+        }
+        if cursor.slot_rows.len() > batcher.capacity
+            || cursor.stream_pos > batcher.n_rows
+            || cursor.slot_rows.iter().any(|&r| r >= batcher.n_rows)
+        {
+            return Err(mismatch(format!(
+                "it holds {} buffered rows, more than this buffer's {} or outside the dataset",
+                cursor.slot_rows.len(),
+                batcher.capacity
+            )));
+        }
+        batcher.set_epoch(cursor.epoch);
+        batcher.stream_pos = cursor.stream_pos;
+        batcher.rng.set_word_pos(cursor.rng_word_pos);
+        batcher.skipped_rows = cursor.skipped_rows;
+        batcher.slot_rows = cursor.slot_rows.clone();
+        let rows = batcher.slot_rows.clone();
+        let slots: Vec<usize> = (0..rows.len()).collect();
+        let bad = batcher.read_into_slots(&slots, &rows, None)?;
+        if let Some(&j) = bad.first() {
+            return Err(DataError::NonFinite {
+                location: batcher.source.locate(rows[j]),
+            }
+            .into());
+        }
+        Ok(batcher)
+    }
+
+    /// D.
+    pub fn d_model(&self) -> usize {
+        self.d_model
+    }
+
+    /// Rows the source holds.
+    pub fn n_rows(&self) -> u64 {
+        self.n_rows
+    }
+
+    /// Rows the shuffle buffer holds when full.
+    pub fn buffer_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LoaderConfig {
+        &self.config
+    }
+
+    /// Epochs completed so far.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Non-finite rows skipped so far (with `skip_non_finite`; each epoch meets them again).
+    pub fn skipped_rows(&self) -> u64 {
+        self.skipped_rows
+    }
+
+    /// Where the batcher stands, to restore with [`Batcher::with_cursor`].
+    pub fn cursor(&self) -> Cursor {
+        Cursor {
+            epoch: self.epoch,
+            stream_pos: self.stream_pos,
+            rng_word_pos: self.rng.get_word_pos(),
+            skipped_rows: self.skipped_rows,
+            slot_rows: self.slot_rows.clone(),
+            n_rows: self.n_rows,
+            seed: self.config.seed,
+            chunk_rows: self.config.chunk_rows,
+        }
+    }
+
+    /// The next batch of `batch_size` rows.
+    pub fn next_batch(&mut self) -> Result<Array2<f32>> {
+        let mut x_bd = Array2::zeros((self.config.batch_size, self.d_model));
+        self.fill_batch(x_bd.view_mut())?;
+        Ok(x_bd)
+    }
+
+    /// Fills every row of `x_bd` (any number of rows, D columns, standard layout) with the
+    /// next rows of the shuffled stream, reusing its memory.
+    pub fn fill_batch(&mut self, mut x_bd: ArrayViewMut2<'_, f32>) -> Result<()> {
+        let d = self.d_model;
+        check_shape("batch x_bd", x_bd.shape(), &[x_bd.nrows(), d])?;
+        let out = x_bd.as_slice_mut().ok_or_else(|| crate::Error::Shape {
+            what: "batch x_bd (must be in standard layout)".into(),
+            expected: vec![0, d],
+            got: vec![0, d],
+        })?;
+        let mut filled = 0;
+        while filled < out.len() {
+            if self.slot_rows.is_empty() {
+                if self.stream_pos == self.n_rows {
+                    self.set_epoch(self.epoch + 1);
+                }
+                self.fill_buffer()?;
+            }
+            let m = ((out.len() - filled) / d).min(self.slot_rows.len());
+            self.draw(m, &mut out[filled..filled + m * d])?;
+            filled += m * d;
+        }
+        Ok(())
+    }
+
+    /// Starts recording slot writes, for [`Batcher::take_delta`].
+    pub(crate) fn record_deltas(&mut self) {
+        self.log = Some(Vec::new());
+    }
+
+    /// The changes since the last call, with where things stand now.
+    pub(crate) fn take_delta(&mut self) -> CursorDelta {
+        CursorDelta {
+            writes: self.log.as_mut().map(std::mem::take).unwrap_or_default(),
+            len: self.slot_rows.len(),
+            epoch: self.epoch,
+            stream_pos: self.stream_pos,
+            rng_word_pos: self.rng.get_word_pos(),
+            skipped_rows: self.skipped_rows,
+        }
+    }
+
+    /// Begins epoch `epoch`: its chunk order comes from its own generator stream, so any
+    /// epoch's order can be rebuilt from the seed alone.
+    fn set_epoch(&mut self, epoch: u64) {
+        let chunk = self.config.chunk_rows as u64;
+        let n_chunks = self.n_rows.div_ceil(chunk);
+        self.order = (0..n_chunks).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
+        rng.set_stream(epoch + 1);
+        self.order.shuffle(&mut rng);
+        self.order_starts.clear();
+        self.order_starts.push(0);
+        for &c in &self.order {
+            let len = (self.n_rows - c * chunk).min(chunk);
+            self.order_starts
+                .push(self.order_starts.last().unwrap() + len);
+        }
+        self.epoch = epoch;
+        self.stream_pos = 0;
+    }
+
+    /// The source rows at stream positions `pos..pos + n`.
+    fn stream_rows(&self, pos: u64, n: usize) -> Vec<u64> {
+        let chunk = self.config.chunk_rows as u64;
+        let mut rows = Vec::with_capacity(n);
+        let mut i = self.order_starts.partition_point(|&s| s <= pos) - 1;
+        let mut at = pos;
+        while rows.len() < n {
+            let (start, end) = (self.order_starts[i], self.order_starts[i + 1]);
+            let base = self.order[i] * chunk;
+            let take = ((end - at) as usize).min(n - rows.len());
+            rows.extend((0..take as u64).map(|t| base + (at - start) + t));
+            at += take as u64;
+            i += 1;
+        }
+        rows
+    }
+
+    /// Fills the empty buffer from the stream.
+    fn fill_buffer(&mut self) -> Result<()> {
+        let n = (self.n_rows - self.stream_pos).min(self.capacity as u64) as usize;
+        self.slot_rows.resize(n, 0);
+        let slots: Vec<usize> = (0..n).collect();
+        let holes = self.refill(&slots, None)?;
+        self.compact(holes);
+        if self.slot_rows.is_empty() {
+            return Err(DataError::NoFiniteRows.into());
+        }
+        Ok(())
+    }
+
+    /// Moves `m` rows from distinct random slots into `out` and refills the slots.
+    fn draw(&mut self, m: usize, out: &mut [f32]) -> Result<()> {
+        // Distinct slots: the copies and refills of one batch never touch the same row.
+        let slots = rand::seq::index::sample(&mut self.rng, self.slot_rows.len(), m).into_vec();
+        let holes = self.refill(&slots, Some(out))?;
+        self.compact(holes);
+        Ok(())
+    }
+
+    /// Copies each slot of `slots` to its row of `out` (if given), then refills the slots with
+    /// the next stream rows. Returns the slots left empty because the stream ran out.
+    fn refill(&mut self, slots: &[usize], out: Option<&mut [f32]>) -> Result<Vec<usize>> {
+        let fresh = (slots.len() as u64).min(self.n_rows - self.stream_pos) as usize;
+        let rows = self.stream_rows(self.stream_pos, fresh);
+        self.stream_pos += fresh as u64;
+        let bad = self.read_into_slots(slots, &rows, out)?;
+        for (&slot, &row) in slots.iter().zip(&rows) {
+            self.slot_rows[slot] = row;
+        }
+        let mut holes = slots[fresh..].to_vec();
+        for &j in &bad {
+            if !self.config.skip_non_finite {
+                return Err(DataError::NonFinite {
+                    location: self.source.locate(rows[j]),
+                }
+                .into());
+            }
+            // Replace the bad row with the next good one, or leave a hole at the stream's end.
+            self.skipped_rows += 1;
+            let slot = slots[j];
+            loop {
+                if self.stream_pos == self.n_rows {
+                    holes.push(slot);
+                    break;
+                }
+                let row = self.stream_rows(self.stream_pos, 1)[0];
+                self.stream_pos += 1;
+                if self.read_into_slots(&[slot], &[row], None)?.is_empty() {
+                    self.slot_rows[slot] = row;
+                    break;
+                }
+                self.skipped_rows += 1;
+            }
+        }
+        if let Some(log) = &mut self.log {
+            log.extend(
+                slots
+                    .iter()
+                    .filter(|s| !holes.contains(s))
+                    .map(|&s| (s as u32, self.slot_rows[s])),
+            );
+        }
+        Ok(holes)
+    }
+
+    /// In parallel: copies slot `slots[j]` to row j of `out` (if given), then, for j <
+    /// `rows.len()`, reads source row `rows[j]` into that slot, scaled. Returns the j whose
+    /// new row is not finite, ascending.
+    fn read_into_slots(
+        &mut self,
+        slots: &[usize],
+        rows: &[u64],
+        out: Option<&mut [f32]>,
+    ) -> Result<Vec<usize>> {
+        let d = self.d_model;
+        let buf = SlotsPtr(self.buf.as_mut_ptr());
+        let (source, scale) = (&self.source, self.config.scale);
+        let task =
+            |j: usize, out_row: Option<&mut [f32]>| -> std::result::Result<bool, DataError> {
+                // SAFETY: `slots` are distinct and below capacity, so each task owns its row.
+                let slot = unsafe { buf.row(slots[j], d) };
+                if let Some(out_row) = out_row {
+                    out_row.copy_from_slice(slot);
+                }
+                let Some(&row) = rows.get(j) else {
+                    return Ok(false);
+                };
+                source.read_rows(row, slot)?;
+                if scale != 1.0 {
+                    slot.iter_mut().for_each(|v| *v *= scale);
+                }
+                Ok(slot.iter().any(|v| !v.is_finite()))
+            };
+        let bad: Vec<bool> = match out {
+            Some(out) => out
+                .par_chunks_mut(d)
+                .enumerate()
+                .map(|(j, o)| task(j, Some(o)))
+                .collect::<std::result::Result<_, _>>()?,
+            None => (0..slots.len())
+                .into_par_iter()
+                .map(|j| task(j, None))
+                .collect::<std::result::Result<_, _>>()?,
+        };
+        Ok(bad
+            .iter()
+            .enumerate()
+            .filter_map(|(j, &b)| b.then_some(j))
+            .collect())
+    }
+
+    /// Closes the holes a drained stream left by moving the buffer's last rows into them.
+    fn compact(&mut self, mut holes: Vec<usize>) {
+        if holes.is_empty() {
+            return;
+        }
+        holes.sort_unstable();
+        let d = self.d_model;
+        let new_len = self.slot_rows.len() - holes.len();
+        let tail: Range<usize> = new_len..self.slot_rows.len();
+        let sources = tail.filter(|s| holes.binary_search(s).is_err());
+        let targets = holes.iter().copied().filter(|&h| h < new_len);
+        for (to, from) in targets.zip(sources) {
+            self.buf.copy_within(from * d..(from + 1) * d, to * d);
+            self.slot_rows[to] = self.slot_rows[from];
+            if let Some(log) = &mut self.log {
+                log.push((to as u32, self.slot_rows[to]));
+            }
+        }
+        self.slot_rows.truncate(new_len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation_names_each_field() {
+        let ok = LoaderConfig::default();
+        assert_eq!(ok.validate(), Ok(()));
+        let cases: Vec<(LoaderConfig, ConfigError)> = vec![
+            (
+                LoaderConfig {
+                    batch_size: 0,
+                    ..ok.clone()
+                },
+                ConfigError::ZeroBatchSize,
+            ),
+            (
+                LoaderConfig {
+                    buffer_rows: Some(0),
+                    ..ok.clone()
+                },
+                ConfigError::BufferRows(0),
+            ),
+            (
+                LoaderConfig {
+                    buffer_bytes: 0,
+                    ..ok.clone()
+                },
+                ConfigError::ZeroBufferBytes,
+            ),
+            (
+                LoaderConfig {
+                    chunk_rows: 0,
+                    ..ok.clone()
+                },
+                ConfigError::ZeroChunkRows,
+            ),
+            (
+                LoaderConfig {
+                    prefetch: 0,
+                    ..ok.clone()
+                },
+                ConfigError::ZeroPrefetch,
+            ),
+            (
+                LoaderConfig {
+                    scale: f32::NAN,
+                    ..ok.clone()
+                },
+                ConfigError::InputScale(f32::NAN),
+            ),
+            (
+                LoaderConfig {
+                    scale: -1.0,
+                    ..ok.clone()
+                },
+                ConfigError::InputScale(-1.0),
+            ),
+        ];
+        for (config, expected) in cases {
+            let got = config.validate().unwrap_err();
+            // NaN ≠ NaN: compare the messages, which name the field.
+            assert_eq!(got.to_string(), expected.to_string());
+        }
+    }
+
+    #[test]
+    fn buffer_capacity_follows_budget_and_dataset() {
+        let config = LoaderConfig::default();
+        assert_eq!(config.buffer_capacity(1 << 30, 768), 1 << 20);
+        assert_eq!(
+            config.buffer_capacity(1 << 30, 4096),
+            (4usize << 30) / (4 * 4096)
+        );
+        assert_eq!(config.buffer_capacity(1000, 768), 1000);
+        let fixed = LoaderConfig {
+            buffer_rows: Some(77),
+            ..config
+        };
+        assert_eq!(fixed.buffer_capacity(1 << 30, 768), 77);
+    }
+}
