@@ -73,3 +73,37 @@ pub fn random_sae(arch: Architecture, d: usize, f: usize, seed: u64) -> Sae {
     };
     Sae::from_parts(config, w_enc, b_enc, w_dec, b_dec).unwrap()
 }
+
+/// Writes a format-1.0 `.npy` file by hand: `descr` as numpy spells it (`<f4`, `<f2`, ...),
+/// C order, the given shape, and `data` as the raw little-endian bytes.
+pub fn write_npy(path: &std::path::Path, descr: &str, shape: &[usize], data: &[u8]) {
+    let dims: String = shape.iter().map(|n| format!("{n}, ")).collect();
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}");
+    // Magic (6) + version (2) + length (2) + header + '\n' is a multiple of 64, as numpy pads.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    bytes.extend(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// `values` as float16 `.npy` bytes.
+pub fn f16_bytes(values: &[f32]) -> Vec<u8> {
+    values
+        .iter()
+        .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+        .collect()
+}
+
+/// A fresh empty directory under the system's temporary directory, unique to `name` and this
+/// process.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sae-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

@@ -1,0 +1,477 @@
+//! The data pipeline as a user drives it: shuffle guarantees, determinism, prefetch, cursors,
+//! bad rows, the held-out split, normalisation's fold, and training from float16 shards.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use common::{f16_bytes, synthetic_batch, temp_dir, write_npy};
+use ndarray::{Array2, Axis};
+use sparse_autoencoder::backend::Cpu;
+use sparse_autoencoder::data::{
+    estimate_scale, holdout, Batcher, Cursor, DataError, LoaderConfig, NpyShards, Prefetcher,
+    Source,
+};
+use sparse_autoencoder::{Architecture, Error, Sae, SaeConfig, TrainConfig, Trainer};
+
+/// n rows of width 3 whose first entry is the row's index, so batches say which rows they hold.
+fn numbered(n: usize) -> Arc<Array2<f32>> {
+    Arc::new(Array2::from_shape_fn((n, 3), |(i, j)| {
+        if j == 0 {
+            i as f32
+        } else {
+            (i * j) as f32 * 0.5
+        }
+    }))
+}
+
+/// The row indices of the next `n_batches` batches, in order.
+fn ids<S: Source>(batcher: &mut Batcher<S>, n_batches: usize) -> Vec<u64> {
+    (0..n_batches)
+        .flat_map(|_| {
+            let x_bd = batcher.next_batch().unwrap();
+            check_rows(&x_bd);
+            x_bd.column(0).iter().map(|&v| v as u64).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Every row is intact: the other columns match the index in column 0.
+fn check_rows(x_bd: &Array2<f32>) {
+    for row in x_bd.rows() {
+        let i = row[0] as usize;
+        assert_eq!(row[1], i as f32 * 0.5, "row {i} arrived corrupted");
+        assert_eq!(row[2], (2 * i) as f32 * 0.5, "row {i} arrived corrupted");
+    }
+}
+
+fn config(batch_size: usize, buffer_rows: Option<usize>, chunk_rows: usize) -> LoaderConfig {
+    LoaderConfig {
+        batch_size,
+        buffer_rows,
+        chunk_rows,
+        seed: 7,
+        ..LoaderConfig::default()
+    }
+}
+
+#[test]
+fn every_row_is_used_once_per_epoch_in_a_fresh_order() {
+    // (rows, buffer, chunk, batch): buffer smaller than the data, holding all of it, a batch
+    // larger than the dataset, single-row chunks and batches that do not divide the data.
+    for (n, buffer, chunk, batch) in [
+        (1000, Some(100), 7, 64),
+        (1000, None, 1024, 33),
+        (10, Some(3), 1, 4),
+        (257, Some(256), 16, 1000),
+        (5000, Some(1000), 100, 1),
+    ] {
+        let mut batcher = Batcher::new(numbered(n), config(batch, buffer, chunk)).unwrap();
+        let epochs = 3;
+        let n_batches = (epochs * n).div_ceil(batch);
+        let seen = ids(&mut batcher, n_batches);
+        let mut orders = Vec::new();
+        for e in 0..epochs {
+            let epoch = &seen[e * n..(e + 1) * n];
+            let mut sorted = epoch.to_vec();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..n as u64).collect::<Vec<_>>(), "n={n} epoch {e}");
+            orders.push(epoch.to_vec());
+        }
+        let identity: Vec<u64> = (0..n as u64).collect();
+        assert_ne!(orders[0], identity, "n={n}: not shuffled");
+        assert_ne!(orders[0], orders[1], "n={n}: epochs repeat their order");
+        assert!(batcher.epoch() >= 2);
+    }
+}
+
+#[test]
+fn the_seed_fixes_the_batches() {
+    let make = |seed| {
+        let mut batcher = Batcher::new(
+            numbered(3000),
+            LoaderConfig {
+                seed,
+                ..config(256, Some(500), 50)
+            },
+        )
+        .unwrap();
+        ids(&mut batcher, 30)
+    };
+    assert_eq!(make(1), make(1));
+    assert_ne!(make(1), make(2));
+}
+
+#[test]
+fn prefetched_batches_are_the_synchronous_ones() {
+    let config = config(100, Some(300), 16);
+    let mut sync = Batcher::new(numbered(1234), config.clone()).unwrap();
+    let mut prefetcher = Prefetcher::new(Batcher::new(numbered(1234), config).unwrap());
+    for _ in 0..40 {
+        let expected = sync.next_batch().unwrap();
+        let batch = prefetcher.next_batch().unwrap();
+        assert_eq!(batch.view(), expected.view());
+    }
+}
+
+#[test]
+fn a_restored_cursor_continues_the_uninterrupted_stream() {
+    // Epoch boundaries fall inside the run (1234 rows, 100 a batch).
+    let config = config(100, Some(300), 16);
+    let mut reference = Batcher::new(numbered(1234), config.clone()).unwrap();
+    let all = ids(&mut reference, 60);
+    for cut in [0, 1, 12, 13, 37] {
+        // From the synchronous batcher.
+        let mut first = Batcher::new(numbered(1234), config.clone()).unwrap();
+        ids(&mut first, cut);
+        let cursor = first.cursor();
+        // Cursors survive a round trip through JSON, as checkpoints store them.
+        let cursor: Cursor =
+            serde_json::from_str(&serde_json::to_string(&cursor).unwrap()).unwrap();
+        let mut resumed = Batcher::with_cursor(numbered(1234), config.clone(), &cursor).unwrap();
+        assert_eq!(ids(&mut resumed, 60 - cut), all[cut * 100..], "cut {cut}");
+
+        // From the prefetcher, whose thread has made batches beyond the cut.
+        let mut prefetcher = Prefetcher::new(Batcher::new(numbered(1234), config.clone()).unwrap());
+        for _ in 0..cut {
+            prefetcher.next_batch().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let cursor = prefetcher.cursor().clone();
+        drop(prefetcher);
+        let mut resumed = Batcher::with_cursor(numbered(1234), config.clone(), &cursor).unwrap();
+        assert_eq!(
+            ids(&mut resumed, 60 - cut),
+            all[cut * 100..],
+            "prefetched, cut {cut}"
+        );
+    }
+}
+
+#[test]
+fn a_cursor_from_other_data_or_options_is_rejected() {
+    let mut batcher = Batcher::new(numbered(500), config(10, Some(50), 8)).unwrap();
+    ids(&mut batcher, 3);
+    let cursor = batcher.cursor();
+    let err = |result: sparse_autoencoder::Result<Batcher<Arc<Array2<f32>>>>| match result {
+        Err(Error::Data(DataError::Cursor(_))) => {}
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("accepted a foreign cursor"),
+    };
+    err(Batcher::with_cursor(
+        numbered(501),
+        config(10, Some(50), 8),
+        &cursor,
+    ));
+    err(Batcher::with_cursor(
+        numbered(500),
+        config(10, Some(50), 9),
+        &cursor,
+    ));
+    err(Batcher::with_cursor(
+        numbered(500),
+        LoaderConfig {
+            seed: 8,
+            ..config(10, Some(50), 8)
+        },
+        &cursor,
+    ));
+    err(Batcher::with_cursor(
+        numbered(500),
+        config(10, Some(20), 8),
+        &cursor,
+    ));
+}
+
+/// `numbered(n)` with NaN or Inf in rows `bad`.
+fn with_bad_rows(n: usize, bad: &[usize]) -> Arc<Array2<f32>> {
+    let mut x = (*numbered(n)).clone();
+    for (t, &r) in bad.iter().enumerate() {
+        x[[r, 1 + t % 2]] = if t % 2 == 0 {
+            f32::NAN
+        } else {
+            f32::NEG_INFINITY
+        };
+    }
+    Arc::new(x)
+}
+
+#[test]
+fn a_non_finite_row_stops_the_loader_with_its_location() {
+    let mut batcher = Batcher::new(with_bad_rows(200, &[123]), config(50, Some(64), 8)).unwrap();
+    let err = (0..10)
+        .find_map(|_| batcher.next_batch().err())
+        .expect("the bad row was served");
+    assert!(
+        matches!(err, Error::Data(DataError::NonFinite { .. })),
+        "{err}"
+    );
+    assert!(err.to_string().contains("row 123"), "{err}");
+
+    // Through the prefetcher the error arrives as the batch that would hold the row.
+    let mut prefetcher =
+        Prefetcher::new(Batcher::new(with_bad_rows(200, &[5]), config(50, Some(64), 8)).unwrap());
+    let err = (0..10).find_map(|_| prefetcher.next_batch().err()).unwrap();
+    assert!(err.to_string().contains("row 5"), "{err}");
+    // The loader is spent, and says so instead of hanging.
+    assert!(prefetcher.next_batch().is_err());
+}
+
+#[test]
+fn skipped_non_finite_rows_are_counted_and_never_served() {
+    let bad = [0, 17, 18, 199];
+    let config = LoaderConfig {
+        skip_non_finite: true,
+        ..config(30, Some(40), 8)
+    };
+    let mut batcher = Batcher::new(with_bad_rows(200, &bad), config.clone()).unwrap();
+    let good = 200 - bad.len();
+    let seen = ids(&mut batcher, (2 * good).div_ceil(30));
+    for e in 0..2 {
+        let mut epoch = seen[e * good..(e + 1) * good].to_vec();
+        epoch.sort_unstable();
+        let expected: Vec<u64> = (0..200).filter(|r| !bad.contains(&(*r as usize))).collect();
+        assert_eq!(epoch, expected, "epoch {e}");
+    }
+    // Both epochs were streamed in full; the third may have begun.
+    assert!(
+        (8..=12).contains(&batcher.skipped_rows()),
+        "{}",
+        batcher.skipped_rows()
+    );
+    // Restoring mid-stream in skip mode gives the same continuation.
+    let mut first = Batcher::new(with_bad_rows(200, &bad), config.clone()).unwrap();
+    let all = ids(&mut first, 20);
+    let mut cut = Batcher::new(with_bad_rows(200, &bad), config.clone()).unwrap();
+    ids(&mut cut, 7);
+    let mut resumed =
+        Batcher::with_cursor(with_bad_rows(200, &bad), config, &cut.cursor()).unwrap();
+    assert_eq!(ids(&mut resumed, 13), all[7 * 30..]);
+}
+
+#[test]
+fn a_dataset_of_only_non_finite_rows_is_an_error() {
+    let config = LoaderConfig {
+        skip_non_finite: true,
+        ..config(4, None, 2)
+    };
+    let mut batcher = Batcher::new(with_bad_rows(3, &[0, 1, 2]), config).unwrap();
+    assert!(matches!(
+        batcher.next_batch(),
+        Err(Error::Data(DataError::NoFiniteRows))
+    ));
+}
+
+#[test]
+fn non_finite_locations_name_the_file_and_index() {
+    let dir = temp_dir("nonfinite-location");
+    let mut values = vec![0.5f32; 2 * 3 * 4];
+    values[(3 + 2) * 4 + 1] = f32::NAN; // sequence 1, token 2
+    write_npy(
+        &dir.join("acts.npy"),
+        "<f2",
+        &[2, 3, 4],
+        &f16_bytes(&values),
+    );
+    let shards = NpyShards::open(&[dir.join("acts.npy")]).unwrap();
+    let mut batcher = Batcher::new(shards, config(6, None, 2)).unwrap();
+    let err = batcher.next_batch().unwrap_err().to_string();
+    assert!(err.contains("acts.npy row 5 (index [1, 2])"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_scale_multiplies_every_row() {
+    let x = numbered(50);
+    let mut plain = Batcher::new(x.clone(), config(50, None, 8)).unwrap();
+    let mut scaled = Batcher::new(
+        x,
+        LoaderConfig {
+            scale: 0.25,
+            ..config(50, None, 8)
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        scaled.next_batch().unwrap(),
+        plain.next_batch().unwrap() * 0.25
+    );
+}
+
+#[test]
+fn held_out_rows_never_reach_training() {
+    let x = numbered(5000);
+    let (train, eval) = holdout(x, 0.1, 3).unwrap();
+    let held: HashSet<u64> = {
+        let mut out = vec![0.0; eval.n_rows() as usize * 3];
+        eval.read_rows(0, &mut out).unwrap();
+        out.chunks(3).map(|r| r[0] as u64).collect()
+    };
+    assert_eq!(held.len(), 500);
+    let mut batcher = Batcher::new(train, config(128, Some(700), 32)).unwrap();
+    let seen = ids(&mut batcher, 2 * 4500 / 128);
+    assert!(seen.iter().all(|r| !held.contains(r)));
+    assert_eq!(seen.iter().collect::<HashSet<_>>().len(), 4500);
+}
+
+#[test]
+fn a_folded_sae_on_raw_x_matches_the_trained_sae_on_scaled_x() {
+    let (d, f) = (12, 48);
+    let x_bd = synthetic_batch(256, d, 5) * 37.0;
+    let c = estimate_scale(&x_bd.view(), 0, false).unwrap();
+    assert!(
+        (c * 37.0 - 1.0).abs() > 0.05,
+        "the test needs a scale far from 1"
+    );
+    let scaled_bd = &x_bd * c;
+    for arch in [
+        Architecture::Relu,
+        Architecture::TopK { k: 4 },
+        Architecture::BatchTopK { k: 4 },
+    ] {
+        let config = SaeConfig {
+            d_model: d,
+            dict_size: f,
+            arch,
+        };
+        let train = TrainConfig {
+            total_steps: 30,
+            warmup_steps: 2,
+            sparsity_warmup_steps: 5,
+            threshold_start_step: 2,
+            lr: Some(1e-2),
+            ..TrainConfig::default()
+        };
+        let mut trainer = Trainer::new(Sae::new(config, 1).unwrap(), train).unwrap();
+        for _ in 0..30 {
+            trainer.step(scaled_bd.view()).unwrap();
+        }
+        let trained = trainer.into_sae();
+        assert!(trained.b_dec_d().iter().any(|&v| v != 0.0));
+        let mut folded = trained.clone();
+        folded.fold_input_scale(c).unwrap();
+
+        let codes_scaled = trained.encode(&Cpu, scaled_bd.view()).unwrap();
+        let codes_raw = folded.encode(&Cpu, x_bd.view()).unwrap();
+        assert_eq!(
+            codes_raw.indices, codes_scaled.indices,
+            "{arch:?}: other latents fire"
+        );
+        assert_eq!(codes_raw.indptr, codes_scaled.indptr);
+        // ReLU's codes also carry the decoder norm that moved into the encoder.
+        let norms: Vec<f32> = trained
+            .w_dec_fd()
+            .rows()
+            .into_iter()
+            .map(|r| {
+                if arch == Architecture::Relu {
+                    r.dot(&r).sqrt()
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        for ((&j, &raw), &scaled) in codes_raw
+            .indices
+            .iter()
+            .zip(&codes_raw.values)
+            .zip(&codes_scaled.values)
+        {
+            let expected = scaled * norms[j as usize] / c;
+            assert!(
+                (raw - expected).abs() <= 1e-4 * expected.abs().max(1e-3),
+                "{arch:?}"
+            );
+        }
+        let x_hat_raw = folded.decode(&codes_raw).unwrap();
+        let x_hat_scaled = trained.decode(&codes_scaled).unwrap();
+        let err = common::rel_err(&(x_hat_raw * c), &x_hat_scaled);
+        assert!(
+            err < 1e-5,
+            "{arch:?}: reconstruction relation off by {err:e}"
+        );
+        if arch == (Architecture::BatchTopK { k: 4 }) {
+            assert_eq!(folded.threshold(), trained.threshold().map(|t| t / c));
+        }
+        if arch == Architecture::Relu {
+            for row in folded.w_dec_fd().rows() {
+                assert!((row.dot(&row).sqrt() - 1.0).abs() < 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn training_runs_from_a_directory_of_float16_sequence_shards() {
+    let dir = temp_dir("f16-shards");
+    let (d, seq, tok) = (16, 8, 32);
+    let mut all = Vec::new();
+    for shard in 0..4 {
+        let x = synthetic_batch(seq * tok, d, shard) * 3.0;
+        write_npy(
+            &dir.join(format!("layer4_{shard:02}.npy")),
+            "<f2",
+            &[seq, tok, d],
+            &f16_bytes(x.as_slice().unwrap()),
+        );
+        all.push(x);
+    }
+    // A stray file the directory listing must ignore.
+    std::fs::write(dir.join("README.txt"), "not activations").unwrap();
+    let shards = Arc::new(NpyShards::open(&[&dir]).unwrap());
+    assert_eq!(shards.n_rows(), (4 * seq * tok) as u64);
+    assert_eq!(shards.d_model(), d);
+
+    let (train_rows, eval_rows) = holdout(shards, 0.1, 0).unwrap();
+    let c = estimate_scale(&train_rows, 0, false).unwrap();
+    let loader_config = LoaderConfig {
+        batch_size: 128,
+        buffer_rows: Some(300),
+        chunk_rows: 32,
+        scale: c,
+        ..LoaderConfig::default()
+    };
+    let mut loader = Prefetcher::new(Batcher::new(train_rows, loader_config).unwrap());
+    let sae_config = SaeConfig {
+        d_model: d,
+        dict_size: 64,
+        arch: Architecture::TopK { k: 4 },
+    };
+    let steps = 150;
+    let train = TrainConfig {
+        total_steps: steps,
+        warmup_steps: 10,
+        lr: Some(5e-3),
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(Sae::new(sae_config, 0).unwrap(), train).unwrap();
+    let mut first_fve = None;
+    let mut last_fve = 0.0;
+    for _ in 0..steps {
+        let batch = loader.next_batch().unwrap();
+        let stats = trainer.step(batch.view()).unwrap();
+        first_fve.get_or_insert(stats.fve);
+        last_fve = stats.fve;
+    }
+    assert!(
+        last_fve > 0.8 && last_fve > first_fve.unwrap() + 0.2,
+        "fve {first_fve:?} → {last_fve}"
+    );
+
+    // The folded SAE reconstructs the held-out raw rows (f16-rounded) as well as training saw.
+    let mut sae = trainer.into_sae();
+    sae.fold_input_scale(c).unwrap();
+    let mut x_eval = Array2::zeros((eval_rows.n_rows() as usize, d));
+    eval_rows
+        .read_rows(0, x_eval.as_slice_mut().unwrap())
+        .unwrap();
+    let x_hat = sae
+        .decode(&sae.encode(&Cpu, x_eval.view()).unwrap())
+        .unwrap();
+    let mean = x_eval.mean_axis(Axis(0)).unwrap();
+    let total: f32 = (&x_eval - &mean).mapv(|v| v * v).sum();
+    let fve = 1.0 - (&x_eval - &x_hat).mapv(|v| v * v).sum() / total;
+    assert!(fve > 0.75, "held-out fve {fve}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
