@@ -43,6 +43,7 @@ pub mod config;
 pub mod data;
 pub mod dist;
 pub mod error;
+pub mod eval;
 pub mod optim;
 pub mod sae;
 pub mod select;

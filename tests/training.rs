@@ -288,6 +288,8 @@ fn all_zero_rows_d1_f1_and_single_rows_train_without_nan() {
         };
         let (trainer, stats) = train(arch, 8, 64, 1, 12, config);
         assert!(all_finite(trainer.sae()), "{arch:?}");
+        // A single row has no variance to explain.
+        assert!(stats.fve.is_nan(), "{arch:?}: fve {}", stats.fve);
         if arch != Architecture::Relu {
             assert!(stats.dead_fraction > 0.0);
             assert_eq!(stats.aux, 0.0, "{stats:?}");

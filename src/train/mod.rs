@@ -31,7 +31,8 @@ pub struct StepStats {
     pub penalty: f32,
     /// The unweighted extra term: the normalised AuxK loss, or mean_b Σ_j f_bj·n_j.
     pub aux: f32,
-    /// Fraction of variance explained, 1 − mse / mean_b ‖x − x̄‖².
+    /// Fraction of variance explained, 1 − mse / mean_b ‖x − x̄‖²; NaN when the batch has no
+    /// variance (a single row, or identical rows).
     pub fve: f32,
     /// Mean active latents per row.
     pub l0: f32,
@@ -343,7 +344,12 @@ impl Trainer {
         ];
         self.collective.all_reduce_sum_f64(&mut sums[..1]);
         let mse = sums[0] / n_global as f64;
-        let fve = 1.0 - sums[0] / sums[1];
+        // Undefined, not −∞, for a batch without variance (one row, or identical rows).
+        let fve = if sums[1] > 0.0 {
+            1.0 - sums[0] / sums[1]
+        } else {
+            f64::NAN
+        };
 
         // The architecture's penalty.
         let mut aux = 0.0f64;
