@@ -23,15 +23,18 @@ pub struct EvalStats {
     pub l0: f64,
     /// Fraction of latents that fired on none of the rows.
     pub dead_fraction: f64,
+    /// Rows left out because they hold NaN or ±Inf (with `skip_non_finite`).
+    pub skipped_rows: u64,
 }
 
 /// Encodes and decodes every row of `source`, `batch_rows` at a time. A row holding NaN or
-/// ±Inf is an error naming where it lives.
+/// ±Inf is an error naming where it lives, or with `skip_non_finite` is left out and counted.
 pub fn evaluate(
     sae: &Sae,
     backend: &dyn Backend,
     source: &dyn Source,
     batch_rows: usize,
+    skip_non_finite: bool,
 ) -> Result<EvalStats> {
     let (n, d, f) = (
         source.n_rows(),
@@ -40,7 +43,7 @@ pub fn evaluate(
     );
     crate::error::check_shape("evaluation rows", &[0, source.d_model()], &[0, d])?;
     let batch_rows = batch_rows.max(1);
-    let (mut sq_err, mut active) = (0.0f64, 0u64);
+    let (mut sq_err, mut active, mut skipped) = (0.0f64, 0u64, 0u64);
     let (mut sum_d, mut sum_sq_d) = (vec![0.0f64; d], vec![0.0f64; d]);
     let mut fired = vec![false; f];
     let mut x_bd = Array2::zeros((0, d));
@@ -51,14 +54,24 @@ pub fn evaluate(
             x_bd = Array2::zeros((rows, d));
         }
         source.read_rows(start, x_bd.as_slice_mut().expect("standard layout"))?;
-        if let Some(b) = x_bd
+        let finite: Vec<bool> = x_bd
             .axis_iter(Axis(0))
-            .position(|r| r.iter().any(|v| !v.is_finite()))
-        {
-            return Err(DataError::NonFinite {
-                location: source.locate(start + b as u64),
+            .map(|r| r.iter().all(|v| v.is_finite()))
+            .collect();
+        if let Some(b) = finite.iter().position(|&ok| !ok) {
+            if !skip_non_finite {
+                return Err(DataError::NonFinite {
+                    location: source.locate(start + b as u64),
+                }
+                .into());
             }
-            .into());
+            let keep: Vec<usize> = (0..rows).filter(|&b| finite[b]).collect();
+            skipped += (rows - keep.len()) as u64;
+            x_bd = x_bd.select(Axis(0), &keep);
+        }
+        start += rows as u64;
+        if x_bd.nrows() == 0 {
+            continue;
         }
         let codes = sae.encode(backend, x_bd.view())?;
         let x_hat_bd = sae.decode(&codes)?;
@@ -77,7 +90,10 @@ pub fn evaluate(
         for &j in &codes.indices {
             fired[j as usize] = true;
         }
-        start += rows as u64;
+    }
+    let n = n - skipped;
+    if n == 0 {
+        return Err(DataError::NoFiniteRows.into());
     }
     let total_variance: f64 = sum_d
         .iter()
@@ -94,6 +110,7 @@ pub fn evaluate(
         },
         l0: active as f64 / n as f64,
         dead_fraction: fired.iter().filter(|&&x| !x).count() as f64 / f as f64,
+        skipped_rows: skipped,
     })
 }
 
@@ -112,8 +129,8 @@ mod tests {
         };
         let sae = Sae::new(config, 3).unwrap();
         let x_nd = Array2::from_shape_fn((37, 6), |(i, j)| ((i * 7 + j * 3) as f32 * 0.31).sin());
-        let whole = evaluate(&sae, &Cpu, &x_nd.view(), 1000).unwrap();
-        let batched = evaluate(&sae, &Cpu, &x_nd.view(), 5).unwrap();
+        let whole = evaluate(&sae, &Cpu, &x_nd.view(), 1000, false).unwrap();
+        let batched = evaluate(&sae, &Cpu, &x_nd.view(), 5, false).unwrap();
         assert_eq!(whole.n_rows, 37);
         assert!((whole.mse - batched.mse).abs() < 1e-9 * whole.mse.max(1.0));
         assert!((whole.fve - batched.fve).abs() < 1e-9);
@@ -144,9 +161,14 @@ mod tests {
         let sae = Sae::new(config, 0).unwrap();
         let mut x_nd = Array2::<f32>::ones((10, 4));
         x_nd[[8, 1]] = f32::INFINITY;
-        let err = evaluate(&sae, &Cpu, &x_nd.view(), 3).unwrap_err();
+        let err = evaluate(&sae, &Cpu, &x_nd.view(), 3, false).unwrap_err();
         assert!(err.to_string().contains("row 8"), "{err}");
+        let skipping = evaluate(&sae, &Cpu, &x_nd.view(), 3, true).unwrap();
+        let clean = x_nd.select(Axis(0), &[0, 1, 2, 3, 4, 5, 6, 7, 9]);
+        let expected = evaluate(&sae, &Cpu, &clean.view(), 3, false).unwrap();
+        assert_eq!((skipping.n_rows, skipping.skipped_rows), (9, 1));
+        assert!((skipping.mse - expected.mse).abs() < 1e-9);
         let wide = Array2::<f32>::ones((10, 5));
-        assert!(evaluate(&sae, &Cpu, &wide.view(), 3).is_err());
+        assert!(evaluate(&sae, &Cpu, &wide.view(), 3, false).is_err());
     }
 }

@@ -1,7 +1,12 @@
 //! The `sae` binary: a short default-data run succeeds; invalid options exit with status 2 and
 //! a message naming the option, never a panic.
 
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
+
+use common::{f16_bytes, synthetic_batch, temp_dir, write_npy};
 
 fn sae(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sae"))
@@ -97,4 +102,178 @@ fn invalid_options_exit_with_status_2_and_name_the_option() {
 fn unknown_subcommand_is_a_usage_error() {
     let out = sae(&["evaluate"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+/// `rows` rows of width `d` of activation-like data as float16 `.npy` shaped [rows/8, 8, d].
+fn write_shard(path: &Path, rows: usize, d: usize, seed: u64) {
+    let x = synthetic_batch(rows, d, seed);
+    write_npy(
+        path,
+        "<f2",
+        &[rows / 8, 8, d],
+        &f16_bytes(x.as_slice().unwrap()),
+    );
+}
+
+#[test]
+fn trains_on_a_directory_of_shards_and_evaluates_held_out_rows() {
+    let dir = temp_dir("cli-train-data");
+    for shard in 0..3 {
+        write_shard(&dir.join(format!("{shard}.npy")), 512, 16, shard);
+    }
+    let out = sae(&[
+        "train",
+        "--data",
+        dir.to_str().unwrap(),
+        "--normalize",
+        "--eval-fraction",
+        "0.1",
+        "--arch",
+        "topk",
+        "--k",
+        "4",
+        "--steps",
+        "40",
+        "--batch-size",
+        "64",
+        "--log-every",
+        "20",
+        "--threads",
+        "1",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(
+        stdout.contains("D=16, F=128) on 1382 rows from 3 file(s), 154 held out"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("normalising"), "{stdout}");
+    let held_out = stdout
+        .lines()
+        .find(|l| l.starts_with("held-out (154 rows)"))
+        .expect(&stdout);
+    let fve: f64 = held_out
+        .split("fve ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(fve > 0.3, "{stdout}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn non_finite_rows_stop_the_run_or_are_skipped_and_counted() {
+    let dir = temp_dir("cli-nonfinite");
+    let mut x = synthetic_batch(256, 8, 0);
+    x[[100, 3]] = f32::NAN;
+    let path = dir.join("acts.npy");
+    write_npy(
+        &path,
+        "<f4",
+        &[256, 8],
+        &x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>(),
+    );
+    let args = [
+        "train",
+        "--data",
+        path.to_str().unwrap(),
+        "--eval-fraction",
+        "0",
+        "--steps",
+        "10",
+        "--batch-size",
+        "64",
+        "--threads",
+        "1",
+    ];
+    let out = sae(&args);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("acts.npy row 100") && stderr.contains("--skip-non-finite"),
+        "{stderr}"
+    );
+
+    let out = sae(&[&args[..], &["--skip-non-finite"]].concat());
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    // Row 100 is met once in each of the 3 epochs that the 640 rows begin.
+    assert!(
+        stdout.contains("skipped 3 non-finite rows over 2.5 epochs"),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_data_exits_with_status_2_and_one_line_naming_the_file() {
+    let dir = temp_dir("cli-bad-data");
+    let good = dir.join("good.npy");
+    write_shard(&good, 64, 8, 0);
+    let wide = dir.join("wide.npy");
+    write_shard(&wide, 64, 12, 0);
+    let text_file = dir.join("notes.npy");
+    std::fs::write(&text_file, "just some text").unwrap();
+    let truncated = dir.join("truncated.npy");
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() - 10]).unwrap();
+    let ints = dir.join("ints.npy");
+    write_npy(&ints, "<i4", &[4, 8], &[0u8; 4 * 8 * 4]);
+    let empty_dir = dir.join("empty");
+    std::fs::create_dir(&empty_dir).unwrap();
+    let missing = dir.join("missing.npy");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    for (data, named) in [
+        (vec![s(&text_file)], "notes.npy"),
+        (vec![s(&truncated)], "truncated.npy"),
+        (vec![s(&ints)], "ints.npy"),
+        (vec![s(&missing)], "missing.npy"),
+        (vec![s(&empty_dir)], "empty"),
+        (vec![s(&good), s(&wide)], "wide.npy"),
+        (vec![format!("{}/nothing_*.npy", s(&dir))], "nothing_*.npy"),
+    ] {
+        let mut args = vec!["train".to_string(), "--data".into()];
+        args.extend(data.iter().cloned());
+        args.extend(["--steps", "5", "--threads", "1"].map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = sae(&args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{data:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{data:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(named),
+            "{data:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{data:?}: {stderr}");
+    }
+    // Options about the data name themselves.
+    let g = s(&good);
+    for (args, option) in [
+        (
+            vec!["--data", &g, "--eval-fraction", "0.001"],
+            "--eval-fraction",
+        ),
+        (
+            vec!["--data", &g, "--eval-fraction", "1.5"],
+            "--eval-fraction",
+        ),
+        (vec!["--data", &g, "--buffer-rows", "0"], "--buffer-rows"),
+        (vec!["--eval-fraction", "0.1"], "--data"),
+        (vec!["--data", &g, "--eval-data", &s(&wide)], "--eval-data"),
+    ] {
+        let args = [&["train", "--steps", "5"][..], &args].concat();
+        let out = sae(&args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(option),
+            "{args:?}: {stderr}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }
