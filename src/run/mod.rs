@@ -1,0 +1,6 @@
+//! A training run as the `sae` command runs it: the resolved configuration, several SAEs fed
+//! from one pass over the data (a sweep), metrics, checkpoints and resumption.
+
+mod metrics;
+
+pub use metrics::MetricsRecord;
