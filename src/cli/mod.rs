@@ -1,0 +1,81 @@
+//! What every subcommand shares: option parsers, and the split of errors into the user's
+//! (one line, exit status 2) and the rest (status 1).
+
+use std::fmt;
+
+use sparse_autoencoder::data::DataError;
+use sparse_autoencoder::ConfigError;
+
+pub fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+pub fn fraction(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..1.0).contains(&f) => Ok(f),
+        Ok(_) => Err("must lie in [0, 1)".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+pub fn at_least_one_u64(s: &str) -> std::result::Result<u64, String> {
+    at_least_one(s).map(|n| n as u64)
+}
+
+/// An error the user can fix on the command line: one line, exit status 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// The command-line option behind a configuration field, for error messages.
+fn option_for(err: &ConfigError) -> Option<&'static str> {
+    use ConfigError as E;
+    Some(match err {
+        E::ZeroDictSize => "--dict-size",
+        E::ZeroK => "--k",
+        E::ZeroTotalSteps => "--steps",
+        E::LearningRate(_) => "--lr",
+        E::L1Coefficient(_) => "--l1",
+        E::WarmupNotBeforeEnd { .. } => "--warmup-steps",
+        E::ZeroBatchSize => "--batch-size",
+        E::BufferRows(_) => "--buffer-rows",
+        E::DecayNotAfterWarmup { .. }
+        | E::DecayNotBeforeEnd { .. }
+        | E::DecayNotAfterSparsityWarmup { .. } => "--decay-start",
+        _ => return None,
+    })
+}
+
+/// Turns a library validation error into a [`UsageError`] that names the option.
+pub fn usage(err: sparse_autoencoder::Error) -> anyhow::Error {
+    match &err {
+        sparse_autoencoder::Error::Config(config) => match option_for(config) {
+            Some(option) => UsageError(format!("invalid {option}: {config}")).into(),
+            None => UsageError(format!("invalid configuration: {config}")).into(),
+        },
+        _ => err.into(),
+    }
+}
+
+pub fn exit_status(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<UsageError>().is_some()
+        || err.downcast_ref::<sparse_autoencoder::Error>().is_some()
+        || err.downcast_ref::<DataError>().is_some()
+        || err.downcast_ref::<ConfigError>().is_some()
+    {
+        2
+    } else {
+        1
+    }
+}
