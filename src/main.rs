@@ -331,9 +331,10 @@ fn train_synthetic(model: &ModelArgs, optim: &OptimArgs, run: &RunArgs) -> Resul
     })?;
     let score = recovery(synth.true_features(), trainer.sae().w_dec_fd())?;
     println!(
-        "recovered {:.1}% of the {} true features at cosine >= 0.9 (mean best cosine {:.3}); trained in {elapsed:.1}s",
+        "recovered {:.1}% of the {} true features at cosine >= 0.9 (MCC {:.3}, mean best cosine {:.3}); trained in {elapsed:.1}s",
         100.0 * score.fraction_above_0_9,
         synth.config().n_features,
+        score.mcc,
         score.mean_max_cosine,
     );
     Ok(())

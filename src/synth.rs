@@ -28,6 +28,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::ConfigError;
 use crate::error::{check_shape, Result};
 
+mod matching;
+
 /// Shape of the synthetic data.
 ///
 /// The defaults (D = 64, G = 256 true features, 4× overcomplete, 5 active per row on average
@@ -225,15 +227,21 @@ impl Synth {
 /// How well a decoder recovers known features.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Recovery {
-    /// Mean over true features of the best |cosine| with any decoder row.
+    /// Mean correlation coefficient: the mean |cosine| over the optimal one-to-one matching of
+    /// true features to decoder rows (Hungarian algorithm), the figure SAELens' synthetic
+    /// evaluations report. With fewer decoder rows than true features, the unmatched features
+    /// count as 0.
+    pub mcc: f32,
+    /// Mean over true features of the best |cosine| with any decoder row (rows may be shared).
     pub mean_max_cosine: f32,
     /// Fraction of true features whose best |cosine| is at least 0.9.
     pub fraction_above_0_9: f32,
 }
 
 /// Scores decoder rows `w_dec_fd` (F×D) against true features `true_features_gd` (G×D): for
-/// each true feature, the largest |cosine| with any decoder row; returns their mean and the
-/// fraction that reach 0.9. Zero rows count as orthogonal to everything. Fails with
+/// each true feature, the largest |cosine| with any decoder row (their mean and the fraction
+/// that reach 0.9), and the optimal one-to-one matching's mean |cosine| (MCC). The matching
+/// costs O(min(G,F)²·max(G,F)): seconds for G in the thousands and F = 16384. Zero rows count as orthogonal to everything. Fails with
 /// [`crate::Error::Shape`] when the two have different widths D.
 pub fn recovery(
     true_features_gd: ArrayView2<'_, f32>,
@@ -259,12 +267,30 @@ pub fn recovery(
         .collect();
     if best_g.is_empty() {
         return Ok(Recovery {
+            mcc: 0.0,
             mean_max_cosine: 0.0,
             fraction_above_0_9: 0.0,
         });
     }
+    let (g, f) = cos_gf.dim();
+    // The matching wants rows ≤ columns: match decoder rows to features when F < G.
+    let (abs_cos, rows, cols) = if g <= f {
+        (
+            cos_gf.iter().map(|c| c.abs() as f64).collect::<Vec<_>>(),
+            g,
+            f,
+        )
+    } else {
+        (cos_gf.t().iter().map(|c| c.abs() as f64).collect(), f, g)
+    };
+    let matched: f64 = matching::max_weight_matching(&abs_cos, rows, cols)
+        .iter()
+        .enumerate()
+        .map(|(r, &c)| abs_cos[r * cols + c])
+        .sum();
     let n = best_g.len() as f32;
     Ok(Recovery {
+        mcc: (matched / g as f64) as f32,
         mean_max_cosine: best_g.iter().sum::<f32>() / n,
         fraction_above_0_9: best_g.iter().filter(|&&c| c >= 0.9).count() as f32 / n,
     })
@@ -398,6 +424,38 @@ mod tests {
         // An all-zero decoder recovers nothing and does not divide by zero.
         let zero = recovery(f_gd, Array2::zeros((8, 16)).view()).unwrap();
         assert_eq!(zero.mean_max_cosine, 0.0);
+        assert_eq!(zero.mcc, 0.0);
+    }
+
+    #[test]
+    fn mcc_matches_each_decoder_row_to_one_feature() {
+        let synth = Synth::new(small()).unwrap();
+        let f_gd = synth.true_features();
+        let perfect = recovery(f_gd, f_gd.slice(ndarray::s![..;-1, ..])).unwrap();
+        assert!((perfect.mcc - 1.0).abs() < 1e-5, "{perfect:?}");
+        // Every row a copy of feature 0: each feature's best row is perfect for feature 0
+        // only, and one-to-one matching cannot reuse it.
+        let mut copies = f_gd.to_owned();
+        for mut row in copies.rows_mut() {
+            row.assign(&f_gd.row(0));
+        }
+        let score = recovery(f_gd, copies.view()).unwrap();
+        let g = f_gd.nrows() as f32;
+        let others: f32 = (1..f_gd.nrows())
+            .map(|i| f_gd.row(i).dot(&f_gd.row(0)).abs())
+            .sum();
+        assert!((score.mcc - (1.0 + others) / g).abs() < 1e-5, "{score:?}");
+        // One decoder row halfway between two features is the best row of both, but only one
+        // can have it; the other gets an orthogonal row.
+        let s = std::f32::consts::FRAC_1_SQRT_2;
+        let features = ndarray::array![[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]];
+        let decoder = ndarray::array![[s, s, 0.0], [0.0, 0.0, 1.0]];
+        let shared = recovery(features.view(), decoder.view()).unwrap();
+        assert!((shared.mean_max_cosine - s).abs() < 1e-6, "{shared:?}");
+        assert!((shared.mcc - s / 2.0).abs() < 1e-6, "{shared:?}");
+        // Half the features as decoder rows (F < G): the other half count as 0.
+        let half = recovery(f_gd, f_gd.slice(ndarray::s![..24, ..])).unwrap();
+        assert!((half.mcc - 0.5).abs() < 1e-5, "{half:?}");
     }
 
     #[test]
