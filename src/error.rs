@@ -34,6 +34,17 @@ pub enum Error {
         row: usize,
     },
 
+    /// A number outside the range it must lie in.
+    #[error("{what} is {value}, outside {range}; pass values in that range")]
+    OutOfRange {
+        /// Which number (for example `"firing frequency of latent 3"`).
+        what: String,
+        /// The value passed.
+        value: f64,
+        /// The range it must lie in, as text (for example `"[0, 1]"`).
+        range: String,
+    },
+
     /// A batch with no rows.
     #[error("{what} has no rows; pass at least one row")]
     Empty {

@@ -1,12 +1,13 @@
 //! Evaluation of an SAE on rows it was not trained on: reconstruction error, variance
-//! explained and sparsity, streamed in batches so any number of rows fits in memory.
+//! explained, direction and norm of the reconstructions, sparsity and how often each latent
+//! fires, streamed in batches so any number of rows fits in memory.
 
 use ndarray::{Array2, Axis};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::data::{DataError, Source};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::sae::Sae;
 
 /// What an SAE does on a set of rows, as inference-time encode and decode.
@@ -25,6 +26,96 @@ pub struct EvalStats {
     pub dead_fraction: f64,
     /// Rows left out because they hold NaN or ±Inf (with `skip_non_finite`).
     pub skipped_rows: u64,
+    /// mean_n cos(x, x̂) over the rows with x ≠ 0 (a zero x has no direction to match); a row
+    /// reconstructed as x̂ = 0 counts as 0. NaN if every row is zero.
+    pub cosine: f64,
+    /// mean_n ‖x̂‖/‖x‖ over the rows with x ≠ 0: below 1 when the sparsity penalty shrinks the
+    /// codes. NaN if every row is zero.
+    pub shrinkage: f64,
+    /// Rows with x = 0, left out of `cosine` and `shrinkage` (but not of the other figures).
+    pub zero_rows: u64,
+    /// How many of the evaluated rows each latent fired on (length F). Left out of the JSON
+    /// form, where F numbers would bury the summary; save
+    /// [`firing_frequency_f`](Self::firing_frequency_f) beside it instead.
+    #[serde(skip)]
+    pub firing_counts_f: Vec<u64>,
+}
+
+impl EvalStats {
+    /// Fraction of the evaluated rows each latent fired on (length F, each in [0, 1]).
+    pub fn firing_frequency_f(&self) -> Vec<f64> {
+        let n = self.n_rows.max(1) as f64;
+        self.firing_counts_f.iter().map(|&c| c as f64 / n).collect()
+    }
+
+    /// The log10 firing-frequency histogram of the latents, `bins_per_decade` bins to a
+    /// factor of ten.
+    pub fn density_histogram(&self, bins_per_decade: usize) -> Result<DensityHistogram> {
+        DensityHistogram::new(&self.firing_frequency_f(), bins_per_decade)
+    }
+}
+
+/// How the latents' firing frequencies spread over orders of magnitude: counts of
+/// log10(frequency) in equal bins, with the latents that never fired counted apart (their
+/// logarithm is −∞).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DensityHistogram {
+    /// Bin edges in log10(frequency), ascending; length `counts.len() + 1`. The first is a
+    /// whole decade at or below the rarest firing latent, the last 0 (a latent firing on every
+    /// row). Bin i holds `edges_log10[i] ≤ log10 f < edges_log10[i + 1]`, the last bin also
+    /// its upper edge.
+    pub edges_log10: Vec<f64>,
+    /// Latents in each bin.
+    pub counts: Vec<u64>,
+    /// Latents with frequency 0.
+    pub dead: u64,
+}
+
+impl DensityHistogram {
+    /// Bins `firing_frequency_f` (each in [0, 1]) with `bins_per_decade` bins to a decade
+    /// (at least 1). The bins span at least one decade, [−1, 0], when no latent fires or all
+    /// fire at frequencies above 0.1. A frequency that is NaN or outside [0, 1] is an error
+    /// naming the latent.
+    pub fn new(firing_frequency_f: &[f64], bins_per_decade: usize) -> Result<Self> {
+        if let Some((j, &v)) = firing_frequency_f
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !(0.0..=1.0).contains(*v))
+        {
+            return Err(Error::OutOfRange {
+                what: format!("firing frequency of latent {j}"),
+                value: v,
+                range: "[0, 1]".into(),
+            });
+        }
+        let bins_per_decade = bins_per_decade.max(1);
+        let rarest = firing_frequency_f
+            .iter()
+            .filter(|&&v| v > 0.0)
+            .fold(1.0f64, |a, &b| a.min(b));
+        // Whole decades keep bin edges at round numbers; the smallest positive f64 is 1e-324,
+        // so there are at most 324 of them.
+        let decades = (-rarest.log10().floor()).max(1.0) as usize;
+        let n_bins = decades * bins_per_decade;
+        let edges_log10 = (0..=n_bins)
+            .map(|i| -(decades as f64) + i as f64 / bins_per_decade as f64)
+            .collect();
+        let mut counts = vec![0u64; n_bins];
+        let mut dead = 0u64;
+        for &v in firing_frequency_f {
+            if v == 0.0 {
+                dead += 1;
+            } else {
+                let pos = (v.log10() + decades as f64) * bins_per_decade as f64;
+                counts[(pos.floor().max(0.0) as usize).min(n_bins - 1)] += 1;
+            }
+        }
+        Ok(DensityHistogram {
+            edges_log10,
+            counts,
+            dead,
+        })
+    }
 }
 
 /// Encodes and decodes every row of `source`, `batch_rows` at a time. A row holding NaN or
@@ -45,7 +136,8 @@ pub fn evaluate(
     let batch_rows = batch_rows.max(1);
     let (mut sq_err, mut active, mut skipped) = (0.0f64, 0u64, 0u64);
     let (mut sum_d, mut sum_sq_d) = (vec![0.0f64; d], vec![0.0f64; d]);
-    let mut fired = vec![false; f];
+    let (mut sum_cosine, mut sum_ratio, mut zero_rows) = (0.0f64, 0.0f64, 0u64);
+    let mut firing_counts_f = vec![0u64; f];
     let mut x_bd = Array2::zeros((0, d));
     let mut start = 0u64;
     while start < n {
@@ -80,15 +172,30 @@ pub fn evaluate(
             .zip(&x_hat_bd)
             .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
             .sum::<f64>();
-        for row in x_bd.rows() {
-            for ((s, q), &v) in sum_d.iter_mut().zip(&mut sum_sq_d).zip(row) {
-                *s += v as f64;
-                *q += v as f64 * v as f64;
+        for (row, row_hat) in x_bd.rows().into_iter().zip(x_hat_bd.rows()) {
+            let (mut xx, mut yy, mut xy) = (0.0f64, 0.0f64, 0.0f64);
+            for (((s, q), &x), &y) in sum_d.iter_mut().zip(&mut sum_sq_d).zip(row).zip(row_hat) {
+                let (x, y) = (x as f64, y as f64);
+                *s += x;
+                *q += x * x;
+                xx += x * x;
+                yy += y * y;
+                xy += x * y;
+            }
+            if xx == 0.0 {
+                zero_rows += 1;
+            } else {
+                sum_ratio += (yy / xx).sqrt();
+                // x̂ = 0 has no direction either; it matches none of x's.
+                if yy > 0.0 {
+                    sum_cosine += xy / (xx * yy).sqrt();
+                }
             }
         }
         active += codes.nnz() as u64;
+        // Codes list each latent at most once per row, so this counts rows.
         for &j in &codes.indices {
-            fired[j as usize] = true;
+            firing_counts_f[j as usize] += 1;
         }
     }
     let n = n - skipped;
@@ -109,8 +216,13 @@ pub fn evaluate(
             f64::NAN
         },
         l0: active as f64 / n as f64,
-        dead_fraction: fired.iter().filter(|&&x| !x).count() as f64 / f as f64,
+        dead_fraction: firing_counts_f.iter().filter(|&&c| c == 0).count() as f64 / f as f64,
         skipped_rows: skipped,
+        // 0/0 = NaN when every row is zero, as documented.
+        cosine: sum_cosine / (n - zero_rows) as f64,
+        shrinkage: sum_ratio / (n - zero_rows) as f64,
+        zero_rows,
+        firing_counts_f,
     })
 }
 
@@ -170,5 +282,137 @@ mod tests {
         assert!((skipping.mse - expected.mse).abs() < 1e-9);
         let wide = Array2::<f32>::ones((10, 5));
         assert!(evaluate(&sae, &Cpu, &wide.view(), 3, false).is_err());
+    }
+
+    /// The four-latent ReLU SAE of the hand-computed tests: latent 0 reads x₀ and writes
+    /// (0.5, 0), latent 1 reads x₁ and writes (1, 1), latent 2 reads −x₀ and writes nothing,
+    /// latent 3 reads −x₁ and never fires on the rows below.
+    fn hand_sae() -> Sae {
+        let config = SaeConfig {
+            d_model: 2,
+            dict_size: 4,
+            arch: Architecture::Relu,
+        };
+        let w_enc_fd = ndarray::array![[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]];
+        let w_dec_fd = ndarray::array![[0.5, 0.0], [1.0, 1.0], [0.0, 0.0], [3.0, 0.0]];
+        Sae::from_parts(
+            config,
+            w_enc_fd,
+            ndarray::Array1::zeros(4),
+            w_dec_fd,
+            ndarray::Array1::zeros(2),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn cosine_shrinkage_and_firing_counts_match_a_hand_computation() {
+        // x̂ per row: (1, 0), (3, 3), (0, 0), (0, 0), (1.5, 1).
+        let x_nd = ndarray::array![
+            [2.0f32, 0.0],
+            [0.0, 3.0],
+            [-1.0, 0.0],
+            [0.0, 0.0],
+            [1.0, 1.0]
+        ];
+        let sae = hand_sae();
+        for batch_rows in [1, 2, 5] {
+            let stats = evaluate(&sae, &Cpu, &x_nd.view(), batch_rows, false).unwrap();
+            assert_eq!((stats.n_rows, stats.zero_rows), (5, 1));
+            // The zero row is left out: four rows, cosines 1, 1/√2, 0 (x̂ = 0), 2.5/√6.5.
+            let cosine = (1.0 + 0.5f64.sqrt() + 0.0 + 2.5 / 6.5f64.sqrt()) / 4.0;
+            assert!((stats.cosine - cosine).abs() < 1e-7, "{}", stats.cosine);
+            // Norm ratios 0.5, √18/3, 0, √3.25/√2.
+            let shrinkage = (0.5 + 2.0f64.sqrt() + 0.0 + (3.25f64 / 2.0).sqrt()) / 4.0;
+            assert!(
+                (stats.shrinkage - shrinkage).abs() < 1e-7,
+                "{}",
+                stats.shrinkage
+            );
+            assert_eq!(stats.firing_counts_f, vec![2, 2, 1, 0]);
+            assert_eq!(stats.firing_frequency_f(), vec![0.4, 0.4, 0.2, 0.0]);
+            assert_eq!(stats.dead_fraction, 0.25);
+            assert_eq!(stats.l0, 1.0);
+        }
+    }
+
+    #[test]
+    fn cosine_and_shrinkage_of_only_zero_rows_are_nan() {
+        let x_nd = Array2::<f32>::zeros((3, 2));
+        let stats = evaluate(&hand_sae(), &Cpu, &x_nd.view(), 2, false).unwrap();
+        assert_eq!(stats.zero_rows, 3);
+        assert!(stats.cosine.is_nan() && stats.shrinkage.is_nan());
+        assert_eq!(stats.firing_counts_f, vec![0; 4]);
+        assert_eq!(stats.dead_fraction, 1.0);
+    }
+
+    #[test]
+    fn firing_counts_stay_out_of_the_json() {
+        let x_nd = ndarray::array![[2.0f32, 0.0], [0.0, 3.0]];
+        let stats = evaluate(&hand_sae(), &Cpu, &x_nd.view(), 2, false).unwrap();
+        let json = serde_json::to_string(&stats).unwrap();
+        assert!(
+            json.contains("\"cosine\"") && json.contains("\"shrinkage\""),
+            "{json}"
+        );
+        assert!(!json.contains("firing_counts_f"), "{json}");
+    }
+
+    #[test]
+    fn density_histogram_bins_log10_frequency_and_counts_dead_latents_apart() {
+        // log10 0.4 = −0.40 and log10 0.2 = −0.70: one decade, halves [−1, −0.5) and [−0.5, 0].
+        let h = DensityHistogram::new(&[0.4, 0.4, 0.2, 0.0], 2).unwrap();
+        assert_eq!(h.edges_log10, vec![-1.0, -0.5, 0.0]);
+        assert_eq!((h.counts.clone(), h.dead), (vec![1, 2], 1));
+
+        // Exact powers of ten open their bin; frequency 1 lands in the last bin.
+        let h = DensityHistogram::new(&[0.001, 0.01, 0.1, 1.0], 1).unwrap();
+        assert_eq!(h.edges_log10, vec![-3.0, -2.0, -1.0, 0.0]);
+        assert_eq!((h.counts.clone(), h.dead), (vec![1, 1, 2], 0));
+
+        // A frequency just above a decade's start still needs that whole decade.
+        let h = DensityHistogram::new(&[0.0015], 1).unwrap();
+        assert_eq!(
+            (h.edges_log10.clone(), h.counts.clone()),
+            (vec![-3.0, -2.0, -1.0, 0.0], vec![1, 0, 0])
+        );
+
+        let stats = evaluate(
+            &hand_sae(),
+            &Cpu,
+            &ndarray::array![
+                [2.0f32, 0.0],
+                [0.0, 3.0],
+                [-1.0, 0.0],
+                [0.0, 0.0],
+                [1.0, 1.0]
+            ]
+            .view(),
+            5,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            stats.density_histogram(2).unwrap(),
+            DensityHistogram::new(&[0.4, 0.4, 0.2, 0.0], 2).unwrap()
+        );
+    }
+
+    #[test]
+    fn density_histogram_of_no_firing_latents_and_bad_frequencies() {
+        for (freqs, dead) in [(vec![0.0, 0.0], 2), (vec![], 0)] {
+            let h = DensityHistogram::new(&freqs, 4).unwrap();
+            assert_eq!(h.edges_log10.len(), 5);
+            assert_eq!((h.counts.iter().sum::<u64>(), h.dead), (0, dead));
+        }
+        // Zero bins per decade is read as one.
+        assert_eq!(DensityHistogram::new(&[0.5], 0).unwrap().counts, vec![1]);
+        // The smallest positive f64 needs 324 decades, and still bins.
+        let tiny = DensityHistogram::new(&[f64::from_bits(1)], 1).unwrap();
+        assert_eq!((tiny.counts.len(), tiny.counts[0]), (324, 1));
+        for bad in [f64::NAN, -0.1, 1.5, f64::INFINITY] {
+            let err = DensityHistogram::new(&[0.5, bad], 2).unwrap_err();
+            assert!(err.to_string().contains("latent 1"), "{err}");
+        }
     }
 }
