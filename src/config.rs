@@ -68,8 +68,15 @@ impl SaeConfig {
         if self.dict_size == 0 {
             return Err(ConfigError::ZeroDictSize);
         }
-        if self.arch.k() == Some(0) {
-            return Err(ConfigError::ZeroK);
+        match self.arch.k() {
+            Some(0) => return Err(ConfigError::ZeroK),
+            Some(k) if k > self.dict_size => {
+                return Err(ConfigError::KAboveDictSize {
+                    k,
+                    dict_size: self.dict_size,
+                })
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -227,6 +234,26 @@ pub enum ConfigError {
     /// k = 0.
     #[error("k must be at least 1 for topk and batchtopk")]
     ZeroK,
+    /// More active latents asked for than there are.
+    #[error("k ({k}) must not exceed dict_size ({dict_size})")]
+    KAboveDictSize {
+        /// Given k.
+        k: usize,
+        /// Given F.
+        dict_size: usize,
+    },
+    /// Both ways of giving F.
+    #[error("give dict_size or expansion, not both")]
+    DictSizeAndExpansion,
+    /// Both ways of giving the run's length.
+    #[error("give steps or tokens, not both")]
+    StepsAndTokens,
+    /// A run interval of 0 steps.
+    #[error("{0} must be at least 1 step")]
+    ZeroInterval(&'static str),
+    /// A held-out fraction outside [0, 1).
+    #[error("eval_fraction must lie in [0, 1), got {0}")]
+    EvalFraction(f64),
     /// `total_steps` = 0.
     #[error("total_steps must be at least 1")]
     ZeroTotalSteps,
@@ -359,6 +386,19 @@ mod tests {
             sae(Architecture::TopK { k: 0 }).validate(),
             Err(ConfigError::ZeroK)
         );
+        for arch in [
+            Architecture::TopK { k: 33 },
+            Architecture::BatchTopK { k: 33 },
+        ] {
+            assert_eq!(
+                sae(arch).validate(),
+                Err(ConfigError::KAboveDictSize {
+                    k: 33,
+                    dict_size: 32
+                })
+            );
+        }
+        assert_eq!(sae(Architecture::TopK { k: 32 }).validate(), Ok(()));
         // TrainConfig::validate checks the SAE too.
         assert_eq!(
             check(sae(Architecture::TopK { k: 0 }), |_| {}),

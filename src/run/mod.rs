@@ -2,5 +2,7 @@
 //! from one pass over the data (a sweep), metrics, checkpoints and resumption.
 
 mod metrics;
+mod spec;
 
 pub use metrics::MetricsRecord;
+pub use spec::{ArchName, Context, DataSpec, RunSpec, SaeSpec, ScheduleSpec};
