@@ -45,6 +45,27 @@ pub enum Error {
         range: String,
     },
 
+    /// A file or directory of a run (weights, checkpoint, metrics, plots) that cannot be read
+    /// or written.
+    #[error("{}: {action} failed: {source}; check the path, its permissions and free space", path.display())]
+    Io {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// What was being done (for example `"writing"`).
+        action: &'static str,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+
+    /// A run directory that cannot be used as asked; the message says why and what to do.
+    #[error("{}: {reason}", path.display())]
+    RunDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// What is wrong and the fix (for example "holds another run; pass --resume or --force").
+        reason: String,
+    },
+
     /// A batch with no rows.
     #[error("{what} has no rows; pass at least one row")]
     Empty {
@@ -66,5 +87,17 @@ pub(crate) fn check_shape(what: &str, got: &[usize], expected: &[usize]) -> Resu
             expected: expected.to_vec(),
             got: got.to_vec(),
         })
+    }
+}
+
+/// The [`Error::Io`] of `action` on `path`, for `map_err`.
+pub(crate) fn io_error(
+    path: &std::path::Path,
+    action: &'static str,
+) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        action,
+        source,
     }
 }
