@@ -91,10 +91,10 @@ pub(crate) fn check_shape(what: &str, got: &[usize], expected: &[usize]) -> Resu
 }
 
 /// The [`Error::Io`] of `action` on `path`, for `map_err`.
-pub(crate) fn io_error(
-    path: &std::path::Path,
+pub(crate) fn io_error<'a>(
+    path: &'a std::path::Path,
     action: &'static str,
-) -> impl FnOnce(std::io::Error) -> Error + '_ {
+) -> impl FnOnce(std::io::Error) -> Error + 'a {
     move |source| Error::Io {
         path: path.to_path_buf(),
         action,
