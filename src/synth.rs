@@ -227,6 +227,8 @@ impl Synth {
 /// How well a decoder recovers known features.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Recovery {
+    /// G, the number of true features scored.
+    pub n_true_features: usize,
     /// Mean correlation coefficient: the mean |cosine| over the optimal one-to-one matching of
     /// true features to decoder rows (Hungarian algorithm), the figure SAELens' synthetic
     /// evaluations report. With fewer decoder rows than true features, the unmatched features
@@ -267,6 +269,7 @@ pub fn recovery(
         .collect();
     if best_g.is_empty() {
         return Ok(Recovery {
+            n_true_features: 0,
             mcc: 0.0,
             mean_max_cosine: 0.0,
             fraction_above_0_9: 0.0,
@@ -290,6 +293,7 @@ pub fn recovery(
         .sum();
     let n = best_g.len() as f32;
     Ok(Recovery {
+        n_true_features: g,
         mcc: (matched / g as f64) as f32,
         mean_max_cosine: best_g.iter().sum::<f32>() / n,
         fraction_above_0_9: best_g.iter().filter(|&&c| c >= 0.9).count() as f32 / n,

@@ -43,7 +43,12 @@ fn option_for(err: &ConfigError) -> Option<&'static str> {
     use ConfigError as E;
     Some(match err {
         E::ZeroDictSize => "--dict-size",
-        E::ZeroK => "--k",
+        E::ZeroK | E::KAboveDictSize { .. } => "--k",
+        E::DictSizeAndExpansion => "--expansion",
+        E::StepsAndTokens => "--tokens",
+        E::ZeroInterval("metrics_every") => "--metrics-every",
+        E::ZeroInterval("checkpoint_every") => "--checkpoint-every",
+        E::EvalFraction(_) => "--eval-fraction",
         E::ZeroTotalSteps => "--steps",
         E::LearningRate(_) => "--lr",
         E::L1Coefficient(_) => "--l1",
@@ -64,6 +69,9 @@ pub fn usage(err: sparse_autoencoder::Error) -> anyhow::Error {
             Some(option) => UsageError(format!("invalid {option}: {config}")).into(),
             None => UsageError(format!("invalid configuration: {config}")).into(),
         },
+        sparse_autoencoder::Error::Data(data @ DataError::EvalFraction { .. }) => {
+            UsageError(format!("invalid --eval-fraction: {data}")).into()
+        }
         _ => err.into(),
     }
 }
