@@ -66,6 +66,29 @@ pub enum Error {
         reason: String,
     },
 
+    /// A plot that cannot be drawn or written.
+    #[error(
+        "{}: cannot write the plot ({reason}); check that its directory exists and is writable",
+        path.display()
+    )]
+    Plot {
+        /// The image file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// A file of a run directory that is missing or malformed.
+    #[error("{}: {problem}; {fix}", path.display())]
+    RunFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        problem: String,
+        /// What to do about it.
+        fix: String,
+    },
+
     /// A batch with no rows.
     #[error("{what} has no rows; pass at least one row")]
     Empty {
