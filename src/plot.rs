@@ -123,10 +123,15 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
             Err(e) => {
                 return Err(run_file_error(
                     path,
-                    format!("line {line_no} is not a metrics record ({e})"),
+                    format!(
+                        "line {line_no}, column {}, is not a metrics record: {}",
+                        e.column(),
+                        // serde's own position counts lines of this one line.
+                        e.to_string().split(" at line ").next().unwrap_or_default()
+                    ),
                     "each line must be one JSON object as `sae train` writes it; repair or \
                      delete that line",
-                ))
+                ));
             }
         }
     }
@@ -136,9 +141,17 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
 /// Reads a `feature_density.npy`: one firing frequency in [0, 1] per latent, as a 1-D array
 /// (or one row) of float32, float16 or float64. Errors name the file.
 pub fn read_feature_density(path: &Path) -> Result<Vec<f64>> {
-    let shards = NpyShards::open(&[path])?;
     let fix = "save the evaluation's firing frequencies (EvalStats::firing_frequency_f) as one \
                1-D float32 array";
+    // The loader's messages end in advice about activation files; keep their diagnosis only.
+    let as_density_error = |e: crate::data::DataError| {
+        let message = e.to_string();
+        let prefix = format!("{}: ", path.display());
+        let problem = message.strip_prefix(&prefix).unwrap_or(&message);
+        let problem = problem.rsplit_once("; ").map_or(problem, |(p, _)| p);
+        run_file_error(path, problem, fix)
+    };
+    let shards = NpyShards::open(&[path]).map_err(as_density_error)?;
     if shards.n_rows() != 1 {
         let shape = shards
             .shards()
@@ -152,7 +165,7 @@ pub fn read_feature_density(path: &Path) -> Result<Vec<f64>> {
         ));
     }
     let mut freq_f = vec![0.0f32; shards.d_model()];
-    shards.read_rows(0, &mut freq_f)?;
+    shards.read_rows(0, &mut freq_f).map_err(as_density_error)?;
     if let Some((j, v)) = freq_f
         .iter()
         .enumerate()
@@ -221,7 +234,7 @@ fn write_png(path: &Path, (width, height): (u32, u32), rgb: &[u8]) -> Result<()>
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);
-    let file = std::fs::File::create(&tmp).map_err(io_error(&tmp, "creating"))?;
+    let file = std::fs::File::create(&tmp).map_err(io_error(path, "writing"))?;
     let encode = || -> std::result::Result<(), png::EncodingError> {
         let file = std::io::BufWriter::new(file);
         let mut encoder = png::Encoder::new(file, width, height);
@@ -330,7 +343,8 @@ fn draw_curves(root: &Area<'_>, records: &[MetricsRecord], title: &str) -> DrawR
         .map(|r| r.tokens as f64)
         .fold(0.0f64, f64::max);
     // Tokens start at 0: a reader sees how far the run got, and when the first record came.
-    let x_range = (0.0, if x_max > 0.0 { x_max } else { 1.0 });
+    // 2% to spare on the right keeps the last point off the frame.
+    let x_range = (0.0, if x_max > 0.0 { x_max * 1.02 } else { 1.0 });
 
     let loss = Curve::new("loss", BLUE_, records, |r| Some(r.loss as f64));
     let mse = Curve::new("mse", ORANGE, records, |r| Some(r.mse as f64));
@@ -364,7 +378,7 @@ fn draw_curves(root: &Area<'_>, records: &[MetricsRecord], title: &str) -> DrawR
         Panel {
             title: with_last("L0: active latents per row", &[&l0], format_value),
             y_desc: "latents",
-            y: zero_based_axis(l0.values(), 1.0),
+            y: zero_based_axis(l0.values(), 1.0, f64::INFINITY),
             curves: vec![l0],
             y_format: format_value,
             note: None,
@@ -372,10 +386,7 @@ fn draw_curves(root: &Area<'_>, records: &[MetricsRecord], title: &str) -> DrawR
         Panel {
             title: with_last("Dead latents", &[&dead], format_percent),
             y_desc: "fraction of latents",
-            y: match zero_based_axis(dead.values(), 0.05) {
-                YAxis::Linear(lo, hi) => YAxis::Linear(lo, hi.min(1.0)),
-                log => log,
-            },
+            y: zero_based_axis(dead.values(), 0.05, 1.0),
             curves: vec![dead],
             y_format: format_percent,
             note: None,
@@ -467,17 +478,18 @@ fn clamp_curve(mut curve: Curve, axis: YAxis) -> Curve {
     curve
 }
 
-/// [0, a little above the largest value], at least [0, `min_top`]: counts and fractions read
-/// best against zero.
-fn zero_based_axis(values: impl Iterator<Item = f64>, min_top: f64) -> YAxis {
+/// [0, a little above the largest value], at least [0, `min_top`] and at most [0, `max_top`]:
+/// counts and fractions read best against zero.
+fn zero_based_axis(values: impl Iterator<Item = f64>, min_top: f64, max_top: f64) -> YAxis {
     let (lo, hi) = min_max(values);
-    if lo > hi {
-        return YAxis::Linear(-0.015 * min_top, min_top);
-    }
     if lo < 0.0 {
         return padded_axis(lo, hi);
     }
-    let top = (hi * 1.08).max(min_top);
+    let top = if lo > hi {
+        min_top
+    } else {
+        (hi * 1.08).clamp(min_top, max_top)
+    };
     // A little below zero, so that a curve along zero stays clear of the axis line.
     YAxis::Linear(-0.015 * top, top)
 }
@@ -1026,6 +1038,23 @@ mod tests {
         let wide = log_ticks(1e-30, 1e30);
         assert!(wide.len() <= 10 && wide.len() >= 5, "{wide:?}");
         assert_eq!(loss_axis(std::iter::empty()), YAxis::Linear(0.0, 1.0));
+    }
+
+    #[test]
+    fn counts_and_fractions_start_at_zero_and_fractions_stop_at_one() {
+        assert_eq!(
+            zero_based_axis([0.0, 7.0].into_iter(), 0.05, 1.0),
+            YAxis::Linear(-0.015, 1.0)
+        );
+        assert_eq!(
+            zero_based_axis([0.0, 0.0].into_iter(), 0.05, 1.0),
+            YAxis::Linear(-0.015 * 0.05, 0.05)
+        );
+        let YAxis::Linear(_, top) = zero_based_axis([3.0, 100.0].into_iter(), 1.0, f64::INFINITY)
+        else {
+            panic!()
+        };
+        assert_eq!(top, 108.0);
     }
 
     #[test]
