@@ -837,11 +837,12 @@ fn format_count(v: f64) -> String {
 
 /// 0.0123 → "0.0123 (once in 81 rows)".
 fn format_frequency(v: f64) -> String {
-    format!(
-        "{} (once in {} rows)",
-        format_value(&v),
-        format_si((1.0 / v).round())
-    )
+    let every = (1.0 / v).round();
+    if every <= 1.0 {
+        format!("{} (about every row)", format_value(&v))
+    } else {
+        format!("{} (once in {} rows)", format_value(&v), format_si(every))
+    }
 }
 
 /// -3 → "10⁻³"; a tick between whole decades gets the frequency itself.
@@ -1091,6 +1092,7 @@ mod tests {
         assert_eq!(format_seconds(4000.0), "67 min");
         assert_eq!(format_count(2.5), "");
         assert_eq!(format_frequency(0.02), "0.02 (once in 50 rows)");
+        assert_eq!(format_frequency(0.9), "0.9 (about every row)");
     }
 
     fn density_rgb(freq: &[f64]) -> Vec<u8> {
