@@ -5,6 +5,8 @@
 //! ```sh
 //! cargo run --release --example plot_synth -- /tmp/plot-demo batchtopk   # or relu, topk
 //! ```
+//!
+//! With no arguments it writes to `sae-plot-demo` under the system's temporary directory.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,7 +20,11 @@ use sparse_autoencoder::{plot, Architecture, Sae, SaeConfig, TrainConfig, Traine
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let dir = PathBuf::from(args.next().unwrap_or_else(|| "plot-demo".into()));
+    // Out of the source tree unless asked: the images are not for committing.
+    let dir = args
+        .next()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("sae-plot-demo"));
     let arch = match args.next().as_deref().unwrap_or("batchtopk") {
         "relu" => Architecture::Relu,
         "topk" => Architecture::TopK { k: 8 },
