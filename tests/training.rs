@@ -224,10 +224,11 @@ fn dead_latents_are_counted_and_revived_by_auxk() {
 }
 
 #[test]
-fn k_at_least_f_keeps_every_positive_code() {
+fn k_equal_to_f_keeps_every_positive_code() {
+    // k above F is a configuration error (ConfigError::KAboveDictSize); k = F is the edge.
     for arch in [
-        Architecture::TopK { k: 40 },
-        Architecture::BatchTopK { k: 40 },
+        Architecture::TopK { k: 32 },
+        Architecture::BatchTopK { k: 32 },
     ] {
         let sae = Sae::new(sae_config(arch, 8, 32), 2).unwrap();
         let x = synthetic_batch(10, 8, 3);
