@@ -44,6 +44,7 @@ pub mod data;
 pub mod dist;
 pub mod error;
 pub mod eval;
+pub mod io;
 pub mod optim;
 pub mod plot;
 pub mod run;

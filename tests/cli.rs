@@ -22,9 +22,13 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn short_synthetic_run_prints_progress_and_recovery() {
+    let dir = temp_dir("cli-synthetic");
     for arch in ["batchtopk", "topk", "relu"] {
+        let out_dir = dir.join(arch);
         let out = sae(&[
             "train",
+            "--out",
+            out_dir.to_str().unwrap(),
             "--arch",
             arch,
             "--steps",
@@ -51,10 +55,26 @@ fn short_synthetic_run_prints_progress_and_recovery() {
                 "{arch}: {field} missing: {stdout}"
             );
         }
-        let last = stdout.lines().last().unwrap_or_default();
-        assert!(last.starts_with("recovered "), "{arch}: {stdout}");
-        assert!(last.contains("cosine >= 0.9"), "{arch}: {stdout}");
+        let recovered = stdout
+            .lines()
+            .find(|l| l.starts_with("recovered "))
+            .expect(&stdout);
+        assert!(recovered.contains("cosine >= 0.9"), "{arch}: {stdout}");
+        assert!(recovered.contains("MCC"), "{arch}: {stdout}");
+        assert!(
+            stdout.contains(&format!("run directory: {}", out_dir.display())),
+            "{arch}: {stdout}"
+        );
+        for file in [
+            "config.toml",
+            "sae.safetensors",
+            "metrics.jsonl",
+            "eval.json",
+        ] {
+            assert!(out_dir.join(file).is_file(), "{arch}: {file} missing");
+        }
     }
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -85,6 +105,15 @@ fn invalid_options_exit_with_status_2_and_name_the_option() {
         (vec!["--arch", "gated"], "--arch"),
         (vec!["--relu-variant", "both"], "--relu-variant"),
         (vec!["--steps", "many"], "--steps"),
+        // Combinations and relations the parser or the resolution rejects.
+        (vec!["--k", "600"], "--k"),
+        (vec!["--dict-size", "64", "--expansion", "2"], "--expansion"),
+        (vec!["--steps", "10", "--tokens", "100"], "--tokens"),
+        (vec!["--normalize"], "--normalize"),
+        (vec!["--checkpoint-every", "0"], "--checkpoint-every"),
+        (vec!["--metrics-every", "0"], "--metrics-every"),
+        (vec!["--resume", "x", "--k", "4"], "--resume"),
+        (vec!["--config", "/nonexistent/run.toml"], "--config"),
     ] {
         let args = [&["train"][..], &args].concat();
         let out = sae(&args);
@@ -121,10 +150,13 @@ fn trains_on_a_directory_of_shards_and_evaluates_held_out_rows() {
     for shard in 0..3 {
         write_shard(&dir.join(format!("{shard}.npy")), 512, 16, shard);
     }
+    let out_dir = dir.join("run");
     let out = sae(&[
         "train",
+        "--out",
+        out_dir.to_str().unwrap(),
         "--data",
-        dir.to_str().unwrap(),
+        dir.join("*.npy").to_str().unwrap(),
         "--normalize",
         "--eval-fraction",
         "0.1",
@@ -144,7 +176,7 @@ fn trains_on_a_directory_of_shards_and_evaluates_held_out_rows() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
     assert!(
-        stdout.contains("D=16, F=128) on 1382 rows from 3 file(s), 154 held out"),
+        stdout.contains("(D=16) from 3 file(s): 1382 training rows, 154 held out"),
         "{stdout}"
     );
     assert!(stdout.contains("normalising"), "{stdout}");
@@ -177,8 +209,12 @@ fn non_finite_rows_stop_the_run_or_are_skipped_and_counted() {
         &[256, 8],
         &x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>(),
     );
+    let out_dir = dir.join("run");
     let args = [
         "train",
+        "--force",
+        "--out",
+        out_dir.to_str().unwrap(),
         "--data",
         path.to_str().unwrap(),
         "--eval-fraction",
@@ -204,7 +240,7 @@ fn non_finite_rows_stop_the_run_or_are_skipped_and_counted() {
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
     // Row 100 is met once in each of the 3 epochs that the 640 rows begin.
     assert!(
-        stdout.contains("skipped 3 non-finite rows over 2.5 epochs"),
+        stdout.contains("skipped 3 non-finite rows (counted each time an epoch met one)"),
         "{stdout}"
     );
     std::fs::remove_dir_all(dir).unwrap();

@@ -1,6 +1,11 @@
 //! What every subcommand shares: option parsers, and the split of errors into the user's
 //! (one line, exit status 2) and the rest (status 1).
 
+pub mod eval;
+pub mod plot;
+pub mod synth;
+pub mod train;
+
 use std::fmt;
 
 use sparse_autoencoder::data::DataError;

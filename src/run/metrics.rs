@@ -4,6 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::StepStats;
 
+/// The file name, in each SAE's directory.
+pub(crate) const FILE: &str = "metrics.jsonl";
+
 /// What a run logs every few steps, one JSON object per line of `metrics.jsonl`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MetricsRecord {

@@ -1,0 +1,127 @@
+//! `sae eval`: an SAE's reconstruction, sparsity and feature density on activations, and its
+//! recovery of known features.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use sparse_autoencoder::backend::Cpu;
+use sparse_autoencoder::data::{NpyShards, Source};
+use sparse_autoencoder::eval::evaluate;
+use sparse_autoencoder::synth::recovery;
+use sparse_autoencoder::Sae;
+
+use super::{at_least_one, usage, UsageError};
+
+/// `sae eval`'s options.
+#[derive(Args)]
+pub struct EvalArgs {
+    /// The SAE: a run directory (or a sweep's SAE subdirectory) holding sae.safetensors.
+    #[arg(value_name = "SAE_DIR")]
+    sae: PathBuf,
+    /// Activations to evaluate on: .npy files, directories or globs, as `sae train --data`.
+    #[arg(long, num_args = 1.., value_name = "PATH", required_unless_present = "true_features")]
+    data: Vec<PathBuf>,
+    /// A G×D .npy of known feature directions: report how many the decoder recovered (MCC,
+    /// fraction at cosine >= 0.9).
+    #[arg(long, value_name = "FILE")]
+    true_features: Option<PathBuf>,
+    /// Where eval.json, feature_density.npy and density.png go [default: SAE_DIR, replacing
+    /// the run's own held-out evaluation].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Rows encoded at a time.
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one, allow_negative_numbers = true)]
+    batch_size: usize,
+    /// Skip rows holding NaN or Inf instead of stopping at the first.
+    #[arg(long)]
+    skip_non_finite: bool,
+}
+
+/// Runs `sae eval`.
+pub fn run(args: EvalArgs) -> Result<Option<u8>> {
+    let sae = Sae::load(&args.sae).map_err(usage)?;
+    let out = args.out.clone().unwrap_or_else(|| args.sae.clone());
+    std::fs::create_dir_all(&out)
+        .map_err(|err| UsageError(format!("invalid --out {}: {err}", out.display())))?;
+    let mut report = serde_json::Map::new();
+    if !args.data.is_empty() {
+        let rows = NpyShards::open(&args.data)?;
+        for notice in rows.notices() {
+            println!("note: {notice}");
+        }
+        if rows.d_model() != sae.config().d_model {
+            return Err(UsageError(format!(
+                "invalid --data: its rows are {} wide but the SAE in {} takes {}",
+                rows.d_model(),
+                args.sae.display(),
+                sae.config().d_model
+            ))
+            .into());
+        }
+        let stats = evaluate(&sae, &Cpu, &rows, args.batch_size, args.skip_non_finite)?;
+        let histogram = stats.density_histogram(1)?;
+        println!("rows          {}", stats.n_rows);
+        if stats.skipped_rows > 0 {
+            println!("skipped       {} (non-finite)", stats.skipped_rows);
+        }
+        println!("mse           {:.6}", stats.mse);
+        println!("fve           {:.4}", stats.fve);
+        println!("l0            {:.2}", stats.l0);
+        println!(
+            "dead          {:.4}  (never fired on these rows)",
+            stats.dead_fraction
+        );
+        println!("cos(x, x̂)     {:.4}", stats.cosine);
+        println!("‖x̂‖/‖x‖       {:.4}", stats.shrinkage);
+        println!("feature density (latents per decade of firing frequency):");
+        println!("  never fired   {}", histogram.dead);
+        for (i, count) in histogram.counts.iter().enumerate() {
+            let (lo, hi) = (histogram.edges_log10[i], histogram.edges_log10[i + 1]);
+            println!("  1e{lo:<3} – 1e{hi:<3} {count}");
+        }
+        let density_f: Vec<f32> = stats
+            .firing_frequency_f()
+            .iter()
+            .map(|&p| p as f32)
+            .collect();
+        sparse_autoencoder::io::write_npy(
+            &out.join("feature_density.npy"),
+            &[density_f.len() as u64],
+            &density_f,
+        )?;
+        sparse_autoencoder::plot::density_histogram(
+            &stats.firing_frequency_f(),
+            &out.join("density.png"),
+        )?;
+        report.insert("eval".into(), serde_json::to_value(&stats)?);
+    }
+    if let Some(path) = &args.true_features {
+        let features = NpyShards::open(&[path])?;
+        if features.d_model() != sae.config().d_model {
+            return Err(UsageError(format!(
+                "invalid --true-features {}: its rows are {} wide but the SAE takes {}",
+                path.display(),
+                features.d_model(),
+                sae.config().d_model
+            ))
+            .into());
+        }
+        let g = features.n_rows() as usize;
+        let mut features_gd = ndarray::Array2::zeros((g, features.d_model()));
+        features.read_rows(0, features_gd.as_slice_mut().expect("standard layout"))?;
+        let score = recovery(features_gd.view(), sae.w_dec_fd())?;
+        println!(
+            "recovered {:.1}% of the {g} true features at cosine >= 0.9 (MCC {:.3}, mean best cosine {:.3})",
+            100.0 * score.fraction_above_0_9,
+            score.mcc,
+            score.mean_max_cosine
+        );
+        report.insert("recovery".into(), serde_json::to_value(score)?);
+    }
+    let path = out.join("eval.json");
+    let text = serde_json::to_string_pretty(&report)?;
+    sparse_autoencoder::io::write_atomic(&path, text.as_bytes())?;
+    println!("wrote {}", path.display());
+    Ok(None)
+}
