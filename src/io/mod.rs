@@ -207,3 +207,96 @@ impl Sae {
         Ok(sae)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Architecture, SaeConfig};
+
+    fn dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sae-io-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn save_then_load_gives_the_same_sae_bit_for_bit() {
+        for arch in [
+            Architecture::Relu,
+            Architecture::TopK { k: 3 },
+            Architecture::BatchTopK { k: 3 },
+        ] {
+            let config = SaeConfig {
+                d_model: 5,
+                dict_size: 12,
+                arch,
+            };
+            let mut sae = Sae::new(config, 7).unwrap();
+            sae.b_enc_f.mapv_inplace(|_| 0.1f32.sin());
+            sae.b_dec_d[2] = -3.25e-7;
+            if matches!(arch, Architecture::BatchTopK { .. }) {
+                sae.threshold = Some(0.123_456_79);
+            }
+            let d = dir("roundtrip");
+            sae.save(&d).unwrap();
+            assert_eq!(Sae::load(&d).unwrap(), sae, "{arch:?}");
+            fs::remove_dir_all(d).unwrap();
+        }
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let d = dir("errors");
+        let err = Sae::load(&d).unwrap_err().to_string();
+        assert!(err.contains("no such directory"), "{err}");
+        fs::create_dir_all(&d).unwrap();
+        let err = Sae::load(&d).unwrap_err().to_string();
+        assert!(err.contains("not an SAE directory"), "{err}");
+
+        let sae = Sae::new(
+            SaeConfig {
+                d_model: 4,
+                dict_size: 8,
+                arch: Architecture::TopK { k: 2 },
+            },
+            0,
+        )
+        .unwrap();
+        sae.save(&d).unwrap();
+        let json = d.join(CONFIG_FILE);
+        let text = fs::read_to_string(&json).unwrap();
+        fs::write(&json, text.replace("\"dict_size\": 8", "\"dict_size\": 9")).unwrap();
+        let err = Sae::load(&d).unwrap_err().to_string();
+        assert!(
+            err.contains(WEIGHTS_FILE) && err.contains("w_enc_fd"),
+            "{err}"
+        );
+        fs::write(&json, "{").unwrap();
+        let err = Sae::load(&d).unwrap_err().to_string();
+        assert!(
+            err.contains(CONFIG_FILE) && err.contains("malformed"),
+            "{err}"
+        );
+        fs::write(&json, text).unwrap();
+        let weights = d.join(WEIGHTS_FILE);
+        let bytes = fs::read(&weights).unwrap();
+        fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+        let err = Sae::load(&d).unwrap_err().to_string();
+        assert!(err.contains(WEIGHTS_FILE), "{err}");
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn write_npy_refuses_values_that_do_not_fill_the_shape() {
+        let d = dir("npy");
+        fs::create_dir_all(&d).unwrap();
+        let err = write_npy(&d.join("x.npy"), &[2, 3], &[1.0f32; 5]).unwrap_err();
+        assert!(matches!(err, Error::Shape { .. }), "{err}");
+        write_npy(&d.join("x.npy"), &[2, 3], &[1.5f32; 6]).unwrap();
+        let back = crate::data::NpyShards::open(&[d.join("x.npy")]).unwrap();
+        let mut rows = [0.0f32; 6];
+        crate::data::Source::read_rows(&back, 0, &mut rows).unwrap();
+        assert_eq!(rows, [1.5; 6]);
+        fs::remove_dir_all(d).unwrap();
+    }
+}
