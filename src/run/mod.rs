@@ -529,6 +529,8 @@ impl Run {
         for member in &self.members {
             summaries.push(self.finish(member, skipped_rows, seconds)?);
         }
+        // The run is complete and saved: a checkpoint now would only invite resuming it.
+        checkpoint::remove(&self.dir)?;
         Ok(Outcome::Finished(summaries))
     }
 
