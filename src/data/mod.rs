@@ -199,8 +199,9 @@ pub enum DataError {
         /// The file.
         path: PathBuf,
     },
-    /// A shape with a zero in it.
-    #[error("{}: shape {shape:?} holds no rows; remove the file or save its activations", path.display())]
+    /// A shape with a zero in it: no rows, or rows of width 0.
+    // "holds no values" rather than "no rows": [3, 0] has three rows, all empty.
+    #[error("{}: shape {shape:?} holds no values; remove the file or save its activations", path.display())]
     NoRows {
         /// The file.
         path: PathBuf,

@@ -69,22 +69,45 @@ impl Shard {
                 "it does not start with the \\x93NUMPY magic".into()
             }));
         }
+        // npyz allocates as many bytes as the stated header length (up to 4 GiB in versions 2.0
+        // and 3.0) before reading the header; a corrupt length must not allocate gigabytes.
+        if let Some(end) = header_end(&map) {
+            if end > map.len() as u64 {
+                return Err(not_npy(format!(
+                    "the header claims to end at byte {end} but the file has {} bytes",
+                    map.len()
+                )));
+            }
+        }
         let mut reader = Cursor::new(&map[..]);
-        let header = match NpyHeader::from_reader(&mut reader) {
-            Ok(header) => header,
-            Err(err) => {
+        // npyz multiplies the dimensions without overflow checks (`NpyHeader::from_parts`), which
+        // panics in builds with overflow checks (debug builds) when a corrupt shape's product
+        // passes u64; report that as a bad header instead (the panic message still reaches
+        // stderr). Nothing the closure touched is used after a panic.
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            NpyHeader::from_reader(&mut reader)
+        }));
+        let header = match parsed {
+            Ok(Ok(header)) => header,
+            Ok(Err(err)) => {
                 // npyz rejects dtypes it has no type for (object, for one) while parsing; name
-                // the dtype when the header says it.
+                // the dtype when the header says it. A header that names a dtype sae reads (or
+                // no numpy type string at all) is broken elsewhere: blaming the dtype would
+                // send the user after the wrong problem.
                 return Err(match descr_in_header(&map) {
-                    Some(dtype) if !dtype.ends_with("f2") && !dtype.ends_with("f4") => {
+                    Some(dtype)
+                        if dtype.starts_with(['<', '>', '|', '='])
+                            && !matches!(dtype.as_str(), "<f2" | "<f4" | "<f8") =>
+                    {
                         DataError::Dtype {
                             path: path.to_path_buf(),
                             dtype,
                         }
                     }
-                    _ => not_npy(format!("bad header: {err}")),
+                    _ => not_npy(clip(format!("bad header: {err}"))),
                 });
             }
+            Err(_) => return Err(not_npy("bad header: its shape overflows".into())),
         };
         let offset = reader.position() as usize;
         let dtype = match header.dtype() {
@@ -196,6 +219,26 @@ fn convert(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Where the header ends (the data begins) by the length field of a version 1.0, 2.0 or 3.0
+/// header; `None` when the prefix is too short or the version unknown (npyz reports those).
+fn header_end(map: &[u8]) -> Option<u64> {
+    match map.get(6..8)? {
+        [1, 0] => Some(10 + u16::from_le_bytes(map.get(8..10)?.try_into().ok()?) as u64),
+        [2 | 3, 0] => Some(12 + u32::from_le_bytes(map.get(8..12)?.try_into().ok()?) as u64),
+        _ => None,
+    }
+}
+
+/// `reason` cut to a few hundred characters: npyz's parse errors quote the whole header line,
+/// which a corrupt length can make as long as the file.
+fn clip(reason: String) -> String {
+    const MAX_CHARS: usize = 400;
+    match reason.char_indices().nth(MAX_CHARS) {
+        Some((cut, _)) => format!("{} [...]", &reason[..cut]),
+        None => reason,
+    }
+}
+
 /// The `'descr'` string of a header that npyz could not parse, if there is one.
 fn descr_in_header(map: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(&map[..map.len().min(4096)]);
@@ -232,9 +275,14 @@ impl NpyShards {
                 spec: "(no paths given)".into(),
             });
         }
+        // Collected in full, then checked in order: rayon's collect into a Result returns
+        // whichever error a thread meets first, so with several bad files the one reported
+        // would change from run to run.
         let shards: Vec<Shard> = paths
             .par_iter()
             .map(|p| Shard::open(p))
+            .collect::<Vec<_>>()
+            .into_iter()
             .collect::<Result<_, _>>()?;
         let d_model = shards[0].d_model();
         if let Some(bad) = shards.iter().find(|s| s.d_model() != d_model) {
