@@ -1217,3 +1217,20 @@ fn no_truncation_or_byte_flip_of_a_shard_panics() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_buffer_that_is_not_whole_rows_fills_the_whole_rows_and_returns() {
+    let dir = temp_dir("npy-partial-row");
+    let path = dir.join("a.npy");
+    let values: Vec<f32> = (0..12).map(|v| v as f32).collect();
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_npy(&path, "<f4", &[3, 4], &bytes);
+    let shards = NpyShards::open(&[&path]).unwrap();
+    let mut out = [-1.0f32; 6];
+    shards.read_rows(1, &mut out).unwrap();
+    assert_eq!(out, [4.0, 5.0, 6.0, 7.0, -1.0, -1.0]);
+    let mut short = [-1.0f32; 3];
+    shards.read_rows(0, &mut short).unwrap();
+    assert_eq!(short, [-1.0; 3]);
+    std::fs::remove_dir_all(dir).unwrap();
+}

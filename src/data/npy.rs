@@ -346,7 +346,9 @@ impl Source for NpyShards {
     fn read_rows(&self, start: u64, out_nd: &mut [f32]) -> Result<(), DataError> {
         let d = self.d_model;
         let (mut row, mut out) = (start, out_nd);
-        while !out.is_empty() {
+        // Whole rows only: a trailing partial row (a caller's bug) is left as it is rather
+        // than looping forever on it.
+        while out.len() >= d.max(1) {
             let i = self.shard_of(row);
             let local = row - self.starts[i];
             let n = ((self.starts[i + 1] - row) as usize).min(out.len() / d);
