@@ -1,5 +1,11 @@
-//! Files: an SAE saved and loaded (`sae.safetensors` + `sae.json`), `.npy` arrays written,
-//! and the atomic write every run file goes through.
+//! Files: an SAE saved and loaded (`sae.safetensors` + `sae.json`), exported for SAELens and
+//! sparsify, its codes streamed to `.npy`, and the atomic write every run file goes through.
+
+mod codes;
+mod export;
+
+pub use codes::{CodesLayout, CodesWriter};
+pub use export::{export_saelens, export_sparsify, ExportMetadata};
 
 use std::fs;
 use std::io::{BufWriter, Write};
