@@ -32,6 +32,11 @@ enum Command {
     /// cosine, shrinkage, feature density) and, given --true-features, its recovery of known
     /// features.
     Eval(cli::eval::EvalArgs),
+    /// Write an SAE's sparse codes for activations as .npy files (numpy and scipy read them
+    /// as they are).
+    Encode(cli::encode::EncodeArgs),
+    /// Export an SAE for SAELens or EleutherAI's sparsify.
+    Export(cli::export::ExportArgs),
     /// Write the built-in synthetic dataset and its true features as .npy files.
     Synth(cli::synth::SynthArgs),
     /// Redraw a run's plots (curves.png, density.png) from its metrics and feature density.
@@ -44,6 +49,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => cli::train::run(*args),
         Command::Eval(args) => cli::eval::run(args),
+        Command::Encode(args) => cli::encode::run(args),
+        Command::Export(args) => cli::export::run(args),
         Command::Synth(args) => cli::synth::run(args),
         Command::Plot(args) => cli::plot::run(args),
     };

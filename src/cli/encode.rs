@@ -1,0 +1,103 @@
+//! `sae encode`: an SAE's sparse codes for every row of some activations, as `.npy` files.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use sparse_autoencoder::backend::Cpu;
+use sparse_autoencoder::data::{NpyShards, Source};
+use sparse_autoencoder::io::{CodesLayout, CodesWriter};
+use sparse_autoencoder::{Architecture, Sae};
+
+use super::{at_least_one, usage, UsageError};
+
+/// `sae encode`'s options.
+#[derive(Args)]
+pub struct EncodeArgs {
+    /// The SAE: a run directory (or a sweep's SAE subdirectory).
+    #[arg(value_name = "SAE_DIR")]
+    sae: PathBuf,
+    /// Activations to encode, in order: .npy files, directories or globs.
+    #[arg(long, num_args = 1.., value_name = "PATH", required = true)]
+    data: Vec<PathBuf>,
+    /// Directory for the codes: topk writes indices.npy (uint32, N×k) and values.npy
+    /// (float32, N×k); relu and batchtopk write CSR indptr.npy (int64, N+1), indices.npy
+    /// (uint32) and values.npy (float32). codes.json says which.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Rows encoded at a time.
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one, allow_negative_numbers = true)]
+    batch_size: usize,
+    /// Replace codes already in --out.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Runs `sae encode`.
+pub fn run(args: EncodeArgs) -> Result<Option<u8>> {
+    let sae = Sae::load(&args.sae).map_err(usage)?;
+    let rows = NpyShards::open(&args.data)?;
+    for notice in rows.notices() {
+        println!("note: {notice}");
+    }
+    let (d, f) = (sae.config().d_model, sae.config().dict_size);
+    if rows.d_model() != d {
+        return Err(UsageError(format!(
+            "invalid --data: its rows are {} wide but the SAE in {} takes {d}",
+            rows.d_model(),
+            args.sae.display()
+        ))
+        .into());
+    }
+    if args.out.join("codes.json").exists() && !args.force {
+        return Err(UsageError(format!(
+            "invalid --out {}: it already holds codes; pass --force to replace them",
+            args.out.display()
+        ))
+        .into());
+    }
+    std::fs::create_dir_all(&args.out)
+        .map_err(|err| UsageError(format!("invalid --out {}: {err}", args.out.display())))?;
+    let layout = match sae.config().arch {
+        Architecture::TopK { k } => CodesLayout::TopK { k },
+        Architecture::Relu | Architecture::BatchTopK { .. } => CodesLayout::Csr,
+    };
+    if matches!(sae.config().arch, Architecture::BatchTopK { .. }) && sae.threshold().is_none() {
+        println!(
+            "note: this BatchTopK SAE has no threshold θ yet; each batch keeps its own top k·B \
+             codes, so codes depend on --batch-size"
+        );
+    }
+    let n = rows.n_rows();
+    let mut writer = CodesWriter::new(&args.out, layout, f, n)?;
+    let mut x_bd = ndarray::Array2::zeros((0, d));
+    let (mut start, mut nnz) = (0u64, 0u64);
+    while start < n {
+        let b = (n - start).min(args.batch_size as u64) as usize;
+        if x_bd.nrows() != b {
+            x_bd = ndarray::Array2::zeros((b, d));
+        }
+        rows.read_rows(start, x_bd.as_slice_mut().expect("standard layout"))?;
+        if let Some(bad) = x_bd
+            .rows()
+            .into_iter()
+            .position(|r| r.iter().any(|v| !v.is_finite()))
+        {
+            return Err(sparse_autoencoder::data::DataError::NonFinite {
+                location: rows.locate(start + bad as u64),
+            }
+            .into());
+        }
+        let codes = sae.encode(&Cpu, x_bd.view())?;
+        nnz += codes.nnz() as u64;
+        writer.push(&codes)?;
+        start += b as u64;
+    }
+    writer.finish()?;
+    println!(
+        "encoded {n} rows ({:.2} active latents a row) into {}",
+        nnz as f64 / n as f64,
+        args.out.display()
+    );
+    Ok(None)
+}
