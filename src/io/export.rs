@@ -108,6 +108,10 @@ pub fn export_saelens(sae: &Sae, dir: &Path, metadata: &ExportMetadata) -> Resul
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
+            // SAELens reads cfg.json in its 6.x layout (this one) only when the metadata
+            // names a version >= 6; otherwise it converts from the older flat layout and
+            // drops this metadata, model and hook names included.
+            "sae_lens_version": "6.0.0",
             "model_name": metadata.model_name,
             "hook_name": metadata.hook_name,
             "sae_lens_training_version": null,

@@ -3,6 +3,7 @@
 //! update.
 
 mod backward;
+mod state;
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use crate::sae::{geometric_median, resize, select_into, Sae};
 use crate::select::{Codes, Selector};
 
 pub use backward::dense_threshold_default;
+pub use state::TrainerState;
 
 /// What one step measured. Losses are means over the batch's rows.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

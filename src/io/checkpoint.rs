@@ -1,0 +1,256 @@
+//! A trainer checkpoint: a [`TrainerState`] and the caller's own state, in a directory of
+//! their own holding `checkpoint.safetensors` (every array) and `checkpoint.json` (the SAE's
+//! configuration, the scalars and the caller's JSON).
+//!
+//! The two files must always come from the same save, so a save writes both into a sibling
+//! `<dir>.new/` and swaps that directory in with two renames (`<dir>` → `<dir>.old`,
+//! `<dir>.new` → `<dir>`). Writing the files in place one after the other, JSON last, would
+//! never leave a torn file, but a crash between the two would pair new tensors with old
+//! scalars, or lose the old checkpoint if the pairing is checked. With the swap a crash at any
+//! moment leaves a whole checkpoint in `<dir>` or in `<dir>.old`, and [`Checkpoint::load`]
+//! looks in both.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::tensors::{standard, TensorsIn, TensorsOut};
+use super::{create_dir, sync_dir, write_atomic};
+use crate::config::SaeConfig;
+use crate::error::{io_error, Error, Result};
+use crate::train::TrainerState;
+use crate::Sae;
+
+/// Every array of a checkpoint.
+pub const CHECKPOINT_WEIGHTS_FILE: &str = "checkpoint.safetensors";
+/// A checkpoint's configuration, scalars and caller state.
+pub const CHECKPOINT_CONFIG_FILE: &str = "checkpoint.json";
+/// Bumped when the layout changes, so an older checkpoint is refused with a clear message.
+const FORMAT: u32 = 1;
+/// What to do about a damaged checkpoint.
+const DAMAGED: &str = "the checkpoint is damaged or from another version of sae; resume from \
+                       another checkpoint or start again";
+
+/// A trainer's state and whatever else its caller needs to resume (a data cursor, an RNG
+/// state, the training configuration), saved and loaded as a whole.
+///
+/// ```
+/// use sparse_autoencoder::io::Checkpoint;
+/// use sparse_autoencoder::{Architecture, Sae, SaeConfig, TrainConfig, Trainer};
+///
+/// let dir = std::env::temp_dir().join(format!("sae-ckpt-doc-{}", std::process::id()));
+/// let sae_config = SaeConfig { d_model: 4, dict_size: 16, arch: Architecture::TopK { k: 2 } };
+/// let train_config = TrainConfig { total_steps: 10, warmup_steps: 1, ..TrainConfig::default() };
+/// let trainer = Trainer::new(Sae::new(sae_config, 0)?, train_config.clone())?;
+/// let extra = serde_json::json!({ "batch_index": 0 });
+/// Checkpoint { state: trainer.state(), extra }.save(&dir)?;
+///
+/// let back = Checkpoint::load(&dir)?;
+/// let resumed = Trainer::from_state(back.state, train_config)?;
+/// assert_eq!(resumed.steps_done(), 0);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), sparse_autoencoder::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    /// The trainer's state.
+    pub state: TrainerState,
+    /// The caller's own state, stored as given in `checkpoint.json`.
+    pub extra: serde_json::Value,
+}
+
+/// What `checkpoint.json` holds.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointFile {
+    format: u32,
+    sae: SaeConfig,
+    /// θ as text, for people reading the file; the `threshold` tensor is what is loaded.
+    threshold: Option<f32>,
+    step: u64,
+    adam_t: u64,
+    extra: serde_json::Value,
+}
+
+impl Checkpoint {
+    /// Saves the checkpoint as `dir/checkpoint.safetensors` and `dir/checkpoint.json`,
+    /// replacing a previous checkpoint in `dir` as a whole (see the module docs). `dir` must be
+    /// the checkpoint's own directory: one holding anything else is refused rather than
+    /// replaced.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        self.state.validate()?;
+        let [new, old] = siblings(dir)?;
+        for d in [dir, &new, &old] {
+            only_checkpoint_files(d)?;
+        }
+        if new.exists() {
+            // Left by a save that crashed before its swap.
+            fs::remove_dir_all(&new).map_err(io_error(&new, "removing"))?;
+        }
+        create_dir(&new)?;
+        self.write_files(&new)?;
+        sync_dir(&new);
+        if old.exists() {
+            fs::remove_dir_all(&old).map_err(io_error(&old, "removing"))?;
+        }
+        if dir.exists() {
+            fs::rename(dir, &old).map_err(io_error(dir, "renaming"))?;
+        }
+        fs::rename(&new, dir).map_err(io_error(&new, "renaming"))?;
+        sync_dir(dir.parent().unwrap_or(Path::new("")));
+        if old.exists() {
+            fs::remove_dir_all(&old).map_err(io_error(&old, "removing"))?;
+        }
+        Ok(())
+    }
+
+    fn write_files(&self, dir: &Path) -> Result<()> {
+        let state = &self.state;
+        let sae = &state.sae;
+        let (f, d) = (sae.config().dict_size, sae.config().d_model);
+        let threshold = sae.threshold().map(|t| [t]);
+        let mut tensors = TensorsOut::default();
+        tensors.f32("w_enc_fd", &[f, d], standard(&sae.w_enc_fd));
+        tensors.f32("b_enc_f", &[f], standard(&sae.b_enc_f));
+        tensors.f32("w_dec_fd", &[f, d], standard(&sae.w_dec_fd));
+        tensors.f32("b_dec_d", &[d], standard(&sae.b_dec_d));
+        tensors.params("adam_m.", &state.adam_m);
+        tensors.params("adam_v.", &state.adam_v);
+        tensors.u64("tokens_since_fired_f", &[f], &state.tokens_since_fired_f);
+        if let Some(theta) = &threshold {
+            tensors.f32("threshold", &[], theta);
+        }
+        // The step in the tensor file too, so files of two checkpoints mixed by hand are caught.
+        let metadata = HashMap::from([("step".to_string(), state.step.to_string())]);
+        let weights = dir.join(CHECKPOINT_WEIGHTS_FILE);
+        write_atomic(&weights, &tensors.serialize(&weights, Some(metadata))?)?;
+        let file = CheckpointFile {
+            format: FORMAT,
+            sae: *sae.config(),
+            threshold: sae.threshold(),
+            step: state.step,
+            adam_t: state.adam_t,
+            extra: self.extra.clone(),
+        };
+        let json = serde_json::to_string_pretty(&file).expect("a checkpoint serialises");
+        write_atomic(&dir.join(CHECKPOINT_CONFIG_FILE), json.as_bytes())
+    }
+
+    /// Loads the checkpoint [`Checkpoint::save`] wrote into `dir` (or into `<dir>.old`, if a
+    /// save crashed between its two renames). Every tensor's dtype and shape is checked
+    /// against the SAE configuration the checkpoint records; resume with
+    /// [`crate::Trainer::from_state`].
+    pub fn load(dir: &Path) -> Result<Checkpoint> {
+        let [_, old] = siblings(dir)?;
+        let from = [dir, &old]
+            .into_iter()
+            .find(|d| d.join(CHECKPOINT_CONFIG_FILE).is_file())
+            .ok_or_else(|| Error::RunDir {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "no {CHECKPOINT_CONFIG_FILE} here: not a checkpoint directory; give the \
+                     directory Checkpoint::save wrote"
+                ),
+            })?;
+        let config_path = from.join(CHECKPOINT_CONFIG_FILE);
+        let bad = |problem: String| Error::RunFile {
+            path: config_path.clone(),
+            problem,
+            fix: DAMAGED.into(),
+        };
+        let text = fs::read_to_string(&config_path).map_err(io_error(&config_path, "reading"))?;
+        let file: CheckpointFile =
+            serde_json::from_str(&text).map_err(|err| bad(format!("malformed ({err})")))?;
+        if file.format != FORMAT {
+            return Err(bad(format!(
+                "format {} is not {FORMAT}, the one this version of sae reads",
+                file.format
+            )));
+        }
+        file.sae
+            .validate()
+            .map_err(|err| bad(format!("invalid SAE configuration ({err})")))?;
+        let tensors = TensorsIn::read(
+            &from.join(CHECKPOINT_WEIGHTS_FILE),
+            "the checkpoint is incomplete; resume from another checkpoint or start again",
+            DAMAGED,
+        )?;
+        let step = tensors.metadata("step")?;
+        if step != file.step.to_string() {
+            return Err(tensors.bad(format!(
+                "it was saved at step {step} but {CHECKPOINT_CONFIG_FILE} is at step {}: the \
+                 two files come from different checkpoints",
+                file.step
+            )));
+        }
+        let (f, d) = (file.sae.dict_size, file.sae.d_model);
+        let p = tensors.params("", f, d)?;
+        let mut sae = Sae::from_parts(file.sae, p.w_enc_fd, p.b_enc_f, p.w_dec_fd, p.b_dec_d)?;
+        sae.threshold = if tensors.has("threshold") {
+            Some(tensors.f32("threshold", &[])?[0])
+        } else {
+            None
+        };
+        let state = TrainerState {
+            sae,
+            adam_m: tensors.params("adam_m.", f, d)?,
+            adam_v: tensors.params("adam_v.", f, d)?,
+            adam_t: file.adam_t,
+            step: file.step,
+            tokens_since_fired_f: tensors.u64("tokens_since_fired_f", &[f])?,
+        };
+        Ok(Checkpoint {
+            state,
+            extra: file.extra,
+        })
+    }
+}
+
+/// `<dir>.new` and `<dir>.old`, beside `dir`.
+fn siblings(dir: &Path) -> Result<[PathBuf; 2]> {
+    let name = dir.file_name().ok_or_else(|| Error::RunDir {
+        path: dir.to_path_buf(),
+        reason: "a checkpoint needs a directory of its own; give a path that ends in a name, \
+                 such as run/checkpoint"
+            .into(),
+    })?;
+    Ok(["new", "old"].map(|ext| {
+        let mut sibling = name.to_owned();
+        sibling.push(format!(".{ext}"));
+        dir.with_file_name(sibling)
+    }))
+}
+
+/// Refuses a directory that holds anything but a checkpoint's files, since a save replaces
+/// it whole.
+fn only_checkpoint_files(dir: &Path) -> Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::RunDir {
+                path: dir.to_path_buf(),
+                reason: "is a file; give the checkpoint a directory of its own".into(),
+            });
+        }
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_error(dir, "listing"))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let ours = [CHECKPOINT_WEIGHTS_FILE, CHECKPOINT_CONFIG_FILE]
+            .iter()
+            .any(|f| name == *f || name == format!("{f}.tmp"));
+        if !ours {
+            return Err(Error::RunDir {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "holds {name}, which is not part of a checkpoint; a checkpoint replaces its \
+                     directory whole, so give it a directory of its own"
+                ),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! An SAE directory: `sae.safetensors` (the parameters, and θ when set) and `sae.json` (format
+//! version, shape and architecture), written by [`Sae::save`] and read by [`Sae::load`].
+
+use std::fs;
+use std::path::Path;
+
+use ndarray::{Array1, Array2};
+use serde::{Deserialize, Serialize};
+
+use super::tensors::{standard, TensorsIn, TensorsOut};
+use super::{create_dir, write_atomic};
+use crate::config::SaeConfig;
+use crate::error::{io_error, Error, Result};
+use crate::Sae;
+
+/// The SAE's tensors, in an SAE directory.
+pub const WEIGHTS_FILE: &str = "sae.safetensors";
+/// The SAE's configuration, in an SAE directory.
+pub const CONFIG_FILE: &str = "sae.json";
+/// Bumped when the layout changes, so older files are refused with a clear message.
+const FORMAT: u32 = 1;
+/// What to do about a damaged SAE file.
+const RESAVE: &str = "the directory was not written by `sae train` / Sae::save, or was damaged; \
+                      train or save the SAE again";
+
+/// What `sae.json` holds.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SaeFile {
+    format: u32,
+    config: SaeConfig,
+    /// BatchTopK's θ, for people reading the file (`null` until training sets it). The
+    /// `threshold` tensor is what is loaded; this is read only from files that lack it.
+    threshold: Option<f32>,
+}
+
+impl Sae {
+    /// Saves the SAE into `dir` (created if needed): `sae.safetensors` with f32 tensors
+    /// `w_enc_fd` F×D, `b_enc_f` F, `w_dec_fd` F×D, `b_dec_d` D and, once BatchTopK has learned
+    /// it, the scalar `threshold`; and `sae.json` (format, shape, architecture, θ). Each file is
+    /// written atomically, the JSON last. [`Sae::load`] gives back an identical SAE, bit for
+    /// bit.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        create_dir(dir)?;
+        let (f, d) = (self.config.dict_size, self.config.d_model);
+        let threshold = self.threshold.map(|t| [t]);
+        let mut tensors = TensorsOut::default();
+        tensors.f32("w_enc_fd", &[f, d], standard(&self.w_enc_fd));
+        tensors.f32("b_enc_f", &[f], standard(&self.b_enc_f));
+        tensors.f32("w_dec_fd", &[f, d], standard(&self.w_dec_fd));
+        tensors.f32("b_dec_d", &[d], standard(&self.b_dec_d));
+        if let Some(theta) = &threshold {
+            tensors.f32("threshold", &[], theta);
+        }
+        let weights = dir.join(WEIGHTS_FILE);
+        write_atomic(&weights, &tensors.serialize(&weights, None)?)?;
+        let file = SaeFile {
+            format: FORMAT,
+            config: self.config,
+            threshold: self.threshold,
+        };
+        let json = serde_json::to_string_pretty(&file).expect("an SAE's config serialises");
+        write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
+    }
+
+    /// Loads the SAE that [`Sae::save`] wrote into `dir` (a run directory, or one SAE's
+    /// subdirectory of a sweep). Every error names the directory or file and what to do: a
+    /// missing directory or file, malformed JSON, an unknown format, tensors of the wrong
+    /// shape or dtype.
+    pub fn load(dir: &Path) -> Result<Sae> {
+        let config_path = dir.join(CONFIG_FILE);
+        let text = fs::read_to_string(&config_path).map_err(|err| match err.kind() {
+            std::io::ErrorKind::NotFound if !dir.is_dir() => Error::RunDir {
+                path: dir.to_path_buf(),
+                reason: "no such directory; give the run directory `sae train` wrote".into(),
+            },
+            std::io::ErrorKind::NotFound => Error::RunDir {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "no {CONFIG_FILE} here: not an SAE directory (for a sweep, give one SAE's \
+                     subdirectory)"
+                ),
+            },
+            _ => io_error(&config_path, "reading")(err),
+        })?;
+        let bad_config = |problem: String| Error::RunFile {
+            path: config_path.clone(),
+            problem,
+            fix: RESAVE.into(),
+        };
+        let file: SaeFile =
+            serde_json::from_str(&text).map_err(|err| bad_config(format!("malformed ({err})")))?;
+        if file.format != FORMAT {
+            return Err(bad_config(format!(
+                "format {} is not {FORMAT}, the one this version of sae reads",
+                file.format
+            )));
+        }
+        file.config
+            .validate()
+            .map_err(|err| bad_config(format!("invalid configuration ({err})")))?;
+        let weights = TensorsIn::read(
+            &dir.join(WEIGHTS_FILE),
+            "the SAE directory is incomplete; train or save the SAE again",
+            RESAVE,
+        )?;
+        let (f, d) = (file.config.dict_size, file.config.d_model);
+        let shaped = "the shape was checked";
+        let mut sae = Sae::from_parts(
+            file.config,
+            Array2::from_shape_vec((f, d), weights.f32("w_enc_fd", &[f, d])?).expect(shaped),
+            Array1::from(weights.f32("b_enc_f", &[f])?),
+            Array2::from_shape_vec((f, d), weights.f32("w_dec_fd", &[f, d])?).expect(shaped),
+            Array1::from(weights.f32("b_dec_d", &[d])?),
+        )?;
+        sae.threshold = if weights.has("threshold") {
+            Some(weights.f32("threshold", &[])?[0])
+        } else {
+            file.threshold
+        };
+        Ok(sae)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Architecture, SaeConfig};
+    use std::path::PathBuf;
+
+    fn dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sae-io-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let d = dir("errors");
+        let err = Sae::load(&d).unwrap_err().to_string();
+        assert!(err.contains("no such directory"), "{err}");
+        fs::create_dir_all(&d).unwrap();
+        let err = Sae::load(&d).unwrap_err().to_string();
+        assert!(err.contains("not an SAE directory"), "{err}");
+
+        let sae = Sae::new(
+            SaeConfig {
+                d_model: 4,
+                dict_size: 8,
+                arch: Architecture::TopK { k: 2 },
+            },
+            0,
+        )
+        .unwrap();
+        sae.save(&d).unwrap();
+        let json = d.join(CONFIG_FILE);
+        let text = fs::read_to_string(&json).unwrap();
+        fs::write(&json, text.replace("\"dict_size\": 8", "\"dict_size\": 9")).unwrap();
+        let err = Sae::load(&d).unwrap_err().to_string();
+        assert!(
+            err.contains(WEIGHTS_FILE) && err.contains("w_enc_fd") && err.contains("[9, 4]"),
+            "{err}"
+        );
+        fs::write(&json, "{").unwrap();
+        let err = Sae::load(&d).unwrap_err().to_string();
+        assert!(
+            err.contains(CONFIG_FILE) && err.contains("malformed"),
+            "{err}"
+        );
+        fs::write(&json, text).unwrap();
+        let weights = d.join(WEIGHTS_FILE);
+        let bytes = fs::read(&weights).unwrap();
+        fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+        let err = Sae::load(&d).unwrap_err().to_string();
+        assert!(err.contains(WEIGHTS_FILE), "{err}");
+        fs::remove_file(&weights).unwrap();
+        let err = Sae::load(&d).unwrap_err().to_string();
+        assert!(
+            err.contains(WEIGHTS_FILE) && err.contains("missing"),
+            "{err}"
+        );
+        fs::remove_dir_all(d).unwrap();
+    }
+}

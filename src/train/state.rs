@@ -1,0 +1,91 @@
+//! A trainer's whole state as plain data ([`TrainerState`]): what a checkpoint saves and
+//! what [`Trainer::from_state`] resumes from.
+
+use super::Trainer;
+use crate::config::TrainConfig;
+use crate::error::{check_shape, Result};
+use crate::optim::ParamTensors;
+use crate::sae::Sae;
+
+/// Everything a [`Trainer`] carries from one step to the next: the SAE (θ included), Adam's
+/// moments and step count, the steps taken and the dead-latent counters. The rest of a
+/// trainer (learning rate, rules, workspaces) is derived from its [`TrainConfig`], so a trainer
+/// rebuilt from this state and the same config takes exactly the steps the original would
+/// have taken.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainerState {
+    /// The SAE's parameters and θ.
+    pub sae: Sae,
+    /// Adam's first moments, shaped like the parameters.
+    pub adam_m: ParamTensors,
+    /// Adam's second moments, shaped like the parameters.
+    pub adam_v: ParamTensors,
+    /// Adam's step count (its bias correction uses it).
+    pub adam_t: u64,
+    /// Training steps taken.
+    pub step: u64,
+    /// Tokens since each latent last fired, F counters.
+    pub tokens_since_fired_f: Vec<u64>,
+}
+
+impl TrainerState {
+    /// Checks that the moments and counters are shaped like the SAE's parameters.
+    pub fn validate(&self) -> Result<()> {
+        let (f, d) = (self.sae.config().dict_size, self.sae.config().d_model);
+        for (what, moment) in [("Adam m", &self.adam_m), ("Adam v", &self.adam_v)] {
+            check_shape(
+                &format!("{what} w_enc_fd"),
+                moment.w_enc_fd.shape(),
+                &[f, d],
+            )?;
+            check_shape(&format!("{what} b_enc_f"), moment.b_enc_f.shape(), &[f])?;
+            check_shape(
+                &format!("{what} w_dec_fd"),
+                moment.w_dec_fd.shape(),
+                &[f, d],
+            )?;
+            check_shape(&format!("{what} b_dec_d"), moment.b_dec_d.shape(), &[d])?;
+        }
+        check_shape(
+            "tokens_since_fired_f",
+            &[self.tokens_since_fired_f.len()],
+            &[f],
+        )
+    }
+}
+
+impl Trainer {
+    /// A copy of the trainer's state, for a checkpoint.
+    pub fn state(&self) -> TrainerState {
+        TrainerState {
+            sae: self.sae.clone(),
+            adam_m: self.adam.m.clone(),
+            adam_v: self.adam.v.clone(),
+            adam_t: self.adam.t,
+            step: self.step,
+            tokens_since_fired_f: self.tokens_since_fired_f.clone(),
+        }
+    }
+
+    /// A trainer (CPU, single process) that continues from `state`: its next step is the one
+    /// the trainer that produced `state` would have taken, given the same `config` and
+    /// batches. Fails if `config` does not fit the SAE or the state's arrays are misshapen.
+    pub fn from_state(state: TrainerState, config: TrainConfig) -> Result<Trainer> {
+        state.validate()?;
+        let TrainerState {
+            sae,
+            adam_m,
+            adam_v,
+            adam_t,
+            step,
+            tokens_since_fired_f,
+        } = state;
+        let mut trainer = Trainer::new(sae, config)?;
+        trainer.adam.m = adam_m;
+        trainer.adam.v = adam_v;
+        trainer.adam.t = adam_t;
+        trainer.step = step;
+        trainer.tokens_since_fired_f = tokens_since_fired_f;
+        Ok(trainer)
+    }
+}
