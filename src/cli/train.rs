@@ -502,10 +502,9 @@ impl Reporter {
         let bar = std::io::stdout().is_terminal().then(|| {
             let bar = ProgressBar::new(total);
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{bar:30} {pos}/{len} steps  {per_sec:>10}  eta {eta}  {msg}",
-                )
-                .expect("a valid template"),
+                // The message is cut to the terminal's width rather than wrapping.
+                ProgressStyle::with_template("{bar:20} {pos}/{len}  eta {eta}  {wide_msg}")
+                    .expect("a valid template"),
             );
             bar.set_position(run.steps_done());
             bar.enable_steady_tick(Duration::from_millis(500));
@@ -543,7 +542,14 @@ impl Observer for Reporter {
         match &self.bar {
             Some(bar) => {
                 bar.set_position(p.step);
-                bar.set_message(format!("{line}{more}"));
+                bar.set_message(format!(
+                    "{} tokens/s  loss {:.4}  fve {:.3}  l0 {:.1}  dead {:.3}{more}",
+                    si(rate),
+                    s.loss,
+                    s.fve,
+                    s.l0,
+                    s.dead_fraction
+                ));
             }
             None if p.step % self.log_every == 0 || p.step == p.total_steps => {
                 println!("step {:>6}  {line}{more}", p.step);
@@ -557,5 +563,35 @@ impl Observer for Reporter {
             Some(bar) => bar.println(line),
             None => println!("{line}"),
         }
+    }
+}
+
+/// 12.3k, 4.56M, 308k: a rate to three significant figures.
+fn si(value: f64) -> String {
+    let (scaled, unit) = match value {
+        v if v >= 1e9 => (v / 1e9, "G"),
+        v if v >= 1e6 => (v / 1e6, "M"),
+        v if v >= 1e3 => (v / 1e3, "k"),
+        v => (v, ""),
+    };
+    let decimals = match scaled {
+        s if s >= 100.0 => 0,
+        s if s >= 10.0 => 1,
+        _ => 2,
+    };
+    format!("{scaled:.decimals$}{unit}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::si;
+
+    #[test]
+    fn rates_have_three_significant_figures() {
+        assert_eq!(si(308_515.0), "309k");
+        assert_eq!(si(12_345.0), "12.3k");
+        assert_eq!(si(4_560_000.0), "4.56M");
+        assert_eq!(si(950.0), "950");
+        assert_eq!(si(1.5), "1.50");
     }
 }
