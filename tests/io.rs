@@ -586,6 +586,25 @@ fn codes_written_batch_by_batch_read_back_as_the_codes() {
         assert_eq!(manifest["n_rows"], n);
         assert_eq!(manifest["n_latents"], 32);
     }
+    // Replacing the CSR codes above with TopK ones: until the new set is finished no
+    // codes.json vouches for the files, a short set is refused, and the finished set leaves
+    // no indptr.npy of the old one behind.
+    let out = dir.join("Relu");
+    let sae = random_sae(Architecture::TopK { k: 4 }, 8, 32, 5);
+    let codes = sae.encode(&Cpu, synthetic_batch(5, 8, 0).view()).unwrap();
+    let mut writer = CodesWriter::new(&out, CodesLayout::TopK { k: 4 }, 32, 6).unwrap();
+    assert!(!out.join("codes.json").exists());
+    writer.push(&codes).unwrap();
+    let err = writer.finish().unwrap_err();
+    assert!(matches!(err, Error::Shape { .. }), "{err}");
+    assert!(!out.join("codes.json").exists());
+    let mut writer = CodesWriter::new(&out, CodesLayout::TopK { k: 4 }, 32, 5).unwrap();
+    writer.push(&codes).unwrap();
+    writer.finish().unwrap();
+    assert!(!out.join("indptr.npy").exists());
+    assert_eq!(json(&out.join("codes.json"))["n_rows"], 5);
+    assert_eq!(read_npy::<u32>(&out.join("indices.npy")).0, [5, 4]);
+
     // Codes of another dictionary are refused.
     let out = dir.join("mismatch");
     fs::create_dir_all(&out).unwrap();
