@@ -83,9 +83,13 @@ pub fn run(args: EncodeArgs) -> Result<Option<u8>> {
             .into_iter()
             .position(|r| r.iter().any(|v| !v.is_finite()))
         {
-            return Err(sparse_autoencoder::data::DataError::NonFinite {
-                location: rows.locate(start + bad as u64),
-            }
+            // Not DataError::NonFinite: its fix, skipping such rows, would misalign the codes
+            // with the rows they belong to.
+            return Err(UsageError(format!(
+                "invalid --data: non-finite value (NaN or Inf) at {}; the codes keep one row \
+                 per input row, so clean the data first",
+                rows.locate(start + bad as u64)
+            ))
             .into());
         }
         let codes = sae.encode(&Cpu, x_bd.view())?;
