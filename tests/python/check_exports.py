@@ -45,6 +45,18 @@ def dense_codes(codes_dir, n_rows):
     return out
 
 
+def row_topk(run, x, k):
+    """The k largest positive codes of each row, from the SAE's own weights, in numpy."""
+    from safetensors.numpy import load_file
+    w = load_file(os.path.join(run, "sae.safetensors"))
+    pre = (x - w["b_dec_d"]) @ w["w_enc_fd"].T + w["b_enc_f"]
+    post = np.maximum(pre, 0)
+    keep = np.argpartition(-post, k - 1, axis=1)[:, :k]
+    out = np.zeros_like(post)
+    np.put_along_axis(out, keep, np.take_along_axis(post, keep, axis=1), axis=1)
+    return out
+
+
 def report(name, ours, theirs, must_match):
     scale = max(float(np.abs(ours).max()), 1e-12)
     diff = float(np.abs(ours - theirs).max()) / scale
@@ -69,11 +81,16 @@ def main():
             sae("encode", run, "--data", f"{tmp}/data/activations.npy", "--out", f"{run}-codes")
             ours = dense_codes(f"{run}-codes", len(x))
 
-            sae("export", run, "--format", "saelens", "--out", f"{run}-saelens")
+            sae("export", run, "--format", "saelens", "--out", f"{run}-saelens",
+                "--model-name", "gpt2", "--hook-name", "blocks.6.hook_resid_post")
             lens = SaeLens.load_from_disk(f"{run}-saelens", device="cpu")
             with torch.no_grad():
                 theirs = lens.encode(xt).numpy()
             ok &= report(f"{arch} → SAELens ({lens.cfg.architecture()})", ours, theirs, True)
+            names = (lens.cfg.metadata.model_name, lens.cfg.metadata.hook_name)
+            if names != ("gpt2", "blocks.6.hook_resid_post"):
+                print(f"{arch} → SAELens lost the model and hook names: {names}")
+                ok = False
 
             if arch != "relu":
                 sae("export", run, "--format", "sparsify", "--out", f"{run}-sparsify")
@@ -84,6 +101,10 @@ def main():
                 np.put_along_axis(theirs, enc.top_indices.numpy(), enc.top_acts.numpy(), axis=1)
                 # sparsify keeps the top k of each row; a BatchTopK SAE keeps codes above θ.
                 ok &= report(f"{arch} → sparsify (top-k)", ours, theirs, arch == "topk")
+                if arch == "batchtopk":
+                    # What sparsify should compute: the k largest of ReLU(pre) in each row.
+                    ok &= report(f"{arch} → sparsify vs numpy top-k", row_topk(run, x, sp.cfg.k),
+                                 theirs, True)
     sys.exit(0 if ok else 1)
 
 
