@@ -106,7 +106,9 @@ impl Checkpoint {
         Ok(())
     }
 
-    fn write_files(&self, dir: &Path) -> Result<()> {
+    /// Writes the two files into `dir` (which must exist), without the swap: for callers that
+    /// swap a larger directory holding several checkpoints as a whole (a sweep's run).
+    pub(crate) fn write_files(&self, dir: &Path) -> Result<()> {
         let state = &self.state;
         let sae = &state.sae;
         let (f, d) = (sae.config().dict_size, sae.config().d_model);
@@ -154,6 +156,11 @@ impl Checkpoint {
                      directory Checkpoint::save wrote"
                 ),
             })?;
+        Checkpoint::read_files(from)
+    }
+
+    /// Reads the two files [`Checkpoint::write_files`] wrote into `from`.
+    pub(crate) fn read_files(from: &Path) -> Result<Checkpoint> {
         let config_path = from.join(CHECKPOINT_CONFIG_FILE);
         let bad = |problem: String| Error::RunFile {
             path: config_path.clone(),

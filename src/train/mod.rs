@@ -195,44 +195,6 @@ impl Trainer {
         &self.config
     }
 
-    /// Puts a checkpoint's state back: parameters (θ included), Adam's moments and step count,
-    /// the steps taken and the dead-latent counters. Everything else a step reads is derived
-    /// from the config, so the next step is the one the checkpointed run would have taken.
-    pub(crate) fn restore(
-        &mut self,
-        sae: Sae,
-        moments: [ParamTensors; 2],
-        adam_t: u64,
-        step: u64,
-        tokens_since_fired_f: Vec<u64>,
-    ) -> Result<()> {
-        let (f, d) = (self.sae.config().dict_size, self.sae.config().d_model);
-        crate::error::check_shape(
-            "checkpoint parameters",
-            &[sae.config().dict_size, sae.config().d_model],
-            &[f, d],
-        )?;
-        crate::error::check_shape(
-            "checkpoint tokens_since_fired_f",
-            &[tokens_since_fired_f.len()],
-            &[f],
-        )?;
-        let [m, v] = moments;
-        for (what, moment) in [("adam m", &m), ("adam v", &v)] {
-            crate::error::check_shape(what, moment.w_enc_fd.shape(), &[f, d])?;
-            crate::error::check_shape(what, moment.w_dec_fd.shape(), &[f, d])?;
-            crate::error::check_shape(what, moment.b_enc_f.shape(), &[f])?;
-            crate::error::check_shape(what, moment.b_dec_d.shape(), &[d])?;
-        }
-        self.sae = sae;
-        self.adam.m = m;
-        self.adam.v = v;
-        self.adam.t = adam_t;
-        self.step = step;
-        self.tokens_since_fired_f = tokens_since_fired_f;
-        Ok(())
-    }
-
     /// ReLU only: code density (active / (B·F)) above which a step uses dense GEMMs for the
     /// decoder and backward instead of the sparse kernels. Both give the same result up to
     /// float rounding; the crossover is a speed matter (default [`dense_threshold_default`]).
