@@ -4,21 +4,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-use common::{f16_bytes, synthetic_batch, temp_dir, write_npy};
-
-fn sae(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sae"))
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .expect("run sae")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::{f16_bytes, sae, synthetic_batch, temp_dir, text, write_npy};
 
 #[test]
 fn short_synthetic_run_prints_progress_and_recovery() {

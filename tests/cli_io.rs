@@ -5,39 +5,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-use common::{random_sae, synthetic_batch, temp_dir, write_npy};
+use common::{ok, random_sae, sae, synthetic_batch, temp_dir, usage_error, write_npy};
 use sparse_autoencoder::Architecture;
-
-fn sae(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sae"))
-        .args(args)
-        .output()
-        .expect("run sae")
-}
-
-#[track_caller]
-fn ok(out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-/// Exit status 2 and an error on stderr that mentions every needle. Clap's own errors add a
-/// usage block, so only the first line is required to be the error.
-#[track_caller]
-fn usage_error(out: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    for needle in needles {
-        assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
-    }
-}
 
 fn f32_bytes(values: impl IntoIterator<Item = f32>) -> Vec<u8> {
     values.into_iter().flat_map(|v| v.to_le_bytes()).collect()

@@ -4,30 +4,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{synthetic_batch, temp_dir, write_npy};
+use common::{ok, sae, synthetic_batch, temp_dir, text, write_npy};
 use sparse_autoencoder::run::MetricsRecord;
 use sparse_autoencoder::Sae;
-
-fn sae(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sae"))
-        .args(args)
-        .output()
-        .expect("run sae")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-#[track_caller]
-fn ok(out: &Output) -> String {
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
-    stdout
-}
 
 fn metrics(dir: &Path) -> Vec<MetricsRecord> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))

@@ -3,36 +3,8 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
-use common::temp_dir;
+use common::{ok, sae, temp_dir, usage_error_line};
 use sparse_autoencoder::data::{NpyShards, Source};
-
-fn sae(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sae"))
-        .args(args)
-        .output()
-        .expect("run sae")
-}
-
-#[track_caller]
-fn ok(out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-#[track_caller]
-fn usage_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains(needle), "{needle}: {stderr}");
-}
 
 #[test]
 fn synth_files_train_evaluate_and_score_recovery() {
@@ -52,7 +24,7 @@ fn synth_files_train_evaluate_and_score_recovery() {
     assert_eq!((acts.n_rows(), acts.d_model()), (20000, 64));
     let features = NpyShards::open(&[data.join("true_features.npy")]).unwrap();
     assert_eq!((features.n_rows(), features.d_model()), (256, 64));
-    usage_error(&sae(&["synth", "--out", &s(&data)]), "--force");
+    usage_error_line(&sae(&["synth", "--out", &s(&data)]), &["--force"]);
 
     let run = dir.join("run");
     ok(&sae(&[
@@ -118,32 +90,32 @@ fn synth_files_train_evaluate_and_score_recovery() {
         "--d-model",
         "32",
     ]));
-    usage_error(
+    usage_error_line(
         &sae(&[
             "eval",
             &s(&run),
             "--data",
             &s(&wide.join("activations.npy")),
         ]),
-        "--data",
+        &["--data"],
     );
-    usage_error(
+    usage_error_line(
         &sae(&[
             "eval",
             &s(&run),
             "--true-features",
             &s(&wide.join("true_features.npy")),
         ]),
-        "--true-features",
+        &["--true-features"],
     );
-    usage_error(
+    usage_error_line(
         &sae(&[
             "eval",
             &s(&data),
             "--data",
             &s(&data.join("activations.npy")),
         ]),
-        "not an SAE directory",
+        &["not an SAE directory"],
     );
 
     // Plots are redrawn from the run's files.
@@ -151,6 +123,6 @@ fn synth_files_train_evaluate_and_score_recovery() {
     let stdout = ok(&sae(&["plot", &s(&run)]));
     assert!(stdout.contains("curves.png"), "{stdout}");
     assert!(run.join("curves.png").is_file());
-    usage_error(&sae(&["plot", &s(&data)]), "no metrics.jsonl");
+    usage_error_line(&sae(&["plot", &s(&data)]), &["no metrics.jsonl"]);
     std::fs::remove_dir_all(dir).unwrap();
 }

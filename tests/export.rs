@@ -4,39 +4,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-use common::{random_sae, synthetic_batch, temp_dir, write_npy};
+use common::{ok, random_sae, sae, synthetic_batch, temp_dir, usage_error_line, write_npy};
 use ndarray::Array2;
 use safetensors::SafeTensors;
 use sparse_autoencoder::backend::Cpu;
 use sparse_autoencoder::{Architecture, Sae};
-
-fn sae(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sae"))
-        .args(args)
-        .output()
-        .expect("run sae")
-}
-
-#[track_caller]
-fn ok(out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-#[track_caller]
-fn usage_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains(needle), "{needle}: {stderr}");
-}
 
 fn tensor(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap();
@@ -129,7 +102,7 @@ fn saelens_export_holds_the_transposed_encoder_and_the_threshold() {
     // A BatchTopK SAE that never learned θ has no fixed encoding to export.
     let untrained = dir.join("untrained");
     saved(&untrained, Architecture::BatchTopK { k: 3 }, false);
-    usage_error(
+    usage_error_line(
         &sae(&[
             "export",
             &s(&untrained),
@@ -138,7 +111,7 @@ fn saelens_export_holds_the_transposed_encoder_and_the_threshold() {
             "--out",
             &s(&dir.join("x")),
         ]),
-        "no threshold",
+        &["no threshold"],
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -174,7 +147,7 @@ fn sparsify_export_is_topk_and_refuses_relu() {
 
     let relu = dir.join("relu");
     saved(&relu, Architecture::Relu, false);
-    usage_error(
+    usage_error_line(
         &sae(&[
             "export",
             &s(&relu),
@@ -183,7 +156,7 @@ fn sparsify_export_is_topk_and_refuses_relu() {
             "--out",
             &s(&dir.join("y")),
         ]),
-        "--format saelens",
+        &["--format saelens"],
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -251,7 +224,7 @@ fn encoded_files_hold_the_codes_of_every_row_in_order() {
         assert_eq!(dense, expected, "{name}");
         let manifest = std::fs::read_to_string(out.join("codes.json")).unwrap();
         assert!(manifest.contains("\"n_rows\": 250"), "{manifest}");
-        usage_error(
+        usage_error_line(
             &sae(&[
                 "encode",
                 &s(&run),
@@ -260,12 +233,12 @@ fn encoded_files_hold_the_codes_of_every_row_in_order() {
                 "--out",
                 &s(&out),
             ]),
-            "--force",
+            &["--force"],
         );
     }
     let wide = dir.join("wide.npy");
     write_npy(&wide, "<f4", &[2, 7], &[0u8; 2 * 7 * 4]);
-    usage_error(
+    usage_error_line(
         &sae(&[
             "encode",
             &s(&dir.join("topk")),
@@ -274,7 +247,7 @@ fn encoded_files_hold_the_codes_of_every_row_in_order() {
             "--out",
             &s(&dir.join("z")),
         ]),
-        "--data",
+        &["--data"],
     );
     std::fs::remove_dir_all(dir).unwrap();
 }

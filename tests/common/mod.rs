@@ -107,3 +107,46 @@ pub fn temp_dir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Runs the `sae` binary with `args` (a backtrace is asked for, so a panic could not hide).
+pub fn sae(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sae"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run sae")
+}
+
+/// Bytes of output as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts that the run succeeded; returns its stdout.
+#[track_caller]
+pub fn ok(out: &std::process::Output) -> String {
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    stdout
+}
+
+/// Asserts exit status 2 and an error on stderr that names every needle, without a panic.
+/// Clap's own errors add a usage block, so only the first line must be the error.
+#[track_caller]
+pub fn usage_error(out: &std::process::Output, needles: &[&str]) {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
+    }
+}
+
+/// [`usage_error`], and the error is a single line.
+#[track_caller]
+pub fn usage_error_line(out: &std::process::Output, needles: &[&str]) {
+    usage_error(out, needles);
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
