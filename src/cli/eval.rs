@@ -80,16 +80,7 @@ pub fn run(args: EvalArgs) -> Result<Option<u8>> {
             let (lo, hi) = (histogram.edges_log10[i], histogram.edges_log10[i + 1]);
             println!("  1e{lo:<3} – 1e{hi:<3} {count}");
         }
-        let density_f: Vec<f32> = stats
-            .firing_frequency_f()
-            .iter()
-            .map(|&p| p as f32)
-            .collect();
-        sparse_autoencoder::io::write_npy(
-            &out.join("feature_density.npy"),
-            &[density_f.len() as u64],
-            &density_f,
-        )?;
+        sparse_autoencoder::io::write_feature_density(&out.join("feature_density.npy"), &stats)?;
         sparse_autoencoder::plot::density_histogram(
             &stats.firing_frequency_f(),
             &out.join("density.png"),

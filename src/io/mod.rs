@@ -94,3 +94,15 @@ pub(crate) fn sync_dir(dir: &Path) {
 fn create_dir(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).map_err(io_error(dir, "creating"))
 }
+
+/// Writes each latent's firing frequency on the evaluation rows (from
+/// [`crate::eval::EvalStats::firing_frequency_f`]) as a 1-D float32 `.npy`, the
+/// `feature_density.npy` that [`crate::plot::redraw`] reads.
+pub fn write_feature_density(path: &Path, stats: &crate::eval::EvalStats) -> Result<()> {
+    let density_f: Vec<f32> = stats
+        .firing_frequency_f()
+        .iter()
+        .map(|&p| p as f32)
+        .collect();
+    write_npy(path, &[density_f.len() as u64], &density_f)
+}

@@ -564,16 +564,7 @@ impl Run {
         let json = serde_json::to_string_pretty(&summary).expect("summaries serialise");
         crate::io::write_atomic(&member.dir.join("eval.json"), json.as_bytes())?;
         if let Some(eval) = &summary.eval {
-            let density_f: Vec<f32> = eval
-                .firing_frequency_f()
-                .iter()
-                .map(|&p| p as f32)
-                .collect();
-            crate::io::write_npy(
-                &member.dir.join("feature_density.npy"),
-                &[density_f.len() as u64],
-                &density_f,
-            )?;
+            crate::io::write_feature_density(&member.dir.join("feature_density.npy"), eval)?;
         }
         crate::plot::redraw(&member.dir)?;
         Ok(summary)
