@@ -222,8 +222,18 @@ fn encoded_files_hold_the_codes_of_every_row_in_order() {
             }
         }
         assert_eq!(dense, expected, "{name}");
-        let manifest = std::fs::read_to_string(out.join("codes.json")).unwrap();
-        assert!(manifest.contains("\"n_rows\": 250"), "{manifest}");
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("codes.json")).unwrap())
+                .unwrap();
+        assert_eq!(manifest["n_rows"], 250, "{manifest}");
+        if name == "topk" {
+            assert_eq!(
+                (&manifest["layout"], &manifest["k"]),
+                (&"topk".into(), &3.into())
+            );
+        } else {
+            assert_eq!(manifest["layout"], "csr", "{manifest}");
+        }
         usage_error_line(
             &sae(&[
                 "encode",

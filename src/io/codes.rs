@@ -11,7 +11,7 @@ use crate::select::Codes;
 
 /// How codes are laid out on disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(tag = "layout", rename_all = "lowercase")]
 pub enum CodesLayout {
     /// Exactly k codes a row: `indices.npy` (uint32, N×k) and `values.npy` (float32, N×k). A
     /// row with fewer than k positive codes is padded with value 0 at latents inactive in that
@@ -28,6 +28,8 @@ pub enum CodesLayout {
 /// `codes.json`, beside the arrays: what they hold.
 #[derive(Serialize)]
 struct Manifest {
+    /// `"layout": "topk", "k": 64` or `"layout": "csr"`.
+    #[serde(flatten)]
     layout: CodesLayout,
     n_rows: u64,
     n_latents: usize,
