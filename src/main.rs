@@ -41,6 +41,17 @@ enum Command {
     Synth(cli::synth::SynthArgs),
     /// Redraw a run's plots (curves.png, density.png) from its metrics and feature density.
     Plot(cli::plot::PlotArgs),
+    /// Time the bare encoder GEMM and full training steps side by side, with each phase of the
+    /// step (and, with --data, the loader's share).
+    ///
+    /// Measurements alternate in rounds: each round times one GEMM (B×D)·(D×F) on the
+    /// trainer's backend, then one training step on a fixed in-memory batch of activation-like
+    /// rows (a per-column offset plus uniform noise, every row different), then with --data one
+    /// step fed by the loader from a temporary float16 .npy. The first --warmup rounds are
+    /// discarded; each figure is the median of the remaining --steps rounds. Alternating means a
+    /// drift in the machine's speed (a shared VM, thermal limits) slows the GEMM and the step
+    /// alike, so their ratio stays meaningful.
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +64,7 @@ fn main() -> ExitCode {
         Command::Export(args) => cli::export::run(args),
         Command::Synth(args) => cli::synth::run(args),
         Command::Plot(args) => cli::plot::run(args),
+        Command::Bench(args) => cli::bench::run(args),
     };
     match result {
         Ok(None) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! What every subcommand shares: option parsers, and the split of errors into the user's
 //! (one line, exit status 2) and the rest (status 1).
 
+pub mod bench;
 pub mod encode;
 pub mod eval;
 pub mod export;

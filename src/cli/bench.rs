@@ -1,0 +1,494 @@
+//! `sae bench`: the encoder GEMM and full training steps timed side by side in one process,
+//! with the step's phases and, optionally, the loader's share.
+//!
+//! Timing runs in rounds: each round times one bare encoder GEMM, then one training step on a
+//! batch in memory, then (with `--data`) one step fed by the loader. The first `--warmup`
+//! rounds are discarded and every figure is the median over the remaining `--steps` rounds.
+//! Alternating the measurements means a drift in the machine's speed (a shared VM's neighbours,
+//! thermal limits) slows the GEMM and the step alike, so their ratio stays meaningful where two
+//! benchmarks run one after the other would not.
+//!
+//! The in-memory batch is one fixed B×D batch reused by every step (as `cargo bench --bench
+//! step` does), so the figures compare with that benchmark; its rows are activation-like and all
+//! different: a per-column offset plus uniform noise in [−0.5, 0.5). The loader-fed steps read a
+//! float16 `.npy` of 8·B rows drawn the same way, written under the system temporary directory
+//! (removed afterwards) and read through the shuffle buffer and the prefetch thread exactly as
+//! `sae train --data` reads activations.
+
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use clap::{Args, ValueEnum};
+use half::f16;
+use ndarray::Array2;
+use npyz::WriterBuilder;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+use sparse_autoencoder::backend::{Backend, Cpu};
+use sparse_autoencoder::data::{Batcher, LoaderConfig, NpyShards, Prefetcher};
+use sparse_autoencoder::{Architecture, PhaseTimes, Sae, SaeConfig, TrainConfig, Trainer};
+
+use super::{at_least_one, usage, UsageError};
+
+/// `sae bench`'s options: the shape, the rule and how long to measure.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Width D of the activations.
+    #[arg(long, default_value_t = 768, value_parser = at_least_one, allow_negative_numbers = true)]
+    d: usize,
+    /// Number of latents F.
+    #[arg(long, default_value_t = 16384, value_parser = at_least_one, allow_negative_numbers = true)]
+    f: usize,
+    /// Active latents per row (topk; batchtopk: on average); ignored by relu.
+    #[arg(long, default_value_t = 64, value_parser = at_least_one, allow_negative_numbers = true)]
+    k: usize,
+    /// Rows per batch B.
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one, allow_negative_numbers = true)]
+    batch: usize,
+    /// Sparsity rule.
+    #[arg(long, value_enum, default_value_t = Arch::Batchtopk)]
+    arch: Arch,
+    /// Worker threads for the GEMMs and the rest of the step (as `sae train --threads`)
+    /// [default: all cores].
+    #[arg(long, value_parser = at_least_one, allow_negative_numbers = true)]
+    threads: Option<usize>,
+    /// Measured rounds; each figure is the median over them.
+    #[arg(long, default_value_t = 5, value_parser = at_least_one, allow_negative_numbers = true)]
+    steps: usize,
+    /// Rounds run first and not measured (page faults, thread start-up, b_dec's
+    /// initialisation at the first step).
+    #[arg(long, default_value_t = 2, allow_negative_numbers = true)]
+    warmup: usize,
+    /// Also time steps fed by the loader from a temporary float16 .npy of 8·B rows, and the
+    /// time spent waiting for each batch.
+    #[arg(long)]
+    data: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Arch {
+    /// ReLU with an L1 penalty.
+    Relu,
+    /// The k largest codes of each row.
+    Topk,
+    /// The k·B largest codes of the batch.
+    Batchtopk,
+}
+
+impl Arch {
+    fn name(self) -> &'static str {
+        match self {
+            Arch::Relu => "relu",
+            Arch::Topk => "topk",
+            Arch::Batchtopk => "batchtopk",
+        }
+    }
+
+    fn architecture(self, k: usize) -> Architecture {
+        match self {
+            Arch::Relu => Architecture::Relu,
+            Arch::Topk => Architecture::TopK { k },
+            Arch::Batchtopk => Architecture::BatchTopK { k },
+        }
+    }
+}
+
+/// Batches in the `--data` file: enough for a few rounds between refills of the shuffle
+/// buffer (which holds the whole file), small enough to write in a second at D = 768.
+const DATA_BATCHES: usize = 8;
+
+/// Runs `sae bench`.
+pub fn run(args: BenchArgs) -> Result<Option<u8>> {
+    if !matches!(args.arch, Arch::Relu) && args.k > args.f {
+        return Err(UsageError(format!(
+            "invalid --k: {} is more than the {} latents of --f",
+            args.k, args.f
+        ))
+        .into());
+    }
+    if args
+        .batch
+        .checked_mul(args.f)
+        .and_then(|n| n.checked_mul(4))
+        .is_none()
+        || args.batch.checked_mul(args.d * DATA_BATCHES).is_none()
+    {
+        return Err(UsageError(format!(
+            "invalid --batch: {} rows of {} latents do not fit in memory",
+            args.batch, args.f
+        ))
+        .into());
+    }
+    if let Some(threads) = args.threads {
+        super::train::set_threads(threads)?;
+    }
+    let threads = args.threads.unwrap_or_else(rayon::current_num_threads);
+    let sae_config = SaeConfig {
+        d_model: args.d,
+        dict_size: args.f,
+        arch: args.arch.architecture(args.k),
+    };
+    let train_config = TrainConfig {
+        total_steps: 1_000_000,
+        warmup_steps: 0,
+        ..TrainConfig::default()
+    };
+    let sae = Sae::new(sae_config, 0).map_err(usage)?;
+    let w_enc_fd = sae.w_enc_fd().to_owned();
+    let mut trainer = Trainer::new(sae, train_config).map_err(usage)?;
+    let x_bd = Array2::from_shape_vec((args.batch, args.d), rows(args.batch, args.d, 0).collect())
+        .expect("B·D values");
+    let mut gemm_bf = Array2::<f32>::zeros((args.batch, args.f));
+
+    let data = if args.data {
+        Some(DataFile::write(args.batch, args.d)?)
+    } else {
+        None
+    };
+    let mut loader = match &data {
+        Some(file) => Some(file.loader(args.batch)?),
+        None => None,
+    };
+
+    let mut m = Measured::default();
+    for round in 0..args.warmup + args.steps {
+        let measured = round >= args.warmup;
+
+        let t = Instant::now();
+        Cpu.gemm(1.0, x_bd.view(), w_enc_fd.t(), 0.0, gemm_bf.view_mut());
+        let gemm = t.elapsed();
+
+        let t = Instant::now();
+        trainer.step(x_bd.view()).map_err(usage)?;
+        let step = t.elapsed();
+        let phases = trainer.phase_times();
+
+        let fed = match loader.as_mut() {
+            Some(loader) => {
+                let t = Instant::now();
+                let batch = loader.next_batch().context("reading the --data batch")?;
+                let wait = t.elapsed();
+                trainer.step(batch.view()).map_err(usage)?;
+                drop(batch);
+                Some((wait, t.elapsed()))
+            }
+            None => None,
+        };
+
+        if measured {
+            m.gemm.push(gemm);
+            m.step.push(step);
+            m.phases.push(phases);
+            if let Some((wait, fed_step)) = fed {
+                m.wait.push(wait);
+                m.fed_step.push(fed_step);
+            }
+        }
+    }
+    drop(loader);
+    drop(data);
+
+    let report = Report::new(&args, threads, &m);
+    if args.json {
+        println!("{}", report.json());
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(None)
+}
+
+/// B rows of width D, activation-like and all different: column d's offset d·10⁻³ plus uniform
+/// noise in [−0.5, 0.5) (the values of `cargo bench --bench loader`'s shards).
+fn rows(n: usize, d: usize, seed: u64) -> impl Iterator<Item = f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n * d).map(move |i| (i % d) as f32 * 1e-3 + rng.gen::<f32>() - 0.5)
+}
+
+/// The `--data` file: a float16 [8·B, D] `.npy` in a fresh temporary directory, removed on
+/// drop.
+struct DataFile {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl DataFile {
+    fn write(batch: usize, d: usize) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("sae-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let file = DataFile {
+            path: dir.join("acts_f16.npy"),
+            dir,
+        };
+        let n = batch * DATA_BATCHES;
+        write_f16(&file.path, n, d, rows(n, d, 1))
+            .with_context(|| format!("writing {}", file.path.display()))?;
+        Ok(file)
+    }
+
+    fn loader(&self, batch: usize) -> Result<Prefetcher> {
+        let source = NpyShards::open(&[&self.path])?;
+        let config = LoaderConfig {
+            batch_size: batch,
+            ..LoaderConfig::default()
+        };
+        Ok(Prefetcher::new(Batcher::new(source, config)?))
+    }
+}
+
+impl Drop for DataFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn write_f16(path: &Path, n: usize, d: usize, values: impl Iterator<Item = f32>) -> Result<()> {
+    let file = std::fs::File::create(path)?;
+    let mut writer = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(&[n as u64, d as u64])
+        .writer(BufWriter::with_capacity(1 << 22, file))
+        .begin_nd()?;
+    writer.extend(values.map(f16::from_f32))?;
+    writer.finish()?;
+    Ok(())
+}
+
+/// Every measured round's times.
+#[derive(Default)]
+struct Measured {
+    gemm: Vec<Duration>,
+    step: Vec<Duration>,
+    phases: Vec<PhaseTimes>,
+    /// `--data` only: waiting in `Prefetcher::next_batch`, and that wait plus the step.
+    wait: Vec<Duration>,
+    fed_step: Vec<Duration>,
+}
+
+/// The median in milliseconds (the mean of the middle two for an even count).
+fn median_ms(times: impl IntoIterator<Item = Duration>) -> f64 {
+    let mut ms: Vec<f64> = times.into_iter().map(|t| t.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    let n = ms.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => ms[n / 2],
+        _ => (ms[n / 2 - 1] + ms[n / 2]) / 2.0,
+    }
+}
+
+fn max_ms(times: &[Duration]) -> f64 {
+    times
+        .iter()
+        .map(|t| t.as_secs_f64() * 1e3)
+        .fold(0.0, f64::max)
+}
+
+/// The loader-fed figures.
+struct DataReport {
+    rows: usize,
+    wait_ms: f64,
+    wait_max_ms: f64,
+    step_ms: f64,
+}
+
+/// Medians and what follows from them.
+struct Report {
+    d: usize,
+    f: usize,
+    k: Option<usize>,
+    batch: usize,
+    arch: &'static str,
+    threads: usize,
+    steps: usize,
+    warmup: usize,
+    gemm_ms: f64,
+    step_ms: f64,
+    /// (name, what it covers, median ms), in step order.
+    phases: Vec<(&'static str, &'static str, f64)>,
+    data: Option<DataReport>,
+}
+
+impl Report {
+    fn new(args: &BenchArgs, threads: usize, m: &Measured) -> Self {
+        let phase = |get: fn(&PhaseTimes) -> Duration| median_ms(m.phases.iter().map(get));
+        let phases = vec![
+            ("encode", "x - b_dec, encoder GEMM", phase(|p| p.encode)),
+            ("select", "sparsification", phase(|p| p.select)),
+            ("decode_loss", "decoding, losses", phase(|p| p.decode_loss)),
+            ("backward", "gradients", phase(|p| p.backward)),
+            ("update", "projection, Adam", phase(|p| p.update)),
+        ];
+        Report {
+            d: args.d,
+            f: args.f,
+            k: (!matches!(args.arch, Arch::Relu)).then_some(args.k),
+            batch: args.batch,
+            arch: args.arch.name(),
+            threads,
+            steps: args.steps,
+            warmup: args.warmup,
+            gemm_ms: median_ms(m.gemm.iter().copied()),
+            step_ms: median_ms(m.step.iter().copied()),
+            phases,
+            data: (!m.fed_step.is_empty()).then(|| DataReport {
+                rows: args.batch * DATA_BATCHES,
+                wait_ms: median_ms(m.wait.iter().copied()),
+                wait_max_ms: max_ms(&m.wait),
+                step_ms: median_ms(m.fed_step.iter().copied()),
+            }),
+        }
+    }
+
+    fn tokens_per_s(&self, step_ms: f64) -> f64 {
+        self.batch as f64 / (step_ms / 1e3)
+    }
+
+    /// GEMM throughput: 2·B·D·F flops.
+    fn gemm_gflops(&self) -> f64 {
+        2.0 * self.batch as f64 * self.d as f64 * self.f as f64 / (self.gemm_ms / 1e3) / 1e9
+    }
+
+    /// The step's time outside the five phases (input checks, bookkeeping between them).
+    fn other_ms(&self) -> f64 {
+        self.step_ms - self.phases.iter().map(|p| p.2).sum::<f64>()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let phases: serde_json::Map<String, serde_json::Value> = self
+            .phases
+            .iter()
+            .map(|&(name, _, ms)| (name.to_string(), json!(ms)))
+            .collect();
+        json!({
+            "d": self.d,
+            "f": self.f,
+            "k": self.k,
+            "batch": self.batch,
+            "arch": self.arch,
+            "threads": self.threads,
+            "backend": Cpu.name(),
+            "steps": self.steps,
+            "warmup": self.warmup,
+            "gemm_ms": self.gemm_ms,
+            "gemm_gflops": self.gemm_gflops(),
+            "step_ms": self.step_ms,
+            "ratio": self.step_ms / self.gemm_ms,
+            "tokens_per_s": self.tokens_per_s(self.step_ms),
+            "phases_ms": phases,
+            "other_ms": self.other_ms(),
+            "data": self.data.as_ref().map(|data| json!({
+                "dtype": "float16",
+                "rows": data.rows,
+                "wait_ms": data.wait_ms,
+                "wait_max_ms": data.wait_max_ms,
+                "step_ms": data.step_ms,
+                "tokens_per_s": self.tokens_per_s(data.step_ms),
+            })),
+        })
+    }
+
+    fn table(&self) -> String {
+        let mut out = String::new();
+        let mut line = |s: String| {
+            out.push_str(&s);
+            out.push('\n');
+        };
+        let k = self.k.map(|k| format!(" k={k}")).unwrap_or_default();
+        line(format!(
+            "shape: D={} F={}{k} B={}  arch: {}  threads: {}  backend: {}",
+            self.d,
+            self.f,
+            self.batch,
+            self.arch,
+            self.threads,
+            Cpu.name()
+        ));
+        line(format!(
+            "medians of {} rounds after {} warm-up (GEMM and step alternate in each round)",
+            self.steps, self.warmup
+        ));
+        line(String::new());
+        line(format!("{:<34} {:>10}  {:>6}", "", "ms", "share"));
+        line(format!(
+            "{:<34} {:>10.3}  {:>6}   {:.1} GFLOP/s",
+            "encoder GEMM (BxD)·(DxF)",
+            self.gemm_ms,
+            "",
+            self.gemm_gflops()
+        ));
+        line(format!(
+            "{:<34} {:>10.3}  {:>5.1}%",
+            "training step", self.step_ms, 100.0
+        ));
+        for &(name, covers, ms) in &self.phases {
+            line(format!(
+                "{:<34} {:>10.3}  {:>5.1}%",
+                format!("  {name} ({covers})"),
+                ms,
+                100.0 * ms / self.step_ms
+            ));
+        }
+        let other = self.other_ms();
+        line(format!(
+            "{:<34} {:>10.3}  {:>5.1}%",
+            "  other (step - sum of phases)",
+            other,
+            100.0 * other / self.step_ms
+        ));
+        line(String::new());
+        line(format!(
+            "ratio step/GEMM: {:.3}",
+            self.step_ms / self.gemm_ms
+        ));
+        line(format!("tokens/s: {:.0}", self.tokens_per_s(self.step_ms)));
+        if let Some(data) = &self.data {
+            line(String::new());
+            line(format!(
+                "loader-fed step (float16 .npy, {} rows, shuffle buffer + prefetch thread):",
+                data.rows
+            ));
+            line(format!(
+                "{:<34} {:>10.3}  {:>5.1}%   max {:.2} ms",
+                "  data (wait in next_batch)",
+                data.wait_ms,
+                100.0 * data.wait_ms / data.step_ms,
+                data.wait_max_ms
+            ));
+            line(format!(
+                "{:<34} {:>10.3}  {:>5.1}%",
+                "  step incl. wait", data.step_ms, 100.0
+            ));
+            line(format!(
+                "  ratio fed/in-memory: {:.3}   tokens/s: {:.0}",
+                data.step_ms / self.step_ms,
+                self.tokens_per_s(data.step_ms)
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median_ms;
+    use std::time::Duration;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        let ms = |v: &[u64]| {
+            v.iter()
+                .map(|&m| Duration::from_millis(m))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(median_ms(ms(&[5, 1, 3])), 3.0);
+        assert_eq!(median_ms(ms(&[4, 1, 3, 2])), 2.5);
+        assert!(median_ms(ms(&[])).is_nan());
+    }
+}
