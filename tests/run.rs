@@ -105,6 +105,7 @@ fn stop_checkpoint_and_resume_end_where_the_uninterrupted_run_ends() {
         run.train(&mut (), &AtomicBool::new(false)).unwrap(),
         Outcome::Finished(_)
     ));
+    assert_eq!(run.names(), ["topk-k4-f96", "relu-l1_0.3-f80"]);
     for name in run.names() {
         let a = Sae::load(&straight.join(name)).unwrap();
         let b = Sae::load(&resumed.join(name)).unwrap();

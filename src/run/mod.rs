@@ -453,7 +453,11 @@ impl Run {
 
     /// The SAEs' names, in the order of [`Progress::stats`].
     pub fn names(&self) -> Vec<&str> {
-        self.members.iter().map(|m| m.name.as_str()).collect()
+        self.spec
+            .sae
+            .iter()
+            .filter_map(|s| s.name.as_deref())
+            .collect()
     }
 
     /// Steps done so far (non-zero after [`Run::resume`]).
@@ -526,7 +530,9 @@ impl Run {
             ));
         }
         let mut summaries = Vec::with_capacity(self.members.len());
-        for member in &self.members {
+        // Each trainer gives up its SAE here: its moments, gradients and step buffers are
+        // freed before the evaluation allocates its own.
+        for member in std::mem::take(&mut self.members) {
             summaries.push(self.finish(member, skipped_rows, seconds)?);
         }
         // The run is complete and saved: a checkpoint now would only invite resuming it.
@@ -535,8 +541,8 @@ impl Run {
     }
 
     /// Saves, evaluates and plots one SAE at the end of the run.
-    fn finish(&self, member: &Member, skipped_rows: u64, seconds: f64) -> Result<Summary> {
-        let mut sae = member.trainer.sae().clone();
+    fn finish(&self, member: Member, skipped_rows: u64, seconds: f64) -> Result<Summary> {
+        let mut sae = member.trainer.into_sae();
         sae.fold_input_scale(self.scale)?;
         sae.save(&member.dir)?;
         let eval = match &self.eval_rows {
