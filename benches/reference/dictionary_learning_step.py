@@ -101,12 +101,14 @@ def main():
     def batch():
         return torch.randn(args.batch, args.d, generator=gen)
 
+    last = {"loss": float("nan")}
+
     def one_step(step):
         x = batch()
         if n_dead:
             trainer.num_tokens_since_fired[:n_dead] = trainer.dead_feature_threshold
         t0 = time.perf_counter()
-        trainer.update(step, x)  # ends in loss.item()
+        last["loss"] = trainer.update(step, x)  # ends in loss.item()
         return time.perf_counter() - t0
 
     warm = [one_step(i) for i in range(args.warmup)]
@@ -122,6 +124,7 @@ def main():
     )
     print("warm-up s: " + " ".join(f"{t:.3f}" for t in warm))
     print("timed s:   " + " ".join(f"{t:.3f}" for t in times))
+    print(f"last loss {last['loss']:.4f}")
     print(f"median {med:.3f} s/step, {args.batch / med:,.0f} tokens/s")
     print(
         json.dumps(
@@ -136,6 +139,7 @@ def main():
                 "batch": args.batch,
                 "threads": args.threads,
                 "dead_latents": trainer.dead_features,
+                "last_loss": last["loss"],
                 "warmup": args.warmup,
                 "steps": args.steps,
                 "step_s": times,
