@@ -312,6 +312,9 @@ struct Report {
     step_ms: f64,
     /// (name, what it covers, median ms), in step order.
     phases: Vec<(&'static str, &'static str, f64)>,
+    /// The median of each round's step time outside the five phases (input checks, the
+    /// bookkeeping between them): per round, so it is not lost in the medians' own spread.
+    other_ms: f64,
     data: Option<DataReport>,
 }
 
@@ -337,6 +340,9 @@ impl Report {
             gemm_ms: median_ms(m.gemm.iter().copied()),
             step_ms: median_ms(m.step.iter().copied()),
             phases,
+            other_ms: median_ms(m.step.iter().zip(&m.phases).map(|(&step, p)| {
+                step.saturating_sub(p.encode + p.select + p.decode_loss + p.backward + p.update)
+            })),
             data: (!m.fed_step.is_empty()).then(|| DataReport {
                 rows: args.batch * DATA_BATCHES,
                 wait_ms: median_ms(m.wait.iter().copied()),
@@ -353,11 +359,6 @@ impl Report {
     /// GEMM throughput: 2·B·D·F flops.
     fn gemm_gflops(&self) -> f64 {
         2.0 * self.batch as f64 * self.d as f64 * self.f as f64 / (self.gemm_ms / 1e3) / 1e9
-    }
-
-    /// The step's time outside the five phases (input checks, bookkeeping between them).
-    fn other_ms(&self) -> f64 {
-        self.step_ms - self.phases.iter().map(|p| p.2).sum::<f64>()
     }
 
     fn json(&self) -> serde_json::Value {
@@ -382,7 +383,7 @@ impl Report {
             "ratio": self.step_ms / self.gemm_ms,
             "tokens_per_s": self.tokens_per_s(self.step_ms),
             "phases_ms": phases,
-            "other_ms": self.other_ms(),
+            "other_ms": self.other_ms,
             "data": self.data.as_ref().map(|data| json!({
                 "dtype": "float16",
                 "rows": data.rows,
@@ -435,10 +436,10 @@ impl Report {
                 100.0 * ms / self.step_ms
             ));
         }
-        let other = self.other_ms();
+        let other = self.other_ms;
         line(format!(
             "{:<34} {:>10.3}  {:>5.1}%",
-            "  other (step - sum of phases)",
+            "  other (outside the phases)",
             other,
             100.0 * other / self.step_ms
         ));
