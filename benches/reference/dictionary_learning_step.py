@@ -66,10 +66,16 @@ def main():
         "--dead-frac",
         type=float,
         default=0.0,
-        help="fraction of latents whose idle counter is set to the dead threshold before "
-        "each step, to exercise AuxK; those that fire in the batch are revived before "
-        "AuxK runs, as in the trainer (default 0: a fresh SAE has no dead latents, so "
-        "AuxK is skipped)",
+        help="fraction of latents made dead before each step, to exercise AuxK: their "
+        "idle counters are set to the dead threshold and their encoder biases to -1e4 so "
+        "they stay silent in the batch (the trainer revives any latent that fires); "
+        "default 0: a fresh SAE has no dead latents, so AuxK is skipped",
+    )
+    p.add_argument(
+        "--auxk-alpha",
+        type=float,
+        default=1 / 32,
+        help="BatchTopKTrainer auxk_alpha (its default 1/32; AuxK runs only with dead latents)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -92,6 +98,7 @@ def main():
         k=args.k,
         layer=0,
         lm_name="none",
+        auxk_alpha=args.auxk_alpha,
         seed=args.seed,
         device="cpu",
     )
@@ -103,10 +110,14 @@ def main():
 
     last = {"loss": float("nan")}
 
-    def one_step(step):
-        x = batch()
+    def make_dead():
         if n_dead:
             trainer.num_tokens_since_fired[:n_dead] = trainer.dead_feature_threshold
+            trainer.ae.encoder.bias.data[:n_dead] = -1e4
+
+    def one_step(step):
+        x = batch()
+        make_dead()
         t0 = time.perf_counter()
         last["loss"] = trainer.update(step, x)  # ends in loss.item()
         return time.perf_counter() - t0
@@ -120,7 +131,7 @@ def main():
         f"dictionary_learning {importlib.metadata.version('dictionary-learning')} "
         f"BatchTopKTrainer.update, torch {torch.__version__}, "
         f"D={args.d} F={args.f} k={args.k} B={args.batch} threads={args.threads} "
-        f"dead_latents={trainer.dead_features}"
+        f"auxk_alpha={args.auxk_alpha} dead_latents={trainer.dead_features}"
     )
     print("warm-up s: " + " ".join(f"{t:.3f}" for t in warm))
     print("timed s:   " + " ".join(f"{t:.3f}" for t in times))
@@ -138,6 +149,7 @@ def main():
                 "k": args.k,
                 "batch": args.batch,
                 "threads": args.threads,
+                "auxk_alpha": args.auxk_alpha,
                 "dead_latents": trainer.dead_features,
                 "last_loss": last["loss"],
                 "warmup": args.warmup,
@@ -153,6 +165,7 @@ def main():
         from torch.profiler import ProfilerActivity, profile
 
         x = batch()
+        make_dead()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             trainer.update(first + args.steps, x)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))

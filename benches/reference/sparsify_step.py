@@ -151,10 +151,13 @@ def main():
     def batch():
         return torch.randn(args.batch, args.d, generator=gen)
 
-    def one_step(step):
-        x = batch()
+    def make_dead():
         if n_dead:
             num_tokens_since_fired[:n_dead] = dead_feature_threshold + 1
+
+    def one_step(step):
+        x = batch()
+        make_dead()
         t0 = time.perf_counter()
         state["fvu"] = train_step(step, x)
         return time.perf_counter() - t0
@@ -202,6 +205,7 @@ def main():
         from torch.profiler import ProfilerActivity, profile
 
         x = batch()
+        make_dead()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             train_step(args.warmup + args.steps, x)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
