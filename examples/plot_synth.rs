@@ -9,7 +9,7 @@
 //! With no arguments it writes to `sae-plot-demo` under the system's temporary directory.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use sparse_autoencoder::backend::Cpu;
@@ -77,29 +77,8 @@ fn main() -> anyhow::Result<()> {
         stats.l0,
         100.0 * stats.dead_fraction
     );
-    write_f32_npy(
-        &dir.join("feature_density.npy"),
-        &stats.firing_frequency_f(),
-    )?;
+    sparse_autoencoder::io::write_feature_density(&dir.join("feature_density.npy"), &stats)?;
     let drawn = plot::redraw(&dir)?;
     println!("wrote {} and {:?}", drawn.curves.display(), drawn.density);
     Ok(())
-}
-
-/// `values` as a 1-D float32 `.npy` file (format 1.0).
-fn write_f32_npy(path: &Path, values: &[f64]) -> std::io::Result<()> {
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
-        values.len()
-    );
-    // numpy pads the header so that the data starts at a multiple of 64 bytes.
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((header.len() as u16).to_le_bytes());
-    bytes.extend(header.as_bytes());
-    bytes.extend(values.iter().flat_map(|&v| (v as f32).to_le_bytes()));
-    std::fs::write(path, bytes)
 }

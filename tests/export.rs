@@ -5,23 +5,12 @@ mod common;
 
 use std::path::Path;
 
-use common::{ok, random_sae, sae, synthetic_batch, temp_dir, usage_error_line, write_npy};
+use common::{
+    ok, random_sae, read_npy, sae, synthetic_batch, temp_dir, tensor, usage_error_line, write_npy,
+};
 use ndarray::Array2;
-use safetensors::SafeTensors;
 use sparse_autoencoder::backend::Cpu;
 use sparse_autoencoder::{Architecture, Sae};
-
-fn tensor(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap();
-    let tensors = SafeTensors::deserialize(&bytes).unwrap();
-    let view = tensors.tensor(name).unwrap();
-    let values = view
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (view.shape().to_vec(), values)
-}
 
 /// A random SAE saved in `dir`; with `learn_threshold`, trained for three steps so that
 /// BatchTopK learns θ (only training sets it).
@@ -159,13 +148,6 @@ fn sparsify_export_is_topk_and_refuses_relu() {
         &["--format saelens"],
     );
     std::fs::remove_dir_all(dir).unwrap();
-}
-
-fn read_npy<T: npyz::Deserialize>(path: &Path) -> (Vec<u64>, Vec<T>) {
-    let bytes = std::fs::read(path).unwrap();
-    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
-    let shape = npy.shape().to_vec();
-    (shape, npy.into_vec().unwrap())
 }
 
 #[test]

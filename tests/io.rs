@@ -8,7 +8,7 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::{random_sae, synthetic_batch, temp_dir};
+use common::{random_sae, read_npy, synthetic_batch, temp_dir, tensor};
 use ndarray::Array2;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -67,27 +67,6 @@ fn assert_state_bits(a: &TrainerState, b: &TrainerState, what: &str) {
         a.tokens_since_fired_f, b.tokens_since_fired_f,
         "{what}: tokens_since_fired_f"
     );
-}
-
-/// The f32 tensor `name` of a safetensors file, with its shape.
-fn tensor(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
-    let bytes = fs::read(path).unwrap();
-    let tensors = SafeTensors::deserialize(&bytes).unwrap();
-    let view = tensors.tensor(name).unwrap();
-    assert_eq!(view.dtype(), Dtype::F32, "{name}");
-    let values = view
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (view.shape().to_vec(), values)
-}
-
-fn read_npy<T: npyz::Deserialize>(path: &Path) -> (Vec<u64>, Vec<T>) {
-    let bytes = fs::read(path).unwrap();
-    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
-    let shape = npy.shape().to_vec();
-    (shape, npy.into_vec().unwrap())
 }
 
 fn json(path: &Path) -> serde_json::Value {
