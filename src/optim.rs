@@ -50,9 +50,9 @@ impl ParamTensors {
     /// All zeros, for an SAE with `f` latents of width `d`.
     pub fn zeros(f: usize, d: usize) -> Self {
         ParamTensors {
-            w_enc_fd: Array2::zeros((f, d)),
+            w_enc_fd: crate::backend::zeros_huge(f, d),
             b_enc_f: Array1::zeros(f),
-            w_dec_fd: Array2::zeros((f, d)),
+            w_dec_fd: crate::backend::zeros_huge(f, d),
             b_dec_d: Array1::zeros(d),
         }
     }

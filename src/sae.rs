@@ -270,7 +270,7 @@ pub(crate) fn select_into(
 /// Resizes a workspace matrix only when its shape changes (contents are then garbage).
 pub(crate) fn resize(a: &mut Array2<f32>, shape: (usize, usize)) {
     if a.dim() != shape {
-        *a = Array2::zeros(shape);
+        *a = crate::backend::zeros_huge(shape.0, shape.1);
     }
 }
 

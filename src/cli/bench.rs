@@ -27,7 +27,7 @@ use npyz::WriterBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
-use sparse_autoencoder::backend::{Backend, Cpu};
+use sparse_autoencoder::backend::{zeros_huge, Backend, Cpu};
 use sparse_autoencoder::data::{Batcher, LoaderConfig, NpyShards, Prefetcher};
 use sparse_autoencoder::{Architecture, PhaseTimes, Sae, SaeConfig, TrainConfig, Trainer};
 
@@ -140,11 +140,14 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
         ..TrainConfig::default()
     };
     let sae = Sae::new(sae_config, 0).map_err(usage)?;
-    let w_enc_fd = sae.w_enc_fd().to_owned();
+    // The bare GEMM gets the huge-page memory the trainer's buffers get, so the ratio compares
+    // like with like.
+    let mut w_enc_fd = zeros_huge(args.f, args.d);
+    w_enc_fd.assign(&sae.w_enc_fd());
     let mut trainer = Trainer::new(sae, train_config).map_err(usage)?;
     let x_bd = Array2::from_shape_vec((args.batch, args.d), rows(args.batch, args.d, 0).collect())
         .expect("B·D values");
-    let mut gemm_bf = Array2::<f32>::zeros((args.batch, args.f));
+    let mut gemm_bf = zeros_huge(args.batch, args.f);
 
     let data = if args.data {
         Some(DataFile::write(args.batch, args.d)?)
