@@ -100,7 +100,16 @@ fn json_is_one_object_with_every_figure() {
 
     let v: serde_json::Value = serde_json::from_str(&bench(&["--json", "--arch", "relu"])).unwrap();
     assert_eq!(v["arch"], "relu");
-    assert!(v["k"].is_null() && v["data"].is_null(), "{v}");
+    assert!(v["data"].is_null(), "{v}");
+    // ReLU's b_enc is set so that about k = 4 of the 64 codes per row are positive.
+    let l0 = v["l0"].as_f64().unwrap();
+    assert!((2.0..=8.0).contains(&l0), "relu L0 {l0} for k = 4");
+    let mut args = TINY.to_vec();
+    args[6] = "32"; // --k
+    args.extend(["--json", "--arch", "relu"]);
+    let v: serde_json::Value = serde_json::from_str(&ok(&sae(&args))).unwrap();
+    let l0 = v["l0"].as_f64().unwrap();
+    assert!((24.0..=40.0).contains(&l0), "relu L0 {l0} for k = 32");
 }
 
 #[test]

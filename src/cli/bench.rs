@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use clap::{Args, ValueEnum};
 use half::f16;
-use ndarray::Array2;
+use ndarray::{Array2, ArrayView2};
 use npyz::WriterBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -42,7 +42,9 @@ pub struct BenchArgs {
     /// Number of latents F.
     #[arg(long, default_value_t = 16384, value_parser = at_least_one, allow_negative_numbers = true)]
     f: usize,
-    /// Active latents per row (topk; batchtopk: on average); ignored by relu.
+    /// Active latents per row (topk; batchtopk: on average; relu: b_enc is set so that about k
+    /// codes per row are positive, as in a trained ReLU SAE, while F/2 gives the dense codes of
+    /// initialisation).
     #[arg(long, default_value_t = 64, value_parser = at_least_one, allow_negative_numbers = true)]
     k: usize,
     /// Rows per batch B.
@@ -105,7 +107,7 @@ const DATA_BATCHES: usize = 8;
 
 /// Runs `sae bench`.
 pub fn run(args: BenchArgs) -> Result<Option<u8>> {
-    if !matches!(args.arch, Arch::Relu) && args.k > args.f {
+    if args.k > args.f {
         return Err(UsageError(format!(
             "invalid --k: {} is more than the {} latents of --f",
             args.k, args.f
@@ -139,14 +141,17 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
         warmup_steps: 0,
         ..TrainConfig::default()
     };
-    let sae = Sae::new(sae_config, 0).map_err(usage)?;
+    let x_bd = Array2::from_shape_vec((args.batch, args.d), rows(args.batch, args.d, 0).collect())
+        .expect("B·D values");
+    let mut sae = Sae::new(sae_config, 0).map_err(usage)?;
+    if matches!(args.arch, Arch::Relu) {
+        sae = relu_with_density(sae, x_bd.view(), args.k)?;
+    }
     // The bare GEMM gets the huge-page memory the trainer's buffers get, so the ratio compares
     // like with like.
     let mut w_enc_fd = zeros_huge(args.f, args.d);
     w_enc_fd.assign(&sae.w_enc_fd());
     let mut trainer = Trainer::new(sae, train_config).map_err(usage)?;
-    let x_bd = Array2::from_shape_vec((args.batch, args.d), rows(args.batch, args.d, 0).collect())
-        .expect("B·D values");
     let mut gemm_bf = zeros_huge(args.batch, args.f);
 
     let data = if args.data {
@@ -168,7 +173,7 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
         let gemm = t.elapsed();
 
         let t = Instant::now();
-        trainer.step(x_bd.view()).map_err(usage)?;
+        let stats = trainer.step(x_bd.view()).map_err(usage)?;
         let step = t.elapsed();
         let phases = trainer.phase_times();
 
@@ -187,6 +192,7 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
         if measured {
             m.gemm.push(gemm);
             m.step.push(step);
+            m.l0.push(stats.l0);
             m.phases.push(phases);
             if let Some((wait, fed_step)) = fed {
                 m.wait.push(wait);
@@ -204,6 +210,25 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
         print!("{}", report.table());
     }
     Ok(None)
+}
+
+/// A ReLU SAE whose codes on `x_bd` have about `k` positive entries per row: one b_enc for
+/// every latent, minus the (1 − k/F) quantile of a sample of the pre-activations.
+fn relu_with_density(sae: Sae, x_bd: ArrayView2<'_, f32>, k: usize) -> Result<Sae> {
+    let pre_bf = sae.pre_activations(&Cpu, x_bd).map_err(usage)?;
+    let mut sample: Vec<f32> = pre_bf.iter().step_by(61).copied().collect();
+    let above = (sample.len() as f64 * k as f64 / sae.config().dict_size as f64) as usize;
+    let rank = above.min(sample.len() - 1);
+    let cut = *sample.select_nth_unstable_by(rank, |a, b| b.total_cmp(a)).1;
+    let b_enc_f = sae.b_enc_f().mapv(|b| b - cut);
+    Sae::from_parts(
+        *sae.config(),
+        sae.w_enc_fd().to_owned(),
+        b_enc_f,
+        sae.w_dec_fd().to_owned(),
+        sae.b_dec_d().to_owned(),
+    )
+    .map_err(usage)
 }
 
 /// B rows of width D, activation-like and all different: column d's offset d·10⁻³ plus uniform
@@ -269,6 +294,8 @@ struct Measured {
     gemm: Vec<Duration>,
     step: Vec<Duration>,
     phases: Vec<PhaseTimes>,
+    /// Active codes per row in each step.
+    l0: Vec<f32>,
     /// `--data` only: waiting in `Prefetcher::next_batch`, and that wait plus the step.
     wait: Vec<Duration>,
     fed_step: Vec<Duration>,
@@ -305,7 +332,7 @@ struct DataReport {
 struct Report {
     d: usize,
     f: usize,
-    k: Option<usize>,
+    k: usize,
     batch: usize,
     arch: &'static str,
     threads: usize,
@@ -313,6 +340,8 @@ struct Report {
     warmup: usize,
     gemm_ms: f64,
     step_ms: f64,
+    /// Median active codes per row.
+    l0: f64,
     /// (name, what it covers, median ms), in step order.
     phases: Vec<(&'static str, &'static str, f64)>,
     /// The median of each round's step time outside the five phases (input checks, the
@@ -334,7 +363,7 @@ impl Report {
         Report {
             d: args.d,
             f: args.f,
-            k: (!matches!(args.arch, Arch::Relu)).then_some(args.k),
+            k: args.k,
             batch: args.batch,
             arch: args.arch.name(),
             threads,
@@ -342,6 +371,11 @@ impl Report {
             warmup: args.warmup,
             gemm_ms: median_ms(m.gemm.iter().copied()),
             step_ms: median_ms(m.step.iter().copied()),
+            l0: {
+                let mut l0 = m.l0.clone();
+                l0.sort_by(f32::total_cmp);
+                l0.get(l0.len() / 2).map_or(f64::NAN, |&v| v as f64)
+            },
             phases,
             other_ms: median_ms(m.step.iter().zip(&m.phases).map(|(&step, p)| {
                 step.saturating_sub(p.encode + p.select + p.decode_loss + p.backward + p.update)
@@ -385,6 +419,7 @@ impl Report {
             "step_ms": self.step_ms,
             "ratio": self.step_ms / self.gemm_ms,
             "tokens_per_s": self.tokens_per_s(self.step_ms),
+            "l0": self.l0,
             "phases_ms": phases,
             "other_ms": self.other_ms,
             "data": self.data.as_ref().map(|data| json!({
@@ -404,11 +439,11 @@ impl Report {
             out.push_str(&s);
             out.push('\n');
         };
-        let k = self.k.map(|k| format!(" k={k}")).unwrap_or_default();
         line(format!(
-            "shape: D={} F={}{k} B={}  arch: {}  threads: {}  backend: {}",
+            "shape: D={} F={} k={} B={}  arch: {}  threads: {}  backend: {}",
             self.d,
             self.f,
+            self.k,
             self.batch,
             self.arch,
             self.threads,
@@ -452,6 +487,11 @@ impl Report {
             self.step_ms / self.gemm_ms
         ));
         line(format!("tokens/s: {:.0}", self.tokens_per_s(self.step_ms)));
+        line(format!(
+            "active codes per row (L0): {:.1} ({:.2}% of F)",
+            self.l0,
+            100.0 * self.l0 / self.f as f64
+        ));
         if let Some(data) = &self.data {
             line(String::new());
             line(format!(
