@@ -89,6 +89,16 @@ pub enum Error {
         fix: String,
     },
 
+    /// A device that cannot run here: an unknown name, a build without CUDA, a missing driver,
+    /// library or GPU, or a driver error.
+    #[error("device {device}: {reason}")]
+    Device {
+        /// The device as given (`cuda:1`).
+        device: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+
     /// A batch with no rows.
     #[error("{what} has no rows; pass at least one row")]
     Empty {

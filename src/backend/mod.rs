@@ -1,8 +1,13 @@
 //! The dense-GEMM seam: the few operations whose speed decides a step, behind one trait so
 //! the rest of the crate never knows which library (or device) runs them.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+mod device;
 pub mod simd;
 pub mod sparse;
+
+pub use device::Device;
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 

@@ -1,0 +1,105 @@
+//! Which device runs the numbers: the parsed `cpu` / `cuda` / `cuda:N` choice, and the one
+//! error a missing GPU, driver or library (or a build without CUDA) becomes.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+
+/// Where a step runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU backend (the default).
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU by ordinal, as `nvidia-smi` numbers them (`cuda` is `cuda:0`).
+    Cuda(usize),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl FromStr for Device {
+    type Err = Error;
+
+    /// `cpu`, `cuda` or `cuda:N` (case-insensitive).
+    fn from_str(s: &str) -> Result<Self> {
+        let lower = s.trim().to_ascii_lowercase();
+        let bad = |why: &str| Error::Device {
+            device: s.to_string(),
+            reason: format!("{why}; pass cpu, cuda or cuda:N (N the GPU's number, from 0)"),
+        };
+        match lower.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => match lower.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse::<usize>()
+                    .map(Device::Cuda)
+                    .map_err(|_| bad("the GPU number is not a non-negative integer")),
+                None => Err(bad("unknown device")),
+            },
+        }
+    }
+}
+
+impl Device {
+    /// Checks that this device can run here: always for the CPU; for a GPU, that this build has
+    /// CUDA, that the driver, cuBLAS and NVRTC load, and that the GPU exists. Returns the
+    /// device's name (`"cpu"`, or the GPU's model).
+    pub fn check(&self) -> Result<String> {
+        match *self {
+            Device::Cpu => Ok("cpu".to_string()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => super::cuda::CudaDevice::open(ordinal).map(|d| d.name()),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::Device {
+                device: self.to_string(),
+                reason: "this build has no CUDA support; rebuild with \
+                         `cargo build --release --features cuda`"
+                    .to_string(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cpu_cuda_and_numbered_gpus() {
+        assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
+        assert_eq!("CUDA".parse::<Device>().unwrap(), Device::Cuda(0));
+        assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
+        assert_eq!(Device::Cuda(3).to_string(), "cuda:3");
+        for bad in ["gpu", "cuda:", "cuda:-1", "cuda:x", "cuda:1.5", ""] {
+            let err = bad.parse::<Device>().unwrap_err().to_string();
+            assert!(
+                err.contains("pass cpu, cuda or cuda:N"),
+                "{bad:?} gave {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn cpu_is_always_available() {
+        assert_eq!(Device::Cpu.check().unwrap(), "cpu");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_build_it() {
+        let err = Device::Cuda(0).check().unwrap_err().to_string();
+        assert!(
+            err.contains("cuda:0") && err.contains("--features cuda"),
+            "{err}"
+        );
+    }
+}
