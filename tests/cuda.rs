@@ -2,6 +2,9 @@
 //! asked for: `SAE_TEST_CUDA=1 cargo test --features cuda --test cuda -- --ignored`.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::assert_close;
 use ndarray::Array2;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -63,13 +66,6 @@ fn kernels_compile_with_nvrtc_or_the_error_names_it() {
     }
 }
 
-/// The largest |a − b| over the largest |b|.
-fn relative_error(a: &Array2<f32>, b: &Array2<f32>) -> f32 {
-    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let worst = (a - b).iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    worst / scale
-}
-
 #[test]
 #[ignore = "needs an NVIDIA GPU: SAE_TEST_CUDA=1 cargo test --features cuda -- --ignored"]
 fn sub_row_and_sparse_decode_match_the_cpu() {
@@ -98,8 +94,7 @@ fn sub_row_and_sparse_decode_match_the_cpu() {
     let mut x_hat = gpu.zeros(b, d).unwrap();
     gpu.decode(&dcodes, &w_dec, &b_dec, &mut x_hat).unwrap();
     let expected = sae.decode(&codes).unwrap();
-    let err = relative_error(&gpu.download(&x_hat).unwrap(), &expected);
-    assert!(err <= 1e-4, "decode relative error {err}");
+    assert_close("decode", &gpu.download(&x_hat).unwrap(), &expected, 1e-4);
 }
 
 fn random(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Array2<f32> {
@@ -135,11 +130,8 @@ fn gemm_matches_the_cpu_for_every_transpose() {
         let mut dc = gpu.upload(c0.view()).unwrap();
         gpu.gemm(0.5, &da, trans_a, &db, trans_b, 2.0, &mut dc)
             .unwrap();
-        let err = relative_error(&gpu.download(&dc).unwrap(), &expected);
-        assert!(
-            err <= 1e-4,
-            "trans_a {trans_a} trans_b {trans_b}: relative error {err}"
-        );
+        let what = format!("gemm, trans_a {trans_a} trans_b {trans_b}");
+        assert_close(&what, &gpu.download(&dc).unwrap(), &expected, 1e-4);
     }
 }
 

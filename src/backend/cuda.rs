@@ -31,11 +31,8 @@ pub fn compile_kernels() -> Result<Ptx> {
     };
     // SAFETY: only tries to load the library.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(fail(
-            "NVRTC (libnvrtc.so, CUDA 11 to 13) was not found; install the CUDA toolkit's NVRTC \
-             and put its lib directory on LD_LIBRARY_PATH"
-                .to_string(),
-        ));
+        let (what, fix) = NVRTC_MISSING;
+        return Err(fail(format!("{what}; {fix}")));
     }
     let opts = CompileOptions {
         name: Some("kernels.cu".to_string()),
@@ -85,6 +82,12 @@ pub struct DeviceMatrix {
     pub cols: usize,
 }
 
+/// What is wrong, and the fix, when NVRTC does not load.
+const NVRTC_MISSING: (&str, &str) = (
+    "NVRTC (libnvrtc.so, CUDA 11 to 13) was not found",
+    "install the CUDA toolkit's NVRTC and put its lib directory on LD_LIBRARY_PATH",
+);
+
 /// The libraries a GPU run loads, with what to do when one is missing.
 fn missing_library() -> Option<(&'static str, &'static str)> {
     // SAFETY: these only try to load the libraries; nothing is called through them.
@@ -106,10 +109,7 @@ fn missing_library() -> Option<(&'static str, &'static str)> {
             "install the CUDA toolkit's cuBLAS and put its lib directory on LD_LIBRARY_PATH",
         ))
     } else if !nvrtc {
-        Some((
-            "NVRTC (libnvrtc.so, CUDA 11 to 13) was not found",
-            "install the CUDA toolkit's NVRTC and put its lib directory on LD_LIBRARY_PATH",
-        ))
+        Some(NVRTC_MISSING)
     } else {
         None
     }

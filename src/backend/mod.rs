@@ -68,6 +68,13 @@ pub fn zeros_huge(rows: usize, cols: usize) -> Array2<f32> {
     Array2::from_shape_vec((rows, cols), v).expect("rows × cols elements")
 }
 
+/// A copy of `a` in memory from [`zeros_huge`].
+pub fn huge_copy(a: ArrayView2<'_, f32>) -> Array2<f32> {
+    let mut huge = zeros_huge(a.nrows(), a.ncols());
+    huge.assign(&a);
+    huge
+}
+
 #[cfg(target_os = "linux")]
 fn advise_huge_pages(addr: usize, len: usize) {
     const HUGE: usize = 2 << 20;

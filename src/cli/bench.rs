@@ -27,7 +27,7 @@ use npyz::WriterBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
-use sparse_autoencoder::backend::{zeros_huge, Backend, Cpu};
+use sparse_autoencoder::backend::{huge_copy, zeros_huge, Backend, Cpu};
 use sparse_autoencoder::data::{Batcher, LoaderConfig, NpyShards, Prefetcher};
 use sparse_autoencoder::{Architecture, PhaseTimes, Sae, SaeConfig, TrainConfig, Trainer};
 
@@ -149,8 +149,7 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
     }
     // The bare GEMM gets the huge-page memory the trainer's buffers get, so the ratio compares
     // like with like.
-    let mut w_enc_fd = zeros_huge(args.f, args.d);
-    w_enc_fd.assign(&sae.w_enc_fd());
+    let w_enc_fd = huge_copy(sae.w_enc_fd());
     let mut trainer = Trainer::new(sae, train_config).map_err(usage)?;
     let mut gemm_bf = zeros_huge(args.batch, args.f);
 

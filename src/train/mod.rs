@@ -143,9 +143,7 @@ impl Trainer {
         config.validate(sae.config())?;
         let mut sae = sae;
         for w in [&mut sae.w_enc_fd, &mut sae.w_dec_fd] {
-            let mut huge = crate::backend::zeros_huge(w.nrows(), w.ncols());
-            huge.assign(w);
-            *w = huge;
+            *w = crate::backend::huge_copy(w.view());
         }
         let (f, d) = (sae.config().dict_size, sae.config().d_model);
         let adam = Adam::new(
