@@ -268,6 +268,11 @@ impl AdamStep {
 }
 
 impl Adam {
+    /// The hyperparameters.
+    pub fn config(&self) -> AdamConfig {
+        self.config
+    }
+
     /// Zero moments for an SAE with `f` latents of width `d`.
     pub fn new(config: AdamConfig, f: usize, d: usize) -> Self {
         Adam {

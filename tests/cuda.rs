@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sparse_autoencoder::backend::cuda::{compile_kernels, CudaDevice};
 use sparse_autoencoder::backend::{Backend, Cpu, Device};
-use sparse_autoencoder::{Architecture, Sae, SaeConfig};
+use sparse_autoencoder::{Architecture, ReluVariant, Sae, SaeConfig, TrainConfig, Trainer};
 
 fn gpu_tests_wanted() -> bool {
     std::env::var("SAE_TEST_CUDA").is_ok_and(|v| v == "1")
@@ -92,7 +92,8 @@ fn sub_row_and_sparse_decode_match_the_cpu() {
     let w_dec = gpu.upload(sae.w_dec_fd()).unwrap();
     let dcodes = gpu.upload_codes(&codes).unwrap();
     let mut x_hat = gpu.zeros(b, d).unwrap();
-    gpu.decode(&dcodes, &w_dec, &b_dec, &mut x_hat).unwrap();
+    gpu.decode(&dcodes, &w_dec, Some(&b_dec), &mut x_hat)
+        .unwrap();
     let expected = sae.decode(&codes).unwrap();
     assert_close("decode", &gpu.download(&x_hat).unwrap(), &expected, 1e-4);
 }
@@ -146,4 +147,147 @@ fn gemm_rejects_mismatched_shapes() {
         .gemm(1.0, &a, false, &b, false, 0.0, &mut c)
         .unwrap_err();
     assert!(err.to_string().contains("GEMM operands 4×3 · 5×2"), "{err}");
+}
+
+/// A trainer for `arch` at a small shape, with AuxK's dead latents reached within a few steps.
+fn trainer_for(arch: Architecture, d: usize, f: usize, relu_variant: ReluVariant) -> Trainer {
+    let config = SaeConfig {
+        d_model: d,
+        dict_size: f,
+        arch,
+    };
+    let train = TrainConfig {
+        total_steps: 8,
+        lr: Some(1e-3),
+        dead_tokens: 1024,
+        relu_variant,
+        l1_coefficient: 0.05,
+        threshold_start_step: 1,
+        ..TrainConfig::default()
+    };
+    Trainer::new(Sae::new(config, 5).unwrap(), train).unwrap()
+}
+
+/// Every architecture trains on the GPU as on the CPU: per-step statistics and the final
+/// parameters, moments and counters within 1e-4 relative. The (D, F, B, k) cases include one
+/// whose latents fire on hundreds of rows, which takes the long-segment path of the backward
+/// pass's latent-major sort, and one with dead latents (AuxK active).
+#[test]
+#[ignore = "needs an NVIDIA GPU: SAE_TEST_CUDA=1 cargo test --features cuda -- --ignored"]
+fn device_training_matches_the_cpu() {
+    let cases = [
+        (
+            Architecture::TopK { k: 8 },
+            48,
+            384,
+            512,
+            ReluVariant::DecoderNorm,
+        ),
+        (
+            Architecture::BatchTopK { k: 8 },
+            48,
+            384,
+            512,
+            ReluVariant::DecoderNorm,
+        ),
+        (
+            Architecture::TopK { k: 16 },
+            32,
+            64,
+            2048,
+            ReluVariant::DecoderNorm,
+        ),
+        (
+            Architecture::BatchTopK { k: 16 },
+            32,
+            64,
+            2048,
+            ReluVariant::DecoderNorm,
+        ),
+        (Architecture::Relu, 48, 384, 512, ReluVariant::DecoderNorm),
+        (Architecture::Relu, 48, 384, 512, ReluVariant::UnitDecoder),
+    ];
+    for (arch, d, f, b, variant) in cases {
+        let what = format!("{arch:?} {variant:?} D={d} F={f} B={b}");
+        let mut cpu = trainer_for(arch, d, f, variant);
+        let mut gpu = trainer_for(arch, d, f, variant)
+            .to_device(Device::Cuda(0))
+            .unwrap();
+        let (mut cpu_loss, mut gpu_loss) = (vec![], vec![]);
+        let mut saw_dead = false;
+        for step in 0..6 {
+            let x = common::synthetic_batch(b, d, 100 + step);
+            let (c, g) = (cpu.step(x.view()).unwrap(), gpu.step(x.view()).unwrap());
+            cpu_loss.extend([c.loss, c.mse, c.aux, c.fve, c.l0]);
+            gpu_loss.extend([g.loss, g.mse, g.aux, g.fve, g.l0]);
+            assert_eq!(c.dead_fraction, g.dead_fraction, "{what}: dead latents");
+            assert_eq!(c.threshold.is_some(), g.threshold.is_some(), "{what}: θ");
+            if let (Some(a), Some(b)) = (c.threshold, g.threshold) {
+                assert!((a - b).abs() <= 1e-4 * a.abs(), "{what}: θ {a} vs {b}");
+            }
+            saw_dead |= c.dead_fraction > 0.0;
+        }
+        if arch != Architecture::Relu && f == 384 {
+            assert!(saw_dead, "{what}: AuxK must be exercised");
+        }
+        assert_close(
+            &format!("{what}: stats"),
+            &ndarray::Array1::from(gpu_loss),
+            &ndarray::Array1::from(cpu_loss),
+            1e-4,
+        );
+        gpu.sync().unwrap();
+        let (c, g) = (cpu.sae(), gpu.sae());
+        assert_close(
+            &format!("{what}: W_enc"),
+            &g.w_enc_fd().to_owned(),
+            &c.w_enc_fd().to_owned(),
+            1e-4,
+        );
+        assert_close(
+            &format!("{what}: W_dec"),
+            &g.w_dec_fd().to_owned(),
+            &c.w_dec_fd().to_owned(),
+            1e-4,
+        );
+        assert_close(
+            &format!("{what}: b_enc"),
+            &g.b_enc_f().to_owned(),
+            &c.b_enc_f().to_owned(),
+            1e-4,
+        );
+        assert_close(
+            &format!("{what}: b_dec"),
+            &g.b_dec_d().to_owned(),
+            &c.b_dec_d().to_owned(),
+            1e-4,
+        );
+        assert_close(
+            &format!("{what}: Adam v"),
+            &gpu.adam().v.w_dec_fd,
+            &cpu.adam().v.w_dec_fd,
+            1e-4,
+        );
+        assert_eq!(gpu.tokens_since_fired(), cpu.tokens_since_fired(), "{what}");
+    }
+}
+
+/// Same seed and data give the same bits on the GPU, run after run.
+#[test]
+#[ignore = "needs an NVIDIA GPU: SAE_TEST_CUDA=1 cargo test --features cuda -- --ignored"]
+fn device_training_is_deterministic() {
+    for arch in [Architecture::BatchTopK { k: 16 }, Architecture::Relu] {
+        let run = || {
+            let mut t = trainer_for(arch, 32, 64, ReluVariant::DecoderNorm)
+                .to_device(Device::Cuda(0))
+                .unwrap();
+            for step in 0..4 {
+                t.step(common::synthetic_batch(2048, 32, step).view())
+                    .unwrap();
+            }
+            t.sync().unwrap();
+            t.state()
+        };
+        assert!(run() == run(), "{arch:?}: two runs differ");
+    }
 }

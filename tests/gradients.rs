@@ -94,7 +94,7 @@ fn loss64(
 fn check(arch: Architecture, config: TrainConfig, penalty: Penalty, dense_threshold: Option<f32>) {
     let sae = random_sae(arch, D, F, 3);
     let x = synthetic_batch(B, D, 4);
-    let mut trainer = Trainer::new(sae, config).unwrap();
+    let mut trainer = common::on_test_device(Trainer::new(sae, config).unwrap());
     if let Some(t) = dense_threshold {
         trainer.set_dense_threshold(t);
     }

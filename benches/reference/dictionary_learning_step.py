@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Time one training step of dictionary_learning's BatchTopKTrainer on the CPU.
+"""Time one training step of dictionary_learning's BatchTopKTrainer on the CPU or a GPU.
 
 Peer: PyPI `dictionary-learning==0.1.0` (saprmarks/dictionary_learning), the
 `BatchTopKTrainer.update(step, x)` call its training loop makes once per batch:
@@ -19,8 +19,14 @@ script loads `dictionary_learning.trainers.batch_top_k` without running the pack
 the `trainers` subpackage's `__init__` (empty stand-in package modules with the right
 `__path__` are registered first). The installed package itself is not modified.
 
-Example:
+On a GPU (`--device cuda`) the batches are made on the GPU before the clock starts, and the
+clock is read after torch.cuda.synchronize(), so a step is timed to the end of its last
+kernel (the update's own loss.item() already waits for it). TF32 stays off, torch's default
+for float32 matmuls, as in `sae`.
+
+Examples:
     python benches/reference/dictionary_learning_step.py --threads 2
+    python benches/reference/dictionary_learning_step.py --device cuda --batch 16384
 """
 
 import argparse
@@ -78,6 +84,7 @@ def main():
         help="BatchTopKTrainer auxk_alpha (its default 1/32; AuxK runs only with dead latents)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
     p.add_argument(
         "--profile",
         action="store_true",
@@ -100,13 +107,18 @@ def main():
         lm_name="none",
         auxk_alpha=args.auxk_alpha,
         seed=args.seed,
-        device="cpu",
+        device=args.device,
     )
     n_dead = int(round(args.dead_frac * args.f))
-    gen = torch.Generator().manual_seed(args.seed + 1)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed + 1)
+    cuda = args.device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     def batch():
-        return torch.randn(args.batch, args.d, generator=gen)
+        return torch.randn(args.batch, args.d, generator=gen, device=args.device)
 
     last = {"loss": float("nan")}
 
@@ -118,8 +130,10 @@ def main():
     def one_step(step):
         x = batch()
         make_dead()
+        sync()
         t0 = time.perf_counter()
         last["loss"] = trainer.update(step, x)  # ends in loss.item()
+        sync()
         return time.perf_counter() - t0
 
     warm = [one_step(i) for i in range(args.warmup)]
@@ -131,12 +145,13 @@ def main():
         f"dictionary_learning {importlib.metadata.version('dictionary-learning')} "
         f"BatchTopKTrainer.update, torch {torch.__version__}, "
         f"D={args.d} F={args.f} k={args.k} B={args.batch} threads={args.threads} "
+        f"device={torch.cuda.get_device_name(args.device) if cuda else 'cpu'} "
         f"auxk_alpha={args.auxk_alpha} dead_latents={trainer.dead_features}"
     )
-    print("warm-up s: " + " ".join(f"{t:.3f}" for t in warm))
-    print("timed s:   " + " ".join(f"{t:.3f}" for t in times))
+    print("warm-up ms: " + " ".join(f"{t * 1e3:.2f}" for t in warm))
+    print("timed ms:   " + " ".join(f"{t * 1e3:.2f}" for t in times))
     print(f"last loss {last['loss']:.4f}")
-    print(f"median {med:.3f} s/step, {args.batch / med:,.0f} tokens/s")
+    print(f"median {med * 1e3:.2f} ms/step, {args.batch / med:,.0f} tokens/s")
     print(
         json.dumps(
             {
@@ -149,6 +164,7 @@ def main():
                 "k": args.k,
                 "batch": args.batch,
                 "threads": args.threads,
+                "device": torch.cuda.get_device_name(args.device) if cuda else "cpu",
                 "auxk_alpha": args.auxk_alpha,
                 "dead_latents": trainer.dead_features,
                 "last_loss": last["loss"],

@@ -6,9 +6,7 @@ use std::sync::Arc;
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 use ndarray::{Array2, ArrayView1, ArrayView2};
 
@@ -36,26 +34,89 @@ pub fn compile_kernels() -> Result<Ptx> {
     }
     let opts = CompileOptions {
         name: Some("kernels.cu".to_string()),
+        // No fused multiply-adds: the element-wise arithmetic then rounds as the CPU path's.
+        fmad: Some(false),
         ..CompileOptions::default()
     };
     cudarc::nvrtc::compile_ptx_with_opts(KERNELS_CU, opts)
         .map_err(|e| fail(format!("NVRTC could not compile the kernels: {e:?}")))
 }
 
-/// The loaded kernels.
-struct Kernels {
-    sub_row: CudaFunction,
-    decode_csr: CudaFunction,
+/// Declares the kernels of `kernels.cu` as fields of [`Kernels`], loaded by name.
+macro_rules! kernels {
+    ($($name:ident),* $(,)?) => {
+        /// The loaded kernels, one field per `extern "C"` function of `kernels.cu`.
+        pub(crate) struct Kernels {
+            $(pub(crate) $name: CudaFunction,)*
+        }
+
+        impl Kernels {
+            fn load(load: impl Fn(&str) -> Result<CudaFunction>) -> Result<Self> {
+                Ok(Kernels { $($name: load(stringify!($name))?,)* })
+            }
+        }
+    };
 }
+
+kernels!(
+    sub_row,
+    threshold_plan,
+    topk_plan,
+    batch_hist,
+    batch_pick,
+    batch_row_counts,
+    batch_quota,
+    scan_counts,
+    compact_rows,
+    count_latents,
+    update_dead,
+    min_value,
+    decode_csr,
+    residual_grad,
+    row_sq,
+    col_partial,
+    col_finish,
+    sum_f64,
+    sum_sq_f32,
+    row_norms,
+    l1_rows,
+    scatter_by_latent,
+    sort_segments,
+    entry_grads,
+    latent_grads,
+    prep_rows,
+    adam_rows,
+    adam_vec,
+);
+
+/// Queues kernel `$kernel` of device `$dev` with launch configuration `$cfg` and the listed
+/// arguments (references: device buffers, or host scalars of the kernel's C types).
+macro_rules! launch {
+    ($dev:expr, $kernel:ident, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        use cudarc::driver::PushKernelArg as _;
+        let dev: &$crate::backend::cuda::CudaDevice = &$dev;
+        let mut args = dev.stream.launch_builder(&dev.kernels.$kernel);
+        $(
+            let a = $arg;
+            args.arg(a);
+        )*
+        // SAFETY: every call site passes the argument list of the kernel of that name in
+        // kernels.cu, with buffers at least as long as the launch reads and writes.
+        unsafe { args.launch($cfg) }
+            .map(drop)
+            .map_err(|e| dev.error(concat!("kernel ", stringify!($kernel)), e))
+    }};
+}
+pub(crate) use launch;
 
 /// An open GPU: its context, the stream every operation is queued on, and a cuBLAS handle
 /// bound to that stream.
 pub struct CudaDevice {
     ordinal: usize,
     name: String,
-    stream: Arc<CudaStream>,
+    pub(crate) stream: Arc<CudaStream>,
     blas: CudaBlas,
-    kernels: Kernels,
+    pub(crate) kernels: Kernels,
 }
 
 /// Sparse codes on the GPU, in the CSR layout of [`Codes`] (row offsets as i64).
@@ -149,15 +210,11 @@ impl CudaDevice {
         let module = ctx
             .load_module(compile_kernels()?)
             .map_err(|e| driver("loading the kernels", e))?;
-        let function = |name: &str| {
+        let kernels = Kernels::load(|name| {
             module
                 .load_function(name)
                 .map_err(|e| driver(&format!("loading kernel {name}"), e))
-        };
-        let kernels = Kernels {
-            sub_row: function("sub_row")?,
-            decode_csr: function("decode_csr")?,
-        };
+        })?;
         Ok(CudaDevice {
             ordinal,
             name,
@@ -172,7 +229,7 @@ impl CudaDevice {
         self.name.clone()
     }
 
-    fn error(&self, what: &str, e: impl std::fmt::Debug) -> Error {
+    pub(crate) fn error(&self, what: &str, e: impl std::fmt::Debug) -> Error {
         Error::Device {
             device: Device::Cuda(self.ordinal).to_string(),
             reason: format!("{what} failed: {e:?}"),
@@ -223,52 +280,100 @@ impl CudaDevice {
     ) -> Result<()> {
         check_same_shape("sub_row output", out, x.rows, x.cols)?;
         check_len("sub_row vector", v.len(), x.cols)?;
-        let n = (x.rows * x.cols) as u64;
-        let blocks = n.div_ceil(BLOCK as u64).clamp(1, 65_535) as u32;
         let (rows, cols) = (x.rows as i64, x.cols as i64);
-        let mut launch = self.stream.launch_builder(&self.kernels.sub_row);
-        launch
-            .arg(&x.data)
-            .arg(v)
-            .arg(&mut out.data)
-            .arg(&rows)
-            .arg(&cols);
-        // SAFETY: the argument list matches `sub_row` in kernels.cu; lengths checked above.
-        unsafe { launch.launch(grid(blocks)) }
-            .map(drop)
-            .map_err(|e| self.error("the sub_row kernel", e))
+        launch!(
+            self,
+            sub_row,
+            elementwise(x.rows * x.cols),
+            [&x.data, v, &mut out.data, &rows, &cols]
+        )
     }
 
-    /// `x_hat ← codes·W_dec + b_dec` (the sparse decoder, one block per row).
+    /// `x_hat ← codes·W_dec (+ b_dec)` (the sparse decoder, one block per row).
     pub fn decode(
         &self,
         codes: &DeviceCodes,
         w_dec_fd: &DeviceMatrix,
-        b_dec_d: &CudaSlice<f32>,
+        b_dec_d: Option<&CudaSlice<f32>>,
         x_hat_bd: &mut DeviceMatrix,
     ) -> Result<()> {
         let d = w_dec_fd.cols;
         check_same_shape("W_dec", w_dec_fd, codes.n_latents, d)?;
         check_same_shape("decoder output", x_hat_bd, codes.rows, d)?;
-        check_len("b_dec", b_dec_d.len(), d)?;
+        if let Some(b) = b_dec_d {
+            check_len("b_dec", b.len(), d)?;
+        }
         if codes.rows == 0 {
             return Ok(());
         }
-        let d = d as i64;
-        let mut launch = self.stream.launch_builder(&self.kernels.decode_csr);
-        launch
-            .arg(&codes.indptr)
-            .arg(&codes.indices)
-            .arg(&codes.values)
-            .arg(&w_dec_fd.data)
-            .arg(b_dec_d)
-            .arg(&mut x_hat_bd.data)
-            .arg(&d);
-        // SAFETY: the argument list matches `decode_csr`; shapes checked above, and indices are
-        // below F by construction of `Codes`.
-        unsafe { launch.launch(grid(codes.rows as u32)) }
-            .map(drop)
-            .map_err(|e| self.error("the decode_csr kernel", e))
+        let (d, has_bias) = (d as i64, b_dec_d.is_some() as i32);
+        // Without a bias the kernel never reads it; any buffer stands in.
+        let bias = b_dec_d.unwrap_or(&w_dec_fd.data);
+        launch!(
+            self,
+            decode_csr,
+            rows(codes.rows),
+            [
+                &codes.indptr,
+                &codes.indices,
+                &codes.values,
+                &w_dec_fd.data,
+                bias,
+                &has_bias,
+                &mut x_hat_bd.data,
+                &d
+            ]
+        )
+    }
+
+    /// Waits until everything queued on the device's stream has run.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| self.error("waiting for the GPU", e))
+    }
+
+    /// A zeroed buffer of `n` elements on the GPU.
+    pub(crate) fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<CudaSlice<T>> {
+        // cudarc refuses zero-length allocations; one element stands in for an empty buffer.
+        self.stream
+            .alloc_zeros(n.max(1))
+            .map_err(|e| self.error("allocating GPU memory", e))
+    }
+
+    /// Copies a (small) device buffer to the host, waiting for the stream.
+    pub(crate) fn read<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        src: &CudaSlice<T>,
+    ) -> Result<Vec<T>> {
+        self.stream
+            .clone_dtoh(src)
+            .map_err(|e| self.error("copying from the GPU", e))
+    }
+
+    /// Copies host data into an existing device buffer of at least its length.
+    pub(crate) fn write<T: cudarc::driver::DeviceRepr>(
+        &self,
+        src: &[T],
+        dst: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let mut view = dst.slice_mut(..src.len());
+        self.stream
+            .memcpy_htod(src, &mut view)
+            .map_err(|e| self.error("copying to the GPU", e))
+    }
+
+    /// Zeroes a device buffer.
+    pub(crate) fn clear<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        dst: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        self.stream
+            .memset_zeros(dst)
+            .map_err(|e| self.error("clearing GPU memory", e))
     }
 
     /// A zeroed matrix on the GPU.
@@ -354,13 +459,37 @@ impl CudaDevice {
     }
 }
 
-/// `blocks` blocks of [`BLOCK`] threads, no shared memory.
-fn grid(blocks: u32) -> LaunchConfig {
+/// `blocks` blocks of [`BLOCK`] threads, no dynamic shared memory.
+pub(crate) fn grid(blocks: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (blocks, 1, 1),
+        grid_dim: (blocks.clamp(1, u32::MAX as usize) as u32, 1, 1),
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// One block per row (or per latent) for `n` of them.
+pub(crate) fn rows(n: usize) -> LaunchConfig {
+    grid(n)
+}
+
+/// Enough blocks for `n` threads (grid-stride kernels loop past the cap).
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
+    grid(n.div_ceil(BLOCK as usize).min(65_535))
+}
+
+/// One block of 1024 threads (the single-block scans and reductions).
+pub(crate) fn single_block() -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One warp per item for `n` items.
+pub(crate) fn warps(n: usize) -> LaunchConfig {
+    grid((n * 32).div_ceil(BLOCK as usize))
 }
 
 fn check_same_shape(what: &str, m: &DeviceMatrix, rows: usize, cols: usize) -> Result<()> {

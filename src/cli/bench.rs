@@ -27,7 +27,7 @@ use npyz::WriterBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
-use sparse_autoencoder::backend::{huge_copy, zeros_huge, Backend, Cpu};
+use sparse_autoencoder::backend::{huge_copy, zeros_huge, Backend, Cpu, Device};
 use sparse_autoencoder::data::{Batcher, LoaderConfig, NpyShards, Prefetcher};
 use sparse_autoencoder::{Architecture, PhaseTimes, Sae, SaeConfig, TrainConfig, Trainer};
 
@@ -71,6 +71,9 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Where the step and the GEMM run: cpu, cuda or cuda:N (builds with --features cuda).
+    #[arg(long, default_value = "cpu", value_parser = super::parse_device)]
+    device: Device,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -149,9 +152,13 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
     }
     // The bare GEMM gets the huge-page memory the trainer's buffers get, so the ratio compares
     // like with like.
-    let w_enc_fd = huge_copy(sae.w_enc_fd());
-    let mut trainer = Trainer::new(sae, train_config).map_err(usage)?;
-    let mut gemm_bf = zeros_huge(args.batch, args.f);
+    let mut gemm = EncoderGemm::new(args.device, &sae, x_bd.view())?;
+    let trainer = Trainer::new(sae, train_config).map_err(usage)?;
+    let mut trainer = trainer.to_device(args.device).map_err(usage)?;
+    let backend = match args.device {
+        Device::Cpu => Cpu.name().to_string(),
+        _ => format!("cuBLAS + NVRTC kernels on {}", trainer.device_name()),
+    };
 
     let data = if args.data {
         Some(DataFile::write(args.batch, args.d)?)
@@ -167,9 +174,7 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
     for round in 0..args.warmup + args.steps {
         let measured = round >= args.warmup;
 
-        let t = Instant::now();
-        Cpu.gemm(1.0, x_bd.view(), w_enc_fd.t(), 0.0, gemm_bf.view_mut());
-        let gemm = t.elapsed();
+        let gemm = gemm.time()?;
 
         let t = Instant::now();
         let stats = trainer.step(x_bd.view()).map_err(usage)?;
@@ -202,13 +207,82 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
     drop(loader);
     drop(data);
 
-    let report = Report::new(&args, threads, &m);
+    let report = Report::new(&args, threads, backend, &m);
     if args.json {
         println!("{}", report.json());
     } else {
         print!("{}", report.table());
     }
     Ok(None)
+}
+
+/// The bare encoder GEMM x·W_encᵀ on the bench's device, in the memory the trainer's own
+/// buffers get (huge pages on the CPU, device memory on a GPU), so the ratio compares like with
+/// like.
+enum EncoderGemm {
+    Cpu {
+        x_bd: Array2<f32>,
+        w_enc_fd: Array2<f32>,
+        gemm_bf: Array2<f32>,
+    },
+    #[cfg(feature = "cuda")]
+    Cuda {
+        dev: sparse_autoencoder::backend::cuda::CudaDevice,
+        x_bd: sparse_autoencoder::backend::cuda::DeviceMatrix,
+        w_enc_fd: sparse_autoencoder::backend::cuda::DeviceMatrix,
+        gemm_bf: sparse_autoencoder::backend::cuda::DeviceMatrix,
+    },
+}
+
+impl EncoderGemm {
+    fn new(device: Device, sae: &Sae, x_bd: ArrayView2<'_, f32>) -> Result<Self> {
+        match device {
+            Device::Cpu => Ok(EncoderGemm::Cpu {
+                x_bd: x_bd.to_owned(),
+                w_enc_fd: huge_copy(sae.w_enc_fd()),
+                gemm_bf: zeros_huge(x_bd.nrows(), sae.config().dict_size),
+            }),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => {
+                let dev =
+                    sparse_autoencoder::backend::cuda::CudaDevice::open(ordinal).map_err(usage)?;
+                Ok(EncoderGemm::Cuda {
+                    x_bd: dev.upload(x_bd).map_err(usage)?,
+                    w_enc_fd: dev.upload(sae.w_enc_fd()).map_err(usage)?,
+                    gemm_bf: dev
+                        .zeros(x_bd.nrows(), sae.config().dict_size)
+                        .map_err(usage)?,
+                    dev,
+                })
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(usage(device.check().unwrap_err())),
+        }
+    }
+
+    /// One GEMM, timed to its end (on a GPU, until the stream has run it).
+    fn time(&mut self) -> Result<Duration> {
+        let t = Instant::now();
+        match self {
+            EncoderGemm::Cpu {
+                x_bd,
+                w_enc_fd,
+                gemm_bf,
+            } => Cpu.gemm(1.0, x_bd.view(), w_enc_fd.t(), 0.0, gemm_bf.view_mut()),
+            #[cfg(feature = "cuda")]
+            EncoderGemm::Cuda {
+                dev,
+                x_bd,
+                w_enc_fd,
+                gemm_bf,
+            } => {
+                dev.gemm(1.0, x_bd, false, w_enc_fd, true, 0.0, gemm_bf)
+                    .map_err(usage)?;
+                dev.synchronize().map_err(usage)?;
+            }
+        }
+        Ok(t.elapsed())
+    }
 }
 
 /// A ReLU SAE whose codes on `x_bd` have about `k` positive entries per row: one b_enc for
@@ -335,6 +409,8 @@ struct Report {
     batch: usize,
     arch: &'static str,
     threads: usize,
+    /// What runs the GEMMs (and, on a GPU, the step).
+    backend: String,
     steps: usize,
     warmup: usize,
     gemm_ms: f64,
@@ -350,15 +426,21 @@ struct Report {
 }
 
 impl Report {
-    fn new(args: &BenchArgs, threads: usize, m: &Measured) -> Self {
+    fn new(args: &BenchArgs, threads: usize, backend: String, m: &Measured) -> Self {
         let phase = |get: fn(&PhaseTimes) -> Duration| median_ms(m.phases.iter().map(get));
-        let phases = vec![
-            ("encode", "x - b_dec, encoder GEMM", phase(|p| p.encode)),
-            ("select", "sparsification", phase(|p| p.select)),
-            ("decode_loss", "decoding, losses", phase(|p| p.decode_loss)),
-            ("backward", "gradients", phase(|p| p.backward)),
-            ("update", "projection, Adam", phase(|p| p.update)),
-        ];
+        // A GPU step is queued as a whole: its phases are not timed on the host.
+        let timed = args.device == Device::Cpu;
+        let phases = if !timed {
+            vec![]
+        } else {
+            vec![
+                ("encode", "x - b_dec, encoder GEMM", phase(|p| p.encode)),
+                ("select", "sparsification", phase(|p| p.select)),
+                ("decode_loss", "decoding, losses", phase(|p| p.decode_loss)),
+                ("backward", "gradients", phase(|p| p.backward)),
+                ("update", "projection, Adam", phase(|p| p.update)),
+            ]
+        };
         Report {
             d: args.d,
             f: args.f,
@@ -366,6 +448,7 @@ impl Report {
             batch: args.batch,
             arch: args.arch.name(),
             threads,
+            backend,
             steps: args.steps,
             warmup: args.warmup,
             gemm_ms: median_ms(m.gemm.iter().copied()),
@@ -376,9 +459,13 @@ impl Report {
                 l0.get(l0.len() / 2).map_or(f64::NAN, |&v| v as f64)
             },
             phases,
-            other_ms: median_ms(m.step.iter().zip(&m.phases).map(|(&step, p)| {
-                step.saturating_sub(p.encode + p.select + p.decode_loss + p.backward + p.update)
-            })),
+            other_ms: if timed {
+                median_ms(m.step.iter().zip(&m.phases).map(|(&step, p)| {
+                    step.saturating_sub(p.encode + p.select + p.decode_loss + p.backward + p.update)
+                }))
+            } else {
+                f64::NAN
+            },
             data: (!m.fed_step.is_empty()).then(|| DataReport {
                 rows: args.batch * DATA_BATCHES,
                 wait_ms: median_ms(m.wait.iter().copied()),
@@ -410,7 +497,7 @@ impl Report {
             "batch": self.batch,
             "arch": self.arch,
             "threads": self.threads,
-            "backend": Cpu.name(),
+            "backend": self.backend,
             "steps": self.steps,
             "warmup": self.warmup,
             "gemm_ms": self.gemm_ms,
@@ -440,13 +527,7 @@ impl Report {
         };
         line(format!(
             "shape: D={} F={} k={} B={}  arch: {}  threads: {}  backend: {}",
-            self.d,
-            self.f,
-            self.k,
-            self.batch,
-            self.arch,
-            self.threads,
-            Cpu.name()
+            self.d, self.f, self.k, self.batch, self.arch, self.threads, self.backend
         ));
         line(format!(
             "medians of {} rounds after {} warm-up (GEMM and step alternate in each round)",
@@ -474,12 +555,14 @@ impl Report {
             ));
         }
         let other = self.other_ms;
-        line(format!(
-            "{:<34} {:>10.3}  {:>5.1}%",
-            "  other (outside the phases)",
-            other,
-            100.0 * other / self.step_ms
-        ));
+        if !other.is_nan() {
+            line(format!(
+                "{:<34} {:>10.3}  {:>5.1}%",
+                "  other (outside the phases)",
+                other,
+                100.0 * other / self.step_ms
+            ));
+        }
         line(String::new());
         line(format!(
             "ratio step/GEMM: {:.3}",

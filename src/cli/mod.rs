@@ -70,6 +70,12 @@ fn option_for(err: &ConfigError) -> Option<&'static str> {
     })
 }
 
+/// Parses `--device` (cpu, cuda, cuda:N) for clap, whose error then names the option.
+pub fn parse_device(s: &str) -> Result<sparse_autoencoder::backend::Device, String> {
+    s.parse()
+        .map_err(|e: sparse_autoencoder::Error| e.to_string())
+}
+
 /// Turns a library validation error into a [`UsageError`] that names the option.
 pub fn usage(err: sparse_autoencoder::Error) -> anyhow::Error {
     match &err {

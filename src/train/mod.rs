@@ -3,6 +3,8 @@
 //! update.
 
 mod backward;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod state;
 
 use std::time::{Duration, Instant};
@@ -11,7 +13,7 @@ use ndarray::{Array2, ArrayView2, Axis, Zip};
 use rayon::prelude::*;
 
 use crate::arch::{DecoderConstraint, Penalty, Rules, Selection};
-use crate::backend::{sparse, Backend, Cpu};
+use crate::backend::{sparse, Backend, Cpu, Device};
 use crate::config::TrainConfig;
 use crate::dist::{Collective, SingleProcess};
 use crate::error::Result;
@@ -125,6 +127,11 @@ pub struct Trainer {
     capture: Option<Captured>,
     capture_on: bool,
     times: PhaseTimes,
+    /// The GPU holding the state, when the trainer runs on one.
+    #[cfg(feature = "cuda")]
+    gpu: Option<Box<cuda::DeviceStep>>,
+    /// Whether the host copies (SAE, moments, counters) lag behind the GPU's.
+    host_stale: bool,
 }
 
 impl Trainer {
@@ -171,7 +178,68 @@ impl Trainer {
             capture: None,
             capture_on: false,
             times: PhaseTimes::default(),
+            #[cfg(feature = "cuda")]
+            gpu: None,
+            host_stale: false,
         })
+    }
+
+    /// Moves the trainer to `device`: on a GPU, parameters, moments, counters and every step
+    /// buffer then live in GPU memory and steps run there. The CPU is a no-op. Fails with
+    /// [`crate::Error::Device`] when the device cannot run here (a build without `cuda`, no
+    /// driver, library or GPU), and on a GPU when training runs across processes.
+    pub fn to_device(mut self, device: Device) -> Result<Trainer> {
+        self.sync()?;
+        match device {
+            Device::Cpu => {
+                #[cfg(feature = "cuda")]
+                {
+                    self.gpu = None;
+                }
+                Ok(self)
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => {
+                if self.collective.world_size() > 1 {
+                    return Err(crate::Error::Device {
+                        device: device.to_string(),
+                        reason: "training across processes runs on the CPU only; drop --device \
+                                 or run a single process"
+                            .into(),
+                    });
+                }
+                self.gpu = Some(Box::new(cuda::DeviceStep::new(&self, ordinal)?));
+                Ok(self)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => device.check().map(|_| self),
+        }
+    }
+
+    /// Where the steps run: `"cpu"` or the GPU's name.
+    pub fn device_name(&self) -> String {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return gpu.device_name();
+        }
+        "cpu".to_string()
+    }
+
+    /// On a GPU, copies the parameters, Adam's moments and the dead-latent counters back into
+    /// the host copies that [`Trainer::sae`], [`Trainer::adam`], [`Trainer::tokens_since_fired`],
+    /// [`Trainer::state`] and [`Trainer::into_sae`] return; until then those show the state
+    /// as of the last sync. A no-op on the CPU, or when nothing changed since the last sync.
+    pub fn sync(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if self.host_stale {
+            if let Some(gpu) = self.gpu.take() {
+                let done = gpu.download_into(self);
+                self.gpu = Some(gpu);
+                done?;
+            }
+        }
+        self.host_stale = false;
+        Ok(())
     }
 
     /// The SAE being trained.
@@ -227,6 +295,10 @@ impl Trainer {
     /// One training step on the batch `x_bd` (B rows of width D).
     pub fn step(&mut self, x_bd: ArrayView2<'_, f32>) -> Result<StepStats> {
         self.sae.check_batch(x_bd)?;
+        #[cfg(feature = "cuda")]
+        if self.gpu.is_some() {
+            return self.step_on_device(x_bd);
+        }
         // The row kernels slice rows: a strided or transposed view is copied once here.
         let x_bd = x_bd.as_standard_layout();
         let x_bd = x_bd.view();

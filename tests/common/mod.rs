@@ -172,3 +172,32 @@ pub fn read_npy<T: npyz::Deserialize>(path: &std::path::Path) -> (Vec<u64>, Vec<
     let shape = npy.shape().to_vec();
     (shape, npy.into_vec().unwrap())
 }
+
+/// The device the training tests run on: `cuda:0` when `SAE_TEST_CUDA=1` (GPU machines, with
+/// `--features cuda`; see scripts/gpu-tests.sh), the CPU otherwise.
+pub fn test_device() -> sparse_autoencoder::backend::Device {
+    if std::env::var("SAE_TEST_CUDA").is_ok_and(|v| v == "1") {
+        sparse_autoencoder::backend::Device::Cuda(0)
+    } else {
+        sparse_autoencoder::backend::Device::Cpu
+    }
+}
+
+/// `trainer` moved to [`test_device`].
+pub fn on_test_device(trainer: sparse_autoencoder::Trainer) -> sparse_autoencoder::Trainer {
+    let device = test_device();
+    trainer
+        .to_device(device)
+        .unwrap_or_else(|e| panic!("moving the trainer to {device}: {e}"))
+}
+
+/// The tolerance a comparison gets on [`test_device`]: `cpu` on the CPU; on a GPU at least
+/// 1e-4 relative, the bound the cuda issue sets (cuBLAS sums in another order than the CPU's
+/// GEMM, which a 1-step comparison at 1e-5 can see).
+pub fn device_tol(cpu: f64) -> f64 {
+    if test_device() == sparse_autoencoder::backend::Device::Cpu {
+        cpu
+    } else {
+        cpu.max(1e-4)
+    }
+}

@@ -1,0 +1,1116 @@
+//! The training step on a GPU (feature `cuda`): [`DeviceStep`] keeps the parameters, Adam's
+//! moments, the dead-latent counters and every step buffer in GPU memory and runs the step the
+//! CPU trainer runs (same rules, same order of floating-point sums where it matters), reading
+//! back only the scalars a step reports.
+
+use cudarc::driver::CudaSlice;
+use ndarray::{Array1, Array2, ArrayView2};
+
+use super::{Captured, StepStats, Trainer};
+use crate::arch::{DecoderConstraint, Penalty, Selection};
+use crate::backend::cuda::{
+    elementwise, launch, rows, single_block, warps, CudaDevice, DeviceCodes, DeviceMatrix,
+};
+use crate::error::{Error, Result};
+use crate::optim::{lr_factor, sparsity_scale, ParamTensors};
+use crate::select::Codes;
+
+/// Rows summed per block in the first stage of the column sums.
+const ROWS_PER_CHUNK: usize = 256;
+/// `sort_segments` holds a bitmap of the batch's rows in 16 KiB of shared memory.
+const MAX_ROWS: usize = 4096 * 32;
+
+/// The four parameter-shaped arrays on the GPU (parameters, moments or gradients). Vectors
+/// are 1×N matrices so the bias gradient can use the GEMM.
+struct DeviceParams {
+    w_enc_fd: DeviceMatrix,
+    b_enc_f: DeviceMatrix,
+    w_dec_fd: DeviceMatrix,
+    b_dec_d: DeviceMatrix,
+}
+
+impl DeviceParams {
+    fn upload(dev: &CudaDevice, t: &ParamTensors) -> Result<Self> {
+        let row = |v: &Array1<f32>| dev.upload(v.view().insert_axis(ndarray::Axis(0)));
+        Ok(DeviceParams {
+            w_enc_fd: dev.upload(t.w_enc_fd.view())?,
+            b_enc_f: row(&t.b_enc_f)?,
+            w_dec_fd: dev.upload(t.w_dec_fd.view())?,
+            b_dec_d: row(&t.b_dec_d)?,
+        })
+    }
+
+    fn download(&self, dev: &CudaDevice) -> Result<ParamTensors> {
+        let vec = |m: &DeviceMatrix| -> Result<Array1<f32>> {
+            Ok(dev.download(m)?.into_shape_with_order(m.cols).expect("1×N"))
+        };
+        Ok(ParamTensors {
+            w_enc_fd: dev.download(&self.w_enc_fd)?,
+            b_enc_f: vec(&self.b_enc_f)?,
+            w_dec_fd: dev.download(&self.w_dec_fd)?,
+            b_dec_d: vec(&self.b_dec_d)?,
+        })
+    }
+}
+
+/// Sparse codes on the GPU with their selection plan and their latent-major (CSC) order.
+struct CodeBuffers {
+    /// Per row: the cut, the ties to keep at it, and the entries kept.
+    cut_b: CudaSlice<u32>,
+    quota_b: CudaSlice<u32>,
+    count_b: CudaSlice<u32>,
+    codes: DeviceCodes,
+    nnz: usize,
+    /// Entries per latent, their offsets (F + 1), and the fill cursors of the scatter.
+    count_f: CudaSlice<u32>,
+    offsets_f: CudaSlice<i64>,
+    fill_f: CudaSlice<u32>,
+    /// Entry positions as scattered, the row of each entry, then both ordered by row.
+    unsorted: CudaSlice<u32>,
+    row_of_entry: CudaSlice<u32>,
+    entry_sorted: CudaSlice<u32>,
+    row_sorted: CudaSlice<u32>,
+    /// ∂L/∂f per entry.
+    g_e: CudaSlice<f32>,
+}
+
+impl CodeBuffers {
+    fn new(dev: &CudaDevice, b: usize, f: usize) -> Result<Self> {
+        Ok(CodeBuffers {
+            cut_b: dev.alloc(b)?,
+            quota_b: dev.alloc(b)?,
+            count_b: dev.alloc(b)?,
+            codes: DeviceCodes {
+                indptr: dev.alloc(b + 1)?,
+                indices: dev.alloc(0)?,
+                values: dev.alloc(0)?,
+                rows: b,
+                n_latents: f,
+            },
+            nnz: 0,
+            count_f: dev.alloc(f)?,
+            offsets_f: dev.alloc(f + 1)?,
+            fill_f: dev.alloc(f)?,
+            unsorted: dev.alloc(0)?,
+            row_of_entry: dev.alloc(0)?,
+            entry_sorted: dev.alloc(0)?,
+            row_sorted: dev.alloc(0)?,
+            g_e: dev.alloc(0)?,
+        })
+    }
+
+    /// Turns the plan into CSR codes: offsets, the total (read back to size the buffers, the
+    /// step's one unavoidable wait for ReLU), then the entries.
+    fn compact(
+        &mut self,
+        dev: &CudaDevice,
+        pre_bf: &DeviceMatrix,
+        b_enc_f: &DeviceMatrix,
+        mask_f: Option<&CudaSlice<u32>>,
+    ) -> Result<()> {
+        let (b, f) = (pre_bf.rows, pre_bf.cols as i64);
+        let n = b as i64;
+        launch!(
+            dev,
+            scan_counts,
+            single_block(),
+            [&self.count_b, &n, &mut self.codes.indptr]
+        )?;
+        let nnz = dev.read(&self.codes.indptr)?[b] as usize;
+        if nnz > self.codes.indices.len() {
+            let cap = nnz + nnz / 4;
+            self.codes.indices = dev.alloc(cap)?;
+            self.codes.values = dev.alloc(cap)?;
+            for a in [
+                &mut self.unsorted,
+                &mut self.row_of_entry,
+                &mut self.entry_sorted,
+                &mut self.row_sorted,
+            ] {
+                *a = dev.alloc(cap)?;
+            }
+            self.g_e = dev.alloc(cap)?;
+        }
+        self.nnz = nnz;
+        compact_launch(dev, pre_bf, b_enc_f, mask_f, f, self)
+    }
+
+    /// The latent-major order of the codes: per-latent offsets, then each latent's entries in
+    /// row order.
+    fn by_latent(&mut self, dev: &CudaDevice, b: usize, f: usize) -> Result<()> {
+        dev.clear(&mut self.count_f)?;
+        dev.clear(&mut self.fill_f)?;
+        let nnz = self.nnz as i64;
+        if nnz > 0 {
+            launch!(
+                dev,
+                count_latents,
+                elementwise(self.nnz),
+                [&self.codes.indices, &nnz, &mut self.count_f]
+            )?;
+        }
+        let fi = f as i64;
+        launch!(
+            dev,
+            scan_counts,
+            single_block(),
+            [&self.count_f, &fi, &mut self.offsets_f]
+        )?;
+        if nnz == 0 {
+            return Ok(());
+        }
+        launch!(
+            dev,
+            scatter_by_latent,
+            rows(b),
+            [
+                &self.codes.indptr,
+                &self.codes.indices,
+                &self.offsets_f,
+                &mut self.fill_f,
+                &mut self.unsorted,
+                &mut self.row_of_entry
+            ]
+        )?;
+        let bi = b as i64;
+        launch!(
+            dev,
+            sort_segments,
+            rows(f),
+            [
+                &self.offsets_f,
+                &self.unsorted,
+                &self.row_of_entry,
+                &bi,
+                &mut self.entry_sorted,
+                &mut self.row_sorted
+            ]
+        )
+    }
+
+    /// g_e = u_b·W_dec\[j\] (+ the L1 term) per entry.
+    fn entry_grads(
+        &mut self,
+        dev: &CudaDevice,
+        up_bd: &DeviceMatrix,
+        w_dec_fd: &DeviceMatrix,
+        n_f: &CudaSlice<f32>,
+        l1_per_row: f32,
+    ) -> Result<()> {
+        if self.nnz == 0 {
+            return Ok(());
+        }
+        let (nnz, d) = (self.nnz as i64, w_dec_fd.cols as i64);
+        launch!(
+            dev,
+            entry_grads,
+            warps(self.nnz),
+            [
+                &self.codes.indices,
+                &self.row_of_entry,
+                &nnz,
+                &up_bd.data,
+                &w_dec_fd.data,
+                n_f,
+                &l1_per_row,
+                &d,
+                &mut self.g_e
+            ]
+        )
+    }
+
+    /// The codes on the host.
+    fn download(&self, dev: &CudaDevice) -> Result<Codes> {
+        let indptr = dev.read(&self.codes.indptr)?;
+        let mut indices = dev.read(&self.codes.indices)?;
+        let mut values = dev.read(&self.codes.values)?;
+        indices.truncate(self.nnz);
+        values.truncate(self.nnz);
+        Ok(Codes {
+            n_latents: self.codes.n_latents,
+            indptr: indptr[..=self.codes.rows]
+                .iter()
+                .map(|&p| p as usize)
+                .collect(),
+            indices,
+            values,
+        })
+    }
+}
+
+fn compact_launch(
+    dev: &CudaDevice,
+    pre_bf: &DeviceMatrix,
+    b_enc_f: &DeviceMatrix,
+    mask_f: Option<&CudaSlice<u32>>,
+    f: i64,
+    c: &mut CodeBuffers,
+) -> Result<()> {
+    if c.nnz == 0 {
+        return Ok(());
+    }
+    // The kernel tests the mask pointer: without a mask it gets a null one.
+    match mask_f {
+        Some(mask) => launch!(
+            dev,
+            compact_rows,
+            rows(pre_bf.rows),
+            [
+                &pre_bf.data,
+                &b_enc_f.data,
+                mask,
+                &f,
+                &c.cut_b,
+                &c.quota_b,
+                &c.codes.indptr,
+                &mut c.codes.indices,
+                &mut c.codes.values
+            ]
+        ),
+        None => {
+            let null: u64 = 0;
+            launch!(
+                dev,
+                compact_rows,
+                rows(pre_bf.rows),
+                [
+                    &pre_bf.data,
+                    &b_enc_f.data,
+                    &null,
+                    &f,
+                    &c.cut_b,
+                    &c.quota_b,
+                    &c.codes.indptr,
+                    &mut c.codes.indices,
+                    &mut c.codes.values
+                ]
+            )
+        }
+    }
+}
+
+/// Buffers shaped by the batch size B.
+struct BatchBuffers {
+    b: usize,
+    x_bd: DeviceMatrix,
+    xc_bd: DeviceMatrix,
+    pre_bf: DeviceMatrix,
+    x_hat_bd: DeviceMatrix,
+    aux_hat_bd: DeviceMatrix,
+    up_bd: DeviceMatrix,
+    aux_up_bd: DeviceMatrix,
+    ones_b: DeviceMatrix,
+    row_f64_b: CudaSlice<f64>,
+    gt_b: CudaSlice<u32>,
+    eq_b: CudaSlice<u32>,
+    col_partial: CudaSlice<f64>,
+    codes: CodeBuffers,
+    aux: CodeBuffers,
+}
+
+impl BatchBuffers {
+    fn new(dev: &CudaDevice, b: usize, d: usize, f: usize) -> Result<Self> {
+        Ok(BatchBuffers {
+            b,
+            x_bd: dev.zeros(b, d)?,
+            xc_bd: dev.zeros(b, d)?,
+            pre_bf: dev.zeros(b, f)?,
+            x_hat_bd: dev.zeros(b, d)?,
+            aux_hat_bd: dev.zeros(b, d)?,
+            up_bd: dev.zeros(b, d)?,
+            aux_up_bd: dev.zeros(b, d)?,
+            ones_b: dev.upload(Array2::ones((1, b)).view())?,
+            row_f64_b: dev.alloc(b)?,
+            gt_b: dev.alloc(b)?,
+            eq_b: dev.alloc(b)?,
+            col_partial: dev.alloc(b.div_ceil(ROWS_PER_CHUNK) * d)?,
+            codes: CodeBuffers::new(dev, b, f)?,
+            aux: CodeBuffers::new(dev, b, f)?,
+        })
+    }
+}
+
+/// A trainer's state and workspaces in GPU memory.
+pub(crate) struct DeviceStep {
+    dev: CudaDevice,
+    params: DeviceParams,
+    m: DeviceParams,
+    v: DeviceParams,
+    grads: DeviceParams,
+    active_f: CudaSlice<u32>,
+    row_sq_f: CudaSlice<f64>,
+    n_f: CudaSlice<f32>,
+    since_f: CudaSlice<u64>,
+    dead_f: CudaSlice<u32>,
+    /// Small results read back: [n_dead, min code bits], the batch top-k state, its histogram.
+    flags: CudaSlice<u32>,
+    batch_state: CudaSlice<u32>,
+    hist: CudaSlice<u32>,
+    /// f64 scalars: sums, and the D-wide column means.
+    sums: CudaSlice<f64>,
+    mean_d: CudaSlice<f64>,
+    batch: Option<BatchBuffers>,
+}
+
+impl DeviceStep {
+    /// Moves a trainer's whole state to GPU `ordinal`.
+    pub(crate) fn new(trainer: &Trainer, ordinal: usize) -> Result<Self> {
+        let dev = CudaDevice::open(ordinal)?;
+        let sae = &trainer.sae;
+        let (f, d) = (sae.config.dict_size, sae.config.d_model);
+        let params = DeviceParams::upload(
+            &dev,
+            &ParamTensors {
+                w_enc_fd: sae.w_enc_fd.clone(),
+                b_enc_f: sae.b_enc_f.clone(),
+                w_dec_fd: sae.w_dec_fd.clone(),
+                b_dec_d: sae.b_dec_d.clone(),
+            },
+        )?;
+        let mut since_f: CudaSlice<u64> = dev.alloc(f)?;
+        dev.write(&trainer.tokens_since_fired_f, &mut since_f)?;
+        let mut n_f = dev.alloc(f)?;
+        dev.write(&vec![1.0f32; f], &mut n_f)?;
+        Ok(DeviceStep {
+            m: DeviceParams::upload(&dev, &trainer.adam.m)?,
+            v: DeviceParams::upload(&dev, &trainer.adam.v)?,
+            grads: DeviceParams::upload(&dev, &ParamTensors::zeros(f, d))?,
+            params,
+            active_f: dev.alloc(f)?,
+            row_sq_f: dev.alloc(f)?,
+            n_f,
+            since_f,
+            dead_f: dev.alloc(f)?,
+            flags: dev.alloc(4)?,
+            batch_state: dev.alloc(4)?,
+            hist: dev.alloc(256)?,
+            sums: dev.alloc(8)?,
+            mean_d: dev.alloc(d)?,
+            batch: None,
+            dev,
+        })
+    }
+
+    /// The GPU's name.
+    pub(crate) fn device_name(&self) -> String {
+        self.dev.name()
+    }
+
+    /// Copies parameters, moments and counters into the trainer's host copies.
+    pub(crate) fn download_into(&self, trainer: &mut Trainer) -> Result<()> {
+        let p = self.params.download(&self.dev)?;
+        let sae = &mut trainer.sae;
+        sae.w_enc_fd = p.w_enc_fd;
+        sae.b_enc_f = p.b_enc_f;
+        sae.w_dec_fd = p.w_dec_fd;
+        sae.b_dec_d = p.b_dec_d;
+        trainer.adam.m = self.m.download(&self.dev)?;
+        trainer.adam.v = self.v.download(&self.dev)?;
+        trainer.tokens_since_fired_f = self.dev.read(&self.since_f)?;
+        Ok(())
+    }
+
+    /// Column means of (x − y) into `mean_d` (y left out when `None`).
+    fn column_means(&mut self, y: Option<&DeviceMatrix>) -> Result<()> {
+        let dev = &self.dev;
+        let bb = self.batch.as_mut().expect("batch buffers");
+        let (b, d) = (bb.b, bb.x_bd.cols);
+        let chunks = b.div_ceil(ROWS_PER_CHUNK);
+        let (bi, di, per, ci) = (b as i64, d as i64, ROWS_PER_CHUNK as i64, chunks as i64);
+        let has_y = y.is_some() as i32;
+        let y = y.unwrap_or(&bb.x_bd);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (d.div_ceil(128) as u32, chunks as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            dev,
+            col_partial,
+            cfg,
+            [
+                &bb.x_bd.data,
+                &y.data,
+                &has_y,
+                &bi,
+                &di,
+                &per,
+                &mut bb.col_partial
+            ]
+        )?;
+        let n = b as f64;
+        launch!(
+            dev,
+            col_finish,
+            elementwise(d),
+            [&bb.col_partial, &ci, &di, &n, &mut self.mean_d]
+        )
+    }
+
+    /// sums\[slot\] = Σ_b ‖((x − y) − z) − mean‖² (each part left out when not asked for).
+    fn sq_sum(&mut self, y: bool, z: bool, mean: bool, slot: usize) -> Result<()> {
+        let dev = &self.dev;
+        let bb = self.batch.as_mut().expect("batch buffers");
+        let d = bb.x_bd.cols as i64;
+        let (hy, hz, hm) = (y as i32, z as i32, mean as i32);
+        launch!(
+            dev,
+            row_sq,
+            rows(bb.b),
+            [
+                &bb.x_bd.data,
+                &bb.x_hat_bd.data,
+                &hy,
+                &bb.aux_hat_bd.data,
+                &hz,
+                &self.mean_d,
+                &hm,
+                &d,
+                &mut bb.row_f64_b
+            ]
+        )?;
+        let n = bb.b as i64;
+        let mut out = self.sums.slice_mut(slot..slot + 1);
+        launch!(dev, sum_f64, single_block(), [&bb.row_f64_b, &n, &mut out])
+    }
+}
+
+impl Trainer {
+    /// [`Trainer::step`] on the GPU.
+    pub(super) fn step_on_device(&mut self, x_bd: ArrayView2<'_, f32>) -> Result<StepStats> {
+        let mut gpu = self.gpu.take().expect("a device trainer");
+        let result = self.device_step(&mut gpu, x_bd);
+        self.gpu = Some(gpu);
+        result
+    }
+
+    fn device_step(&mut self, g: &mut DeviceStep, x_bd: ArrayView2<'_, f32>) -> Result<StepStats> {
+        let rules = self.rules;
+        let (f, d) = (self.sae.config.dict_size, self.sae.config.d_model);
+        let b = x_bd.nrows();
+        if b > MAX_ROWS {
+            return Err(Error::OutOfRange {
+                what: "batch size on a GPU".into(),
+                value: b as f64,
+                range: format!("[1, {MAX_ROWS}]"),
+            });
+        }
+        if self.step == 0 && rules.init_b_dec_from_median {
+            let median = crate::sae::geometric_median(x_bd, &*self.collective, 100, 1e-5);
+            let dev = &g.dev;
+            dev.write(median.as_slice().unwrap(), &mut g.params.b_dec_d.data)?;
+            self.sae.b_dec_d = median;
+        }
+        if g.batch.as_ref().map(|bb| bb.b) != Some(b) {
+            g.batch = None;
+            g.batch = Some(BatchBuffers::new(&g.dev, b, d, f)?);
+        }
+
+        // Encode: upload, x − b_dec, the encoder GEMM (b_enc is added by every reader).
+        {
+            let dev = &g.dev;
+            let bb = g.batch.as_mut().unwrap();
+            let x = x_bd.as_standard_layout();
+            dev.write(x.as_slice().unwrap(), &mut bb.x_bd.data)?;
+            dev.sub_row(&bb.x_bd, &g.params.b_dec_d.data, &mut bb.xc_bd)?;
+            dev.gemm(
+                1.0,
+                &bb.xc_bd,
+                false,
+                &g.params.w_enc_fd,
+                true,
+                0.0,
+                &mut bb.pre_bf,
+            )?;
+        }
+
+        // Select.
+        {
+            let dev = &g.dev;
+            let bb = g.batch.as_mut().unwrap();
+            let (pre, b_enc) = (&bb.pre_bf, &g.params.b_enc_f);
+            let fi = f as i64;
+            let c = &mut bb.codes;
+            match rules.selection {
+                Selection::Relu => {
+                    let cut = 0u32;
+                    launch!(
+                        dev,
+                        threshold_plan,
+                        rows(b),
+                        [
+                            &pre.data,
+                            &b_enc.data,
+                            &fi,
+                            &cut,
+                            &mut c.cut_b,
+                            &mut c.quota_b,
+                            &mut c.count_b
+                        ]
+                    )?;
+                }
+                Selection::TopK(k) => {
+                    let (null, k) = (0u64, k.min(f) as u32);
+                    launch!(
+                        dev,
+                        topk_plan,
+                        rows(b),
+                        [
+                            &pre.data,
+                            &b_enc.data,
+                            &null,
+                            &fi,
+                            &k,
+                            &mut c.cut_b,
+                            &mut c.quota_b,
+                            &mut c.count_b
+                        ]
+                    )?;
+                }
+                Selection::BatchTopK(k) => {
+                    let total = (k as u64 * b as u64).min((b * f) as u64);
+                    if total > u32::MAX as u64 {
+                        return Err(Error::OutOfRange {
+                            what: "k × batch size on a GPU".into(),
+                            value: total as f64,
+                            range: format!("[1, {}]", u32::MAX),
+                        });
+                    }
+                    dev.write(&[0, 0, total as u32, 0], &mut g.batch_state)?;
+                    let bi = b as i64;
+                    for shift in [24i32, 16, 8, 0] {
+                        launch!(
+                            dev,
+                            batch_hist,
+                            rows(b.min(1024)),
+                            [
+                                &pre.data,
+                                &b_enc.data,
+                                &bi,
+                                &fi,
+                                &shift,
+                                &g.batch_state,
+                                &mut g.hist
+                            ]
+                        )?;
+                        launch!(
+                            dev,
+                            batch_pick,
+                            cudarc::driver::LaunchConfig {
+                                grid_dim: (1, 1, 1),
+                                block_dim: (1, 1, 1),
+                                shared_mem_bytes: 0,
+                            },
+                            [&mut g.hist, &shift, &mut g.batch_state]
+                        )?;
+                    }
+                    launch!(
+                        dev,
+                        batch_row_counts,
+                        rows(b),
+                        [
+                            &pre.data,
+                            &b_enc.data,
+                            &fi,
+                            &g.batch_state,
+                            &mut bb.gt_b,
+                            &mut bb.eq_b
+                        ]
+                    )?;
+                    launch!(
+                        dev,
+                        batch_quota,
+                        single_block(),
+                        [
+                            &bb.gt_b,
+                            &bb.eq_b,
+                            &bi,
+                            &g.batch_state,
+                            &mut c.cut_b,
+                            &mut c.quota_b,
+                            &mut c.count_b
+                        ]
+                    )?;
+                }
+            }
+            c.compact(dev, pre, b_enc, None)?;
+        }
+
+        // Who fired, who is dead, θ.
+        let (n_dead, min_bits) = {
+            let dev = &g.dev;
+            let bb = g.batch.as_mut().unwrap();
+            bb.codes.by_latent(dev, b, f)?;
+            dev.write(&[0u32, 0x7f80_0000], &mut g.flags)?;
+            let dead_tokens = match rules.penalty {
+                Penalty::AuxK { dead_tokens, .. } => dead_tokens,
+                Penalty::L1 { .. } => self.config.dead_tokens,
+            };
+            let (rows_u, fi) = (b as u64, f as i64);
+            let mut n_dead_slot = g.flags.slice_mut(0..1);
+            launch!(
+                dev,
+                update_dead,
+                elementwise(f),
+                [
+                    &bb.codes.count_f,
+                    &mut g.since_f,
+                    &rows_u,
+                    &dead_tokens,
+                    &fi,
+                    &mut g.dead_f,
+                    &mut n_dead_slot
+                ]
+            )?;
+            drop(n_dead_slot);
+            let nnz = bb.codes.nnz as i64;
+            if nnz > 0 {
+                let mut min_slot = g.flags.slice_mut(1..2);
+                launch!(
+                    dev,
+                    min_value,
+                    elementwise(bb.codes.nnz),
+                    [&bb.codes.codes.values, &nnz, &mut min_slot]
+                )?;
+            }
+            let flags = dev.read(&g.flags)?;
+            (flags[0] as usize, flags[1])
+        };
+        if rules.learn_threshold && self.step > self.config.threshold_start_step {
+            let m = if min_bits == 0x7f80_0000 {
+                0.0
+            } else {
+                f32::from_bits(min_bits)
+            };
+            let beta = self.config.threshold_beta;
+            self.sae.threshold = Some(match self.sae.threshold {
+                None => m,
+                Some(theta) => beta as f32 * theta + (1.0 - beta) as f32 * m,
+            });
+        }
+
+        // Decode, the MSE, its upstream gradient, the FVE.
+        let scale = -2.0 / b as f32;
+        {
+            let dev = &g.dev;
+            let bb = g.batch.as_mut().unwrap();
+            dev.decode(
+                &bb.codes.codes,
+                &g.params.w_dec_fd,
+                Some(&g.params.b_dec_d.data),
+                &mut bb.x_hat_bd,
+            )?;
+            let (n, has_aux) = ((b * d) as i64, 0i32);
+            launch!(
+                dev,
+                residual_grad,
+                elementwise(b * d),
+                [
+                    &bb.x_bd.data,
+                    &bb.x_hat_bd.data,
+                    &bb.x_hat_bd.data,
+                    &has_aux,
+                    &scale,
+                    &mut bb.up_bd.data,
+                    &n
+                ]
+            )?;
+        }
+        g.sq_sum(true, false, false, 0)?;
+        g.column_means(None)?;
+        g.sq_sum(false, false, true, 1)?;
+
+        // The penalty.
+        let mut l1_coef = 0.0f32;
+        let mut aux_active = false;
+        let mut alpha = 0.0f32;
+        let weight_by_norm = matches!(
+            rules.penalty,
+            Penalty::L1 {
+                weight_by_decoder_norm: true,
+                ..
+            }
+        );
+        match rules.penalty {
+            Penalty::L1 {
+                coefficient,
+                warmup_steps,
+                ..
+            } => {
+                l1_coef = coefficient * sparsity_scale(self.step, warmup_steps);
+                let dev = &g.dev;
+                let bb = g.batch.as_mut().unwrap();
+                if weight_by_norm {
+                    let (fi, di) = (f as i64, d as i64);
+                    launch!(
+                        dev,
+                        row_norms,
+                        warps(f),
+                        [&g.params.w_dec_fd.data, &fi, &di, &mut g.n_f]
+                    )?;
+                }
+                let bi = b as i64;
+                launch!(
+                    dev,
+                    l1_rows,
+                    elementwise(b),
+                    [
+                        &bb.codes.codes.indptr,
+                        &bb.codes.codes.indices,
+                        &bb.codes.codes.values,
+                        &g.n_f,
+                        &bi,
+                        &mut bb.row_f64_b
+                    ]
+                )?;
+                let mut out = g.sums.slice_mut(2..3);
+                launch!(dev, sum_f64, single_block(), [&bb.row_f64_b, &bi, &mut out])?;
+            }
+            Penalty::AuxK { alpha: a, .. } if n_dead > 0 => {
+                alpha = a;
+                let k_aux = (d / 2).min(n_dead) as u32;
+                {
+                    let dev = &g.dev;
+                    let bb = g.batch.as_mut().unwrap();
+                    let (pre, b_enc) = (&bb.pre_bf, &g.params.b_enc_f);
+                    let fi = f as i64;
+                    let c = &mut bb.aux;
+                    launch!(
+                        dev,
+                        topk_plan,
+                        rows(b),
+                        [
+                            &pre.data,
+                            &b_enc.data,
+                            &g.dead_f,
+                            &fi,
+                            &k_aux,
+                            &mut c.cut_b,
+                            &mut c.quota_b,
+                            &mut c.count_b
+                        ]
+                    )?;
+                    c.compact(dev, pre, b_enc, Some(&g.dead_f))?;
+                    dev.decode(&c.codes, &g.params.w_dec_fd, None, &mut bb.aux_hat_bd)?;
+                }
+                // e − ê, and e − mean_b(e), with e = x − x̂ held constant.
+                let x_hat = std::mem::replace(
+                    &mut g.batch.as_mut().unwrap().x_hat_bd,
+                    DeviceMatrix {
+                        data: g.dev.alloc(0)?,
+                        rows: 0,
+                        cols: 0,
+                    },
+                );
+                let means = g.column_means(Some(&x_hat));
+                g.batch.as_mut().unwrap().x_hat_bd = x_hat;
+                means?;
+                g.sq_sum(true, true, false, 3)?;
+                g.sq_sum(true, false, true, 4)?;
+                aux_active = true;
+            }
+            Penalty::AuxK { .. } => {}
+        }
+        let sums = g.dev.read(&g.sums)?;
+        let (mse, var) = (sums[0] / b as f64, sums[1]);
+        let fve = if var > 0.0 {
+            1.0 - sums[0] / var
+        } else {
+            f64::NAN
+        };
+        let (mut aux, mut penalty) = (0.0f64, 0.0f64);
+        if let Penalty::L1 { .. } = rules.penalty {
+            aux = sums[2] / b as f64;
+            penalty = l1_coef as f64 * aux;
+        }
+        if aux_active {
+            let denom = sums[4] / b as f64;
+            let value = (sums[3] / b as f64) / denom;
+            if value.is_finite() {
+                aux = value;
+                penalty = alpha as f64 * value;
+                // ∂(α·AuxK)/∂ê = −2α(e − ê)/(B·denom).
+                let gscale = (-2.0 * alpha as f64 / (b as f64 * denom)) as f32;
+                let dev = &g.dev;
+                let bb = g.batch.as_mut().unwrap();
+                let (n, has_aux) = ((b * d) as i64, 1i32);
+                launch!(
+                    dev,
+                    residual_grad,
+                    elementwise(b * d),
+                    [
+                        &bb.x_bd.data,
+                        &bb.x_hat_bd.data,
+                        &bb.aux_hat_bd.data,
+                        &has_aux,
+                        &gscale,
+                        &mut bb.aux_up_bd.data,
+                        &n
+                    ]
+                )?;
+            } else {
+                aux_active = false;
+            }
+        }
+
+        // Backward.
+        {
+            let dev = &g.dev;
+            let bb = g.batch.as_mut().unwrap();
+            let l1_per_row = l1_coef / b as f32;
+            bb.codes
+                .entry_grads(dev, &bb.up_bd, &g.params.w_dec_fd, &g.n_f, l1_per_row)?;
+            if aux_active {
+                bb.aux.by_latent(dev, b, f)?;
+                bb.aux
+                    .entry_grads(dev, &bb.aux_up_bd, &g.params.w_dec_fd, &g.n_f, 0.0)?;
+            } else {
+                bb.aux.nnz = 0;
+            }
+            let (has_aux, weight, di) = (aux_active as i32, weight_by_norm as i32, d as i64);
+            let (c, a) = (&bb.codes, &bb.aux);
+            launch!(
+                dev,
+                latent_grads,
+                rows(f),
+                [
+                    &c.offsets_f,
+                    &c.entry_sorted,
+                    &c.row_sorted,
+                    &c.codes.values,
+                    &c.g_e,
+                    &a.offsets_f,
+                    &a.entry_sorted,
+                    &a.row_sorted,
+                    &a.codes.values,
+                    &a.g_e,
+                    &has_aux,
+                    &bb.up_bd.data,
+                    &bb.aux_up_bd.data,
+                    &bb.xc_bd.data,
+                    &g.params.w_dec_fd.data,
+                    &g.n_f,
+                    &l1_per_row,
+                    &weight,
+                    &di,
+                    &mut g.grads.w_dec_fd.data,
+                    &mut g.grads.w_enc_fd.data,
+                    &mut g.grads.b_enc_f.data,
+                    &mut g.active_f
+                ]
+            )?;
+            // ∂b_dec = Σ_b ∂L/∂x̂_b − Σ_j ∂b_enc[j]·W_enc[j].
+            dev.gemm(
+                1.0,
+                &bb.ones_b,
+                false,
+                &bb.up_bd,
+                false,
+                0.0,
+                &mut g.grads.b_dec_d,
+            )?;
+            dev.gemm(
+                -1.0,
+                &g.grads.b_enc_f,
+                false,
+                &g.params.w_enc_fd,
+                false,
+                1.0,
+                &mut g.grads.b_dec_d,
+            )?;
+        }
+        let raw_grads = if self.capture_on {
+            Some(self.download_grads(g)?)
+        } else {
+            None
+        };
+
+        // Update: projection, the global norm, clipping, Adam.
+        let norm = {
+            let dev = &g.dev;
+            let project_eps = match rules.decoder {
+                DecoderConstraint::UnitNorm { project_eps, .. } => project_eps,
+                DecoderConstraint::Free => -1.0,
+            };
+            let di = d as i64;
+            launch!(
+                dev,
+                prep_rows,
+                rows(f),
+                [
+                    &mut g.grads.w_dec_fd.data,
+                    &g.grads.w_enc_fd.data,
+                    &g.params.w_dec_fd.data,
+                    &g.active_f,
+                    &di,
+                    &project_eps,
+                    &mut g.row_sq_f
+                ]
+            )?;
+            let fi = f as i64;
+            let mut out = g.sums.slice_mut(5..6);
+            launch!(dev, sum_f64, single_block(), [&g.row_sq_f, &fi, &mut out])?;
+            let mut out = g.sums.slice_mut(6..7);
+            launch!(
+                dev,
+                sum_sq_f32,
+                single_block(),
+                [&g.grads.b_enc_f.data, &fi, &mut out]
+            )?;
+            let mut out = g.sums.slice_mut(7..8);
+            launch!(
+                dev,
+                sum_sq_f32,
+                single_block(),
+                [&g.grads.b_dec_d.data, &di, &mut out]
+            )?;
+            let s = dev.read(&g.sums)?;
+            (s[5] + s[6] + s[7]).sqrt()
+        };
+        let grad_scale = match rules.max_grad_norm {
+            Some(max) => (max as f64 / (norm + 1e-6)).min(1.0) as f32,
+            None => 1.0,
+        };
+        if let Some(raw_grads) = raw_grads {
+            let mut update_grads = self.download_grads(g)?;
+            for a in [&mut update_grads.w_enc_fd, &mut update_grads.w_dec_fd] {
+                a.mapv_inplace(|v| v * grad_scale);
+            }
+            for a in [&mut update_grads.b_enc_f, &mut update_grads.b_dec_d] {
+                a.mapv_inplace(|v| v * grad_scale);
+            }
+            let bb = g.batch.as_ref().unwrap();
+            self.capture = Some(Captured {
+                params: g.params.download(&g.dev)?,
+                codes_bf: bb.codes.download(&g.dev)?.to_dense(),
+                aux_codes_bf: if aux_active {
+                    bb.aux.download(&g.dev)?.to_dense()
+                } else {
+                    Array2::zeros((b, f))
+                },
+                x_hat_bd: g.dev.download(&bb.x_hat_bd)?,
+                raw_grads,
+                update_grads,
+            });
+        }
+        let lr = self.lr as f64
+            * lr_factor(
+                self.step,
+                self.config.warmup_steps,
+                self.config.decay_start,
+                self.config.total_steps,
+            );
+        self.adam.t += 1;
+        {
+            let c = self.adam.config();
+            let t = self.adam.t as i32;
+            let bias_correction1 = 1.0 - c.beta1.powi(t);
+            let bias_correction2 = 1.0 - c.beta2.powi(t);
+            let one_minus_beta1 = (1.0 - c.beta1) as f32;
+            let beta2 = c.beta2 as f32;
+            let one_minus_beta2 = (1.0 - c.beta2) as f32;
+            let step_size = (lr / bias_correction1) as f32;
+            let bc2_sqrt = bias_correction2.sqrt() as f32;
+            let eps = c.eps as f32;
+            let renorm = match rules.decoder {
+                DecoderConstraint::UnitNorm { renorm_eps, .. } => renorm_eps,
+                DecoderConstraint::Free => -1.0,
+            };
+            let dev = &g.dev;
+            let di = d as i64;
+            let (p, m, v, gr) = (&mut g.params, &mut g.m, &mut g.v, &g.grads);
+            for (which, renorm_eps) in [(0, -1.0f32), (1, renorm)] {
+                let (pw, mw, vw, gw) = if which == 0 {
+                    (
+                        &mut p.w_enc_fd,
+                        &mut m.w_enc_fd,
+                        &mut v.w_enc_fd,
+                        &gr.w_enc_fd,
+                    )
+                } else {
+                    (
+                        &mut p.w_dec_fd,
+                        &mut m.w_dec_fd,
+                        &mut v.w_dec_fd,
+                        &gr.w_dec_fd,
+                    )
+                };
+                launch!(
+                    dev,
+                    adam_rows,
+                    rows(f),
+                    [
+                        &mut pw.data,
+                        &mut mw.data,
+                        &mut vw.data,
+                        &gw.data,
+                        &g.active_f,
+                        &di,
+                        &grad_scale,
+                        &one_minus_beta1,
+                        &beta2,
+                        &one_minus_beta2,
+                        &step_size,
+                        &bc2_sqrt,
+                        &eps,
+                        &renorm_eps
+                    ]
+                )?;
+            }
+            for which in 0..2 {
+                let (pb, mb, vb, gb) = if which == 0 {
+                    (&mut p.b_enc_f, &mut m.b_enc_f, &mut v.b_enc_f, &gr.b_enc_f)
+                } else {
+                    (&mut p.b_dec_d, &mut m.b_dec_d, &mut v.b_dec_d, &gr.b_dec_d)
+                };
+                let n = pb.cols as i64;
+                launch!(
+                    dev,
+                    adam_vec,
+                    elementwise(pb.cols),
+                    [
+                        &mut pb.data,
+                        &mut mb.data,
+                        &mut vb.data,
+                        &gb.data,
+                        &n,
+                        &grad_scale,
+                        &one_minus_beta1,
+                        &beta2,
+                        &one_minus_beta2,
+                        &step_size,
+                        &bc2_sqrt,
+                        &eps
+                    ]
+                )?;
+            }
+        }
+        self.step += 1;
+        self.host_stale = true;
+        let nnz = g.batch.as_ref().unwrap().codes.nnz;
+        Ok(StepStats {
+            loss: (mse + penalty) as f32,
+            mse: mse as f32,
+            penalty: penalty as f32,
+            aux: aux as f32,
+            fve: fve as f32,
+            l0: nnz as f32 / b as f32,
+            dead_fraction: n_dead as f32 / f as f32,
+            lr: lr as f32,
+            threshold: self.sae.threshold,
+        })
+    }
+
+    /// The gradients as a dense framework holds them (inactive rows zero).
+    fn download_grads(&self, g: &DeviceStep) -> Result<ParamTensors> {
+        let mut t = g.grads.download(&g.dev)?;
+        let active = g.dev.read(&g.active_f)?;
+        for (j, &a) in active.iter().enumerate().take(t.w_enc_fd.nrows()) {
+            if a == 0 {
+                t.w_enc_fd.row_mut(j).fill(0.0);
+                t.w_dec_fd.row_mut(j).fill(0.0);
+            }
+        }
+        Ok(t)
+    }
+}
