@@ -158,6 +158,8 @@ fn trainer_for(arch: Architecture, d: usize, f: usize, relu_variant: ReluVariant
     };
     let train = TrainConfig {
         total_steps: 8,
+        warmup_steps: 2,
+        sparsity_warmup_steps: 2,
         lr: Some(1e-3),
         dead_tokens: 1024,
         relu_variant,

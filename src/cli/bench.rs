@@ -179,7 +179,14 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
         let t = Instant::now();
         let stats = trainer.step(x_bd.view()).map_err(usage)?;
         let step = t.elapsed();
-        let phases = trainer.phase_times();
+        let mut phases = trainer.phase_times();
+        if args.device != Device::Cpu && measured {
+            // Phases of a GPU step need waits at their boundaries: timed in a step of their own.
+            trainer.set_device_phase_timing(true);
+            trainer.step(x_bd.view()).map_err(usage)?;
+            phases = trainer.phase_times();
+            trainer.set_device_phase_timing(false);
+        }
 
         let fed = match loader.as_mut() {
             Some(loader) => {

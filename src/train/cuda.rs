@@ -486,6 +486,17 @@ impl Trainer {
 
     fn device_step(&mut self, g: &mut DeviceStep, x_bd: ArrayView2<'_, f32>) -> Result<StepStats> {
         let rules = self.rules;
+        let timing = self.time_device_phases;
+        let mut times = super::PhaseTimes::default();
+        let mut clock = std::time::Instant::now();
+        let mut lap = |dev: &CudaDevice| -> Result<std::time::Duration> {
+            if !timing {
+                return Ok(std::time::Duration::ZERO);
+            }
+            dev.synchronize()?;
+            let now = std::time::Instant::now();
+            Ok(std::mem::replace(&mut clock, now).elapsed())
+        };
         let (f, d) = (self.sae.config.dict_size, self.sae.config.d_model);
         let b = x_bd.nrows();
         if b > MAX_ROWS {
@@ -523,6 +534,7 @@ impl Trainer {
                 &mut bb.pre_bf,
             )?;
         }
+        times.encode = lap(&g.dev)?;
 
         // Select.
         {
@@ -635,6 +647,7 @@ impl Trainer {
             }
             c.compact(dev, pre, b_enc, None)?;
         }
+        times.select = lap(&g.dev)?;
 
         // Who fired, who is dead, θ.
         let (n_dead, min_bits) = {
@@ -853,6 +866,8 @@ impl Trainer {
             }
         }
 
+        times.decode_loss = lap(&g.dev)?;
+
         // Backward.
         {
             let dev = &g.dev;
@@ -919,6 +934,7 @@ impl Trainer {
                 &mut g.grads.b_dec_d,
             )?;
         }
+        times.backward = lap(&g.dev)?;
         let raw_grads = if self.capture_on {
             Some(self.download_grads(g)?)
         } else {
@@ -1085,6 +1101,8 @@ impl Trainer {
                 )?;
             }
         }
+        times.update = lap(&g.dev)?;
+        self.times = times;
         self.step += 1;
         self.host_stale = true;
         let nnz = g.batch.as_ref().unwrap().codes.nnz;

@@ -132,6 +132,8 @@ pub struct Trainer {
     gpu: Option<Box<cuda::DeviceStep>>,
     /// Whether the host copies (SAE, moments, counters) lag behind the GPU's.
     host_stale: bool,
+    /// On a GPU: wait for the device at each phase boundary, so phase times are real.
+    time_device_phases: bool,
 }
 
 impl Trainer {
@@ -181,6 +183,7 @@ impl Trainer {
             #[cfg(feature = "cuda")]
             gpu: None,
             host_stale: false,
+            time_device_phases: false,
         })
     }
 
@@ -280,6 +283,13 @@ impl Trainer {
         if !on {
             self.capture = None;
         }
+    }
+
+    /// On a GPU, steps are queued whole and [`Trainer::phase_times`] reads zero unless this is
+    /// on: the host then waits for the device at each phase boundary, which costs a few
+    /// launches' latency per step. No effect on the CPU, whose phases are always timed.
+    pub fn set_device_phase_timing(&mut self, on: bool) {
+        self.time_device_phases = on;
     }
 
     /// How long each phase of the last step took.
