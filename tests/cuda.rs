@@ -161,7 +161,7 @@ fn trainer_for(arch: Architecture, d: usize, f: usize, relu_variant: ReluVariant
         warmup_steps: 2,
         sparsity_warmup_steps: 2,
         lr: Some(1e-3),
-        dead_tokens: 1024,
+        dead_tokens: 512,
         relu_variant,
         l1_coefficient: 0.05,
         threshold_start_step: 1,
@@ -181,14 +181,14 @@ fn device_training_matches_the_cpu() {
         (
             Architecture::TopK { k: 8 },
             48,
-            384,
+            1536,
             512,
             ReluVariant::DecoderNorm,
         ),
         (
             Architecture::BatchTopK { k: 8 },
             48,
-            384,
+            1536,
             512,
             ReluVariant::DecoderNorm,
         ),
@@ -206,8 +206,8 @@ fn device_training_matches_the_cpu() {
             2048,
             ReluVariant::DecoderNorm,
         ),
-        (Architecture::Relu, 48, 384, 512, ReluVariant::DecoderNorm),
-        (Architecture::Relu, 48, 384, 512, ReluVariant::UnitDecoder),
+        (Architecture::Relu, 48, 1536, 512, ReluVariant::DecoderNorm),
+        (Architecture::Relu, 48, 1536, 512, ReluVariant::UnitDecoder),
     ];
     for (arch, d, f, b, variant) in cases {
         let what = format!("{arch:?} {variant:?} D={d} F={f} B={b}");
@@ -229,7 +229,7 @@ fn device_training_matches_the_cpu() {
             }
             saw_dead |= c.dead_fraction > 0.0;
         }
-        if arch != Architecture::Relu && f == 384 {
+        if arch != Architecture::Relu && f == 1536 {
             assert!(saw_dead, "{what}: AuxK must be exercised");
         }
         assert_close(
