@@ -460,6 +460,16 @@ impl Run {
             .collect()
     }
 
+    /// Moves every SAE's training to `device` (the CPU by default). Where a run trains is not
+    /// part of its configuration: a run checkpointed on a GPU resumes on the CPU, or the
+    /// other way round, with the same state.
+    pub fn set_device(&mut self, device: crate::backend::Device) -> Result<()> {
+        for member in &mut self.members {
+            member.trainer.set_device(device)?;
+        }
+        Ok(())
+    }
+
     /// Steps done so far (non-zero after [`Run::resume`]).
     pub fn steps_done(&self) -> u64 {
         self.step
@@ -542,7 +552,9 @@ impl Run {
 
     /// Saves, evaluates and plots one SAE at the end of the run.
     fn finish(&self, member: Member, skipped_rows: u64, seconds: f64) -> Result<Summary> {
-        let mut sae = member.trainer.into_sae();
+        let mut trainer = member.trainer;
+        trainer.sync()?;
+        let mut sae = trainer.into_sae();
         sae.fold_input_scale(self.scale)?;
         sae.save(&member.dir)?;
         let eval = match &self.eval_rows {
@@ -577,7 +589,10 @@ impl Run {
     }
 
     /// Writes the whole run's state to `checkpoint/`, replacing the last one atomically.
-    fn checkpoint(&self, seconds: f64) -> Result<()> {
+    fn checkpoint(&mut self, seconds: f64) -> Result<()> {
+        for member in &mut self.members {
+            member.trainer.sync()?;
+        }
         let state = RunState {
             step: self.step,
             seconds,

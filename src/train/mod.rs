@@ -187,11 +187,18 @@ impl Trainer {
         })
     }
 
-    /// Moves the trainer to `device`: on a GPU, parameters, moments, counters and every step
-    /// buffer then live in GPU memory and steps run there. The CPU is a no-op. Fails with
-    /// [`crate::Error::Device`] when the device cannot run here (a build without `cuda`, no
-    /// driver, library or GPU), and on a GPU when training runs across processes.
+    /// The trainer moved to `device`; see [`Trainer::set_device`].
     pub fn to_device(mut self, device: Device) -> Result<Trainer> {
+        self.set_device(device)?;
+        Ok(self)
+    }
+
+    /// Moves the trainer to `device`: on a GPU, parameters, moments, counters and every step
+    /// buffer then live in GPU memory and steps run there; back on the CPU, they are copied
+    /// home first. Fails with [`crate::Error::Device`] when the device cannot run here (a
+    /// build without `cuda`, no driver, library or GPU), and on a GPU when training runs
+    /// across processes; the trainer is then left where it was.
+    pub fn set_device(&mut self, device: Device) -> Result<()> {
         self.sync()?;
         match device {
             Device::Cpu => {
@@ -199,7 +206,7 @@ impl Trainer {
                 {
                     self.gpu = None;
                 }
-                Ok(self)
+                Ok(())
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => {
@@ -211,11 +218,11 @@ impl Trainer {
                             .into(),
                     });
                 }
-                self.gpu = Some(Box::new(cuda::DeviceStep::new(&self, ordinal)?));
-                Ok(self)
+                self.gpu = Some(Box::new(cuda::DeviceStep::new(self, ordinal)?));
+                Ok(())
             }
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => device.check().map(|_| self),
+            Device::Cuda(_) => device.check().map(drop),
         }
     }
 
