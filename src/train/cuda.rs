@@ -350,6 +350,8 @@ pub(crate) struct DeviceStep {
     sums: CudaSlice<f64>,
     mean_d: CudaSlice<f64>,
     batch: Option<BatchBuffers>,
+    /// Page-locked host memory the batches go through.
+    staging: Option<cudarc::driver::PinnedHostSlice<f32>>,
 }
 
 impl DeviceStep {
@@ -387,6 +389,7 @@ impl DeviceStep {
             sums: dev.alloc(8)?,
             mean_d: dev.alloc(d)?,
             batch: None,
+            staging: None,
             dev,
         })
     }
@@ -522,7 +525,7 @@ impl Trainer {
             let dev = &g.dev;
             let bb = g.batch.as_mut().unwrap();
             let x = x_bd.as_standard_layout();
-            dev.write(x.as_slice().unwrap(), &mut bb.x_bd.data)?;
+            dev.upload_staged(x.as_slice().unwrap(), &mut g.staging, &mut bb.x_bd.data)?;
             dev.sub_row(&bb.x_bd, &g.params.b_dec_d.data, &mut bb.xc_bd)?;
             dev.gemm(
                 1.0,
