@@ -68,16 +68,6 @@ __device__ u32 block_exclusive_scan(u32 v, u32* sh, u32* total) {
     return before + x - v;
 }
 
-// hist[bin] += 1 for every lane with `active` set. Most keys of a pass fall into one or two
-// bins, so plain atomics would serialise a warp on one address: lanes with the same bin add
-// their count once, through their lowest lane.
-__device__ __forceinline__ void hist_add(u32* hist, u32 bin, bool active) {
-    u32 lanes = __ballot_sync(FULL, active);
-    if (!active) return;
-    u32 same = __match_any_sync(lanes, bin);
-    if ((threadIdx.x & 31) == __ffs(same) - 1) atomicAdd(&hist[bin], (u32)__popc(same));
-}
-
 // The sort key of latent j's pre-activation in a row (see the top of the file). `mask_f`, when
 // not null, excludes latents whose flag is 0.
 __device__ __forceinline__ u32 key_at(const float* row, const float* b_enc_f, const u32* mask_f,
@@ -128,11 +118,9 @@ extern "C" __global__ void topk_plan(const float* pre_bf, const float* b_enc_f, 
         int shift = 24 - 8 * pass;
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        // Whole warps iterate together (the ballot in hist_add needs every lane).
-        for (i64 j0 = 0; j0 < f; j0 += blockDim.x) {
-            i64 j = j0 + threadIdx.x;
-            u32 key = j < f ? key_at(row, b_enc_f, mask_f, j) : 0;
-            hist_add(hist, (key >> shift) & 255, key != 0 && (key & prefix_mask) == prefix);
+        for (i64 j = threadIdx.x; j < f; j += blockDim.x) {
+            u32 key = key_at(row, b_enc_f, mask_f, j);
+            if (key != 0 && (key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
         }
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -179,10 +167,9 @@ extern "C" __global__ void batch_hist(const float* pre_bf, const float* b_enc_f,
     u32 prefix = state[0], prefix_mask = state[1];
     for (i64 b = blockIdx.x; b < rows; b += gridDim.x) {
         const float* row = pre_bf + b * f;
-        for (i64 j0 = 0; j0 < f; j0 += blockDim.x) {
-            i64 j = j0 + threadIdx.x;
-            u32 key = j < f ? key_at(row, b_enc_f, 0, j) : 0;
-            hist_add(local, (key >> shift) & 255, key != 0 && (key & prefix_mask) == prefix);
+        for (i64 j = threadIdx.x; j < f; j += blockDim.x) {
+            u32 key = key_at(row, b_enc_f, 0, j);
+            if (key != 0 && (key & prefix_mask) == prefix) atomicAdd(&local[(key >> shift) & 255], 1u);
         }
     }
     __syncthreads();
