@@ -101,6 +101,8 @@ fn invalid_options_exit_with_status_2_and_name_the_option() {
         (vec!["--metrics-every", "0"], "--metrics-every"),
         (vec!["--resume", "x", "--k", "4"], "--resume"),
         (vec!["--config", "/nonexistent/run.toml"], "--config"),
+        (vec!["--device", "tpu"], "--device"),
+        (vec!["--device", "cuda:x"], "--device"),
     ] {
         let args = [&["train"][..], &args].concat();
         let out = sae(&args);
@@ -112,6 +114,38 @@ fn invalid_options_exit_with_status_2_and_name_the_option() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         assert!(out.stdout.is_empty(), "{args:?}: {}", text(&out.stdout));
     }
+}
+
+/// Where no GPU can run (CI: no driver; or a build without `cuda`), `--device cuda` is one
+/// line naming the device and the fix, exit 2, and no run directory is left behind.
+#[test]
+fn a_gpu_that_cannot_run_is_one_error_before_the_run_starts() {
+    if std::env::var("SAE_TEST_CUDA").is_ok_and(|v| v == "1") {
+        return; // a GPU machine: the device works
+    }
+    let dir = std::env::temp_dir().join(format!("sae-cli-device-{}", std::process::id()));
+    let out_dir = dir.join("run");
+    let out = sae(&[
+        "train",
+        "--device",
+        "cuda",
+        "--steps",
+        "5",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: device cuda:0: "), "{stderr}");
+    assert!(
+        stderr.contains("--features cuda") || stderr.contains("libcuda.so"),
+        "{stderr}"
+    );
+    assert!(!out_dir.exists(), "a run directory was created");
+    let out = sae(&["bench", "--device", "cuda:1", "--steps", "1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).starts_with("error: device cuda:1: "));
 }
 
 #[test]

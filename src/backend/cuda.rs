@@ -337,7 +337,7 @@ impl CudaDevice {
         dst: &mut CudaSlice<f32>,
     ) -> Result<()> {
         use rayon::prelude::*;
-        if staging.as_ref().is_none_or(|s| cudarc::driver::HostSlice::len(s) != x.len()) {
+        if staging.as_ref().map(cudarc::driver::HostSlice::len) != Some(x.len()) {
             *staging = None;
             // SAFETY: the buffer is written in full below before any read.
             let fresh = unsafe { self.stream.context().alloc_pinned::<f32>(x.len()) }

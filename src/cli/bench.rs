@@ -234,7 +234,7 @@ enum EncoderGemm {
     },
     #[cfg(feature = "cuda")]
     Cuda {
-        dev: sparse_autoencoder::backend::cuda::CudaDevice,
+        dev: Box<sparse_autoencoder::backend::cuda::CudaDevice>,
         x_bd: sparse_autoencoder::backend::cuda::DeviceMatrix,
         w_enc_fd: sparse_autoencoder::backend::cuda::DeviceMatrix,
         gemm_bf: sparse_autoencoder::backend::cuda::DeviceMatrix,
@@ -259,7 +259,7 @@ impl EncoderGemm {
                     gemm_bf: dev
                         .zeros(x_bd.nrows(), sae.config().dict_size)
                         .map_err(usage)?,
-                    dev,
+                    dev: Box::new(dev),
                 })
             }
             #[cfg(not(feature = "cuda"))]

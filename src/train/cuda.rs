@@ -678,7 +678,6 @@ impl Trainer {
                     &mut n_dead_slot
                 ]
             )?;
-            drop(n_dead_slot);
             let nnz = bb.codes.nnz as i64;
             if nnz > 0 {
                 let mut min_slot = g.flags.slice_mut(1..2);

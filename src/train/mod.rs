@@ -252,15 +252,15 @@ impl Trainer {
         Ok(())
     }
 
-    /// The SAE being trained.
+    /// The SAE being trained (on a GPU, as of the last [`Trainer::sync`]).
     pub fn sae(&self) -> &Sae {
         &self.sae
     }
-    /// Ends training, returning the SAE.
+    /// Ends training, returning the SAE (on a GPU, as of the last [`Trainer::sync`]).
     pub fn into_sae(self) -> Sae {
         self.sae
     }
-    /// Adam's state.
+    /// Adam's state (on a GPU, as of the last [`Trainer::sync`]).
     pub fn adam(&self) -> &Adam {
         &self.adam
     }
@@ -268,7 +268,7 @@ impl Trainer {
     pub fn steps_done(&self) -> u64 {
         self.step
     }
-    /// Tokens since each latent last fired.
+    /// Tokens since each latent last fired (on a GPU, as of the last [`Trainer::sync`]).
     pub fn tokens_since_fired(&self) -> &[u64] {
         &self.tokens_since_fired_f
     }

@@ -55,7 +55,8 @@ impl TrainerState {
 }
 
 impl Trainer {
-    /// A copy of the trainer's state, for a checkpoint.
+    /// A copy of the trainer's state, for a checkpoint (on a GPU, as of the last
+    /// [`Trainer::sync`]).
     pub fn state(&self) -> TrainerState {
         TrainerState {
             sae: self.sae.clone(),
