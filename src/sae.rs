@@ -198,6 +198,28 @@ impl Sae {
         Ok(codes)
     }
 
+    /// An [`Encoder`] of this SAE on `device`: on a GPU the encoder's parameters are uploaded
+    /// once and every batch's GEMM and selection run there. Fails with
+    /// [`Error::Device`] when the device cannot run here.
+    pub fn encoder(&self, device: crate::backend::Device) -> Result<Encoder<'_>> {
+        match device {
+            crate::backend::Device::Cpu => Ok(Encoder {
+                sae: self,
+                #[cfg(feature = "cuda")]
+                gpu: None,
+            }),
+            #[cfg(feature = "cuda")]
+            crate::backend::Device::Cuda(ordinal) => Ok(Encoder {
+                sae: self,
+                gpu: Some(Box::new(crate::train::cuda::DeviceEncoder::new(
+                    self, ordinal,
+                )?)),
+            }),
+            #[cfg(not(feature = "cuda"))]
+            crate::backend::Device::Cuda(_) => Err(device.check().unwrap_err()),
+        }
+    }
+
     /// Reconstruction x̂ = codes·W_dec + b_dec.
     pub fn decode(&self, codes: &Codes) -> Result<Array2<f32>> {
         if codes.n_latents != self.config.dict_size {
@@ -247,6 +269,26 @@ impl Sae {
                 });
         }
         Ok(())
+    }
+}
+
+/// [`Sae::encode`] for batch after batch on one device (see [`Sae::encoder`]).
+pub struct Encoder<'a> {
+    sae: &'a Sae,
+    #[cfg(feature = "cuda")]
+    gpu: Option<Box<crate::train::cuda::DeviceEncoder>>,
+}
+
+impl Encoder<'_> {
+    /// The codes of `x_bd`, as [`Sae::encode`] gives them (on a GPU up to float rounding of the
+    /// GEMM, so a value on the edge of the selection may fall the other way).
+    pub fn encode(&mut self, x_bd: ArrayView2<'_, f32>) -> Result<Codes> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &mut self.gpu {
+            self.sae.check_batch(x_bd)?;
+            return gpu.encode(x_bd);
+        }
+        self.sae.encode(&crate::backend::Cpu, x_bd)
     }
 }
 

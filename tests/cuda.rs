@@ -293,3 +293,55 @@ fn device_training_is_deterministic() {
         assert!(run() == run(), "{arch:?}: two runs differ");
     }
 }
+
+/// `Sae::encoder` on the GPU gives `Sae::encode`'s codes: every architecture, BatchTopK both
+/// before θ is learned (the batch's own top k·B) and after (the threshold).
+#[test]
+#[ignore = "needs an NVIDIA GPU: SAE_TEST_CUDA=1 cargo test --features cuda -- --ignored"]
+fn device_encoding_matches_the_cpu() {
+    let (d, f, b) = (48, 1536, 700);
+    for arch in [
+        Architecture::Relu,
+        Architecture::TopK { k: 12 },
+        Architecture::BatchTopK { k: 12 },
+    ] {
+        let mut t = trainer_for(arch, d, f, ReluVariant::DecoderNorm);
+        for step in 0..3 {
+            t.step(common::synthetic_batch(512, d, step).view())
+                .unwrap();
+        }
+        let trained = t.into_sae();
+        let fresh = Sae::new(
+            SaeConfig {
+                d_model: d,
+                dict_size: f,
+                arch,
+            },
+            9,
+        )
+        .unwrap();
+        for sae in [&fresh, &trained] {
+            let what = format!("{arch:?} θ {:?}", sae.threshold());
+            let x = common::synthetic_batch(b, d, 77);
+            let cpu = sae.encode(&Cpu, x.view()).unwrap();
+            let mut encoder = sae.encoder(Device::Cuda(0)).unwrap();
+            let gpu = encoder.encode(x.view()).unwrap();
+            assert!(cpu.nnz() > 0, "{what}");
+            assert_eq!(gpu.indptr, cpu.indptr, "{what}: row lengths");
+            assert_eq!(gpu.indices, cpu.indices, "{what}: active latents");
+            assert_close(
+                &what,
+                &ndarray::Array1::from(gpu.values.clone()),
+                &ndarray::Array1::from(cpu.values.clone()),
+                1e-4,
+            );
+            // A second batch of another size through the same encoder.
+            let x2 = common::synthetic_batch(33, d, 78);
+            assert_eq!(
+                encoder.encode(x2.view()).unwrap().indices,
+                sae.encode(&Cpu, x2.view()).unwrap().indices,
+                "{what}: second batch"
+            );
+        }
+    }
+}

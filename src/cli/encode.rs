@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use sparse_autoencoder::backend::Cpu;
 use sparse_autoencoder::data::{NpyShards, Source};
 use sparse_autoencoder::io::{CodesLayout, CodesWriter};
 use sparse_autoencoder::{Architecture, Sae};
@@ -31,11 +30,16 @@ pub struct EncodeArgs {
     /// Replace codes already in --out.
     #[arg(long)]
     force: bool,
+    /// Where the encoder runs: cpu, cuda or cuda:N (a build with --features cuda).
+    #[arg(long, default_value = "cpu", value_parser = super::parse_device)]
+    device: sparse_autoencoder::backend::Device,
 }
 
 /// Runs `sae encode`.
 pub fn run(args: EncodeArgs) -> Result<Option<u8>> {
     let sae = Sae::load(&args.sae).map_err(usage)?;
+    // Before anything is written: a device that cannot run leaves --out untouched.
+    let mut encoder = sae.encoder(args.device).map_err(usage)?;
     let rows = NpyShards::open(&args.data)?;
     for notice in rows.notices() {
         println!("note: {notice}");
@@ -92,7 +96,7 @@ pub fn run(args: EncodeArgs) -> Result<Option<u8>> {
             ))
             .into());
         }
-        let codes = sae.encode(&Cpu, x_bd.view())?;
+        let codes = encoder.encode(x_bd.view())?;
         nnz += codes.nnz() as u64;
         writer.push(&codes)?;
         start += b as u64;

@@ -289,6 +289,258 @@ fn compact_launch(
     }
 }
 
+/// Which codes a selection on the GPU keeps (ReLU is the threshold 0).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum DeviceRule {
+    /// Entries above θ.
+    Threshold(f32),
+    /// The k largest positive entries of each row.
+    TopK(usize),
+    /// The k·B largest positive entries of the batch.
+    BatchTopK(usize),
+}
+
+impl DeviceRule {
+    /// The training rule of `selection`.
+    fn training(selection: Selection) -> Self {
+        match selection {
+            Selection::Relu => DeviceRule::Threshold(0.0),
+            Selection::TopK(k) => DeviceRule::TopK(k),
+            Selection::BatchTopK(k) => DeviceRule::BatchTopK(k),
+        }
+    }
+}
+
+/// Selects the codes of the pre-activations `pre` (+ `b_enc`) by `rule` into `c`: a per-row
+/// plan (cut and ties) from the rule's kernels, then the compaction. `batch_state`, `hist`,
+/// `gt_b` and `eq_b` are batch top-k's scratch.
+#[allow(clippy::too_many_arguments)]
+fn select_codes(
+    dev: &CudaDevice,
+    rule: DeviceRule,
+    pre: &DeviceMatrix,
+    b_enc: &DeviceMatrix,
+    batch_state: &mut CudaSlice<u32>,
+    hist: &mut CudaSlice<u32>,
+    gt_b: &mut CudaSlice<u32>,
+    eq_b: &mut CudaSlice<u32>,
+    c: &mut CodeBuffers,
+) -> Result<()> {
+    let (b, f) = (pre.rows, pre.cols);
+    let fi = f as i64;
+    match rule {
+        DeviceRule::Threshold(theta) => {
+            // v > θ ⇔ bits(v) > bits(θ) for non-negative floats.
+            let cut = theta.max(0.0).to_bits();
+            launch!(
+                dev,
+                threshold_plan,
+                rows(b),
+                [
+                    &pre.data,
+                    &b_enc.data,
+                    &fi,
+                    &cut,
+                    &mut c.cut_b,
+                    &mut c.quota_b,
+                    &mut c.count_b
+                ]
+            )?;
+        }
+        DeviceRule::TopK(k) => {
+            let (null, k) = (0u64, k.min(f) as u32);
+            launch!(
+                dev,
+                topk_plan,
+                rows(b),
+                [
+                    &pre.data,
+                    &b_enc.data,
+                    &null,
+                    &fi,
+                    &k,
+                    &mut c.cut_b,
+                    &mut c.quota_b,
+                    &mut c.count_b
+                ]
+            )?;
+        }
+        DeviceRule::BatchTopK(k) => {
+            let total = (k as u64 * b as u64).min((b * f) as u64);
+            if total > u32::MAX as u64 {
+                return Err(Error::OutOfRange {
+                    what: "k × batch size on a GPU".into(),
+                    value: total as f64,
+                    range: format!("[1, {}]", u32::MAX),
+                });
+            }
+            dev.write(&[0, 0, total as u32, 0], batch_state)?;
+            let bi = b as i64;
+            for shift in [24i32, 16, 8, 0] {
+                launch!(
+                    dev,
+                    batch_hist,
+                    rows(b.min(1024)),
+                    [
+                        &pre.data,
+                        &b_enc.data,
+                        &bi,
+                        &fi,
+                        &shift,
+                        &*batch_state,
+                        &mut *hist
+                    ]
+                )?;
+                launch!(
+                    dev,
+                    batch_pick,
+                    cudarc::driver::LaunchConfig {
+                        grid_dim: (1, 1, 1),
+                        block_dim: (1, 1, 1),
+                        shared_mem_bytes: 0,
+                    },
+                    [&mut *hist, &shift, &mut *batch_state]
+                )?;
+            }
+            launch!(
+                dev,
+                batch_row_counts,
+                rows(b),
+                [
+                    &pre.data,
+                    &b_enc.data,
+                    &fi,
+                    &*batch_state,
+                    &mut *gt_b,
+                    &mut *eq_b
+                ]
+            )?;
+            launch!(
+                dev,
+                batch_quota,
+                single_block(),
+                [
+                    &*gt_b,
+                    &*eq_b,
+                    &bi,
+                    &*batch_state,
+                    &mut c.cut_b,
+                    &mut c.quota_b,
+                    &mut c.count_b
+                ]
+            )?;
+        }
+    }
+    c.compact(dev, pre, b_enc, None)
+}
+
+/// The encoder's buffers for batches of `b` rows.
+struct EncodeBuffers {
+    b: usize,
+    x_bd: DeviceMatrix,
+    xc_bd: DeviceMatrix,
+    pre_bf: DeviceMatrix,
+    gt_b: CudaSlice<u32>,
+    eq_b: CudaSlice<u32>,
+    codes: CodeBuffers,
+}
+
+/// Inference on the GPU: an SAE's encoder (the GEMM and the selection `Sae::encode` applies)
+/// with the parameters uploaded once, for many batches.
+pub(crate) struct DeviceEncoder {
+    dev: CudaDevice,
+    w_enc_fd: DeviceMatrix,
+    b_enc_f: DeviceMatrix,
+    b_dec_d: CudaSlice<f32>,
+    rule: Option<DeviceRule>,
+    selection: Selection,
+    batch_state: CudaSlice<u32>,
+    hist: CudaSlice<u32>,
+    batch: Option<EncodeBuffers>,
+    staging: Option<cudarc::driver::PinnedHostSlice<f32>>,
+}
+
+impl DeviceEncoder {
+    /// Uploads `sae`'s encoder to GPU `ordinal`.
+    pub(crate) fn new(sae: &crate::Sae, ordinal: usize) -> Result<Self> {
+        let dev = CudaDevice::open(ordinal)?;
+        let rules = crate::arch::Rules::for_config(sae.config(), &crate::TrainConfig::default());
+        // Inference differs from training only in BatchTopK's threshold, as on the CPU.
+        let rule = match (rules.selection, sae.threshold) {
+            (Selection::BatchTopK(_), Some(theta)) => Some(DeviceRule::Threshold(theta)),
+            _ => None,
+        };
+        Ok(DeviceEncoder {
+            w_enc_fd: dev.upload(sae.w_enc_fd.view())?,
+            b_enc_f: dev.upload(sae.b_enc_f.view().insert_axis(ndarray::Axis(0)))?,
+            b_dec_d: dev.upload_vec(sae.b_dec_d.view())?,
+            rule,
+            selection: rules.selection,
+            batch_state: dev.alloc(4)?,
+            hist: dev.alloc(256)?,
+            batch: None,
+            staging: None,
+            dev,
+        })
+    }
+
+    /// The codes of a checked batch `x_bd`.
+    pub(crate) fn encode(&mut self, x_bd: ArrayView2<'_, f32>) -> Result<Codes> {
+        let (b, d, f) = (x_bd.nrows(), self.w_enc_fd.cols, self.w_enc_fd.rows);
+        if b > MAX_ROWS {
+            return Err(Error::OutOfRange {
+                what: "batch size on a GPU".into(),
+                value: b as f64,
+                range: format!("[1, {MAX_ROWS}]"),
+            });
+        }
+        if self.batch.as_ref().map(|t| t.b) != Some(b) {
+            self.batch = None;
+            let dev = &self.dev;
+            self.batch = Some(EncodeBuffers {
+                b,
+                x_bd: dev.zeros(b, d)?,
+                xc_bd: dev.zeros(b, d)?,
+                pre_bf: dev.zeros(b, f)?,
+                gt_b: dev.alloc(b)?,
+                eq_b: dev.alloc(b)?,
+                codes: CodeBuffers::new(dev, b, f)?,
+            });
+        }
+        let dev = &self.dev;
+        let EncodeBuffers {
+            x_bd: x,
+            xc_bd: xc,
+            pre_bf: pre,
+            gt_b,
+            eq_b,
+            codes,
+            ..
+        } = self.batch.as_mut().expect("allocated above");
+        let xs = x_bd.as_standard_layout();
+        dev.upload_staged(
+            xs.as_slice().expect("standard layout"),
+            &mut self.staging,
+            &mut x.data,
+        )?;
+        dev.sub_row(x, &self.b_dec_d, xc)?;
+        dev.gemm(1.0, xc, false, &self.w_enc_fd, true, 0.0, pre)?;
+        let rule = self.rule.unwrap_or(DeviceRule::training(self.selection));
+        select_codes(
+            dev,
+            rule,
+            pre,
+            &self.b_enc_f,
+            &mut self.batch_state,
+            &mut self.hist,
+            gt_b,
+            eq_b,
+            codes,
+        )?;
+        codes.download(dev)
+    }
+}
+
 /// Buffers shaped by the batch size B.
 struct BatchBuffers {
     b: usize,
@@ -541,114 +793,18 @@ impl Trainer {
 
         // Select.
         {
-            let dev = &g.dev;
             let bb = g.batch.as_mut().unwrap();
-            let (pre, b_enc) = (&bb.pre_bf, &g.params.b_enc_f);
-            let fi = f as i64;
-            let c = &mut bb.codes;
-            match rules.selection {
-                Selection::Relu => {
-                    let cut = 0u32;
-                    launch!(
-                        dev,
-                        threshold_plan,
-                        rows(b),
-                        [
-                            &pre.data,
-                            &b_enc.data,
-                            &fi,
-                            &cut,
-                            &mut c.cut_b,
-                            &mut c.quota_b,
-                            &mut c.count_b
-                        ]
-                    )?;
-                }
-                Selection::TopK(k) => {
-                    let (null, k) = (0u64, k.min(f) as u32);
-                    launch!(
-                        dev,
-                        topk_plan,
-                        rows(b),
-                        [
-                            &pre.data,
-                            &b_enc.data,
-                            &null,
-                            &fi,
-                            &k,
-                            &mut c.cut_b,
-                            &mut c.quota_b,
-                            &mut c.count_b
-                        ]
-                    )?;
-                }
-                Selection::BatchTopK(k) => {
-                    let total = (k as u64 * b as u64).min((b * f) as u64);
-                    if total > u32::MAX as u64 {
-                        return Err(Error::OutOfRange {
-                            what: "k × batch size on a GPU".into(),
-                            value: total as f64,
-                            range: format!("[1, {}]", u32::MAX),
-                        });
-                    }
-                    dev.write(&[0, 0, total as u32, 0], &mut g.batch_state)?;
-                    let bi = b as i64;
-                    for shift in [24i32, 16, 8, 0] {
-                        launch!(
-                            dev,
-                            batch_hist,
-                            rows(b.min(1024)),
-                            [
-                                &pre.data,
-                                &b_enc.data,
-                                &bi,
-                                &fi,
-                                &shift,
-                                &g.batch_state,
-                                &mut g.hist
-                            ]
-                        )?;
-                        launch!(
-                            dev,
-                            batch_pick,
-                            cudarc::driver::LaunchConfig {
-                                grid_dim: (1, 1, 1),
-                                block_dim: (1, 1, 1),
-                                shared_mem_bytes: 0,
-                            },
-                            [&mut g.hist, &shift, &mut g.batch_state]
-                        )?;
-                    }
-                    launch!(
-                        dev,
-                        batch_row_counts,
-                        rows(b),
-                        [
-                            &pre.data,
-                            &b_enc.data,
-                            &fi,
-                            &g.batch_state,
-                            &mut bb.gt_b,
-                            &mut bb.eq_b
-                        ]
-                    )?;
-                    launch!(
-                        dev,
-                        batch_quota,
-                        single_block(),
-                        [
-                            &bb.gt_b,
-                            &bb.eq_b,
-                            &bi,
-                            &g.batch_state,
-                            &mut c.cut_b,
-                            &mut c.quota_b,
-                            &mut c.count_b
-                        ]
-                    )?;
-                }
-            }
-            c.compact(dev, pre, b_enc, None)?;
+            select_codes(
+                &g.dev,
+                DeviceRule::training(rules.selection),
+                &bb.pre_bf,
+                &g.params.b_enc_f,
+                &mut g.batch_state,
+                &mut g.hist,
+                &mut bb.gt_b,
+                &mut bb.eq_b,
+                &mut bb.codes,
+            )?;
         }
         times.select = lap(&g.dev)?;
 

@@ -4,7 +4,7 @@
 
 mod backward;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 mod state;
 
 use std::time::{Duration, Instant};
