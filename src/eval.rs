@@ -2,7 +2,7 @@
 //! explained, direction and norm of the reconstructions, sparsity and how often each latent
 //! fires, streamed in batches so any number of rows fits in memory.
 
-use ndarray::{Array2, Axis};
+use ndarray::{Array2, ArrayView2, Axis};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
@@ -127,6 +127,33 @@ pub fn evaluate(
     batch_rows: usize,
     skip_non_finite: bool,
 ) -> Result<EvalStats> {
+    evaluate_by(sae, source, batch_rows, skip_non_finite, &mut |x_bd| {
+        sae.encode(backend, x_bd)
+    })
+}
+
+/// [`evaluate`] with the encoder (the GEMM and the selection) on `device`; decoding and the
+/// statistics stay on the host.
+pub fn evaluate_on(
+    sae: &Sae,
+    device: crate::backend::Device,
+    source: &dyn Source,
+    batch_rows: usize,
+    skip_non_finite: bool,
+) -> Result<EvalStats> {
+    let mut encoder = sae.encoder(device)?;
+    evaluate_by(sae, source, batch_rows, skip_non_finite, &mut |x_bd| {
+        encoder.encode(x_bd)
+    })
+}
+
+fn evaluate_by(
+    sae: &Sae,
+    source: &dyn Source,
+    batch_rows: usize,
+    skip_non_finite: bool,
+    encode: &mut dyn FnMut(ArrayView2<'_, f32>) -> Result<crate::select::Codes>,
+) -> Result<EvalStats> {
     let (n, d, f) = (
         source.n_rows(),
         sae.config().d_model,
@@ -165,7 +192,7 @@ pub fn evaluate(
         if x_bd.nrows() == 0 {
             continue;
         }
-        let codes = sae.encode(backend, x_bd.view())?;
+        let codes = encode(x_bd.view())?;
         let x_hat_bd = sae.decode(&codes)?;
         sq_err += x_bd
             .iter()

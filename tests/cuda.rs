@@ -345,3 +345,36 @@ fn device_encoding_matches_the_cpu() {
         }
     }
 }
+
+/// `evaluate_on` a GPU gives `evaluate`'s statistics on the CPU.
+#[test]
+#[ignore = "needs an NVIDIA GPU: SAE_TEST_CUDA=1 cargo test --features cuda -- --ignored"]
+fn device_evaluation_matches_the_cpu() {
+    use sparse_autoencoder::eval::{evaluate, evaluate_on};
+    let sae = Sae::new(
+        SaeConfig {
+            d_model: 48,
+            dict_size: 1536,
+            arch: Architecture::TopK { k: 12 },
+        },
+        4,
+    )
+    .unwrap();
+    let x = common::synthetic_batch(1000, 48, 5);
+    let cpu = evaluate(&sae, &Cpu, &x.view(), 300, false).unwrap();
+    let gpu = evaluate_on(&sae, Device::Cuda(0), &x.view(), 300, false).unwrap();
+    assert_eq!((gpu.n_rows, gpu.l0), (cpu.n_rows, cpu.l0));
+    assert!(
+        (gpu.mse - cpu.mse).abs() <= 1e-5 * cpu.mse,
+        "{} vs {}",
+        gpu.mse,
+        cpu.mse
+    );
+    assert!(
+        (gpu.fve - cpu.fve).abs() <= 1e-5,
+        "{} vs {}",
+        gpu.fve,
+        cpu.fve
+    );
+    assert_eq!(gpu.dead_fraction, cpu.dead_fraction);
+}

@@ -25,13 +25,12 @@ use serde::{Deserialize, Serialize};
 pub use metrics::MetricsRecord;
 pub use spec::{ArchName, Context, DataSpec, RunSpec, SaeSpec, ScheduleSpec};
 
-use crate::backend::Cpu;
 use crate::config::ConfigError;
 use crate::data::{
     estimate_scale, holdout, Batcher, Cursor, LoaderConfig, NpyShards, Prefetcher, Source,
 };
 use crate::error::{io_error, Error, Result};
-use crate::eval::{evaluate, EvalStats};
+use crate::eval::{evaluate_on, EvalStats};
 use crate::synth::{recovery, Recovery, Synth, SynthConfig};
 use crate::{StepStats, Trainer};
 
@@ -161,6 +160,8 @@ pub struct Run {
     seconds_before: f64,
     notes: Vec<String>,
     data: DataSummary,
+    /// Where the SAEs train, and where the end-of-run evaluation encodes.
+    device: crate::backend::Device,
 }
 
 /// The data of a run, opened.
@@ -437,6 +438,7 @@ impl Run {
             step: 0,
             seconds_before: 0.0,
             notes,
+            device: crate::backend::Device::Cpu,
             data,
         }
     }
@@ -467,6 +469,7 @@ impl Run {
         for member in &mut self.members {
             member.trainer.set_device(device)?;
         }
+        self.device = device;
         Ok(())
     }
 
@@ -558,9 +561,9 @@ impl Run {
         sae.fold_input_scale(self.scale)?;
         sae.save(&member.dir)?;
         let eval = match &self.eval_rows {
-            Some(rows) => Some(evaluate(
+            Some(rows) => Some(evaluate_on(
                 &sae,
-                &Cpu,
+                self.device,
                 &**rows,
                 self.batch_size,
                 self.skip_non_finite,
