@@ -178,24 +178,26 @@ extern "C" __global__ void batch_hist(const float* pre_bf, const float* b_enc_f,
 }
 
 // Batch top-k: picks the digit holding the remaining-th largest key from `hist` (then clears
-// it for the next pass). One thread.
+// it for the next pass). One block of 256 threads, thread t owning digit 255 − t, so an
+// exclusive scan gives each digit the count of keys above it.
 extern "C" __global__ void batch_pick(u32* hist, int shift, u32* state) {
+    __shared__ u32 sh[32];
+    // Every thread reads the state before the scan's syncs; only then does one thread write it.
     if (state[3]) return;
-    u32 above = 0, total = 0;
-    int digit = -1;
-    for (int d = 255; d >= 0; --d) {
-        if (digit < 0 && above + hist[d] >= state[2]) digit = d;
-        if (digit < 0) above += hist[d];
-        total += hist[d];
-    }
-    for (int d = 0; d < 256; ++d) hist[d] = 0;
-    if (shift == 24 && total <= state[2]) {
-        state[3] = 1;  // no more positive keys than k·B: keep them all
+    u32 remaining = state[2];
+    int digit = 255 - (int)threadIdx.x;
+    u32 count = hist[digit], total;
+    u32 above = block_exclusive_scan(count, sh, &total);
+    hist[digit] = 0;
+    if (shift == 24 && total <= remaining) {
+        if (threadIdx.x == 0) state[3] = 1;  // no more positive keys than k·B: keep them all
         return;
     }
-    state[0] |= (u32)digit << shift;
-    state[1] |= 255u << shift;
-    state[2] -= above;
+    if (above < remaining && above + count >= remaining) {
+        state[0] |= (u32)digit << shift;
+        state[1] |= 255u << shift;
+        state[2] = remaining - above;
+    }
 }
 
 // Batch top-k, per row (one block each): keys above the cut (gt_b) and equal to it (eq_b).
@@ -254,29 +256,59 @@ extern "C" __global__ void scan_counts(const u32* count, i64 n, i64* indptr) {
 }
 
 // Per row (one block each): writes the selected entries (see the top of the file) at
-// indptr[b].., in ascending latent order.
+// indptr[b].., in ascending latent order. Each warp owns a contiguous run of latents: it first
+// counts its keys above the cut and its ties (ballots, no block-wide syncs), one thread turns
+// those counts into each warp's output offset and tie rank, then each warp writes its run.
 extern "C" __global__ void compact_rows(const float* pre_bf, const float* b_enc_f, const u32* mask_f,
                                         i64 f, const u32* cut_b, const u32* quota_b,
                                         const i64* indptr, u32* indices, float* values) {
-    __shared__ u32 sh[32];
+    __shared__ u32 warp_gt[32], warp_ties[32], warp_out[32], warp_tie_base[32];
     i64 b = blockIdx.x;
     const float* row = pre_bf + b * f;
     u32 cut = cut_b[b], quota = quota_b[b];
-    i64 out = indptr[b];
-    u32 ties_before = 0, written = 0;
-    for (i64 start = 0; start < f; start += blockDim.x) {
-        i64 j = start + threadIdx.x;
-        u32 key = j < f ? key_at(row, b_enc_f, mask_f, j) : 0;
-        u32 tie = key != 0 && key == cut, ties;
-        u32 tie_rank = ties_before + block_exclusive_scan(tie, sh, &ties);
-        u32 sel = key > cut || (tie && tie_rank < quota), n_sel;
-        u32 pos = written + block_exclusive_scan(sel, sh, &n_sel);
-        if (sel) {
-            indices[out + pos] = (u32)j;
-            values[out + pos] = row[j] + b_enc_f[j];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    i64 per = ((f + nw - 1) / nw + 31) / 32 * 32;
+    i64 j0 = w * per, j1 = min(f, j0 + per);
+    u32 gt = 0, ties = 0;
+    for (i64 base = j0; base < j1; base += 32) {
+        i64 j = base + lane;
+        u32 key = j < j1 ? key_at(row, b_enc_f, mask_f, j) : 0;
+        gt += __popc(__ballot_sync(FULL, key > cut));
+        ties += __popc(__ballot_sync(FULL, key != 0 && key == cut));
+    }
+    if (lane == 0) {
+        warp_gt[w] = gt;
+        warp_ties[w] = ties;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32 tie_base = 0, out = 0;
+        for (int i = 0; i < nw; ++i) {
+            warp_tie_base[i] = tie_base;
+            warp_out[i] = out;
+            u32 kept_ties = tie_base >= quota ? 0 : min(warp_ties[i], quota - tie_base);
+            out += warp_gt[i] + kept_ties;
+            tie_base += warp_ties[i];
         }
-        ties_before += ties;
-        written += n_sel;
+    }
+    __syncthreads();
+    i64 out = indptr[b] + warp_out[w];
+    u32 ties_seen = warp_tie_base[w];
+    u32 below = (1u << lane) - 1u;
+    for (i64 base = j0; base < j1; base += 32) {
+        i64 j = base + lane;
+        u32 key = j < j1 ? key_at(row, b_enc_f, mask_f, j) : 0;
+        bool tie = key != 0 && key == cut;
+        u32 tie_bits = __ballot_sync(FULL, tie);
+        bool sel = key > cut || (tie && ties_seen + __popc(tie_bits & below) < quota);
+        u32 sel_bits = __ballot_sync(FULL, sel);
+        if (sel) {
+            i64 p = out + __popc(sel_bits & below);
+            indices[p] = (u32)j;
+            values[p] = row[j] + b_enc_f[j];
+        }
+        out += __popc(sel_bits);
+        ties_seen += __popc(tie_bits);
     }
 }
 

@@ -394,11 +394,7 @@ fn select_codes(
                 launch!(
                     dev,
                     batch_pick,
-                    cudarc::driver::LaunchConfig {
-                        grid_dim: (1, 1, 1),
-                        block_dim: (1, 1, 1),
-                        shared_mem_bytes: 0,
-                    },
+                    rows(1),
                     [&mut *hist, &shift, &mut *batch_state]
                 )?;
             }
