@@ -47,6 +47,16 @@ pub struct ParamTensors {
 }
 
 impl ParamTensors {
+    /// Multiplies all four arrays by `s`.
+    pub fn scale(&mut self, s: f32) {
+        for a in [&mut self.w_enc_fd, &mut self.w_dec_fd] {
+            a.mapv_inplace(|v| v * s);
+        }
+        for a in [&mut self.b_enc_f, &mut self.b_dec_d] {
+            a.mapv_inplace(|v| v * s);
+        }
+    }
+
     /// All zeros, for an SAE with `f` latents of width `d`.
     pub fn zeros(f: usize, d: usize) -> Self {
         ParamTensors {
@@ -198,16 +208,17 @@ pub struct Adam {
     pub t: u64,
 }
 
-/// Per-step scalars of the Adam update, computed as torch does (in f64, then used as f32).
+/// Per-step scalars of the Adam update, computed as torch does (in f64, then used as f32);
+/// the GPU's kernel takes the same ones.
 #[derive(Clone, Copy)]
-struct AdamStep {
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    step_size: f32,
-    bias_correction2_sqrt: f32,
-    eps: f32,
-    grad_scale: f32,
+pub(crate) struct AdamStep {
+    pub(crate) one_minus_beta1: f32,
+    pub(crate) beta2: f32,
+    pub(crate) one_minus_beta2: f32,
+    pub(crate) step_size: f32,
+    pub(crate) bias_correction2_sqrt: f32,
+    pub(crate) eps: f32,
+    pub(crate) grad_scale: f32,
 }
 
 impl AdamStep {
@@ -268,9 +279,23 @@ impl AdamStep {
 }
 
 impl Adam {
-    /// The hyperparameters.
-    pub fn config(&self) -> AdamConfig {
-        self.config
+    /// Counts a step and returns its scalars: learning rate `lr`, gradients multiplied by
+    /// `grad_scale` (the clipping factor).
+    pub(crate) fn next_step(&mut self, lr: f64, grad_scale: f32) -> AdamStep {
+        self.t += 1;
+        let c = self.config;
+        let t = self.t as i32;
+        let bias_correction1 = 1.0 - c.beta1.powi(t);
+        let bias_correction2 = 1.0 - c.beta2.powi(t);
+        AdamStep {
+            one_minus_beta1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            one_minus_beta2: (1.0 - c.beta2) as f32,
+            step_size: (lr / bias_correction1) as f32,
+            bias_correction2_sqrt: bias_correction2.sqrt() as f32,
+            eps: c.eps as f32,
+            grad_scale,
+        }
     }
 
     /// Zero moments for an SAE with `f` latents of width `d`.
@@ -295,20 +320,7 @@ impl Adam {
         grad_scale: f32,
         decoder: DecoderConstraint,
     ) {
-        self.t += 1;
-        let c = self.config;
-        let t = self.t as i32;
-        let bias_correction1 = 1.0 - c.beta1.powi(t);
-        let bias_correction2 = 1.0 - c.beta2.powi(t);
-        let s = AdamStep {
-            one_minus_beta1: (1.0 - c.beta1) as f32,
-            beta2: c.beta2 as f32,
-            one_minus_beta2: (1.0 - c.beta2) as f32,
-            step_size: (lr / bias_correction1) as f32,
-            bias_correction2_sqrt: bias_correction2.sqrt() as f32,
-            eps: c.eps as f32,
-            grad_scale,
-        };
+        let s = self.next_step(lr, grad_scale);
         let g = &grads.tensors;
         let renorm_eps = match decoder {
             DecoderConstraint::UnitNorm { renorm_eps, .. } => Some(renorm_eps),

@@ -69,7 +69,7 @@ __device__ u32 block_exclusive_scan(u32 v, u32* sh, u32* total) {
 }
 
 // The sort key of latent j's pre-activation in a row (see the top of the file). `mask_f`, when
-// not null, excludes latents whose flag is 0.
+// not null, excludes latents whose flag is 0 (kernels taking a mask null it when has_mask is 0).
 __device__ __forceinline__ u32 key_at(const float* row, const float* b_enc_f, const u32* mask_f,
                                       i64 j) {
     if (mask_f && !mask_f[j]) return 0;
@@ -105,11 +105,13 @@ extern "C" __global__ void threshold_plan(const float* pre_bf, const float* b_en
 }
 
 // Per row (one block each): the k largest positive keys among the latents `mask_f` allows (all
-// when null), by radix selection on 8 bits at a time. Rows with at most k positive keys keep
+// when has_mask is 0), by radix selection on 8 bits at a time. Rows with at most k positive keys keep
 // all of them (cut 0). Otherwise cut_b is the k-th largest key and quota_b how many keys equal
 // to it to keep, the lowest latents first (the CPU's tie rule).
 extern "C" __global__ void topk_plan(const float* pre_bf, const float* b_enc_f, const u32* mask_f,
-                                     i64 f, u32 k, u32* cut_b, u32* quota_b, u32* count_b) {
+                                     int has_mask, i64 f, u32 k, u32* cut_b, u32* quota_b,
+                                     u32* count_b) {
+    if (!has_mask) mask_f = 0;
     __shared__ u32 hist[256];
     __shared__ u32 pick[2];
     const float* row = pre_bf + (i64)blockIdx.x * f;
@@ -260,8 +262,9 @@ extern "C" __global__ void scan_counts(const u32* count, i64 n, i64* indptr) {
 // counts its keys above the cut and its ties (ballots, no block-wide syncs), one thread turns
 // those counts into each warp's output offset and tie rank, then each warp writes its run.
 extern "C" __global__ void compact_rows(const float* pre_bf, const float* b_enc_f, const u32* mask_f,
-                                        i64 f, const u32* cut_b, const u32* quota_b,
+                                        int has_mask, i64 f, const u32* cut_b, const u32* quota_b,
                                         const i64* indptr, u32* indices, float* values) {
+    if (!has_mask) mask_f = 0;
     __shared__ u32 warp_gt[32], warp_ties[32], warp_out[32], warp_tie_base[32];
     i64 b = blockIdx.x;
     const float* row = pre_bf + b * f;

@@ -12,7 +12,7 @@ use crate::backend::cuda::{
     elementwise, launch, rows, single_block, warps, CudaDevice, DeviceCodes, DeviceMatrix,
 };
 use crate::error::{Error, Result};
-use crate::optim::{lr_factor, sparsity_scale, ParamTensors};
+use crate::optim::{sparsity_scale, ParamTensors};
 use crate::select::Codes;
 
 /// Rows summed per block in the first stage of the column sums.
@@ -37,6 +37,16 @@ impl DeviceParams {
             b_enc_f: row(&t.b_enc_f)?,
             w_dec_fd: dev.upload(t.w_dec_fd.view())?,
             b_dec_d: row(&t.b_dec_d)?,
+        })
+    }
+
+    /// Zeros on the GPU for `f` latents of width `d` (no host copy to upload).
+    fn zeros(dev: &CudaDevice, f: usize, d: usize) -> Result<Self> {
+        Ok(DeviceParams {
+            w_enc_fd: dev.zeros(f, d)?,
+            b_enc_f: dev.zeros(1, f)?,
+            w_dec_fd: dev.zeros(f, d)?,
+            b_dec_d: dev.zeros(1, d)?,
         })
     }
 
@@ -132,7 +142,29 @@ impl CodeBuffers {
             self.g_e = dev.alloc(cap)?;
         }
         self.nnz = nnz;
-        compact_launch(dev, pre_bf, b_enc_f, mask_f, f, self)
+        if nnz == 0 {
+            return Ok(());
+        }
+        let has_mask = mask_f.is_some() as i32;
+        // Without a mask the kernel reads none; any buffer stands in.
+        let mask = mask_f.unwrap_or(&self.count_b);
+        launch!(
+            dev,
+            compact_rows,
+            rows(b),
+            [
+                &pre_bf.data,
+                &b_enc_f.data,
+                mask,
+                &has_mask,
+                &f,
+                &self.cut_b,
+                &self.quota_b,
+                &self.codes.indptr,
+                &mut self.codes.indices,
+                &mut self.codes.values
+            ]
+        )
     }
 
     /// The latent-major order of the codes: per-latent offsets, then each latent's entries in
@@ -238,74 +270,27 @@ impl CodeBuffers {
     }
 }
 
-fn compact_launch(
-    dev: &CudaDevice,
-    pre_bf: &DeviceMatrix,
-    b_enc_f: &DeviceMatrix,
-    mask_f: Option<&CudaSlice<u32>>,
-    f: i64,
-    c: &mut CodeBuffers,
-) -> Result<()> {
-    if c.nnz == 0 {
-        return Ok(());
-    }
-    // The kernel tests the mask pointer: without a mask it gets a null one.
-    match mask_f {
-        Some(mask) => launch!(
-            dev,
-            compact_rows,
-            rows(pre_bf.rows),
-            [
-                &pre_bf.data,
-                &b_enc_f.data,
-                mask,
-                &f,
-                &c.cut_b,
-                &c.quota_b,
-                &c.codes.indptr,
-                &mut c.codes.indices,
-                &mut c.codes.values
-            ]
-        ),
-        None => {
-            let null: u64 = 0;
-            launch!(
-                dev,
-                compact_rows,
-                rows(pre_bf.rows),
-                [
-                    &pre_bf.data,
-                    &b_enc_f.data,
-                    &null,
-                    &f,
-                    &c.cut_b,
-                    &c.quota_b,
-                    &c.codes.indptr,
-                    &mut c.codes.indices,
-                    &mut c.codes.values
-                ]
-            )
-        }
-    }
-}
-
 /// Which codes a selection on the GPU keeps (ReLU is the threshold 0).
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum DeviceRule {
+#[derive(Clone, Copy)]
+pub(crate) enum DeviceRule<'a> {
     /// Entries above θ.
     Threshold(f32),
-    /// The k largest positive entries of each row.
-    TopK(usize),
+    /// The k largest positive entries of each row, among the latents whose flag in `among` is
+    /// set when given (AuxK's dead latents).
+    TopK {
+        k: usize,
+        among: Option<&'a CudaSlice<u32>>,
+    },
     /// The k·B largest positive entries of the batch.
     BatchTopK(usize),
 }
 
-impl DeviceRule {
+impl DeviceRule<'_> {
     /// The training rule of `selection`.
     fn training(selection: Selection) -> Self {
         match selection {
             Selection::Relu => DeviceRule::Threshold(0.0),
-            Selection::TopK(k) => DeviceRule::TopK(k),
+            Selection::TopK(k) => DeviceRule::TopK { k, among: None },
             Selection::BatchTopK(k) => DeviceRule::BatchTopK(k),
         }
     }
@@ -347,8 +332,8 @@ fn select_codes(
                 ]
             )?;
         }
-        DeviceRule::TopK(k) => {
-            let (null, k) = (0u64, k.min(f) as u32);
+        DeviceRule::TopK { k, among } => {
+            let (has_mask, k) = (among.is_some() as i32, k.min(f) as u32);
             launch!(
                 dev,
                 topk_plan,
@@ -356,7 +341,8 @@ fn select_codes(
                 [
                     &pre.data,
                     &b_enc.data,
-                    &null,
+                    among.unwrap_or(&c.count_f),
+                    &has_mask,
                     &fi,
                     &k,
                     &mut c.cut_b,
@@ -427,7 +413,11 @@ fn select_codes(
             )?;
         }
     }
-    c.compact(dev, pre, b_enc, None)
+    let among = match rule {
+        DeviceRule::TopK { among, .. } => among,
+        _ => None,
+    };
+    c.compact(dev, pre, b_enc, among)
 }
 
 /// The encoder's buffers for batches of `b` rows.
@@ -448,7 +438,8 @@ pub(crate) struct DeviceEncoder {
     w_enc_fd: DeviceMatrix,
     b_enc_f: DeviceMatrix,
     b_dec_d: CudaSlice<f32>,
-    rule: Option<DeviceRule>,
+    /// BatchTopK's θ, which replaces the training rule outside training (as on the CPU).
+    theta: Option<f32>,
     selection: Selection,
     batch_state: CudaSlice<u32>,
     hist: CudaSlice<u32>,
@@ -461,16 +452,15 @@ impl DeviceEncoder {
     pub(crate) fn new(sae: &crate::Sae, ordinal: usize) -> Result<Self> {
         let dev = CudaDevice::open(ordinal)?;
         let rules = crate::arch::Rules::for_config(sae.config(), &crate::TrainConfig::default());
-        // Inference differs from training only in BatchTopK's threshold, as on the CPU.
-        let rule = match (rules.selection, sae.threshold) {
-            (Selection::BatchTopK(_), Some(theta)) => Some(DeviceRule::Threshold(theta)),
+        let theta = match rules.selection {
+            Selection::BatchTopK(_) => sae.threshold,
             _ => None,
         };
         Ok(DeviceEncoder {
             w_enc_fd: dev.upload(sae.w_enc_fd.view())?,
             b_enc_f: dev.upload(sae.b_enc_f.view().insert_axis(ndarray::Axis(0)))?,
             b_dec_d: dev.upload_vec(sae.b_dec_d.view())?,
-            rule,
+            theta,
             selection: rules.selection,
             batch_state: dev.alloc(4)?,
             hist: dev.alloc(256)?,
@@ -521,7 +511,10 @@ impl DeviceEncoder {
         )?;
         dev.sub_row(x, &self.b_dec_d, xc)?;
         dev.gemm(1.0, xc, false, &self.w_enc_fd, true, 0.0, pre)?;
-        let rule = self.rule.unwrap_or(DeviceRule::training(self.selection));
+        let rule = match self.theta {
+            Some(theta) => DeviceRule::Threshold(theta),
+            None => DeviceRule::training(self.selection),
+        };
         select_codes(
             dev,
             rule,
@@ -624,7 +617,7 @@ impl DeviceStep {
         Ok(DeviceStep {
             m: DeviceParams::upload(&dev, &trainer.adam.m)?,
             v: DeviceParams::upload(&dev, &trainer.adam.v)?,
-            grads: DeviceParams::upload(&dev, &ParamTensors::zeros(f, d))?,
+            grads: DeviceParams::zeros(&dev, f, d)?,
             params,
             active_f: dev.alloc(f)?,
             row_sq_f: dev.alloc(f)?,
@@ -661,15 +654,14 @@ impl DeviceStep {
         Ok(())
     }
 
-    /// Column means of (x − y) into `mean_d` (y left out when `None`).
-    fn column_means(&mut self, y: Option<&DeviceMatrix>) -> Result<()> {
+    /// Column means of x, or of x − x̂ with `minus_x_hat`, into `mean_d`.
+    fn column_means(&mut self, minus_x_hat: bool) -> Result<()> {
         let dev = &self.dev;
         let bb = self.batch.as_mut().expect("batch buffers");
         let (b, d) = (bb.b, bb.x_bd.cols);
         let chunks = b.div_ceil(ROWS_PER_CHUNK);
         let (bi, di, per, ci) = (b as i64, d as i64, ROWS_PER_CHUNK as i64, chunks as i64);
-        let has_y = y.is_some() as i32;
-        let y = y.unwrap_or(&bb.x_bd);
+        let has_y = minus_x_hat as i32;
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (d.div_ceil(128) as u32, chunks as u32, 1),
             block_dim: (128, 1, 1),
@@ -681,7 +673,7 @@ impl DeviceStep {
             cfg,
             [
                 &bb.x_bd.data,
-                &y.data,
+                &bb.x_hat_bd.data,
                 &has_y,
                 &bi,
                 &di,
@@ -844,16 +836,9 @@ impl Trainer {
             (flags[0] as usize, flags[1])
         };
         if rules.learn_threshold && self.step > self.config.threshold_start_step {
-            let m = if min_bits == 0x7f80_0000 {
-                0.0
-            } else {
-                f32::from_bits(min_bits)
-            };
             let beta = self.config.threshold_beta;
-            self.sae.threshold = Some(match self.sae.threshold {
-                None => m,
-                Some(theta) => beta as f32 * theta + (1.0 - beta) as f32 * m,
-            });
+            let min = f32::from_bits(min_bits); // +∞ when no code was kept
+            self.sae.threshold = Some(super::threshold_ema(beta, self.sae.threshold, min));
         }
 
         // Decode, the MSE, its upstream gradient, the FVE.
@@ -884,7 +869,7 @@ impl Trainer {
             )?;
         }
         g.sq_sum(true, false, false, 0)?;
-        g.column_means(None)?;
+        g.column_means(false)?;
         g.sq_sum(false, false, true, 1)?;
 
         // The penalty.
@@ -935,43 +920,28 @@ impl Trainer {
             }
             Penalty::AuxK { alpha: a, .. } if n_dead > 0 => {
                 alpha = a;
-                let k_aux = (d / 2).min(n_dead) as u32;
+                let k_aux = (d / 2).min(n_dead);
                 {
-                    let dev = &g.dev;
                     let bb = g.batch.as_mut().unwrap();
-                    let (pre, b_enc) = (&bb.pre_bf, &g.params.b_enc_f);
-                    let fi = f as i64;
-                    let c = &mut bb.aux;
-                    launch!(
-                        dev,
-                        topk_plan,
-                        rows(b),
-                        [
-                            &pre.data,
-                            &b_enc.data,
-                            &g.dead_f,
-                            &fi,
-                            &k_aux,
-                            &mut c.cut_b,
-                            &mut c.quota_b,
-                            &mut c.count_b
-                        ]
+                    select_codes(
+                        &g.dev,
+                        DeviceRule::TopK {
+                            k: k_aux,
+                            among: Some(&g.dead_f),
+                        },
+                        &bb.pre_bf,
+                        &g.params.b_enc_f,
+                        &mut g.batch_state,
+                        &mut g.hist,
+                        &mut bb.gt_b,
+                        &mut bb.eq_b,
+                        &mut bb.aux,
                     )?;
-                    c.compact(dev, pre, b_enc, Some(&g.dead_f))?;
-                    dev.decode(&c.codes, &g.params.w_dec_fd, None, &mut bb.aux_hat_bd)?;
+                    let dev = &g.dev;
+                    dev.decode(&bb.aux.codes, &g.params.w_dec_fd, None, &mut bb.aux_hat_bd)?;
                 }
                 // e − ê, and e − mean_b(e), with e = x − x̂ held constant.
-                let x_hat = std::mem::replace(
-                    &mut g.batch.as_mut().unwrap().x_hat_bd,
-                    DeviceMatrix {
-                        data: g.dev.alloc(0)?,
-                        rows: 0,
-                        cols: 0,
-                    },
-                );
-                let means = g.column_means(Some(&x_hat));
-                g.batch.as_mut().unwrap().x_hat_bd = x_hat;
-                means?;
+                g.column_means(true)?;
                 g.sq_sum(true, true, false, 3)?;
                 g.sq_sum(true, false, true, 4)?;
                 aux_active = true;
@@ -991,13 +961,9 @@ impl Trainer {
             penalty = l1_coef as f64 * aux;
         }
         if aux_active {
-            let denom = sums[4] / b as f64;
-            let value = (sums[3] / b as f64) / denom;
-            if value.is_finite() {
+            if let Some((value, gscale)) = super::auxk_terms([sums[3], sums[4]], b, alpha) {
                 aux = value;
                 penalty = alpha as f64 * value;
-                // ∂(α·AuxK)/∂ê = −2α(e − ê)/(B·denom).
-                let gscale = (-2.0 * alpha as f64 / (b as f64 * denom)) as f32;
                 let dev = &g.dev;
                 let bb = g.batch.as_mut().unwrap();
                 let (n, has_aux) = ((b * d) as i64, 1i32);
@@ -1137,18 +1103,10 @@ impl Trainer {
             let s = dev.read(&g.sums)?;
             (s[5] + s[6] + s[7]).sqrt()
         };
-        let grad_scale = match rules.max_grad_norm {
-            Some(max) => (max as f64 / (norm + 1e-6)).min(1.0) as f32,
-            None => 1.0,
-        };
+        let grad_scale = super::clip_factor(rules.max_grad_norm, norm);
         if let Some(raw_grads) = raw_grads {
             let mut update_grads = self.download_grads(g)?;
-            for a in [&mut update_grads.w_enc_fd, &mut update_grads.w_dec_fd] {
-                a.mapv_inplace(|v| v * grad_scale);
-            }
-            for a in [&mut update_grads.b_enc_f, &mut update_grads.b_dec_d] {
-                a.mapv_inplace(|v| v * grad_scale);
-            }
+            update_grads.scale(grad_scale);
             let bb = g.batch.as_ref().unwrap();
             self.capture = Some(Captured {
                 params: g.params.download(&g.dev)?,
@@ -1163,25 +1121,9 @@ impl Trainer {
                 update_grads,
             });
         }
-        let lr = self.lr as f64
-            * lr_factor(
-                self.step,
-                self.config.warmup_steps,
-                self.config.decay_start,
-                self.config.total_steps,
-            );
-        self.adam.t += 1;
+        let lr = self.current_lr();
+        let s = self.adam.next_step(lr, grad_scale);
         {
-            let c = self.adam.config();
-            let t = self.adam.t as i32;
-            let bias_correction1 = 1.0 - c.beta1.powi(t);
-            let bias_correction2 = 1.0 - c.beta2.powi(t);
-            let one_minus_beta1 = (1.0 - c.beta1) as f32;
-            let beta2 = c.beta2 as f32;
-            let one_minus_beta2 = (1.0 - c.beta2) as f32;
-            let step_size = (lr / bias_correction1) as f32;
-            let bc2_sqrt = bias_correction2.sqrt() as f32;
-            let eps = c.eps as f32;
             let renorm = match rules.decoder {
                 DecoderConstraint::UnitNorm { renorm_eps, .. } => renorm_eps,
                 DecoderConstraint::Free => -1.0,
@@ -1189,22 +1131,23 @@ impl Trainer {
             let dev = &g.dev;
             let di = d as i64;
             let (p, m, v, gr) = (&mut g.params, &mut g.m, &mut g.v, &g.grads);
-            for (which, renorm_eps) in [(0, -1.0f32), (1, renorm)] {
-                let (pw, mw, vw, gw) = if which == 0 {
-                    (
-                        &mut p.w_enc_fd,
-                        &mut m.w_enc_fd,
-                        &mut v.w_enc_fd,
-                        &gr.w_enc_fd,
-                    )
-                } else {
-                    (
-                        &mut p.w_dec_fd,
-                        &mut m.w_dec_fd,
-                        &mut v.w_dec_fd,
-                        &gr.w_dec_fd,
-                    )
-                };
+            let matrices = [
+                (
+                    &mut p.w_enc_fd,
+                    &mut m.w_enc_fd,
+                    &mut v.w_enc_fd,
+                    &gr.w_enc_fd,
+                    -1.0f32,
+                ),
+                (
+                    &mut p.w_dec_fd,
+                    &mut m.w_dec_fd,
+                    &mut v.w_dec_fd,
+                    &gr.w_dec_fd,
+                    renorm,
+                ),
+            ];
+            for (pw, mw, vw, gw, renorm_eps) in matrices {
                 launch!(
                     dev,
                     adam_rows,
@@ -1216,23 +1159,22 @@ impl Trainer {
                         &gw.data,
                         &g.active_f,
                         &di,
-                        &grad_scale,
-                        &one_minus_beta1,
-                        &beta2,
-                        &one_minus_beta2,
-                        &step_size,
-                        &bc2_sqrt,
-                        &eps,
+                        &s.grad_scale,
+                        &s.one_minus_beta1,
+                        &s.beta2,
+                        &s.one_minus_beta2,
+                        &s.step_size,
+                        &s.bias_correction2_sqrt,
+                        &s.eps,
                         &renorm_eps
                     ]
                 )?;
             }
-            for which in 0..2 {
-                let (pb, mb, vb, gb) = if which == 0 {
-                    (&mut p.b_enc_f, &mut m.b_enc_f, &mut v.b_enc_f, &gr.b_enc_f)
-                } else {
-                    (&mut p.b_dec_d, &mut m.b_dec_d, &mut v.b_dec_d, &gr.b_dec_d)
-                };
+            let biases = [
+                (&mut p.b_enc_f, &mut m.b_enc_f, &mut v.b_enc_f, &gr.b_enc_f),
+                (&mut p.b_dec_d, &mut m.b_dec_d, &mut v.b_dec_d, &gr.b_dec_d),
+            ];
+            for (pb, mb, vb, gb) in biases {
                 let n = pb.cols as i64;
                 launch!(
                     dev,
@@ -1244,13 +1186,13 @@ impl Trainer {
                         &mut vb.data,
                         &gb.data,
                         &n,
-                        &grad_scale,
-                        &one_minus_beta1,
-                        &beta2,
-                        &one_minus_beta2,
-                        &step_size,
-                        &bc2_sqrt,
-                        &eps
+                        &s.grad_scale,
+                        &s.one_minus_beta1,
+                        &s.beta2,
+                        &s.one_minus_beta2,
+                        &s.step_size,
+                        &s.bias_correction2_sqrt,
+                        &s.eps
                     ]
                 )?;
             }

@@ -395,14 +395,8 @@ impl Trainer {
                 .copied()
                 .fold(f32::INFINITY, f32::min)];
             self.collective.all_reduce_min_f32(&mut min);
-            // The reference counts an empty selection as a minimum of 0.
-            let m = if min[0].is_finite() { min[0] } else { 0.0 };
-            // f32 arithmetic with β and 1 − β rounded from f64, as torch does with Python floats.
             let beta = self.config.threshold_beta;
-            self.sae.threshold = Some(match self.sae.threshold {
-                None => m,
-                Some(theta) => beta as f32 * theta + (1.0 - beta) as f32 * m,
-            });
+            self.sae.threshold = Some(threshold_ema(beta, self.sae.threshold, min[0]));
         }
 
         // Decode, reconstruction loss and its upstream gradient ∂L/∂x̂ = −2e/B.
@@ -492,14 +486,10 @@ impl Trainer {
                         row_sq_sum(x_bd, &ws.x_hat_bd, Some(&e_mean)),
                     ];
                     self.collective.all_reduce_sum_f64(&mut parts);
-                    let denom = parts[1] / n_global as f64;
-                    let value = (parts[0] / n_global as f64) / denom;
-                    if value.is_finite() {
+                    if let Some((value, g)) = auxk_terms(parts, n_global, alpha) {
                         aux = value;
                         penalty = alpha as f64 * value;
                         aux_active = true;
-                        // ∂(α·AuxK)/∂ê = −2α(e − ê)/(B·denom).
-                        let g = (-2.0 * alpha as f64 / (n_global as f64 * denom)) as f32;
                         Zip::from(&mut up_aux)
                             .and(&x_bd)
                             .and(&ws.x_hat_bd)
@@ -565,19 +555,10 @@ impl Trainer {
         } else {
             self.grads.project_and_norm(&self.sae.w_dec_fd, prep)
         };
-        // torch's clip_grad_norm_: scale by max/(‖g‖ + 1e-6) when that is below 1.
-        let grad_scale = match rules.max_grad_norm {
-            Some(max) => (max as f64 / (norm + 1e-6)).min(1.0) as f32,
-            None => 1.0,
-        };
+        let grad_scale = clip_factor(rules.max_grad_norm, norm);
         if let Some(raw_grads) = raw_grads {
             let mut update_grads = self.grads.to_dense();
-            for a in [&mut update_grads.w_enc_fd, &mut update_grads.w_dec_fd] {
-                a.mapv_inplace(|g| g * grad_scale);
-            }
-            for a in [&mut update_grads.b_enc_f, &mut update_grads.b_dec_d] {
-                a.mapv_inplace(|g| g * grad_scale);
-            }
+            update_grads.scale(grad_scale);
             let ws = &self.ws;
             self.capture = Some(Captured {
                 params: ParamTensors {
@@ -597,13 +578,7 @@ impl Trainer {
                 update_grads,
             });
         }
-        let lr = self.lr as f64
-            * lr_factor(
-                self.step,
-                self.config.warmup_steps,
-                self.config.decay_start,
-                self.config.total_steps,
-            );
+        let lr = self.current_lr();
         self.adam
             .step(&mut self.sae, &self.grads, lr, grad_scale, rules.decoder);
         self.step += 1;
@@ -632,6 +607,51 @@ impl Trainer {
             threshold: self.sae.threshold,
         })
     }
+}
+
+impl Trainer {
+    /// The learning rate of the step about to be taken.
+    fn current_lr(&self) -> f64 {
+        self.lr as f64
+            * lr_factor(
+                self.step,
+                self.config.warmup_steps,
+                self.config.decay_start,
+                self.config.total_steps,
+            )
+    }
+}
+
+/// BatchTopK's θ after a step whose smallest kept code is `min` (+∞ when none was kept): an
+/// EMA with weight `beta` on the old θ, started at the first minimum.
+fn threshold_ema(beta: f64, theta: Option<f32>, min: f32) -> f32 {
+    // The reference counts an empty selection as a minimum of 0.
+    let m = if min.is_finite() { min } else { 0.0 };
+    // f32 arithmetic with β and 1 − β rounded from f64, as torch does with Python floats.
+    match theta {
+        None => m,
+        Some(theta) => beta as f32 * theta + (1.0 - beta) as f32 * m,
+    }
+}
+
+/// torch's clip_grad_norm_: the factor max/(‖g‖ + 1e-6) when that is below 1, else 1.
+fn clip_factor(max_grad_norm: Option<f32>, norm: f64) -> f32 {
+    match max_grad_norm {
+        Some(max) => (max as f64 / (norm + 1e-6)).min(1.0) as f32,
+        None => 1.0,
+    }
+}
+
+/// AuxK from the batch sums `[Σ‖(e − ê)‖², Σ‖e − mean_b(e)‖²]` over `n` rows: its value
+/// (normalised by the residual's variance) and the factor g of its gradient
+/// ∂(α·AuxK)/∂ê = g·(e − ê), g = −2α/(n·variance). `None` when the value is not finite (a
+/// residual without variance), which the reference then leaves out.
+fn auxk_terms(sums: [f64; 2], n: usize, alpha: f32) -> Option<(f64, f32)> {
+    let denom = sums[1] / n as f64;
+    let value = (sums[0] / n as f64) / denom;
+    value
+        .is_finite()
+        .then(|| (value, (-2.0 * alpha as f64 / (n as f64 * denom)) as f32))
 }
 
 /// Σ_b ‖(x_b − x̂_b) − c‖² in f64 (c = 0 when `None`), summed row by row in a fixed order.
