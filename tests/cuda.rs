@@ -173,7 +173,8 @@ fn trainer_for(arch: Architecture, d: usize, f: usize, relu_variant: ReluVariant
 /// Every architecture trains on the GPU as on the CPU: per-step statistics and the final
 /// parameters, moments and counters within 1e-4 relative. The (D, F, B, k) cases include one
 /// whose latents fire on hundreds of rows, which takes the long-segment path of the backward
-/// pass's latent-major sort, and one with dead latents (AuxK active).
+/// pass's latent-major sort, and one with dead latents (AuxK active). Batches over 1024 rows
+/// upload in chunks, the last one partial at B=2100.
 #[test]
 #[ignore = "needs an NVIDIA GPU: SAE_TEST_CUDA=1 cargo test --features cuda -- --ignored"]
 fn device_training_matches_the_cpu() {
@@ -203,7 +204,7 @@ fn device_training_matches_the_cpu() {
             Architecture::BatchTopK { k: 16 },
             32,
             64,
-            2048,
+            2100,
             ReluVariant::DecoderNorm,
         ),
         (Architecture::Relu, 48, 1536, 512, ReluVariant::DecoderNorm),
@@ -299,7 +300,8 @@ fn device_training_is_deterministic() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: SAE_TEST_CUDA=1 cargo test --features cuda -- --ignored"]
 fn device_encoding_matches_the_cpu() {
-    let (d, f, b) = (48, 1536, 700);
+    // 2500 rows: three upload chunks, the last one partial.
+    let (d, f, b) = (48, 1536, 2500);
     for arch in [
         Architecture::Relu,
         Architecture::TopK { k: 12 },

@@ -1,12 +1,16 @@
 //! The CUDA device (feature `cuda`): finding the driver, cuBLAS and NVRTC at run time, opening a
-//! GPU with one stream, row-major matrices and sparse codes on it, the cuBLAS GEMM in full f32,
-//! and the step's own kernels (`kernels.cu`, compiled by NVRTC when the device opens).
+//! GPU with a stream for compute (and one per [`Uploader`] for batch transfers), row-major
+//! matrices and sparse codes on it, the cuBLAS GEMM in full f32, and the step's own kernels
+//! (`kernels.cu`, compiled by NVRTC when the device opens).
 
 use std::sync::Arc;
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DriverError, LaunchConfig, PinnedHostSlice,
+};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 use ndarray::{Array2, ArrayView1, ArrayView2};
 
@@ -143,6 +147,28 @@ pub struct DeviceMatrix {
     pub cols: usize,
 }
 
+/// Rows per chunk of a batch upload (3 MB at D=768): large enough that each chunk's GEMM runs
+/// at full speed, small enough that the one transfer not hidden behind a GEMM is short.
+pub(crate) const UPLOAD_CHUNK_ROWS: usize = 1024;
+
+/// How batches reach the GPU ([`CudaDevice::upload_encode`]): a page-locked host buffer kept
+/// between batches (the driver stages copies from ordinary memory at a fraction of the link's
+/// speed: 7 ms for a 16384×768 batch on an H100 host), a second stream for the transfers, and an
+/// event per chunk that the device's stream waits on.
+pub(crate) struct Uploader {
+    copy: Arc<CudaStream>,
+    pinned: Option<PinnedHostSlice<f32>>,
+    arrived: Vec<CudaEvent>,
+}
+
+impl Drop for Uploader {
+    fn drop(&mut self) {
+        // The page-locked buffer must outlive any transfer still reading it.
+        let ctx = self.copy.context().clone();
+        ctx.record_err(self.copy.synchronize());
+    }
+}
+
 /// What is wrong, and the fix, when NVRTC does not load.
 const NVRTC_MISSING: (&str, &str) = (
     "NVRTC (libnvrtc.so, CUDA 11 to 13) was not found",
@@ -201,6 +227,10 @@ impl CudaDevice {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| driver("opening the GPU", e))?;
+        // SAFETY: before any allocation. cudarc would otherwise record an event for every buffer
+        // of every launch once a second stream exists; the only cross-stream traffic here is the
+        // batch upload, which orders itself with explicit events (`upload_encode`).
+        unsafe { ctx.disable_event_tracking() };
         let name = ctx
             .name()
             .map_err(|e| driver("reading the GPU's name", e))?;
@@ -326,37 +356,116 @@ impl CudaDevice {
         )
     }
 
-    /// Copies `x` (a batch on the host) into `dst` through `staging`, a page-locked buffer kept
-    /// between calls: the copy into it runs on all cores, and the transfer from page-locked
-    /// memory runs at the link's full speed, where one from ordinary memory is staged by the
-    /// driver at a fraction of it (measured on an H100 host: 7 ms for a 16384×768 batch).
-    pub(crate) fn upload_staged(
+    /// A fresh [`Uploader`] for this device's batches.
+    pub(crate) fn uploader(&self) -> Result<Uploader> {
+        let copy = self
+            .stream
+            .context()
+            .new_stream()
+            .map_err(|e| self.error("creating the copy stream", e))?;
+        Ok(Uploader {
+            copy,
+            pinned: None,
+            arrived: Vec::new(),
+        })
+    }
+
+    /// Copies batch `x` (row-major, `x_bd`'s shape) to `x_bd` and computes
+    /// `pre_bf ← (x − b_dec)·W_encᵀ` (with `xc_bd ← x − b_dec`), in chunks of
+    /// [`UPLOAD_CHUNK_ROWS`] rows: chunk i+1 is filled into page-locked memory by the host and
+    /// crosses the link on the uploader's stream while the GEMM of chunk i runs on the device's,
+    /// so only the first chunk's transfer is exposed.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn upload_encode(
         &self,
+        up: &mut Uploader,
         x: &[f32],
-        staging: &mut Option<cudarc::driver::PinnedHostSlice<f32>>,
-        dst: &mut CudaSlice<f32>,
+        b_dec_d: &CudaSlice<f32>,
+        w_enc_fd: &DeviceMatrix,
+        x_bd: &mut DeviceMatrix,
+        xc_bd: &mut DeviceMatrix,
+        pre_bf: &mut DeviceMatrix,
     ) -> Result<()> {
         use rayon::prelude::*;
-        if staging.as_ref().map(cudarc::driver::HostSlice::len) != Some(x.len()) {
-            *staging = None;
-            // SAFETY: the buffer is written in full below before any read.
+        let (b, d, f) = (x_bd.rows, x_bd.cols, w_enc_fd.rows);
+        check_len("batch", x.len(), b * d)?;
+        check_len("b_dec", b_dec_d.len(), d)?;
+        check_same_shape("W_enc", w_enc_fd, f, d)?;
+        check_same_shape("centred batch", xc_bd, b, d)?;
+        check_same_shape("pre-activations", pre_bf, b, f)?;
+        let fail = |what: &'static str| move |e: DriverError| self.error(what, e);
+        // The host refills the page-locked buffer below: the last transfer out of it must be
+        // over (it normally is: the device's stream waited for it and was read since).
+        up.copy
+            .synchronize()
+            .map_err(fail("waiting for the last transfer"))?;
+        if up.pinned.as_ref().map(cudarc::driver::HostSlice::len) != Some(x.len()) {
+            up.pinned = None;
+            // SAFETY: each chunk is written in full below before it is copied.
             let fresh = unsafe { self.stream.context().alloc_pinned::<f32>(x.len()) }
-                .map_err(|e| self.error("allocating page-locked host memory", e))?;
-            *staging = Some(fresh);
+                .map_err(fail("allocating page-locked host memory"))?;
+            up.pinned = Some(fresh);
         }
-        let buf = staging.as_mut().expect("allocated above");
-        // Waits for the previous transfer out of the buffer, if one is still running.
-        let host = buf
+        let chunks = b.div_ceil(UPLOAD_CHUNK_ROWS);
+        while up.arrived.len() < chunks {
+            let event = self
+                .stream
+                .context()
+                .new_event(None)
+                .map_err(fail("creating an event"))?;
+            up.arrived.push(event);
+        }
+        // Copies start after the device's earlier work: x_bd's last readers, its allocation.
+        up.copy
+            .join(&self.stream)
+            .map_err(fail("ordering the copy stream"))?;
+        let host = up
+            .pinned
+            .as_mut()
+            .expect("allocated above")
             .as_mut_slice()
-            .map_err(|e| self.error("waiting for the last transfer", e))?;
-        const CHUNK: usize = 1 << 16;
-        host.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(h, x)| h.copy_from_slice(x));
-        let mut view = dst.slice_mut(..x.len());
-        self.stream
-            .memcpy_htod(&*buf, &mut view)
-            .map_err(|e| self.error("copying to the GPU", e))
+            .map_err(fail("waiting for the last transfer"))?;
+        for (chunk, arrived) in up.arrived[..chunks].iter().enumerate() {
+            let rows = chunk * UPLOAD_CHUNK_ROWS..((chunk + 1) * UPLOAD_CHUNK_ROWS).min(b);
+            let (n, elems) = (rows.len(), rows.start * d..rows.end * d);
+            const PAR: usize = 1 << 16;
+            host[elems.clone()]
+                .par_chunks_mut(PAR)
+                .zip(x[elems.clone()].par_chunks(PAR))
+                .for_each(|(h, x)| h.copy_from_slice(x));
+            up.copy
+                .memcpy_htod(
+                    &host[elems.clone()],
+                    &mut x_bd.data.slice_mut(elems.clone()),
+                )
+                .map_err(fail("copying to the GPU"))?;
+            arrived.record(&up.copy).map_err(fail("recording a copy"))?;
+            self.stream
+                .wait(arrived)
+                .map_err(fail("waiting for a copy"))?;
+            let (rows_i, cols_i) = (n as i64, d as i64);
+            launch!(
+                self,
+                sub_row,
+                elementwise(n * d),
+                [
+                    &x_bd.data.slice(elems.clone()),
+                    b_dec_d,
+                    &mut xc_bd.data.slice_mut(elems.clone()),
+                    &rows_i,
+                    &cols_i
+                ]
+            )?;
+            self.sgemm(
+                (n, f, d),
+                1.0,
+                (&xc_bd.data.slice(elems.clone()), d, false),
+                (&w_enc_fd.data, d, true),
+                0.0,
+                &mut pre_bf.data.slice_mut(rows.start * f..rows.end * f),
+            )?;
+        }
+        Ok(())
     }
 
     /// Waits until everything queued on the device's stream has run.
@@ -465,6 +574,27 @@ impl CudaDevice {
                 got: vec![c.rows, c.cols],
             });
         }
+        self.sgemm(
+            (m, n, k),
+            alpha,
+            (&a.data, a.cols, trans_a),
+            (&b.data, b.cols, trans_b),
+            beta,
+            &mut c.data,
+        )
+    }
+
+    /// `c ← alpha·op(a)·op(b) + beta·c` for an `m × n` row-major `c` and inner size `k`, each
+    /// operand given as (buffer, leading dimension, transposed), as checked by the callers.
+    fn sgemm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        (a, lda, trans_a): (&A, usize, bool),
+        (b, ldb, trans_b): (&B, usize, bool),
+        beta: f32,
+        c: &mut C,
+    ) -> Result<()> {
         // cuBLAS is column-major, where a row-major X is Xᵀ: so compute Cᵀ = op(B)ᵀ·op(A)ᵀ,
         // which swaps the operands and keeps each one's transpose flag.
         let op = |t: bool| {
@@ -481,14 +611,13 @@ impl CudaDevice {
             n: m as i32,
             k: k as i32,
             alpha,
-            lda: b.cols as i32,
-            ldb: a.cols as i32,
+            lda: ldb as i32,
+            ldb: lda as i32,
             beta,
-            ldc: c.cols as i32,
+            ldc: n as i32,
         };
-        // SAFETY: shapes and leading dimensions were checked against the buffers above.
-        unsafe { self.blas.gemm(cfg, &b.data, &a.data, &mut c.data) }
-            .map_err(|e| self.error("cuBLAS sgemm", e))
+        // SAFETY: the callers checked shapes and leading dimensions against the buffers.
+        unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(|e| self.error("cuBLAS sgemm", e))
     }
 }
 

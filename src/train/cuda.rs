@@ -9,7 +9,7 @@ use ndarray::{Array1, Array2, ArrayView2};
 use super::{Captured, StepStats, Trainer};
 use crate::arch::{DecoderConstraint, Penalty, Selection};
 use crate::backend::cuda::{
-    elementwise, launch, rows, single_block, warps, CudaDevice, DeviceCodes, DeviceMatrix,
+    elementwise, launch, rows, single_block, warps, CudaDevice, DeviceCodes, DeviceMatrix, Uploader,
 };
 use crate::error::{Error, Result};
 use crate::optim::{sparsity_scale, ParamTensors};
@@ -444,7 +444,7 @@ pub(crate) struct DeviceEncoder {
     batch_state: CudaSlice<u32>,
     hist: CudaSlice<u32>,
     batch: Option<EncodeBuffers>,
-    staging: Option<cudarc::driver::PinnedHostSlice<f32>>,
+    upload: Uploader,
 }
 
 impl DeviceEncoder {
@@ -465,7 +465,7 @@ impl DeviceEncoder {
             batch_state: dev.alloc(4)?,
             hist: dev.alloc(256)?,
             batch: None,
-            staging: None,
+            upload: dev.uploader()?,
             dev,
         })
     }
@@ -504,13 +504,15 @@ impl DeviceEncoder {
             ..
         } = self.batch.as_mut().expect("allocated above");
         let xs = x_bd.as_standard_layout();
-        dev.upload_staged(
+        dev.upload_encode(
+            &mut self.upload,
             xs.as_slice().expect("standard layout"),
-            &mut self.staging,
-            &mut x.data,
+            &self.b_dec_d,
+            &self.w_enc_fd,
+            x,
+            xc,
+            pre,
         )?;
-        dev.sub_row(x, &self.b_dec_d, xc)?;
-        dev.gemm(1.0, xc, false, &self.w_enc_fd, true, 0.0, pre)?;
         let rule = match self.theta {
             Some(theta) => DeviceRule::Threshold(theta),
             None => DeviceRule::training(self.selection),
@@ -591,8 +593,8 @@ pub(crate) struct DeviceStep {
     sums: CudaSlice<f64>,
     mean_d: CudaSlice<f64>,
     batch: Option<BatchBuffers>,
-    /// Page-locked host memory the batches go through.
-    staging: Option<cudarc::driver::PinnedHostSlice<f32>>,
+    /// How batches reach the GPU.
+    upload: Uploader,
 }
 
 impl DeviceStep {
@@ -630,7 +632,7 @@ impl DeviceStep {
             sums: dev.alloc(8)?,
             mean_d: dev.alloc(d)?,
             batch: None,
-            staging: None,
+            upload: dev.uploader()?,
             dev,
         })
     }
@@ -760,20 +762,19 @@ impl Trainer {
             g.batch = Some(BatchBuffers::new(&g.dev, b, d, f)?);
         }
 
-        // Encode: upload, x − b_dec, the encoder GEMM (b_enc is added by every reader).
+        // Encode: upload overlapped with x − b_dec and the encoder GEMM (b_enc is added by every
+        // reader).
         {
             let dev = &g.dev;
             let bb = g.batch.as_mut().unwrap();
             let x = x_bd.as_standard_layout();
-            dev.upload_staged(x.as_slice().unwrap(), &mut g.staging, &mut bb.x_bd.data)?;
-            dev.sub_row(&bb.x_bd, &g.params.b_dec_d.data, &mut bb.xc_bd)?;
-            dev.gemm(
-                1.0,
-                &bb.xc_bd,
-                false,
+            dev.upload_encode(
+                &mut g.upload,
+                x.as_slice().expect("standard layout"),
+                &g.params.b_dec_d.data,
                 &g.params.w_enc_fd,
-                true,
-                0.0,
+                &mut bb.x_bd,
+                &mut bb.xc_bd,
                 &mut bb.pre_bf,
             )?;
         }
