@@ -209,11 +209,9 @@ impl Sae {
                 gpu: None,
             }),
             #[cfg(feature = "cuda")]
-            crate::backend::Device::Cuda(ordinal) => Ok(Encoder {
+            crate::backend::Device::Cuda(gpu) => Ok(Encoder {
                 sae: self,
-                gpu: Some(Box::new(crate::train::cuda::DeviceEncoder::new(
-                    self, ordinal,
-                )?)),
+                gpu: Some(Box::new(crate::train::cuda::DeviceEncoder::new(self, gpu)?)),
             }),
             #[cfg(not(feature = "cuda"))]
             crate::backend::Device::Cuda(_) => Err(device.check().unwrap_err()),

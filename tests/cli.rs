@@ -103,6 +103,8 @@ fn invalid_options_exit_with_status_2_and_name_the_option() {
         (vec!["--config", "/nonexistent/run.toml"], "--config"),
         (vec!["--device", "tpu"], "--device"),
         (vec!["--device", "cuda:x"], "--device"),
+        (vec!["--tf32"], "--tf32"),
+        (vec!["--device", "cpu", "--tf32"], "--tf32"),
     ] {
         let args = [&["train"][..], &args].concat();
         let out = sae(&args);
@@ -146,6 +148,30 @@ fn a_gpu_that_cannot_run_is_one_error_before_the_run_starts() {
     let out = sae(&["bench", "--device", "cuda:1", "--steps", "1"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).starts_with("error: device cuda:1: "));
+}
+
+/// TF32 is a GPU mode: asking for it on the CPU is a usage error in every command that has it,
+/// before anything runs or is written.
+#[test]
+fn tf32_on_the_cpu_is_a_usage_error() {
+    let dir = temp_dir("cli-tf32");
+    let missing = dir.join("absent");
+    let missing = missing.to_str().unwrap();
+    for args in [
+        vec!["bench", "--tf32", "--steps", "1"],
+        vec!["eval", missing, "--data", missing, "--tf32"],
+        vec![
+            "encode", missing, "--data", missing, "--out", missing, "--tf32",
+        ],
+    ] {
+        let out = sae(&args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: invalid --tf32: device cpu: "),
+            "{args:?}: {stderr}"
+        );
+    }
 }
 
 #[test]

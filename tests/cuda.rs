@@ -9,7 +9,7 @@ use ndarray::Array2;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sparse_autoencoder::backend::cuda::{compile_kernels, CudaDevice};
-use sparse_autoencoder::backend::{Backend, Cpu, Device};
+use sparse_autoencoder::backend::{Backend, Cpu, Device, Gpu};
 use sparse_autoencoder::{Architecture, ReluVariant, Sae, SaeConfig, TrainConfig, Trainer};
 
 fn gpu_tests_wanted() -> bool {
@@ -20,7 +20,7 @@ fn gpu_tests_wanted() -> bool {
 fn opening_a_gpu_never_panics_and_names_what_is_missing() {
     // No such GPU on any machine: the error must name the device and how to pick one, or
     // (without a driver or libraries) what is missing.
-    let err = Device::Cuda(999).check().unwrap_err().to_string();
+    let err = Device::cuda(999).check().unwrap_err().to_string();
     assert!(err.starts_with("device cuda:999: "), "{err}");
     assert!(
         err.contains("GPU(s), numbered from 0")
@@ -30,7 +30,7 @@ fn opening_a_gpu_never_panics_and_names_what_is_missing() {
     );
     if !gpu_tests_wanted() {
         // CI machines have no NVIDIA driver: the error says so and how to fix it.
-        let err = Device::Cuda(0).check().unwrap_err().to_string();
+        let err = Device::cuda(0).check().unwrap_err().to_string();
         assert!(
             err.contains("libcuda.so") || err.contains("found no GPU"),
             "{err}"
@@ -69,7 +69,11 @@ fn kernels_compile_with_nvrtc_or_the_error_names_it() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: SAE_TEST_CUDA=1 cargo test --features cuda -- --ignored"]
 fn sub_row_and_sparse_decode_match_the_cpu() {
-    let gpu = CudaDevice::open(0).expect("a GPU");
+    let gpu = CudaDevice::open(Gpu {
+        ordinal: 0,
+        tf32: false,
+    })
+    .expect("a GPU");
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let (b, d, f, k) = (67, 96, 512, 9);
     let config = SaeConfig {
@@ -105,7 +109,11 @@ fn random(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Array2<f32> {
 #[test]
 #[ignore = "needs an NVIDIA GPU: SAE_TEST_CUDA=1 cargo test --features cuda -- --ignored"]
 fn gemm_matches_the_cpu_for_every_transpose() {
-    let gpu = CudaDevice::open(0).expect("a GPU");
+    let gpu = CudaDevice::open(Gpu {
+        ordinal: 0,
+        tf32: false,
+    })
+    .expect("a GPU");
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let (m, k, n) = (37, 300, 53);
     for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
@@ -136,10 +144,43 @@ fn gemm_matches_the_cpu_for_every_transpose() {
     }
 }
 
+/// `tf32: true` changes how the GEMM rounds (else the option would do nothing), by about TF32's
+/// 10-bit mantissa; `tf32: false` stays within f32 rounding of the CPU.
+#[test]
+#[ignore = "needs an NVIDIA GPU: SAE_TEST_CUDA=1 cargo test --features cuda -- --ignored"]
+fn tf32_rounds_the_gemm_and_is_off_by_default() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (m, k, n) = (256, 768, 512);
+    let (a, b) = (random(m, k, &mut rng), random(n, k, &mut rng));
+    let mut expected = Array2::zeros((m, n));
+    Cpu.gemm(1.0, a.view(), b.t(), 0.0, expected.view_mut());
+    let product = |tf32: bool| {
+        let gpu = CudaDevice::open(Gpu { ordinal: 0, tf32 }).expect("a GPU");
+        let (da, db) = (gpu.upload(a.view()).unwrap(), gpu.upload(b.view()).unwrap());
+        let mut dc = gpu.zeros(m, n).unwrap();
+        gpu.gemm(1.0, &da, false, &db, true, 0.0, &mut dc).unwrap();
+        gpu.download(&dc).unwrap()
+    };
+    let scale = expected.iter().fold(0f32, |s, v| s.max(v.abs()));
+    let worst = |c: &Array2<f32>| {
+        c.iter()
+            .zip(&expected)
+            .fold(0f32, |w, (x, y)| w.max((x - y).abs()))
+            / scale
+    };
+    let (full, tf32) = (worst(&product(false)), worst(&product(true)));
+    assert!(full <= 1e-5, "f32 GEMM off by {full}");
+    assert!(tf32 > 1e-5 && tf32 <= 1e-2, "TF32 GEMM off by {tf32}");
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: SAE_TEST_CUDA=1 cargo test --features cuda -- --ignored"]
 fn gemm_rejects_mismatched_shapes() {
-    let gpu = CudaDevice::open(0).expect("a GPU");
+    let gpu = CudaDevice::open(Gpu {
+        ordinal: 0,
+        tf32: false,
+    })
+    .expect("a GPU");
     let a = gpu.zeros(4, 3).unwrap();
     let b = gpu.zeros(5, 2).unwrap();
     let mut c = gpu.zeros(4, 2).unwrap();
@@ -214,7 +255,7 @@ fn device_training_matches_the_cpu() {
         let what = format!("{arch:?} {variant:?} D={d} F={f} B={b}");
         let mut cpu = trainer_for(arch, d, f, variant);
         let mut gpu = trainer_for(arch, d, f, variant)
-            .to_device(Device::Cuda(0))
+            .to_device(Device::cuda(0))
             .unwrap();
         let (mut cpu_loss, mut gpu_loss) = (vec![], vec![]);
         let mut saw_dead = false;
@@ -282,7 +323,7 @@ fn device_training_is_deterministic() {
     for arch in [Architecture::BatchTopK { k: 16 }, Architecture::Relu] {
         let run = || {
             let mut t = trainer_for(arch, 32, 64, ReluVariant::DecoderNorm)
-                .to_device(Device::Cuda(0))
+                .to_device(Device::cuda(0))
                 .unwrap();
             for step in 0..4 {
                 t.step(common::synthetic_batch(2048, 32, step).view())
@@ -326,7 +367,7 @@ fn device_encoding_matches_the_cpu() {
             let what = format!("{arch:?} θ {:?}", sae.threshold());
             let x = common::synthetic_batch(b, d, 77);
             let cpu = sae.encode(&Cpu, x.view()).unwrap();
-            let mut encoder = sae.encoder(Device::Cuda(0)).unwrap();
+            let mut encoder = sae.encoder(Device::cuda(0)).unwrap();
             let gpu = encoder.encode(x.view()).unwrap();
             assert!(cpu.nnz() > 0, "{what}");
             assert_eq!(gpu.indptr, cpu.indptr, "{what}: row lengths");
@@ -364,7 +405,7 @@ fn device_evaluation_matches_the_cpu() {
     .unwrap();
     let x = common::synthetic_batch(1000, 48, 5);
     let cpu = evaluate(&sae, &Cpu, &x.view(), 300, false).unwrap();
-    let gpu = evaluate_on(&sae, Device::Cuda(0), &x.view(), 300, false).unwrap();
+    let gpu = evaluate_on(&sae, Device::cuda(0), &x.view(), 300, false).unwrap();
     assert_eq!((gpu.n_rows, gpu.l0), (cpu.n_rows, cpu.l0));
     assert!(
         (gpu.mse - cpu.mse).abs() <= 1e-5 * cpu.mse,

@@ -1,5 +1,5 @@
 //! The CUDA device (feature `cuda`): finding the driver, cuBLAS and NVRTC at run time, opening a
-//! GPU with a stream for compute (and one per [`Uploader`] for batch transfers), row-major
+//! GPU with a stream for compute (and one per `Uploader` for batch transfers), row-major
 //! matrices and sparse codes on it, the cuBLAS GEMM in full f32, and the step's own kernels
 //! (`kernels.cu`, compiled by NVRTC when the device opens).
 
@@ -14,7 +14,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileOptions, Ptx};
 use ndarray::{Array2, ArrayView1, ArrayView2};
 
-use super::Device;
+use super::{Device, Gpu};
 use crate::error::{Error, Result};
 use crate::select::Codes;
 
@@ -203,10 +203,11 @@ fn missing_library() -> Option<(&'static str, &'static str)> {
 }
 
 impl CudaDevice {
-    /// Opens GPU `ordinal`. Every way this can fail (no CUDA libraries, no driver, no such GPU,
-    /// a driver error) is one [`Error::Device`] that names what is missing; none panics.
-    pub fn open(ordinal: usize) -> Result<Self> {
-        let device = Device::Cuda(ordinal).to_string();
+    /// Opens `gpu`. Every way this can fail (no CUDA libraries, no driver, no such GPU, a
+    /// driver error) is one [`Error::Device`] that names what is missing; none panics.
+    pub fn open(gpu: Gpu) -> Result<Self> {
+        let ordinal = gpu.ordinal;
+        let device = Device::Cuda(gpu).to_string();
         let fail = |reason: String| Error::Device {
             device: device.clone(),
             reason,
@@ -237,6 +238,16 @@ impl CudaDevice {
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| fail(format!("creating a cuBLAS handle failed: {e:?}")))?;
+        if gpu.tf32 {
+            use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
+            // SAFETY: the handle is live; the mode only changes how later GEMMs round.
+            let status = unsafe {
+                cublasSetMathMode(*blas.handle(), cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH)
+            };
+            if status != cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(fail(format!("enabling TF32 GEMMs failed: {status:?}")));
+            }
+        }
         let module = ctx
             .load_module(compile_kernels()?)
             .map_err(|e| driver("loading the kernels", e))?;
@@ -261,7 +272,7 @@ impl CudaDevice {
 
     pub(crate) fn error(&self, what: &str, e: impl std::fmt::Debug) -> Error {
         Error::Device {
-            device: Device::Cuda(self.ordinal).to_string(),
+            device: Device::cuda(self.ordinal).to_string(),
             reason: format!("{what} failed: {e:?}"),
         }
     }

@@ -7,7 +7,7 @@ mod device;
 pub mod simd;
 pub mod sparse;
 
-pub use device::Device;
+pub use device::{Device, Gpu};
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 

@@ -71,9 +71,8 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
-    /// Where the step and the GEMM run: cpu, cuda or cuda:N (builds with --features cuda).
-    #[arg(long, default_value = "cpu", value_parser = super::parse_device)]
-    device: Device,
+    #[command(flatten)]
+    device: super::DeviceArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -152,12 +151,17 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
     }
     // The bare GEMM gets the huge-page memory the trainer's buffers get, so the ratio compares
     // like with like.
-    let mut gemm = EncoderGemm::new(args.device, &sae, x_bd.view())?;
+    let device = args.device.device()?;
+    let mut gemm = EncoderGemm::new(device, &sae, x_bd.view())?;
     let trainer = Trainer::new(sae, train_config).map_err(usage)?;
-    let mut trainer = trainer.to_device(args.device).map_err(usage)?;
-    let backend = match args.device {
+    let mut trainer = trainer.to_device(device).map_err(usage)?;
+    let backend = match device {
         Device::Cpu => Cpu.name().to_string(),
-        _ => format!("cuBLAS + NVRTC kernels on {}", trainer.device_name()),
+        Device::Cuda(gpu) => format!(
+            "cuBLAS ({}) + NVRTC kernels on {}",
+            if gpu.tf32 { "TF32" } else { "f32" },
+            trainer.device_name()
+        ),
     };
 
     let data = if args.data {
@@ -180,7 +184,7 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
         let stats = trainer.step(x_bd.view()).map_err(usage)?;
         let step = t.elapsed();
         let mut phases = trainer.phase_times();
-        if args.device != Device::Cpu && measured {
+        if device != Device::Cpu && measured {
             // Phases of a GPU step need waits at their boundaries: timed in a step of their own.
             trainer.set_device_phase_timing(true);
             trainer.step(x_bd.view()).map_err(usage)?;
@@ -214,7 +218,7 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
     drop(loader);
     drop(data);
 
-    let report = Report::new(&args, threads, backend, &m);
+    let report = Report::new(&args, device, threads, backend, &m);
     if args.json {
         println!("{}", report.json());
     } else {
@@ -250,9 +254,9 @@ impl EncoderGemm {
                 gemm_bf: zeros_huge(x_bd.nrows(), sae.config().dict_size),
             }),
             #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => {
+            Device::Cuda(gpu) => {
                 let dev =
-                    sparse_autoencoder::backend::cuda::CudaDevice::open(ordinal).map_err(usage)?;
+                    sparse_autoencoder::backend::cuda::CudaDevice::open(gpu).map_err(usage)?;
                 Ok(EncoderGemm::Cuda {
                     x_bd: dev.upload(x_bd).map_err(usage)?,
                     w_enc_fd: dev.upload(sae.w_enc_fd()).map_err(usage)?,
@@ -433,11 +437,17 @@ struct Report {
 }
 
 impl Report {
-    fn new(args: &BenchArgs, threads: usize, backend: String, m: &Measured) -> Self {
+    fn new(
+        args: &BenchArgs,
+        device: Device,
+        threads: usize,
+        backend: String,
+        m: &Measured,
+    ) -> Self {
         let phase = |get: fn(&PhaseTimes) -> Duration| median_ms(m.phases.iter().map(get));
         // A GPU step's phases come from separate steps that wait at each boundary; what lies
         // outside them is then not comparable with the unsynchronised step time.
-        let timed = args.device == Device::Cpu;
+        let timed = device == Device::Cpu;
         let phases = vec![
             ("encode", "x - b_dec, encoder GEMM", phase(|p| p.encode)),
             ("select", "sparsification", phase(|p| p.select)),

@@ -30,16 +30,16 @@ pub struct EncodeArgs {
     /// Replace codes already in --out.
     #[arg(long)]
     force: bool,
-    /// Where the encoder runs: cpu, cuda or cuda:N (a build with --features cuda).
-    #[arg(long, default_value = "cpu", value_parser = super::parse_device)]
-    device: sparse_autoencoder::backend::Device,
+    #[command(flatten)]
+    device: super::DeviceArgs,
 }
 
 /// Runs `sae encode`.
 pub fn run(args: EncodeArgs) -> Result<Option<u8>> {
+    let device = args.device.device()?;
     let sae = Sae::load(&args.sae).map_err(usage)?;
     // Before anything is written: a device that cannot run leaves --out untouched.
-    let mut encoder = sae.encoder(args.device).map_err(usage)?;
+    let mut encoder = sae.encoder(device).map_err(usage)?;
     let rows = NpyShards::open(&args.data)?;
     for notice in rows.notices() {
         println!("note: {notice}");

@@ -35,17 +35,16 @@ pub struct EvalArgs {
     /// Skip rows holding NaN or Inf instead of stopping at the first.
     #[arg(long)]
     skip_non_finite: bool,
-    /// Where the encoder runs: cpu, cuda or cuda:N (a build with --features cuda); decoding
-    /// and the statistics stay on the CPU.
-    #[arg(long, default_value = "cpu", value_parser = super::parse_device)]
-    device: sparse_autoencoder::backend::Device,
+    #[command(flatten)]
+    device: super::DeviceArgs,
 }
 
 /// Runs `sae eval`.
 pub fn run(args: EvalArgs) -> Result<Option<u8>> {
+    let device = args.device.device()?;
     let sae = Sae::load(&args.sae).map_err(usage)?;
     // Before anything is written: a device that cannot run leaves --out untouched.
-    args.device.check().map_err(usage)?;
+    device.check().map_err(usage)?;
     let out = args.out.clone().unwrap_or_else(|| args.sae.clone());
     std::fs::create_dir_all(&out)
         .map_err(|err| UsageError(format!("invalid --out {}: {err}", out.display())))?;
@@ -64,14 +63,8 @@ pub fn run(args: EvalArgs) -> Result<Option<u8>> {
             ))
             .into());
         }
-        let stats = evaluate_on(
-            &sae,
-            args.device,
-            &rows,
-            args.batch_size,
-            args.skip_non_finite,
-        )
-        .map_err(usage)?;
+        let stats = evaluate_on(&sae, device, &rows, args.batch_size, args.skip_non_finite)
+            .map_err(usage)?;
         let histogram = stats.density_histogram(1)?;
         println!("rows          {}", stats.n_rows);
         if stats.skipped_rows > 0 {

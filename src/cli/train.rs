@@ -159,10 +159,8 @@ struct RunArgs {
     /// Worker threads for the GEMMs and the rest of the step [default: all cores].
     #[arg(long, value_parser = at_least_one, allow_negative_numbers = true)]
     threads: Option<usize>,
-    /// Where the SAEs train: cpu, cuda or cuda:N (a build with --features cuda). Not part of
-    /// the run's configuration: a run may resume on another device.
-    #[arg(long, default_value = "cpu", value_parser = super::parse_device)]
-    device: sparse_autoencoder::backend::Device,
+    #[command(flatten)]
+    device: super::DeviceArgs,
     /// When output is not a terminal, print a progress line every this many steps [default:
     /// about 20 lines a run].
     #[arg(long, value_parser = at_least_one_u64, allow_negative_numbers = true)]
@@ -213,7 +211,8 @@ pub fn run(args: TrainArgs) -> Result<Option<u8>> {
             .context("installing the Ctrl-C handler")?;
     }
     // Checked before a run directory is created, so a bad device leaves nothing behind.
-    args.run.device.check().map_err(usage)?;
+    let device = args.run.device.device()?;
+    device.check().map_err(usage)?;
     let (mut run, dir) = match &args.run.resume {
         Some(dir) => (Run::resume(dir).map_err(usage)?, dir.clone()),
         None => {
@@ -224,7 +223,7 @@ pub fn run(args: TrainArgs) -> Result<Option<u8>> {
             (run, dir)
         }
     };
-    run.set_device(args.run.device).map_err(usage)?;
+    run.set_device(device).map_err(usage)?;
     describe(&run, &dir);
     let mut observer = Reporter::new(&run, args.run.log_every);
     let outcome = run.train(&mut observer, &stop);

@@ -11,6 +11,7 @@ use crate::arch::{DecoderConstraint, Penalty, Selection};
 use crate::backend::cuda::{
     elementwise, launch, rows, single_block, warps, CudaDevice, DeviceCodes, DeviceMatrix, Uploader,
 };
+use crate::backend::Gpu;
 use crate::error::{Error, Result};
 use crate::optim::{sparsity_scale, ParamTensors};
 use crate::select::Codes;
@@ -448,9 +449,9 @@ pub(crate) struct DeviceEncoder {
 }
 
 impl DeviceEncoder {
-    /// Uploads `sae`'s encoder to GPU `ordinal`.
-    pub(crate) fn new(sae: &crate::Sae, ordinal: usize) -> Result<Self> {
-        let dev = CudaDevice::open(ordinal)?;
+    /// Uploads `sae`'s encoder to `gpu`.
+    pub(crate) fn new(sae: &crate::Sae, gpu: Gpu) -> Result<Self> {
+        let dev = CudaDevice::open(gpu)?;
         let rules = crate::arch::Rules::for_config(sae.config(), &crate::TrainConfig::default());
         let theta = match rules.selection {
             Selection::BatchTopK(_) => sae.threshold,
@@ -598,9 +599,9 @@ pub(crate) struct DeviceStep {
 }
 
 impl DeviceStep {
-    /// Moves a trainer's whole state to GPU `ordinal`.
-    pub(crate) fn new(trainer: &Trainer, ordinal: usize) -> Result<Self> {
-        let dev = CudaDevice::open(ordinal)?;
+    /// Moves a trainer's whole state to `gpu`.
+    pub(crate) fn new(trainer: &Trainer, gpu: Gpu) -> Result<Self> {
+        let dev = CudaDevice::open(gpu)?;
         let sae = &trainer.sae;
         let (f, d) = (sae.config.dict_size, sae.config.d_model);
         let params = DeviceParams::upload(

@@ -209,7 +209,7 @@ impl Trainer {
                 Ok(())
             }
             #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => {
+            Device::Cuda(gpu) => {
                 if self.collective.world_size() > 1 {
                     return Err(crate::Error::Device {
                         device: device.to_string(),
@@ -218,7 +218,7 @@ impl Trainer {
                             .into(),
                     });
                 }
-                self.gpu = Some(Box::new(cuda::DeviceStep::new(self, ordinal)?));
+                self.gpu = Some(Box::new(cuda::DeviceStep::new(self, gpu)?));
                 Ok(())
             }
             #[cfg(not(feature = "cuda"))]

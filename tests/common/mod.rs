@@ -177,7 +177,7 @@ pub fn read_npy<T: npyz::Deserialize>(path: &std::path::Path) -> (Vec<u64>, Vec<
 /// `--features cuda`; see scripts/gpu-tests.sh), the CPU otherwise.
 pub fn test_device() -> sparse_autoencoder::backend::Device {
     if std::env::var("SAE_TEST_CUDA").is_ok_and(|v| v == "1") {
-        sparse_autoencoder::backend::Device::Cuda(0)
+        sparse_autoencoder::backend::Device::cuda(0)
     } else {
         sparse_autoencoder::backend::Device::Cpu
     }
