@@ -7,6 +7,7 @@
 #                                # dictionary_learning's BatchTopKTrainer.update in PyTorch on
 #                                # the same GPU, at D=768, k=64, F ∈ {16384, 65536},
 #                                # B ∈ {4096, 16384}; one JSON line per measurement
+#                                # (TF32=1: also `sae bench --tf32` at each shape)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,10 @@ run)
         for b in 4096 16384; do
             target/gpu/sae bench --device cuda --arch batchtopk --d 768 --f "$f" --k 64 \
                 --batch "$b" --steps "${STEPS:-20}" --warmup 3 --json
+            if [ "${TF32:-0}" = 1 ]; then
+                target/gpu/sae bench --device cuda --tf32 --arch batchtopk --d 768 --f "$f" \
+                    --k 64 --batch "$b" --steps "${STEPS:-20}" --warmup 3 --json
+            fi
             python3 benches/reference/dictionary_learning_step.py --device cuda --d 768 \
                 --f "$f" --k 64 --batch "$b" --steps "${STEPS:-20}" --warmup 3 | tail -1
         done
