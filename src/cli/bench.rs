@@ -109,6 +109,7 @@ const DATA_BATCHES: usize = 8;
 
 /// Runs `sae bench`.
 pub fn run(args: BenchArgs) -> Result<Option<u8>> {
+    let device = args.device.device()?;
     if args.k > args.f {
         return Err(UsageError(format!(
             "invalid --k: {} is more than the {} latents of --f",
@@ -151,7 +152,6 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
     }
     // The bare GEMM gets the huge-page memory the trainer's buffers get, so the ratio compares
     // like with like.
-    let device = args.device.device()?;
     let mut gemm = EncoderGemm::new(device, &sae, x_bd.view())?;
     let trainer = Trainer::new(sae, train_config).map_err(usage)?;
     let mut trainer = trainer.to_device(device).map_err(usage)?;
