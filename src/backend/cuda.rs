@@ -8,8 +8,8 @@ use std::sync::Arc;
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    DriverError, LaunchConfig, PinnedHostSlice,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    DevicePtrMut, DriverError, LaunchConfig, PinnedHostSlice,
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 use ndarray::{Array2, ArrayView1, ArrayView2};
@@ -164,19 +164,21 @@ pub(crate) const UPLOAD_CHUNK_ROWS: usize = 1024;
 
 /// How batches reach the GPU ([`CudaDevice::upload_encode`]): a page-locked host buffer kept
 /// between batches (the driver stages copies from ordinary memory at a fraction of the link's
-/// speed: 7 ms for a 16384×768 batch on an H100 host), a second stream for the transfers, and an
-/// event per chunk that the device's stream waits on.
+/// speed: 7 ms for a 16384×768 batch on an H100 host), a second stream for the transfers, and
+/// the events that order the two streams, kept so that a step creates none.
 pub(crate) struct Uploader {
     copy: Arc<CudaStream>,
     pinned: Option<PinnedHostSlice<f32>>,
+    /// Recorded on the device's stream before a batch's copies, which wait for it.
+    computed: CudaEvent,
+    /// One per chunk, recorded after its copy; the device's stream waits for it.
     arrived: Vec<CudaEvent>,
 }
 
 impl Drop for Uploader {
     fn drop(&mut self) {
         // The page-locked buffer must outlive any transfer still reading it.
-        let ctx = self.copy.context().clone();
-        ctx.record_err(self.copy.synchronize());
+        self.copy.context().record_err(self.copy.synchronize());
     }
 }
 
@@ -332,12 +334,30 @@ impl CudaDevice {
     ) -> Result<()> {
         check_same_shape("sub_row output", out, x.rows, x.cols)?;
         check_len("sub_row vector", v.len(), x.cols)?;
-        let (rows, cols) = (x.rows as i64, x.cols as i64);
+        self.sub_rows(
+            &x.data.slice(..),
+            v,
+            &mut out.data.slice_mut(..),
+            x.rows,
+            x.cols,
+        )
+    }
+
+    /// [`CudaDevice::sub_row`] on `rows × cols` views, as checked by the callers.
+    fn sub_rows(
+        &self,
+        x: &CudaView<'_, f32>,
+        v: &CudaSlice<f32>,
+        out: &mut CudaViewMut<'_, f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let (rows_i, cols_i) = (rows as i64, cols as i64);
         launch!(
             self,
             sub_row,
-            elementwise(x.rows * x.cols),
-            [&x.data, v, &mut out.data, &rows, &cols]
+            elementwise(rows * cols),
+            [x, v, out, &rows_i, &cols_i]
         )
     }
 
@@ -385,9 +405,15 @@ impl CudaDevice {
             .context()
             .new_stream()
             .map_err(|e| self.error("creating the copy stream", e))?;
+        let computed = self
+            .stream
+            .context()
+            .new_event(None)
+            .map_err(|e| self.error("creating an event", e))?;
         Ok(Uploader {
             copy,
             pinned: None,
+            computed,
             arrived: Vec::new(),
         })
     }
@@ -438,8 +464,9 @@ impl CudaDevice {
             up.arrived.push(event);
         }
         // Copies start after the device's earlier work: x_bd's last readers, its allocation.
-        up.copy
-            .join(&self.stream)
+        up.computed
+            .record(&self.stream)
+            .and_then(|()| up.copy.wait(&up.computed))
             .map_err(fail("ordering the copy stream"))?;
         let host = up
             .pinned
@@ -465,18 +492,12 @@ impl CudaDevice {
             self.stream
                 .wait(arrived)
                 .map_err(fail("waiting for a copy"))?;
-            let (rows_i, cols_i) = (n as i64, d as i64);
-            launch!(
-                self,
-                sub_row,
-                elementwise(n * d),
-                [
-                    &x_bd.data.slice(elems.clone()),
-                    b_dec_d,
-                    &mut xc_bd.data.slice_mut(elems.clone()),
-                    &rows_i,
-                    &cols_i
-                ]
+            self.sub_rows(
+                &x_bd.data.slice(elems.clone()),
+                b_dec_d,
+                &mut xc_bd.data.slice_mut(elems.clone()),
+                n,
+                d,
             )?;
             self.sgemm(
                 (n, f, d),
