@@ -248,8 +248,15 @@ impl TensorsIn {
     ) -> Result<Vec<T>> {
         let (offset, n_bytes) = self.check(name, dtype, shape)?;
         let n = n_bytes / std::mem::size_of::<T>();
+        // The shapes the caller expects bound the size, but a hostile sae.json can expect a
+        // lot, and with overcommit an allocation too large succeeds until it is filled.
+        if let Some(available) = available_memory().filter(|&a| n_bytes as u64 > a) {
+            return Err(self.bad(format!(
+                "tensor {name:?} of shape {shape:?} needs {n_bytes} bytes, but only {available} \
+                 are available"
+            )));
+        }
         let mut values: Vec<T> = Vec::new();
-        // Sizes the shapes the caller expects imply, but a hostile sae.json can expect a lot.
         values.try_reserve_exact(n).map_err(|_| {
             self.bad(format!(
                 "tensor {name:?} of shape {shape:?} needs {n_bytes} bytes, more than can be \
@@ -308,6 +315,21 @@ impl TensorsIn {
             b_dec_d: Array1::from(self.f32(&format!("{prefix}b_dec_d"), &[d])?),
         })
     }
+}
+
+/// The memory that can be had now without swapping (Linux's MemAvailable), where the system
+/// says.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    kb.checked_mul(1024)
 }
 
 /// The multi-index of the `flat`-th element of a C-order array of `shape`.
