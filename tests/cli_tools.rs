@@ -215,3 +215,45 @@ fn eval_encode_and_export_refuse_an_sae_with_non_finite_weights() {
     assert!(!std::path::Path::new(&out).exists(), "nothing is written");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_batch_size_too_large_for_memory_is_refused_before_encoding() {
+    let dir = temp_dir("tools-huge-batch");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let run = dir.join("run");
+    random_sae(Architecture::TopK { k: 2 }, 16, 32, 0)
+        .save(&run)
+        .unwrap();
+    // 2^36 rows declared (4 TiB), the data a hole: every batch size fits the file, not memory.
+    let data = dir.join("huge.npy");
+    write_npy(&data, "<f4", &[1 << 36, 16], &[]);
+    let file = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    file.set_len(file.metadata().unwrap().len() + (4u64 << 40))
+        .unwrap();
+    drop(file);
+    let out = dir.join("codes");
+    let (run, data) = (s(&run), s(&data));
+    let huge = u64::MAX.to_string();
+    usage_error_line(
+        &sae_within(
+            &[
+                "encode",
+                &run,
+                "--data",
+                &data,
+                "--out",
+                &s(&out),
+                "--batch-size",
+                &huge,
+            ],
+            20,
+        ),
+        &["--batch-size", "68719476736 rows", "GB"],
+    );
+    assert!(!out.exists(), "nothing is written");
+    usage_error_line(
+        &sae_within(&["eval", &run, "--data", &data, "--batch-size", &huge], 20),
+        &["--batch-size", "68719476736 rows"],
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -63,6 +63,12 @@ pub fn run(args: EvalArgs) -> Result<Option<u8>> {
             ))
             .into());
         }
+        super::encode::check_batch_memory(
+            args.batch_size,
+            rows.n_rows(),
+            sae.config().d_model,
+            sae.config().dict_size,
+        )?;
         let stats = evaluate_on(&sae, device, &rows, args.batch_size, args.skip_non_finite)
             .map_err(usage)?;
         let histogram = stats.density_histogram(1)?;

@@ -318,8 +318,8 @@ impl TensorsIn {
 }
 
 /// The memory that can be had now without swapping (Linux's MemAvailable), where the system
-/// says.
-fn available_memory() -> Option<u64> {
+/// says: for refusing sizes a file or option implies before allocating them.
+pub fn available_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb = meminfo
         .lines()
