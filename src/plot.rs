@@ -156,6 +156,10 @@ pub fn read_feature_density(path: &Path) -> Result<Vec<f64>> {
         let problem = problem.rsplit_once("; ").map_or(problem, |(p, _)| p);
         run_file_error(path, problem, fix)
     };
+    // Opening a FIFO would block until something writes to it.
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return Err(run_file_error(path, "missing or not a regular file", fix));
+    }
     let shards = NpyShards::open(&[path]).map_err(as_density_error)?;
     if shards.n_rows() != 1 {
         let shape = shards

@@ -181,6 +181,15 @@ fn a_sparse_feature_density_of_512_mib_is_refused_before_it_is_read() {
     // Alone: a bound on any SAE's.
     std::fs::remove_file(dir.join("sae.json")).unwrap();
     refused(&["feature_density.npy", "134217728", "67108864"]);
+    // A FIFO is refused, not opened (opening one blocks until something writes to it).
+    std::fs::remove_file(&npy).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&npy)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    refused(&["feature_density.npy", "not a regular file"]);
+    std::fs::remove_file(&npy).unwrap();
     // One frequency per latent of the SAE beside it is read.
     random_sae(Architecture::TopK { k: 2 }, 4, 3, 0)
         .save(&dir)
