@@ -160,13 +160,14 @@ impl TensorsIn {
             });
             return Err(bad(match beyond {
                 Some(name) => format!(
-                    "not a readable safetensors file: tensor {name:?} ends at byte {} of the data, but the file holds {data_len} \
-                     bytes of data: it was cut short or its header is wrong",
+                    "not a readable safetensors file: tensor {name:?} ends at byte {} of the \
+                     data, but the file holds {data_len} bytes of data: it was cut short or its \
+                     header is wrong",
                     header.info(&name).expect("found above").data_offsets.1
                 ),
                 None => format!(
-                    "not a readable safetensors file: its header accounts for {} bytes of tensors, but the file holds \
-                     {data_len}: it holds bytes no tensor owns",
+                    "not a readable safetensors file: its header accounts for {} bytes of \
+                     tensors, but the file holds {data_len}: it holds bytes no tensor owns",
                     header.data_len()
                 ),
             }));
