@@ -140,8 +140,11 @@ impl TensorsIn {
         })?;
         // serde keeps the last of two entries with one name: a file that names a tensor twice is
         // ambiguous, so it is refused.
-        let Keys(mut keys) = serde_json::from_str(text)
-            .map_err(|err| bad(format!("not a readable safetensors file: header {err}")))?;
+        let Keys(mut keys) = serde_json::from_str(text).map_err(|err| {
+            bad(format!(
+                "not a readable safetensors file: its header is invalid ({err})"
+            ))
+        })?;
         keys.sort_unstable();
         if let Some(pair) = keys.windows(2).find(|pair| pair[0] == pair[1]) {
             return Err(bad(format!(
@@ -149,8 +152,11 @@ impl TensorsIn {
                 pair[0]
             )));
         }
-        let header: Metadata = serde_json::from_str(text)
-            .map_err(|err| bad(format!("not a readable safetensors file: header {err}")))?;
+        let header: Metadata = serde_json::from_str(text).map_err(|err| {
+            bad(format!(
+                "not a readable safetensors file: its header is invalid ({err})"
+            ))
+        })?;
         let data_len = len - 8 - n;
         if header.data_len() as u64 != data_len {
             let beyond = header.offset_keys().into_iter().find(|name| {
