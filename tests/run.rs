@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::temp_dir;
 use sparse_autoencoder::run::{
-    ArchName, Observer, Outcome, Progress, Run, RunSpec, SaeSpec, ScheduleSpec,
+    ArchName, Observer, Outcome, Progress, ResumeOptions, Run, RunSpec, SaeSpec, ScheduleSpec,
 };
 use sparse_autoencoder::Sae;
 
@@ -36,6 +36,10 @@ impl Observer for StopAt<'_> {
         }
     }
     fn note(&mut self, _: &str) {}
+}
+
+fn no_stop() -> AtomicBool {
+    AtomicBool::new(false)
 }
 
 fn spec() -> RunSpec {
@@ -67,7 +71,7 @@ fn spec() -> RunSpec {
 fn stop_checkpoint_and_resume_end_where_the_uninterrupted_run_ends() {
     let dir = temp_dir("run-lib");
     let (straight, resumed) = (dir.join("straight"), dir.join("resumed"));
-    let mut run = Run::create(&spec(), &straight, false).unwrap();
+    let mut run = Run::create(&spec(), &straight, false, &no_stop()).unwrap();
     let Outcome::Finished(summaries) = run.train(&mut (), &AtomicBool::new(false)).unwrap() else {
         panic!("the run was not asked to stop");
     };
@@ -85,7 +89,7 @@ fn stop_checkpoint_and_resume_end_where_the_uninterrupted_run_ends() {
         dir: resumed.clone(),
         checkpoint_steps: Vec::new(),
     };
-    let mut run = Run::create(&spec(), &resumed, false).unwrap();
+    let mut run = Run::create(&spec(), &resumed, false, &no_stop()).unwrap();
     let outcome = run.train(&mut observer, &stop).unwrap();
     assert!(
         matches!(outcome, Outcome::Interrupted { step: 17 }),
@@ -99,7 +103,7 @@ fn stop_checkpoint_and_resume_end_where_the_uninterrupted_run_ends() {
     assert_eq!(checkpoint_step(&resumed), Some(17));
     drop(run);
 
-    let mut run = Run::resume(&resumed).unwrap();
+    let mut run = Run::resume(&resumed, &ResumeOptions::default(), &no_stop()).unwrap();
     assert_eq!(run.steps_done(), 17);
     assert!(matches!(
         run.train(&mut (), &AtomicBool::new(false)).unwrap(),
@@ -112,7 +116,15 @@ fn stop_checkpoint_and_resume_end_where_the_uninterrupted_run_ends() {
         assert_eq!(a, b, "{name}");
     }
     assert!(!resumed.join("checkpoint").exists());
-    let err = Run::resume(&resumed)
+    // The run still holds its directory: a second one is refused, naming the holder.
+    let err = Run::resume(&resumed, &ResumeOptions::default(), &no_stop())
+        .err()
+        .expect("locked")
+        .to_string();
+    let me = format!("pid {}", std::process::id());
+    assert!(err.contains("in use by") && err.contains(&me), "{err}");
+    drop(run);
+    let err = Run::resume(&resumed, &ResumeOptions::default(), &no_stop())
         .err()
         .expect("nothing to resume")
         .to_string();
@@ -124,7 +136,7 @@ fn stop_checkpoint_and_resume_end_where_the_uninterrupted_run_ends() {
 fn a_checkpoint_of_another_configuration_is_refused() {
     let dir = temp_dir("run-lib-mismatch");
     let stop = AtomicBool::new(true);
-    let mut run = Run::create(&spec(), &dir, false).unwrap();
+    let mut run = Run::create(&spec(), &dir, false, &no_stop()).unwrap();
     assert!(matches!(
         run.train(&mut (), &stop).unwrap(),
         Outcome::Interrupted { step: 0 }
@@ -134,7 +146,7 @@ fn a_checkpoint_of_another_configuration_is_refused() {
     let config = dir.join("config.toml");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("topk-k4-f96", "renamed")).unwrap();
-    let err = Run::resume(&dir).err().expect("refused").to_string();
+    let err = Run::resume(&dir, &ResumeOptions::default(), &no_stop()).err().expect("refused").to_string();
     assert!(
         err.contains("checkpoint") && err.contains("renamed"),
         "{err}"
