@@ -130,9 +130,14 @@ pub fn evaluate(
     skip_non_finite: bool,
 ) -> Result<EvalStats> {
     let never = AtomicBool::new(false);
-    let stats = evaluate_by(sae, source, batch_rows, skip_non_finite, &never, &mut |x_bd| {
-        sae.encode(backend, x_bd)
-    })?;
+    let stats = evaluate_by(
+        sae,
+        source,
+        batch_rows,
+        skip_non_finite,
+        &never,
+        &mut |x_bd| sae.encode(backend, x_bd),
+    )?;
     Ok(stats.expect("the stop flag is never set"))
 }
 
@@ -161,9 +166,14 @@ pub fn evaluate_on_until(
     stop: &AtomicBool,
 ) -> Result<Option<EvalStats>> {
     let mut encoder = sae.encoder(device)?;
-    evaluate_by(sae, source, batch_rows, skip_non_finite, stop, &mut |x_bd| {
-        encoder.encode(x_bd)
-    })
+    evaluate_by(
+        sae,
+        source,
+        batch_rows,
+        skip_non_finite,
+        stop,
+        &mut |x_bd| encoder.encode(x_bd),
+    )
 }
 
 fn evaluate_by(
@@ -318,10 +328,24 @@ mod tests {
         let sae = hand_sae();
         let x_nd = Array2::<f32>::ones((10, 2));
         let stop = AtomicBool::new(true);
-        let stopped = evaluate_on_until(&sae, crate::backend::Device::Cpu, &x_nd.view(), 3, false, &stop);
+        let stopped = evaluate_on_until(
+            &sae,
+            crate::backend::Device::Cpu,
+            &x_nd.view(),
+            3,
+            false,
+            &stop,
+        );
         assert_eq!(stopped.unwrap(), None);
         stop.store(false, Ordering::Relaxed);
-        let done = evaluate_on_until(&sae, crate::backend::Device::Cpu, &x_nd.view(), 3, false, &stop);
+        let done = evaluate_on_until(
+            &sae,
+            crate::backend::Device::Cpu,
+            &x_nd.view(),
+            3,
+            false,
+            &stop,
+        );
         assert_eq!(done.unwrap().unwrap().n_rows, 10);
     }
 

@@ -97,7 +97,10 @@ fn under_strace(strace_args: &[String], args: &[String]) -> Output {
 /// Runs `sae args` and kills it at `point`; whether it was killed (it may end first).
 fn crash(args: &[String], point: &Point) -> bool {
     let inject = format!("inject={}:signal=KILL:when={}", point.syscall, point.n);
-    let out = under_strace(&["-e".into(), inject, "-o".into(), "/dev/null".into()], args);
+    let out = under_strace(
+        &["-e".into(), inject, "-o".into(), "/dev/null".into()],
+        args,
+    );
     out.status.signal() == Some(9)
 }
 
@@ -107,7 +110,9 @@ fn calls(log: &str) -> Vec<Point> {
     let mut points = Vec::new();
     for line in log.lines() {
         // "<pid>  name(args) = result"; resumed halves of interleaved calls start with "<".
-        let call = line.split_once(' ').map_or("", |(_, rest)| rest.trim_start());
+        let call = line
+            .split_once(' ')
+            .map_or("", |(_, rest)| rest.trim_start());
         let Some((name, _)) = call.split_once('(') else {
             continue;
         };
@@ -141,9 +146,10 @@ fn checkpoint_calls(points: &[Point]) -> Vec<Point> {
 /// after the last SAE was saved and evaluated, while the checkpoint was being removed, leaves
 /// a finished run with no checkpoint: resuming it is refused, and its files are whole.
 ///
-/// A crash before the first checkpoint was whole leaves nothing to resume: that is refused
-/// too, and the run started again (`--force`) ends as the uninterrupted one.
-fn resume_to_end(data: &Path, out: &Path, reference: &[u8], what: &str) {
+/// A crash before the first checkpoint was whole (`before_first`) leaves nothing to resume:
+/// that is refused too, and the run started again (`--force`) ends as the uninterrupted one.
+/// After it, "no checkpoint" would be lost work, and fails the test.
+fn resume_to_end(data: &Path, out: &Path, reference: &[u8], before_first: bool, what: &str) {
     let sae = |args: Vec<String>| {
         Command::new(env!("CARGO_BIN_EXE_sae"))
             .args(args)
@@ -158,6 +164,7 @@ fn resume_to_end(data: &Path, out: &Path, reference: &[u8], what: &str) {
             "{what}: the resume failed: {stderr}"
         );
         if !out.join("eval.json").is_file() {
+            assert!(before_first, "{what}: the checkpoint was lost: {stderr}");
             let mut again = train_args(data, out);
             again.push("--force".into());
             let done = sae(again);
@@ -213,16 +220,34 @@ fn a_crash_at_any_checkpoint_syscall_resumes_to_the_same_parameters() {
     let reference = std::fs::read(straight.join("sae.safetensors")).unwrap();
     let points = checkpoint_calls(&calls(&std::fs::read_to_string(&log).unwrap()));
     let renames = points.iter().filter(|p| p.syscall.starts_with("rename"));
-    assert!(renames.count() >= 6, "two saves and their swap: {points:#?}");
+    assert!(
+        renames.count() >= 6,
+        "two saves and their swap: {points:#?}"
+    );
 
+    // The first save is whole once its completion mark is renamed into place.
+    let first_whole = points
+        .iter()
+        .position(|p| p.syscall.starts_with("rename") && p.line.contains("checkpoint.new/run.json"))
+        .expect("a first checkpoint");
     let mut jobs: Vec<Box<dyn FnOnce() + Send + '_>> = Vec::new();
     for (i, point) in points.iter().enumerate() {
+        let before_first = i <= first_whole;
         let (data, reference, dir) = (&data, &reference, &dir);
         // A crash, then a resume to the end.
         jobs.push(Box::new(move || {
             let out = dir.join(format!("once-{i}"));
-            assert!(crash(&train_args(data, &out), point), "{point:?} never came");
-            resume_to_end(data, &out, reference, &format!("crash at {point:?}"));
+            assert!(
+                crash(&train_args(data, &out), point),
+                "{point:?} never came"
+            );
+            resume_to_end(
+                data,
+                &out,
+                reference,
+                before_first,
+                &format!("crash at {point:?}"),
+            );
         }));
         // The double crash: a crash where the run moves or deletes checkpoint files, then
         // its resume killed at its 1st rename, the next resume at its 2nd, ... until one
@@ -230,7 +255,10 @@ fn a_crash_at_any_checkpoint_syscall_resumes_to_the_same_parameters() {
         if point.syscall.starts_with("rename") || point.syscall.starts_with("unlink") {
             jobs.push(Box::new(move || {
                 let out = dir.join(format!("twice-{i}"));
-                assert!(crash(&train_args(data, &out), point), "{point:?} never came");
+                assert!(
+                    crash(&train_args(data, &out), point),
+                    "{point:?} never came"
+                );
                 for n in 1.. {
                     let again = Point {
                         syscall: "rename".into(),
@@ -241,7 +269,13 @@ fn a_crash_at_any_checkpoint_syscall_resumes_to_the_same_parameters() {
                         break;
                     }
                 }
-                resume_to_end(data, &out, reference, &format!("crash at {point:?}, then resumes"));
+                resume_to_end(
+                    data,
+                    &out,
+                    reference,
+                    before_first,
+                    &format!("crash at {point:?}, then resumes"),
+                );
             }));
         }
     }

@@ -36,9 +36,9 @@ use crate::data::{
 };
 use crate::error::{io_error, Error, Result};
 use crate::eval::{evaluate_on_until, EvalStats};
-use lock::RunLock;
 use crate::synth::{recovery, Recovery, Synth, SynthConfig};
 use crate::{StepStats, Trainer};
+use lock::RunLock;
 
 /// Held-out fraction when the spec names neither eval files nor a fraction.
 pub const DEFAULT_EVAL_FRACTION: f64 = 0.01;
@@ -790,7 +790,11 @@ impl Run {
         for member in &mut self.members {
             member.trainer.sync()?;
         }
-        if let Some(i) = self.members.iter().position(|m| !finite_sae(m.trainer.sae())) {
+        if let Some(i) = self
+            .members
+            .iter()
+            .position(|m| !finite_sae(m.trainer.sae()))
+        {
             return Err(self.diverged(i, "a parameter is not finite"));
         }
         let state = RunState {
@@ -990,9 +994,9 @@ fn check_names(names: &[String], dir: &Path) -> Result<()> {
         if name.chars().any(char::is_control) {
             return Err(refuse(name, "holds a control character"));
         }
-        let taken = RUN_DIR_NAMES.iter().any(|&used| {
-            name == used || name.strip_suffix(".tmp") == Some(used)
-        });
+        let taken = RUN_DIR_NAMES
+            .iter()
+            .any(|&used| name == used || name.strip_suffix(".tmp") == Some(used));
         if taken {
             return Err(refuse(name, "is a name the run directory itself uses"));
         }

@@ -392,14 +392,20 @@ mod tests {
             spec.resolved().unwrap_err()
         };
         use ScheduleError::*;
-        assert_eq!(without(|s| s.batch_size = None), Missing("train.batch_size"));
+        assert_eq!(
+            without(|s| s.batch_size = None),
+            Missing("train.batch_size")
+        );
         assert_eq!(without(|s| s.steps = None), Missing("train.steps"));
         assert_eq!(without(|s| s.seed = None), Missing("train.seed"));
         assert_eq!(
             without(|s| s.metrics_every = None),
             Missing("train.metrics_every")
         );
-        assert_eq!(without(|s| s.batch_size = Some(0)), Zero("train.batch_size"));
+        assert_eq!(
+            without(|s| s.batch_size = Some(0)),
+            Zero("train.batch_size")
+        );
         assert_eq!(
             without(|s| s.checkpoint_every = Some(0)),
             Zero("train.checkpoint_every")
