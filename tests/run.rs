@@ -358,7 +358,8 @@ fn a_second_run_in_a_directory_in_use_is_refused_naming_the_holder() {
 
 #[test]
 fn a_stop_before_training_writes_nothing_and_leaves_the_checkpoint() {
-    let dir = temp_dir("run-stop-early").join("run");
+    let parent = temp_dir("run-stop-early");
+    let dir = parent.join("run");
     let stopped = AtomicBool::new(true);
     let err = Run::create(&tiny(4), &dir, false, &stopped)
         .err()
@@ -379,7 +380,7 @@ fn a_stop_before_training_writes_nothing_and_leaves_the_checkpoint() {
         std::fs::read(dir.join("checkpoint/run.json")).unwrap(),
         before
     );
-    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(parent).unwrap();
 }
 
 #[test]
@@ -404,7 +405,7 @@ fn a_stop_during_the_final_evaluation_leaves_saved_saes_and_a_resumable_run() {
     let Outcome::Unevaluated { step: 6, dirs } = outcome else {
         panic!("{outcome:?}");
     };
-    assert_eq!(dirs, [stopped.clone()]);
+    assert_eq!(dirs, std::slice::from_ref(&stopped));
     assert_eq!(Sae::load(&stopped).unwrap(), Sae::load(&straight).unwrap());
     assert!(!stopped.join("eval.json").exists());
     drop(run);

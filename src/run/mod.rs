@@ -835,10 +835,14 @@ impl Run {
             path: self.dir.clone(),
             reason: format!(
                 "training diverged at step {} ({what} for SAE {}): lower the learning rate \
-                 (--lr, {lr:e} now) or the scale of the inputs (--normalize); {}",
+                 (--lr, {lr:e} now) or the scale of the inputs (--normalize) and start again; \
+                 nothing non-finite was written{}",
                 self.step,
                 self.members[i].name,
-                self.left_behind()
+                match self.checkpointed {
+                    Some(step) => format!(", and the checkpoint of step {step} is kept"),
+                    None => String::new(),
+                }
             ),
         }
     }
