@@ -262,7 +262,7 @@ fn an_edited_config_toml_is_one_error_naming_the_key() {
             .expect("refused")
             .to_string()
     };
-    let cases: [(&str, String, &[&str]); 8] = [
+    let cases: [(&str, String, &[&str]); 9] = [
         (
             "batch_size",
             drop_line(&written, "batch_size"),
@@ -297,6 +297,11 @@ fn an_edited_config_toml_is_one_error_naming_the_key() {
             "zero",
             written.replace("metrics_every = 10", "metrics_every = 0"),
             &["train.metrics_every", "at least 1"],
+        ),
+        (
+            "a late warm-up",
+            written.replace("warmup_steps = 0", "warmup_steps = 100"),
+            &["topk-k4-f32", "warmup_steps"],
         ),
         (
             "a bad name",
