@@ -241,6 +241,7 @@ impl Run {
     pub fn create(spec: &RunSpec, dir: &Path, force: bool) -> Result<Run> {
         check_schedule(spec)?;
         let seed = spec.train.seed.unwrap_or(0);
+        crate::memory::check_synthetic(spec, SYNTH_EVAL_ROWS)?;
         let mut opened = open_data(spec, seed)?;
         let synthetic = opened.synth.is_some();
         let batch_size = spec
@@ -290,6 +291,7 @@ impl Run {
                 seed: Some(seed),
                 metrics_every: Some(spec.train.metrics_every.unwrap_or(DEFAULT_METRICS_EVERY)),
                 checkpoint_every: spec.train.checkpoint_every,
+                max_memory: spec.train.max_memory,
             },
             sae: resolved_saes,
             synthetic: opened.synth.as_ref().map(|s| SynthConfig {
@@ -300,6 +302,9 @@ impl Run {
 
         // Every option is checked before the directory is touched.
         loader_config(&resolved, 1.0).validate()?;
+        let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
+        let loader = loader_config(&resolved, 1.0);
+        crate::memory::check_run(&resolved, opened.d_model, &loader, train_n, SYNTH_EVAL_ROWS)?;
         prepare_dir(dir, force)?;
         let text = toml::to_string_pretty(&resolved).expect("a RunSpec always serialises");
         crate::io::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
@@ -365,7 +370,11 @@ impl Run {
         })?;
         let (state, trainers) = checkpoint::load(dir, &spec)?;
         let seed = spec.train.seed.unwrap_or(0);
+        crate::memory::check_synthetic(&spec, SYNTH_EVAL_ROWS)?;
         let mut opened = open_data(&spec, seed)?;
+        let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
+        let loader = loader_config(&spec, state.scale);
+        crate::memory::check_run(&spec, opened.d_model, &loader, train_n, SYNTH_EVAL_ROWS)?;
         let names: Vec<String> = spec.sae.iter().filter_map(|s| s.name.clone()).collect();
         let mut members = Vec::with_capacity(names.len());
         for (name, trainer) in names.iter().zip(trainers) {
