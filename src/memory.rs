@@ -502,3 +502,189 @@ pub fn check_run(
     let estimate = Estimate::train(spec, d_model, loader, train_rows, synth_eval_rows);
     Ok(check(&estimate, spec.train.max_memory)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::{ArchName, SaeSpec, ScheduleSpec};
+
+    fn spec(batch: usize, dict_sizes: &[usize]) -> RunSpec {
+        RunSpec {
+            train: ScheduleSpec {
+                batch_size: Some(batch),
+                ..ScheduleSpec::default()
+            },
+            sae: dict_sizes
+                .iter()
+                .map(|&f| SaeSpec {
+                    arch: Some(ArchName::Topk),
+                    k: Some(32),
+                    dict_size: Some(f),
+                    ..SaeSpec::default()
+                })
+                .collect(),
+            ..RunSpec::default()
+        }
+    }
+
+    fn part(e: &Estimate, what: &str) -> u128 {
+        e.parts
+            .iter()
+            .filter(|p| p.what == what)
+            .map(|p| p.bytes)
+            .sum()
+    }
+
+    #[test]
+    fn a_trainer_holds_four_parameter_sized_arrays_and_its_step_buffers() {
+        let (b, f, d, k) = (1024u128, 4096u128, 256u128, 32u128);
+        let e = Estimate::train(
+            &spec(1024, &[4096]),
+            256,
+            &LoaderConfig::default(),
+            Some(50_000),
+            0,
+        );
+        let params = 4 * (2 * f * d + f + d);
+        assert_eq!(
+            part(&e, "parameters, Adam moments and gradients"),
+            4 * params + 29 * f
+        );
+        assert_eq!(part(&e, "checkpoint copy"), 48 * f * d);
+        assert_eq!(part(&e, "B×D step buffers"), 20 * b * d);
+        let codes = 24 * (b * k + b * (d / 2)) + 32 * (b + f);
+        assert_eq!(part(&e, "B×F step buffers"), 4 * b * f + codes);
+        assert_eq!(part(&e, "prefetched batches"), 4 * 4 * b * d);
+        // The buffer holds the whole dataset when it is smaller than 2^20 rows.
+        assert_eq!(part(&e, "shuffle buffer"), 50_000 * (4 * d + 24));
+        let sum: u128 = e.parts.iter().map(|p| p.bytes).sum();
+        assert_eq!(e.total(), sum + RUNTIME_BYTES);
+    }
+
+    #[test]
+    fn a_sweep_counts_every_trainer_and_one_checkpoint_copy() {
+        let loader = LoaderConfig::default();
+        let one = Estimate::train(&spec(256, &[2048]), 64, &loader, Some(1000), 0);
+        let two = Estimate::train(&spec(256, &[2048, 2048]), 64, &loader, Some(1000), 0);
+        for what in ["parameters, Adam moments and gradients", "B×F step buffers"] {
+            assert_eq!(part(&two, what), 2 * part(&one, what), "{what}");
+        }
+        assert_eq!(part(&two, "checkpoint copy"), part(&one, "checkpoint copy"));
+    }
+
+    #[test]
+    fn relu_counts_the_dense_path_and_the_synthetic_set_its_own_arrays() {
+        let mut relu = spec(1000, &[1000]);
+        relu.sae[0].arch = Some(ArchName::Relu);
+        let e = Estimate::train(&relu, 64, &LoaderConfig::default(), None, 16384);
+        let (b, f) = (1000u128, 1000u128);
+        // pre_bf and ∂L/∂pre, plus the sparse path's codes (5% of B·F, 24 bytes each).
+        assert_eq!(
+            part(&e, "B×F step buffers"),
+            8 * b * f + 24 * (b * f / 20) + 32 * (b + f)
+        );
+        let synth = SynthConfig::default();
+        assert_eq!(
+            part(&e, "synthetic features and held-out rows"),
+            8 * synth.n_features as u128 * 64 + 4 * 16384 * 64
+        );
+        assert_eq!(part(&e, "shuffle buffer"), 0);
+    }
+
+    #[test]
+    fn the_largest_part_names_what_to_lower() {
+        let loader = LoaderConfig::default();
+        let big_batch = Estimate::train(&spec(1 << 20, &[512]), 64, &loader, Some(1000), 0);
+        assert_eq!(big_batch.largest().unwrap().0, Knob::BatchSize);
+        let big_dict = Estimate::train(&spec(64, &[1 << 22]), 256, &loader, Some(1000), 0);
+        assert_eq!(big_dict.largest().unwrap().0, Knob::DictSize);
+        let big_buffer = Estimate::train(&spec(64, &[512]), 256, &loader, Some(1 << 30), 0);
+        assert_eq!(big_buffer.largest().unwrap().0, Knob::BufferRows);
+    }
+
+    #[test]
+    fn sizes_past_any_address_space_saturate_and_are_refused() {
+        let e = Estimate::train(
+            &spec(usize::MAX, &[usize::MAX]),
+            usize::MAX,
+            &LoaderConfig::default(),
+            Some(u64::MAX),
+            0,
+        );
+        assert_eq!(e.total(), u128::MAX);
+        // Even a budget of 16 EiB does not admit it, and the message then offers no budget.
+        let err = check(&e, Some(ByteSize(u64::MAX))).unwrap_err();
+        assert_eq!(err.available, None);
+        let line = err.describe(|k| k.key().to_string(), "--max-memory");
+        assert!(line.contains("more than any address space"), "{line}");
+        assert!(!line.contains("--max-memory"), "{line}");
+    }
+
+    #[test]
+    fn the_budget_replaces_what_is_detected() {
+        let e = Estimate::train(
+            &spec(1024, &[4096]),
+            256,
+            &LoaderConfig::default(),
+            Some(50_000),
+            0,
+        );
+        let total = e.total() as u64;
+        assert_eq!(check(&e, Some(ByteSize(total))), Ok(()));
+        let err = check(&e, Some(ByteSize(total - 1))).unwrap_err();
+        assert_eq!(err.needed, total as u128);
+        assert_eq!(err.available.unwrap().bytes, total - 1);
+        let line = err.to_string();
+        assert!(line.contains("lower dict_size"), "{line}");
+        assert!(line.contains("set max_memory"), "{line}");
+        assert!(!line.contains('\n'), "{line}");
+    }
+
+    #[test]
+    fn this_machine_reports_what_is_available() {
+        if cfg!(target_os = "linux") {
+            let a = available().expect("MemAvailable on Linux");
+            assert!(a.bytes > 0, "{a:?}");
+        }
+        assert_eq!(
+            proc_kb(
+                "MemTotal: 10 kB\nMemAvailable:   2048 kB\n",
+                "MemAvailable:"
+            ),
+            Some(2 << 20)
+        );
+        assert_eq!(proc_kb("MemTotal: 10 kB\n", "MemAvailable:"), None);
+    }
+
+    #[test]
+    fn byte_sizes_parse_and_print_exactly() {
+        for (text, bytes) in [
+            ("8GiB", 8u64 << 30),
+            ("8G", 8 << 30),
+            ("8 gib", 8 << 30),
+            ("500MB", 500_000_000),
+            ("1.5GB", 1_500_000_000),
+            ("2e9", 2_000_000_000),
+            ("4096", 4096),
+            ("1TiB", 1 << 40),
+        ] {
+            assert_eq!(text.parse::<ByteSize>(), Ok(ByteSize(bytes)), "{text}");
+        }
+        for bad in ["", "0", "-1GiB", "8XB", "GiB", "nan", "1e30"] {
+            assert!(bad.parse::<ByteSize>().is_err(), "{bad}");
+        }
+        for bytes in [1, 1000, 8 << 30, (3 << 20) + 1] {
+            let size = ByteSize(bytes);
+            assert_eq!(size.to_string().parse::<ByteSize>(), Ok(size));
+        }
+        assert_eq!(ByteSize(8 << 30).to_string(), "8GiB");
+        // In a config file, as text or a number of bytes.
+        let spec: RunSpec = toml::from_str("[train]\nmax_memory = \"8GiB\"\n").unwrap();
+        assert_eq!(spec.train.max_memory, Some(ByteSize(8 << 30)));
+        let spec: RunSpec = toml::from_str("[train]\nmax_memory = 1000\n").unwrap();
+        assert_eq!(spec.train.max_memory, Some(ByteSize(1000)));
+        assert!(toml::from_str::<RunSpec>("[train]\nmax_memory = \"lots\"\n").is_err());
+        let text = toml::to_string(&spec).unwrap();
+        assert_eq!(toml::from_str::<RunSpec>(&text).unwrap(), spec);
+    }
+}
