@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ok, sae, temp_dir};
+use common::{ok, sae, synthetic_batch, temp_dir, write_npy};
 
 fn spawn(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sae"))
@@ -46,14 +46,23 @@ fn logged_steps(run: &Path) -> usize {
 #[test]
 fn a_signal_during_training_writes_a_checkpoint_and_resume_finishes() {
     let dir = temp_dir("signals-training");
+    // A small file and no held-out rows keep the resumed run short in a debug build.
+    let data = dir.join("acts.npy");
+    let x = synthetic_batch(2000, 16, 3);
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_npy(&data, "<f4", &[2000, 16], &bytes);
     for (signal, status) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
         let run = dir.join(format!("run-{signal}"));
         let mut child = spawn(&[
             "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--eval-fraction",
+            "0",
             "--out",
             run.to_str().unwrap(),
             "--steps",
-            "3000",
+            "400",
             "--batch-size",
             "32",
             "--dict-size",
@@ -77,7 +86,7 @@ fn a_signal_during_training_writes_a_checkpoint_and_resume_finishes() {
             "signal {signal}: no checkpoint"
         );
         let stopped_at = logged_steps(&run);
-        assert!(stopped_at < 3000, "signal {signal}: the run ended first");
+        assert!(stopped_at < 400, "signal {signal}: the run ended first");
         let stdout = ok(&sae(&[
             "train",
             "--resume",
@@ -87,7 +96,7 @@ fn a_signal_during_training_writes_a_checkpoint_and_resume_finishes() {
         ]));
         assert!(stdout.contains("resuming at step"), "{stdout}");
         assert!(run.join("sae.safetensors").is_file());
-        assert_eq!(logged_steps(&run), 3000, "signal {signal}");
+        assert_eq!(logged_steps(&run), 400, "signal {signal}");
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
