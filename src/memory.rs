@@ -303,7 +303,10 @@ fn address_space_left() -> Option<u64> {
     }
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let mapped = proc_kb(&status, "VmSize:").unwrap_or(0);
-    Some((limit.rlim_cur as u64).saturating_sub(mapped))
+    // rlim_t is narrower than u64 on some targets.
+    #[allow(clippy::unnecessary_cast)]
+    let limit = limit.rlim_cur as u64;
+    Some(limit.saturating_sub(mapped))
 }
 
 #[cfg(not(unix))]
@@ -329,6 +332,10 @@ impl MemoryError {
     pub fn describe(&self, name: impl Fn(Knob) -> String, budget: &str) -> String {
         let (knob, share) = self.largest;
         let (have, or_budget) = match &self.available {
+            Some(a) if a.source == BUDGET => (
+                format!("more than the {} {budget} allows", Bytes(a.bytes as u128)),
+                format!(", or raise {budget}"),
+            ),
             Some(a) => (
                 format!("more than the {} {}", Bytes(a.bytes as u128), a.source),
                 format!(", or set {budget} if more is free than detected"),
@@ -353,6 +360,9 @@ impl fmt::Display for MemoryError {
 
 impl std::error::Error for MemoryError {}
 
+/// The source of an [`Available`] the user set.
+const BUDGET: &str = "set as the budget";
+
 /// Checks `estimate` against `budget` bytes if given, else against [`available`]. Sizes past
 /// the address space are refused even when nothing can be measured.
 pub fn check(estimate: &Estimate, budget: Option<ByteSize>) -> Result<(), MemoryError> {
@@ -361,7 +371,7 @@ pub fn check(estimate: &Estimate, budget: Option<ByteSize>) -> Result<(), Memory
     let available = match budget {
         Some(ByteSize(bytes)) => Some(Available {
             bytes,
-            source: "set by max_memory",
+            source: BUDGET,
         }),
         None => available(),
     };
@@ -636,7 +646,7 @@ mod tests {
         assert_eq!(err.available.unwrap().bytes, total - 1);
         let line = err.to_string();
         assert!(line.contains("lower dict_size"), "{line}");
-        assert!(line.contains("set max_memory"), "{line}");
+        assert!(line.contains("raise max_memory"), "{line}");
         assert!(!line.contains('\n'), "{line}");
     }
 
