@@ -564,6 +564,44 @@ impl<S: Source> Batcher<S> {
 mod tests {
     use super::*;
 
+    /// A source of any declared size that holds no data.
+    struct Declared {
+        rows: u64,
+        d: usize,
+    }
+
+    impl Source for Declared {
+        fn d_model(&self) -> usize {
+            self.d
+        }
+        fn n_rows(&self) -> u64 {
+            self.rows
+        }
+        fn read_rows(&self, _: u64, _: &mut [f32]) -> std::result::Result<(), DataError> {
+            unreachable!("no batch is made")
+        }
+    }
+
+    #[test]
+    fn buffers_and_batches_past_the_address_space_are_config_errors() {
+        let too_large = |source: Declared, config: LoaderConfig| match Batcher::new(source, config)
+        {
+            Err(crate::Error::Config(ConfigError::TooLarge { field, .. })) => field,
+            Err(err) => panic!("{err}"),
+            Ok(_) => panic!("accepted"),
+        };
+        let wide = Declared {
+            rows: 2,
+            d: usize::MAX / 2,
+        };
+        assert_eq!(too_large(wide, LoaderConfig::default()), "buffer_rows");
+        let batch = LoaderConfig {
+            batch_size: usize::MAX,
+            ..LoaderConfig::default()
+        };
+        assert_eq!(too_large(Declared { rows: 2, d: 16 }, batch), "batch_size");
+    }
+
     #[test]
     fn config_validation_names_each_field() {
         let ok = LoaderConfig::default();
