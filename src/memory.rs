@@ -186,12 +186,18 @@ impl Estimate {
                 e.add("synthetic batch", Knob::BatchSize, mul(&[2, b_d]));
                 let synth = spec.synthetic.clone().unwrap_or_default();
                 e.synthetic(&synth, synth_eval_rows);
-                // Recovery: the true features' cosines with every latent, and unit copies.
+                // Recovery: the true features' cosines with every latent, and a unit copy of
+                // the decoder.
                 let g = u(synth.n_features);
                 e.add(
                     "recovery scores",
+                    Knob::Synthetic,
+                    mul(&[4, g, u(largest_f)]),
+                );
+                e.add(
+                    "recovery's decoder copy",
                     Knob::DictSize,
-                    mul(&[4, g, u(largest_f)]).saturating_add(mul(&[4, u(largest_f), d])),
+                    mul(&[4, u(largest_f), d]),
                 );
             }
         }
@@ -488,15 +494,49 @@ impl fmt::Display for Bytes {
     }
 }
 
-/// Refuses a run of `spec` on the synthetic set whose own arrays (features, held-out rows)
-/// would not fit; called before the set is built. Runs on files pass.
+/// Refuses a run of `spec` on the synthetic set that needs more memory than it may use,
+/// before the set and its `eval_rows` held-out rows are built (seconds in a debug build).
+/// Runs on files pass: their width is known once the files are open.
 pub fn check_synthetic(spec: &RunSpec, eval_rows: usize) -> crate::Result<()> {
-    if spec.data.paths.is_empty() {
-        let mut estimate = Estimate::default();
-        estimate.synthetic(&spec.synthetic.clone().unwrap_or_default(), eval_rows);
-        check(&estimate, spec.train.max_memory)?;
+    if !spec.data.paths.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let synth = spec.synthetic.clone().unwrap_or_default();
+    // The synthetic set's defaults, as `Run::create` applies them.
+    let batch_size = spec.train.batch_size.unwrap_or(1024).max(1);
+    let steps = match (spec.train.steps, spec.train.tokens) {
+        (Some(steps), _) => steps,
+        (None, Some(tokens)) => tokens.div_ceil(batch_size as u64),
+        (None, None) => 3000,
+    };
+    let cx = crate::run::Context {
+        d_model: synth.d_model,
+        synthetic: true,
+        steps,
+        batch_size,
+    };
+    let one_default = [crate::run::SaeSpec::default()];
+    let saes = if spec.sae.is_empty() {
+        &one_default[..]
+    } else {
+        &spec.sae[..]
+    };
+    let resolved = RunSpec {
+        // The run resolves each SAE in this same context: its error comes as it would.
+        sae: saes
+            .iter()
+            .map(|sae| sae.resolve(cx).map(|(resolved, _, _)| resolved))
+            .collect::<Result<_, _>>()?,
+        train: crate::run::ScheduleSpec {
+            batch_size: Some(batch_size),
+            ..spec.train.clone()
+        },
+        synthetic: Some(synth.clone()),
+        ..spec.clone()
+    };
+    let loader = LoaderConfig::default();
+    let estimate = Estimate::train(&resolved, synth.d_model, &loader, None, eval_rows);
+    Ok(check(&estimate, spec.train.max_memory)?)
 }
 
 /// Refuses a run of the resolved `spec` that needs more memory than it may use (see
