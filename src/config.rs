@@ -68,6 +68,22 @@ impl SaeConfig {
         if self.dict_size == 0 {
             return Err(ConfigError::ZeroDictSize);
         }
+        // Each F×D matrix must be addressable, so ndarray and the allocator never see a size
+        // that overflows.
+        let fits = self
+            .dict_size
+            .checked_mul(self.d_model)
+            .and_then(|n| n.checked_mul(std::mem::size_of::<f32>()))
+            .is_some_and(|bytes| bytes <= isize::MAX as usize);
+        if !fits {
+            return Err(ConfigError::TooLarge {
+                field: "dict_size",
+                size: format!(
+                    "{} latents of width {} (d_model)",
+                    self.dict_size, self.d_model
+                ),
+            });
+        }
         match self.arch.k() {
             Some(0) => return Err(ConfigError::ZeroK),
             Some(k) if k > self.dict_size => {
@@ -333,6 +349,14 @@ pub enum ConfigError {
     /// Loader: an input scale that is not a finite positive number.
     #[error("scale must be a finite number > 0, got {0}")]
     InputScale(f32),
+    /// A size whose arrays could not be addressed: its product with another overflows.
+    #[error("{field} is too large: {size} do not fit in any address space; lower {field}")]
+    TooLarge {
+        /// The field to lower (`dict_size`, `expansion`, `batch_size`, `buffer_rows`).
+        field: &'static str,
+        /// The sizes that multiply, as text.
+        size: String,
+    },
     /// Decay would start while λ is still warming up.
     #[error("decay_start ({decay_start}) must be greater than sparsity_warmup_steps ({sparsity_warmup_steps})")]
     DecayNotAfterSparsityWarmup {
@@ -399,6 +423,24 @@ mod tests {
             );
         }
         assert_eq!(sae(Architecture::TopK { k: 32 }).validate(), Ok(()));
+        // F·D past the address space is an error, not an overflow inside ndarray.
+        for dict_size in [usize::MAX / 8 + 1, 1 << 62, usize::MAX] {
+            let mut s = sae(TOPK);
+            s.dict_size = dict_size;
+            assert!(
+                matches!(
+                    s.validate(),
+                    Err(ConfigError::TooLarge {
+                        field: "dict_size",
+                        ..
+                    })
+                ),
+                "{dict_size}"
+            );
+        }
+        let mut s = sae(TOPK);
+        s.dict_size = isize::MAX as usize / 4 / 8;
+        assert_eq!(s.validate(), Ok(()));
         // TrainConfig::validate checks the SAE too.
         assert_eq!(
             check(sae(Architecture::TopK { k: 0 }), |_| {}),

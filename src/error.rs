@@ -110,6 +110,10 @@ pub enum Error {
         when: String,
     },
 
+    /// A run or bench that needs more memory than this process may use.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+
     /// A batch with no rows.
     #[error("{what} has no rows; pass at least one row")]
     Empty {

@@ -45,6 +45,7 @@ pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod io;
+pub mod memory;
 pub mod optim;
 pub mod plot;
 pub mod run;

@@ -1,8 +1,9 @@
 //! `sae`: train sparse autoencoders from the command line.
 //!
 //! Exit status: 0 on success; 2 for anything the user can fix (a malformed or out-of-range
-//! option, an invalid configuration, bad input, an occupied run directory); 130 when Ctrl-C
-//! stopped training (after writing a checkpoint); 1 for other failures.
+//! option, an invalid configuration, bad input, an occupied run directory, a run too big for
+//! the memory); 130 when Ctrl-C (SIGINT) and 143 when SIGTERM stopped `sae train` (after
+//! writing a checkpoint once training had started); 1 for other failures.
 
 mod cli;
 
@@ -62,8 +63,22 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // Clap prints its own errors (malformed or out-of-range options) and exits with status 2.
-    let cli = Cli::parse();
+    // Clap's errors (malformed or out-of-range options) exit with status 2, as one line like
+    // every other error; help and version print as clap writes them.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err)
+            if !err.use_stderr()
+                || err.kind()
+                    == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            err.exit()
+        }
+        Err(err) => {
+            eprintln!("{}", cli::one_line(&err.render().to_string()));
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Train(args) => cli::train::run(*args),
         Command::Eval(args) => cli::eval::run(args),
@@ -77,7 +92,7 @@ fn main() -> ExitCode {
         Ok(None) => ExitCode::SUCCESS,
         Ok(Some(status)) => ExitCode::from(status),
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", cli::error_line(&err));
             ExitCode::from(cli::exit_status(&err))
         }
     }

@@ -91,6 +91,18 @@ impl SynthConfig {
         if !(self.noise.is_finite() && self.noise >= 0.0) {
             return Err(ConfigError::Synth("noise must be a finite number >= 0"));
         }
+        // The G×D feature matrix must be addressable; whether it fits in memory is
+        // crate::memory's check.
+        let fits = self
+            .n_features
+            .checked_mul(self.d_model)
+            .and_then(|n| n.checked_mul(std::mem::size_of::<f32>()))
+            .is_some_and(|bytes| bytes <= isize::MAX as usize);
+        if !fits {
+            return Err(ConfigError::Synth(
+                "n_features × d_model is too large to address; lower them",
+            ));
+        }
         Ok(())
     }
 }
@@ -587,6 +599,12 @@ mod tests {
             },
             SynthConfig {
                 power_law_exponent: -1.0,
+                ..small()
+            },
+            // G·D past the address space: refused before Synth::new allocates.
+            SynthConfig {
+                n_features: usize::MAX / 2,
+                d_model: 4,
                 ..small()
             },
         ] {

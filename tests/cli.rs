@@ -360,3 +360,227 @@ fn bad_data_exits_with_status_2_and_one_line_naming_the_file() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Runs `sae args` with its address space limited to 4 GB, as `ulimit -v 4000000` does.
+fn sae_under_4gb(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 4000000; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_sae"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run sae")
+}
+
+/// Sizes that overflow, or that need more memory than there is, are refused before anything
+/// is allocated: one line naming the option, exit 2, fast, and no run directory.
+#[test]
+fn sizes_too_large_are_one_line_naming_the_option_before_allocating() {
+    let dir = temp_dir("cli-sizes");
+    // 4 KB on disk, but D = 67,108,864: the SAE and every batch would be enormous.
+    let wide = dir.join("wide.npy");
+    write_npy(&wide, "<f4", &[2, 67_108_864], &[]);
+    let file = std::fs::OpenOptions::new().write(true).open(&wide).unwrap();
+    file.set_len(128 + 2 * 67_108_864 * 4).unwrap();
+    drop(file);
+    // A billion rows (64 GB, sparse): a shuffle buffer of all of them does not fit.
+    let tall = dir.join("tall.npy");
+    write_npy(&tall, "<f4", &[1_000_000_000, 16], &[]);
+    let file = std::fs::OpenOptions::new().write(true).open(&tall).unwrap();
+    file.set_len(128 + 1_000_000_000 * 16 * 4).unwrap();
+    drop(file);
+    let synthetic = dir.join("synthetic.toml");
+    std::fs::write(&synthetic, "[synthetic]\nn_features = 1000000000000\n").unwrap();
+    let out = dir.join("run");
+    let (wide, tall) = (wide.to_str().unwrap(), tall.to_str().unwrap());
+    let synthetic = synthetic.to_str().unwrap();
+    let under_4gb = [
+        (vec!["train", "--batch-size", "100000000"], "--batch-size"),
+        (
+            vec!["bench", "--batch", "100000000", "--d", "64", "--f", "512"],
+            "--batch",
+        ),
+        (vec!["train", "--dict-size", "100000000"], "--dict-size"),
+    ];
+    let unlimited = [
+        (
+            vec!["train", "--dict-size", "4611686018427387904"],
+            "--dict-size",
+        ),
+        (
+            vec!["train", "--expansion", "18446744073709551615"],
+            "--expansion",
+        ),
+        (
+            vec!["train", "--expansion", "1152921504606846976"],
+            "--expansion",
+        ),
+        (vec!["train", "--dict-size", "1099511627776"], "--dict-size"),
+        (
+            vec!["train", "--batch-size", "18446744073709551615"],
+            "--batch-size",
+        ),
+        (vec!["train", "--config", synthetic], "[synthetic]"),
+        (vec!["train", "--data", wide], "--dict-size"),
+        (
+            vec!["train", "--data", wide, "--dict-size", "16", "--k", "4"],
+            "--batch-size",
+        ),
+        (
+            vec![
+                "train",
+                "--data",
+                tall,
+                "--buffer-rows",
+                "4000000000",
+                "--eval-fraction",
+                "0",
+            ],
+            "--buffer-rows",
+        ),
+        (
+            vec!["bench", "--d", "1099511627776", "--f", "1099511627776"],
+            "--f",
+        ),
+        // B×F dominates here: the share named is the largest.
+        (
+            vec!["bench", "--d", "64", "--f", "1099511627776"],
+            "grows with --batch",
+        ),
+        // A budget of the user's, below what even a small run needs.
+        (vec!["train", "--max-memory", "1MiB"], "--max-memory"),
+        (vec!["bench", "--max-memory", "1MiB"], "--max-memory"),
+    ];
+    for (limited, cases) in [(true, &under_4gb[..]), (false, &unlimited[..])] {
+        for (args, option) in cases {
+            let args = [&args[..], &["--out", out.to_str().unwrap()]].concat();
+            let args = if args[0] == "bench" {
+                &args[..args.len() - 2]
+            } else {
+                &args[..]
+            };
+            let start = std::time::Instant::now();
+            let run = if limited {
+                sae_under_4gb(args)
+            } else {
+                sae(args)
+            };
+            let stderr = text(&run.stderr);
+            assert_eq!(run.status.code(), Some(2), "{args:?}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+            assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains(option),
+                "{args:?}: {option} not in {stderr}"
+            );
+            assert!(
+                start.elapsed().as_secs() < 10,
+                "{args:?} took {:?}",
+                start.elapsed()
+            );
+            assert!(!out.exists(), "{args:?} left a run directory");
+        }
+    }
+    // The figure needed and the one available are both in the line.
+    let stderr = text(&sae_under_4gb(&["train", "--batch-size", "100000000"]).stderr);
+    assert!(
+        stderr.contains("needs about ") && stderr.contains("GiB"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ulimit -v"), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `--max-memory` lets through what it covers, and is recorded in the run's config.
+#[test]
+fn max_memory_admits_a_run_it_covers_and_is_saved() {
+    let dir = temp_dir("cli-max-memory");
+    let out = dir.join("run");
+    let run = sae(&[
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "5",
+        "--batch-size",
+        "16",
+        "--dict-size",
+        "32",
+        "--k",
+        "4",
+        "--max-memory",
+        "1GiB",
+        "--threads",
+        "1",
+    ]);
+    common::ok(&run);
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(config.contains("max_memory = \"1GiB\""), "{config}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The printer: each OS error once, one line, no control characters, for errors from the
+/// library, from anyhow's context chain and from clap alike.
+#[test]
+fn errors_print_each_cause_once_on_one_line_without_control_characters() {
+    let dir = temp_dir("cli-printer");
+    let missing = dir.join("missing.npy");
+    let out = dir.join("run");
+    for args in [
+        vec![
+            "train",
+            "--data",
+            missing.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        vec!["train", "--config", missing.to_str().unwrap()],
+    ] {
+        let run = sae(&args);
+        let stderr = text(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.matches("os error 2").count(),
+            1,
+            "{args:?}: {stderr}"
+        );
+    }
+    // A name holding ESC (which could clear the screen) and a newline.
+    let hostile = dir.join("a\x1b[2Jb\nc.npy");
+    std::fs::write(&hostile, b"not an npy file at all").unwrap();
+    let missing_hostile = dir.join("gone\x1b]0;title\x07.npy");
+    for args in [
+        vec![
+            "train",
+            "--data",
+            hostile.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        vec![
+            "train",
+            "--data",
+            missing_hostile.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        // Clap's own errors echo the value.
+        vec!["train", "--batch-size", "1\x1b[2J"],
+    ] {
+        let run = sae(&args);
+        let stderr = text(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{args:?}: {stderr}");
+        let line = stderr.strip_suffix('\n').unwrap_or(&stderr);
+        assert!(line.starts_with("error: "), "{args:?}: {stderr}");
+        assert!(
+            line.bytes().all(|b| b >= 0x20 && b != 0x7f),
+            "{args:?}: {stderr:?}"
+        );
+        // Clap drops the escape sequence itself; the library's messages echo it, escaped.
+        if args[1] == "--data" {
+            assert!(line.contains("\\u{1b}"), "{args:?}: {stderr:?}");
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

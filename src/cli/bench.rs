@@ -29,6 +29,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use sparse_autoencoder::backend::{huge_copy, zeros_huge, Backend, Cpu, Device};
 use sparse_autoencoder::data::{Batcher, LoaderConfig, NpyShards, Prefetcher};
+use sparse_autoencoder::memory::{self, Estimate, Knob};
 use sparse_autoencoder::{Architecture, PhaseTimes, Sae, SaeConfig, TrainConfig, Trainer};
 
 use super::{at_least_one, usage, UsageError};
@@ -71,6 +72,11 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Memory the bench may use, such as 8GiB; a shape whose estimated need exceeds it is
+    /// refused before anything is allocated [default: what the machine, its cgroup and
+    /// ulimit -v leave free].
+    #[arg(long, value_name = "SIZE", value_parser = super::byte_size)]
+    max_memory: Option<sparse_autoencoder::memory::ByteSize>,
     #[command(flatten)]
     device: super::DeviceArgs,
 }
@@ -117,28 +123,32 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
         ))
         .into());
     }
-    if args
-        .batch
-        .checked_mul(args.f)
-        .and_then(|n| n.checked_mul(4))
-        .is_none()
-        || args.batch.checked_mul(args.d * DATA_BATCHES).is_none()
-    {
-        return Err(UsageError(format!(
-            "invalid --batch: {} rows of {} latents do not fit in memory",
-            args.batch, args.f
-        ))
-        .into());
-    }
-    if let Some(threads) = args.threads {
-        super::train::set_threads(threads)?;
-    }
-    let threads = args.threads.unwrap_or_else(rayon::current_num_threads);
     let sae_config = SaeConfig {
         d_model: args.d,
         dict_size: args.f,
         arch: args.arch.architecture(args.k),
     };
+    // Sizes are checked before anything is allocated: first that the arrays can be addressed,
+    // then that they fit in the memory there is.
+    sae_config
+        .validate()
+        .map_err(|err| UsageError(format!("invalid --f: {err}")))?;
+    let estimate = Estimate::bench(&sae_config, args.batch, args.data.then_some(DATA_BATCHES));
+    memory::check(&estimate, args.max_memory).map_err(|err| {
+        let option = |knob| match knob {
+            Knob::BatchSize => "--batch".to_string(),
+            Knob::DictSize | Knob::Synthetic => "--f (or --d)".to_string(),
+            Knob::BufferRows => "--batch (the --data file is 8 batches)".to_string(),
+        };
+        UsageError(format!(
+            "the bench {}",
+            err.describe(option, "--max-memory")
+        ))
+    })?;
+    if let Some(threads) = args.threads {
+        super::train::set_threads(threads)?;
+    }
+    let threads = args.threads.unwrap_or_else(rayon::current_num_threads);
     let train_config = TrainConfig {
         total_steps: 1_000_000,
         warmup_steps: 0,

@@ -42,7 +42,7 @@ pub(super) fn check_batch_memory(batch_size: usize, n_rows: u64, d: usize, f: us
         .checked_add(f as u64)
         .and_then(|w| w.checked_mul(b))
         .and_then(|e| e.checked_mul(4));
-    let available = sparse_autoencoder::io::available_memory();
+    let available = sparse_autoencoder::memory::available().map(|a| a.bytes);
     match (need, available) {
         (Some(need), Some(available)) if need <= available => Ok(()),
         (Some(_), None) => Ok(()),

@@ -12,6 +12,7 @@ pub mod train;
 use std::fmt;
 
 use sparse_autoencoder::data::DataError;
+use sparse_autoencoder::memory::{ByteSize, Knob};
 use sparse_autoencoder::ConfigError;
 
 pub fn at_least_one(s: &str) -> std::result::Result<usize, String> {
@@ -61,13 +62,43 @@ fn option_for(err: &ConfigError) -> Option<&'static str> {
         E::LearningRate(_) => "--lr",
         E::L1Coefficient(_) => "--l1",
         E::WarmupNotBeforeEnd { .. } => "--warmup-steps",
-        E::ZeroBatchSize => "--batch-size",
+        E::ZeroBatchSize
+        | E::TooLarge {
+            field: "batch_size",
+            ..
+        } => "--batch-size",
+        E::TooLarge {
+            field: "dict_size", ..
+        } => "--dict-size",
+        E::TooLarge {
+            field: "expansion", ..
+        } => "--expansion",
+        E::TooLarge {
+            field: "buffer_rows",
+            ..
+        } => "--buffer-rows",
         E::BufferRows(_) => "--buffer-rows",
         E::DecayNotAfterWarmup { .. }
         | E::DecayNotBeforeEnd { .. }
         | E::DecayNotAfterSparsityWarmup { .. } => "--decay-start",
         _ => return None,
     })
+}
+
+/// The `sae train` option behind a part of a memory estimate.
+fn train_option(knob: Knob) -> String {
+    match knob {
+        Knob::BatchSize => "--batch-size",
+        Knob::DictSize => "--dict-size (or --expansion)",
+        Knob::BufferRows => "--buffer-rows",
+        Knob::Synthetic => "the [synthetic] sizes of --config",
+    }
+    .to_string()
+}
+
+/// Parses `--max-memory` (`8GiB`, `512MB`) for clap.
+pub fn byte_size(s: &str) -> Result<ByteSize, String> {
+    s.parse()
 }
 
 /// Parses `--device` (cpu, cuda, cuda:N) for clap, whose error then names the option.
@@ -108,6 +139,11 @@ pub fn usage(err: sparse_autoencoder::Error) -> anyhow::Error {
         sparse_autoencoder::Error::Data(data @ DataError::EvalFraction { .. }) => {
             UsageError(format!("invalid --eval-fraction: {data}")).into()
         }
+        sparse_autoencoder::Error::Memory(memory) => UsageError(format!(
+            "the run {}",
+            memory.describe(train_option, "--max-memory")
+        ))
+        .into(),
         _ => err.into(),
     }
 }
@@ -121,5 +157,73 @@ pub fn exit_status(err: &anyhow::Error) -> u8 {
         2
     } else {
         1
+    }
+}
+
+/// The line `main` prints for `err`: its message and each cause the message does not already
+/// hold (library errors such as `Error::Io` print their OS error themselves, and anyhow's
+/// chain would repeat it), on one line.
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    one_line(&line)
+}
+
+/// `text` as one line that is safe on a terminal: lines joined with "; " and every other
+/// control character written as `\u{1b}` (an ESC from a file's header or name could otherwise
+/// clear the screen or retitle the terminal).
+pub fn one_line(text: &str) -> String {
+    let joined = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    joined
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_os_error_is_printed_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let err = sparse_autoencoder::Error::Io {
+            path: "x.npy".into(),
+            action: "reading",
+            source: io,
+        };
+        let line = error_line(&anyhow::Error::from(err).context("opening the data"));
+        assert_eq!(line.matches("not found").count(), 1, "{line}");
+        assert!(
+            line.starts_with("opening the data: x.npy: reading failed"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn lines_are_joined_and_control_characters_escaped() {
+        let line = one_line("bad header\n  ^ here\n\nfile \u{1b}[2J.npy\tend\r\n");
+        assert_eq!(line, "bad header; ^ here; file \\u{1b}[2J.npy\\u{9}end");
+        assert!(line.bytes().all(|b| b >= 0x20), "{line}");
     }
 }

@@ -1,5 +1,5 @@
 //! `sae train`: flags and config file merged into a [`RunSpec`], sweeps expanded, the run
-//! driven with a progress bar (or log lines), Ctrl-C turned into a checkpoint.
+//! driven with a progress bar (or log lines), Ctrl-C and SIGTERM turned into a checkpoint.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -20,6 +20,60 @@ use super::{at_least_one, at_least_one_u64, fraction, usage, UsageError};
 
 /// Exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
 pub const INTERRUPTED: u8 = 130;
+/// Exit status of a run stopped by SIGTERM (`kill`, Slurm at the time limit): 128 + 15.
+pub const TERMINATED: u8 = 143;
+
+/// SIGINT and SIGTERM as flags: both ask the run to stop (it then writes a checkpoint), and
+/// `terminated` tells which came, for the exit status.
+struct Signals {
+    stop: Arc<AtomicBool>,
+    terminated: Arc<AtomicBool>,
+    /// While set (until training starts), a signal ends the process at once with 130 or 143:
+    /// there is no trained state to save, and opening the data may take long. Files written
+    /// by then are whole (config.toml goes through `write_atomic`); the run directory has no
+    /// checkpoint, so it is started again, not resumed.
+    exit_at_once: Arc<AtomicBool>,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let signals = Signals {
+            stop: Arc::new(AtomicBool::new(false)),
+            terminated: Arc::new(AtomicBool::new(false)),
+            exit_at_once: Arc::new(AtomicBool::new(true)),
+        };
+        for (signal, status) in [(SIGINT, INTERRUPTED), (SIGTERM, TERMINATED)] {
+            signal_hook::flag::register_conditional_shutdown(
+                signal,
+                status.into(),
+                signals.exit_at_once.clone(),
+            )
+            .context("installing the signal handlers")?;
+            // Once training runs, a second signal only sets the flag again: it cannot cut
+            // short the checkpoint the first one asked for.
+            signal_hook::flag::register(signal, signals.stop.clone())
+                .context("installing the signal handlers")?;
+        }
+        signal_hook::flag::register(SIGTERM, signals.terminated.clone())
+            .context("installing the signal handlers")?;
+        Ok(signals)
+    }
+
+    /// From now on a signal stops the run at the next step, with a checkpoint.
+    fn training_starts(&self) {
+        self.exit_at_once.store(false, Ordering::SeqCst);
+    }
+
+    /// The exit status of a run the signals stopped.
+    fn status(&self) -> u8 {
+        if self.terminated.load(Ordering::SeqCst) {
+            TERMINATED
+        } else {
+            INTERRUPTED
+        }
+    }
+}
 
 /// `sae train`'s options. Each overrides the config file's value; list options (`--k 32,64`)
 /// make a sweep: one SAE per combination, all trained on the same batches.
@@ -147,7 +201,8 @@ struct RunArgs {
         conflicts_with_all = ["config", "data", "eval_data", "eval_fraction", "normalize",
             "buffer_rows", "arch", "k", "dict_size", "expansion",
             "relu_variant", "batch_size", "steps", "tokens", "lr", "l1", "warmup_steps",
-            "decay_start", "seed", "out", "force", "checkpoint_every", "metrics_every"]
+            "decay_start", "seed", "out", "force", "checkpoint_every", "metrics_every",
+            "max_memory"]
     )]
     resume: Option<PathBuf>,
     /// Write a checkpoint every this many steps (one is always written on Ctrl-C).
@@ -156,6 +211,11 @@ struct RunArgs {
     /// Steps between lines of metrics.jsonl [default: 10].
     #[arg(long, value_parser = at_least_one_u64, allow_negative_numbers = true)]
     metrics_every: Option<u64>,
+    /// Memory the run may use, such as 8GiB or 500MB; a run whose estimated need exceeds it
+    /// is refused before it allocates [default: what the machine, its cgroup and ulimit -v
+    /// leave free]. Saved in config.toml as [train] max_memory.
+    #[arg(long, value_name = "SIZE", value_parser = super::byte_size)]
+    max_memory: Option<sparse_autoencoder::memory::ByteSize>,
     /// Worker threads for the GEMMs and the rest of the step [default: all cores].
     #[arg(long, value_parser = at_least_one, allow_negative_numbers = true)]
     threads: Option<usize>,
@@ -203,13 +263,7 @@ pub fn run(args: TrainArgs) -> Result<Option<u8>> {
     if let Some(threads) = args.run.threads {
         set_threads(threads)?;
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // A second Ctrl-C while the checkpoint is written is ignored: the write is short.
-        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
-            .context("installing the Ctrl-C handler")?;
-    }
+    let signals = Signals::install()?;
     // Checked before a run directory is created, so a bad device leaves nothing behind.
     let device = args.run.device.device()?;
     device.check().map_err(usage)?;
@@ -218,12 +272,12 @@ pub fn run(args: TrainArgs) -> Result<Option<u8>> {
             let options = ResumeOptions {
                 skip_non_finite: args.data.skip_non_finite,
             };
-            Run::resume(dir, &options, &stop).map(|run| (run, dir.clone()))
+            Run::resume(dir, &options, &signals.stop).map(|run| (run, dir.clone()))
         }
         None => {
             let spec = spec_from(&args)?;
             let dir = args.run.out.clone().unwrap_or_else(default_run_dir);
-            match Run::create(&spec, &dir, args.run.force, &stop) {
+            match Run::create(&spec, &dir, args.run.force, &signals.stop) {
                 Err(err @ sparse_autoencoder::Error::Stopped { .. }) => Err(err),
                 Err(err) => return Err(width_mismatch_is_eval_data(err, &spec.data.eval_paths)),
                 Ok(run) => Ok((run, dir)),
@@ -231,13 +285,14 @@ pub fn run(args: TrainArgs) -> Result<Option<u8>> {
         }
     };
     let (mut run, dir) = match opened {
-        Err(sparse_autoencoder::Error::Stopped { .. }) => return Ok(Some(INTERRUPTED)),
+        Err(sparse_autoencoder::Error::Stopped { .. }) => return Ok(Some(signals.status())),
         opened => opened.map_err(usage)?,
     };
     run.set_device(device).map_err(usage)?;
     describe(&run, &dir);
     let mut observer = Reporter::new(&run, args.run.log_every);
-    let outcome = run.train(&mut observer, &stop);
+    signals.training_starts();
+    let outcome = run.train(&mut observer, &signals.stop);
     observer.finish();
     match outcome.map_err(usage)? {
         Outcome::Interrupted { step } => {
@@ -245,7 +300,7 @@ pub fn run(args: TrainArgs) -> Result<Option<u8>> {
                 "interrupted at step {step}: checkpoint written; continue with `sae train --resume {}`",
                 dir.display()
             );
-            Ok(Some(INTERRUPTED))
+            Ok(Some(signals.status()))
         }
         Outcome::Unevaluated { dirs, .. } => {
             let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
@@ -255,7 +310,7 @@ pub fn run(args: TrainArgs) -> Result<Option<u8>> {
                 dirs.join(", "),
                 dir.display()
             );
-            Ok(Some(INTERRUPTED))
+            Ok(Some(signals.status()))
         }
         Outcome::Finished(summaries) => {
             for summary in &summaries {
@@ -322,6 +377,7 @@ fn spec_from(args: &TrainArgs) -> Result<RunSpec> {
     spec.train.seed = o.seed.or(spec.train.seed);
     spec.train.checkpoint_every = r.checkpoint_every.or(spec.train.checkpoint_every);
     spec.train.metrics_every = r.metrics_every.or(spec.train.metrics_every);
+    spec.train.max_memory = r.max_memory.or(spec.train.max_memory);
     spec.sae = sweep(&spec.sae, args);
     Ok(spec)
 }

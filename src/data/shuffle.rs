@@ -96,7 +96,7 @@ impl LoaderConfig {
     /// Rows the buffer will hold for a dataset of `n_rows` rows of width `d_model`.
     pub fn buffer_capacity(&self, n_rows: u64, d_model: usize) -> usize {
         let rows = self.buffer_rows.unwrap_or_else(|| {
-            let fits = self.buffer_bytes / (4 * d_model as u64).max(1);
+            let fits = self.buffer_bytes / (4u64.saturating_mul(d_model as u64)).max(1);
             fits.clamp(1, 1 << 20) as usize
         });
         rows.min(usize::try_from(n_rows).unwrap_or(usize::MAX))
@@ -213,6 +213,21 @@ impl<S: Source> Batcher<S> {
             });
         }
         let capacity = config.buffer_capacity(n_rows, d_model);
+        // The buffer here and the batches the prefetch thread allocates must be addressable:
+        // an overflow would panic inside ndarray, on that thread.
+        for (field, rows) in [("buffer_rows", capacity), ("batch_size", config.batch_size)] {
+            let fits = rows
+                .checked_mul(d_model)
+                .and_then(|n| n.checked_mul(std::mem::size_of::<f32>()))
+                .is_some_and(|bytes| bytes <= isize::MAX as usize);
+            if !fits {
+                return Err(ConfigError::TooLarge {
+                    field,
+                    size: format!("{rows} rows of width {d_model}"),
+                }
+                .into());
+            }
+        }
         let mut batcher = Batcher {
             source,
             d_model,
@@ -548,6 +563,44 @@ impl<S: Source> Batcher<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A source of any declared size that holds no data.
+    struct Declared {
+        rows: u64,
+        d: usize,
+    }
+
+    impl Source for Declared {
+        fn d_model(&self) -> usize {
+            self.d
+        }
+        fn n_rows(&self) -> u64 {
+            self.rows
+        }
+        fn read_rows(&self, _: u64, _: &mut [f32]) -> std::result::Result<(), DataError> {
+            unreachable!("no batch is made")
+        }
+    }
+
+    #[test]
+    fn buffers_and_batches_past_the_address_space_are_config_errors() {
+        let too_large = |source: Declared, config: LoaderConfig| match Batcher::new(source, config)
+        {
+            Err(crate::Error::Config(ConfigError::TooLarge { field, .. })) => field,
+            Err(err) => panic!("{err}"),
+            Ok(_) => panic!("accepted"),
+        };
+        let wide = Declared {
+            rows: 2,
+            d: usize::MAX / 2,
+        };
+        assert_eq!(too_large(wide, LoaderConfig::default()), "buffer_rows");
+        let batch = LoaderConfig {
+            batch_size: usize::MAX,
+            ..LoaderConfig::default()
+        };
+        assert_eq!(too_large(Declared { rows: 2, d: 16 }, batch), "batch_size");
+    }
 
     #[test]
     fn config_validation_names_each_field() {

@@ -257,7 +257,7 @@ impl TensorsIn {
         let n = n_bytes / std::mem::size_of::<T>();
         // The shapes the caller expects bound the size, but a hostile sae.json can expect a
         // lot, and with overcommit an allocation too large succeeds until it is filled.
-        if let Some(available) = available_memory().filter(|&a| n_bytes as u64 > a) {
+        if let Some(available) = crate::memory::available().map(|a| a.bytes).filter(|&a| n_bytes as u64 > a) {
             return Err(self.bad(format!(
                 "tensor {name:?} of shape {shape:?} needs {n_bytes} bytes, but only {available} \
                  are available"
@@ -322,21 +322,6 @@ impl TensorsIn {
             b_dec_d: Array1::from(self.f32(&format!("{prefix}b_dec_d"), &[d])?),
         })
     }
-}
-
-/// The memory that can be had now without swapping (Linux's MemAvailable), where the system
-/// says: for refusing sizes a file or option implies before allocating them.
-pub fn available_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb = meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("MemAvailable:"))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    kb.checked_mul(1024)
 }
 
 /// The multi-index of the `flat`-th element of a C-order array of `shape`.

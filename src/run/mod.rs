@@ -325,6 +325,7 @@ impl Run {
     pub fn create(spec: &RunSpec, dir: &Path, force: bool, stop: &AtomicBool) -> Result<Run> {
         check_schedule(spec)?;
         let seed = spec.train.seed.unwrap_or(0);
+        crate::memory::check_synthetic(spec, SYNTH_EVAL_ROWS)?;
         let mut opened = open_data(spec, seed)?;
         check_stop(stop, dir, STOPPED_BEFORE_TRAINING)?;
         let synthetic = opened.synth.is_some();
@@ -380,6 +381,7 @@ impl Run {
                 seed: Some(seed),
                 metrics_every: Some(schedule.metrics_every),
                 checkpoint_every: schedule.checkpoint_every,
+                max_memory: spec.train.max_memory,
             },
             sae: resolved_saes,
             synthetic: opened.synth.as_ref().map(|s| SynthConfig {
@@ -388,8 +390,12 @@ impl Run {
             }),
         };
 
-        // Every option is checked, and the data read, before the directory is touched.
-        loader_config(&resolved.data, &schedule, 1.0).validate()?;
+        // Every option is checked, the data read and the memory the run needs estimated
+        // before the directory is touched.
+        let loader = loader_config(&resolved.data, &schedule, 1.0);
+        loader.validate()?;
+        let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
+        crate::memory::check_run(&resolved, opened.d_model, &loader, train_n, SYNTH_EVAL_ROWS)?;
         check_dir(dir, force)?;
         let mut notes = std::mem::take(&mut opened.notes);
         let train_rows = opened.train_rows.clone();
@@ -479,10 +485,14 @@ impl Run {
             }
             run.spec.data.skip_non_finite = true;
         }
+        crate::memory::check_synthetic(&run.spec, SYNTH_EVAL_ROWS)?;
         let (state, trainers) = checkpoint::load(dir, &run)?;
         check_stop(stop, dir, STOPPED_BEFORE_RESUMING)?;
         let mut opened = open_data(&run.spec, run.schedule.seed)?;
         check_stop(stop, dir, STOPPED_BEFORE_RESUMING)?;
+        let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
+        let loader = loader_config(&run.spec.data, &run.schedule, state.scale);
+        crate::memory::check_run(&run.spec, opened.d_model, &loader, train_n, SYNTH_EVAL_ROWS)?;
         if let Some(trainer) = trainers.first() {
             let trained = trainer.sae().config().d_model;
             if trained != opened.d_model {

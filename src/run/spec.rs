@@ -60,6 +60,8 @@ pub struct ScheduleSpec {
     pub metrics_every: Option<u64>,
     /// Steps between checkpoints (default: none until the end or an interrupt).
     pub checkpoint_every: Option<u64>,
+    /// Memory the run may use (`"8GiB"`), instead of what the machine has free.
+    pub max_memory: Option<crate::memory::ByteSize>,
 }
 
 /// A run's schedule with every default applied: what a [`super::Run`] runs, with nothing
@@ -211,7 +213,10 @@ impl SaeSpec {
         let dict_size = match (self.dict_size, self.expansion) {
             (Some(_), Some(_)) => return Err(ConfigError::DictSizeAndExpansion),
             (Some(f), None) => f,
-            (None, Some(e)) => e * cx.d_model,
+            (None, Some(e)) => e.checked_mul(cx.d_model).ok_or(ConfigError::TooLarge {
+                field: "expansion",
+                size: format!("{e} × {} (d_model) latents", cx.d_model),
+            })?,
             (None, None) if cx.synthetic => 512,
             (None, None) => 8 * cx.d_model,
         };
@@ -247,7 +252,7 @@ impl SaeSpec {
         };
         let dead_tokens = self.dead_tokens.unwrap_or(if cx.synthetic {
             // Synthetic runs are short: a latent is dead after 20 batches without firing.
-            20 * cx.batch_size as u64
+            20u64.saturating_mul(cx.batch_size as u64)
         } else {
             defaults.dead_tokens
         });
