@@ -257,7 +257,10 @@ impl TensorsIn {
         let n = n_bytes / std::mem::size_of::<T>();
         // The shapes the caller expects bound the size, but a hostile sae.json can expect a
         // lot, and with overcommit an allocation too large succeeds until it is filled.
-        if let Some(available) = crate::memory::available().map(|a| a.bytes).filter(|&a| n_bytes as u64 > a) {
+        if let Some(available) = crate::memory::available()
+            .map(|a| a.bytes)
+            .filter(|&a| n_bytes as u64 > a)
+        {
             return Err(self.bad(format!(
                 "tensor {name:?} of shape {shape:?} needs {n_bytes} bytes, but only {available} \
                  are available"

@@ -485,9 +485,10 @@ impl Run {
             }
             run.spec.data.skip_non_finite = true;
         }
-        crate::memory::check_synthetic(&run.spec, SYNTH_EVAL_ROWS)?;
         let (state, trainers) = checkpoint::load(dir, &run)?;
         check_stop(stop, dir, STOPPED_BEFORE_RESUMING)?;
+        // After the checkpoint's load, whose errors name config.toml's SAE tables.
+        crate::memory::check_synthetic(&run.spec, SYNTH_EVAL_ROWS)?;
         let mut opened = open_data(&run.spec, run.schedule.seed)?;
         check_stop(stop, dir, STOPPED_BEFORE_RESUMING)?;
         let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
