@@ -1023,6 +1023,7 @@ fn check_names(names: &[String], dir: &Path) -> Result<()> {
         }
         let taken = RUN_DIR_NAMES
             .iter()
+            .chain(RUN_FILES)
             .any(|&used| name == used || name.strip_suffix(".tmp") == Some(used));
         if taken {
             return Err(refuse(name, "is a name the run directory itself uses"));
@@ -1039,21 +1040,13 @@ fn check_names(names: &[String], dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Every name a run writes at the top of its directory (besides the SAEs' own files, which a
-/// sweep's SAE directory must not be named after either).
+/// The directories and lock file a run keeps at the top of its directory, besides
+/// [`RUN_FILES`]; no SAE of a sweep may be named after either.
 const RUN_DIR_NAMES: &[&str] = &[
     checkpoint::DIR,
     checkpoint::NEW,
     checkpoint::OLD,
     lock::FILE,
-    CONFIG_FILE,
-    metrics::FILE,
-    "eval.json",
-    "feature_density.npy",
-    "curves.png",
-    "density.png",
-    "sae.safetensors",
-    "sae.json",
 ];
 
 fn member_dir(dir: &Path, name: &str, n_members: usize) -> PathBuf {
