@@ -18,6 +18,8 @@ pub enum Knob {
     BatchSize,
     /// Latents per SAE (`dict_size` or `expansion`).
     DictSize,
+    /// Both, for the B×F buffers: either one lowers them.
+    BatchAndDictSize,
     /// Rows of the loader's shuffle buffer (`buffer_rows`).
     BufferRows,
     /// The built-in synthetic set's `[synthetic]` sizes.
@@ -30,6 +32,7 @@ impl Knob {
         match self {
             Knob::BatchSize => "batch_size",
             Knob::DictSize => "dict_size (or expansion)",
+            Knob::BatchAndDictSize => "batch_size or dict_size (or expansion)",
             Knob::BufferRows => "buffer_rows",
             Knob::Synthetic => "[synthetic] n_features and d_model",
         }
@@ -123,7 +126,7 @@ impl Estimate {
             mul(&[24, nnz.saturating_add(aux_nnz)]).saturating_add(mul(&[32, b.saturating_add(f)]));
         self.add(
             "B×F step buffers",
-            Knob::BatchSize,
+            Knob::BatchAndDictSize,
             mul(&[4, b, f])
                 .saturating_add(dense_extra.max(codes))
                 .saturating_add(codes.min(dense_extra)),
@@ -223,7 +226,7 @@ impl Estimate {
         let (f, d, b) = (u(sae.dict_size), u(sae.d_model), u(batch));
         // Sae::new's initialisation and the GEMM's own W_enc.
         e.add("initialisation copies", Knob::DictSize, mul(&[8, f, d]));
-        e.add("bare GEMM output", Knob::BatchSize, mul(&[4, b, f]));
+        e.add("bare GEMM output", Knob::BatchAndDictSize, mul(&[4, b, f]));
         e.add("fixed batch", Knob::BatchSize, mul(&[8, b, d]));
         if let Some(batches) = data {
             // The float16 file is written from one buffer, then every row lies in the
@@ -645,7 +648,9 @@ mod tests {
     fn the_largest_part_names_what_to_lower() {
         let loader = LoaderConfig::default();
         let big_batch = Estimate::train(&spec(1 << 20, &[512]), 64, &loader, Some(1000), 0);
-        assert_eq!(big_batch.largest().unwrap().0, Knob::BatchSize);
+        assert_eq!(big_batch.largest().unwrap().0, Knob::BatchAndDictSize);
+        let wide_batch = Estimate::train(&spec(1 << 20, &[16]), 4096, &loader, Some(1000), 0);
+        assert_eq!(wide_batch.largest().unwrap().0, Knob::BatchSize);
         let big_dict = Estimate::train(&spec(64, &[1 << 22]), 256, &loader, Some(1000), 0);
         assert_eq!(big_dict.largest().unwrap().0, Knob::DictSize);
         let big_buffer = Estimate::train(&spec(64, &[512]), 256, &loader, Some(1 << 30), 0);

@@ -137,6 +137,7 @@ pub fn run(args: BenchArgs) -> Result<Option<u8>> {
     memory::check(&estimate, args.max_memory).map_err(|err| {
         let option = |knob| match knob {
             Knob::BatchSize => "--batch".to_string(),
+            Knob::BatchAndDictSize => "--batch or --f".to_string(),
             Knob::DictSize | Knob::Synthetic => "--f (or --d)".to_string(),
             Knob::BufferRows => "--batch (the --data file is 8 batches)".to_string(),
         };

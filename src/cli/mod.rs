@@ -90,6 +90,7 @@ fn train_option(knob: Knob) -> String {
     match knob {
         Knob::BatchSize => "--batch-size",
         Knob::DictSize => "--dict-size (or --expansion)",
+        Knob::BatchAndDictSize => "--batch-size or --dict-size (or --expansion)",
         Knob::BufferRows => "--buffer-rows",
         Knob::Synthetic => "the [synthetic] sizes of --config",
     }
