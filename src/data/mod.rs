@@ -1,5 +1,5 @@
 //! Activation data, from where rows live to the batches a trainer consumes: a [`Source`] of
-//! D-wide rows (memory-mapped `.npy` shards, in-memory arrays, a held-out [`Subset`]), shuffled
+//! D-wide rows (`.npy` shards read on demand, in-memory arrays, a held-out [`Subset`]), shuffled
 //! batches from a bounded buffer ([`Batcher`]), made ahead on a background thread
 //! ([`Prefetcher`]), and the input scale that normalisation trains with ([`estimate_scale`]).
 //!
@@ -17,6 +17,7 @@
 
 mod normalize;
 pub mod npy;
+mod npy_header;
 mod prefetch;
 mod shuffle;
 mod subset;
@@ -34,7 +35,7 @@ pub use subset::{holdout, Subset};
 
 /// Random access to N rows of D activations, converted to f32.
 ///
-/// The memory-mapped reader ([`NpyShards`]) is one implementation; in-memory arrays are
+/// The `.npy` reader ([`NpyShards`]) is one implementation; in-memory arrays are
 /// others. Implement it to train from your own generator: [`Batcher`] only ever asks for rows
 /// by index, so a generator must return the same row for the same index.
 pub trait Source: Send + Sync {
@@ -154,6 +155,50 @@ pub enum DataError {
         path: PathBuf,
         /// What is wrong with the header.
         reason: String,
+    },
+    /// A path that is not a regular file (a FIFO, a socket, a device): sae reads rows by
+    /// position, and opening a FIFO would wait for a writer forever.
+    #[error(
+        "{}: is {kind}, not a regular file; save the activations to a file (numpy.save) and \
+         pass that",
+        path.display()
+    )]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead, for example "a FIFO (named pipe)".
+        kind: &'static str,
+    },
+    /// A shard that became shorter than its header describes after it was opened (truncated
+    /// or rewritten by another process).
+    #[error(
+        "{}: the file shrank to {len} bytes while sae was reading it (its header describes \
+         {needed}); something truncated or rewrote it: restore the file and run again (a \
+         training run resumes from its checkpoint with --resume)",
+        path.display()
+    )]
+    Shrunk {
+        /// The file.
+        path: PathBuf,
+        /// Its length now.
+        len: u64,
+        /// The length its header and data need.
+        needed: u64,
+    },
+    /// Reading a shard that was opened fine failed (an I/O error from the disk or network
+    /// file system).
+    #[error(
+        "{}: reading at byte {offset} failed: {cause}; check the disk or file system holding \
+         it, then run again (a training run resumes from its checkpoint with --resume)",
+        path.display()
+    )]
+    ReadFailed {
+        /// The file.
+        path: PathBuf,
+        /// Where the read started.
+        offset: u64,
+        /// What the operating system said.
+        cause: std::io::Error,
     },
     /// The header promises more data than the file holds.
     #[error(

@@ -1,15 +1,13 @@
-//! `.npy` shards, memory-mapped: header checks, path expansion (files, directories, globs) and
-//! conversion of float16/float32/float64 rows to f32.
+//! `.npy` shards, read on demand with positioned reads: header checks, path expansion (files,
+//! directories, globs) and conversion of float16/float32/float64 rows to f32.
 
 use std::fs::File;
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use half::slice::HalfFloatSliceExt;
-use memmap2::Mmap;
-use npyz::{DType, NpyHeader, Order, TypeChar};
 use rayon::prelude::*;
 
+use super::npy_header::{self, escape, Descr, MAX_HEADER, MAX_PREFIX};
 use super::{DataError, Source};
 
 /// Element types a shard may hold; all are read as f32.
@@ -33,16 +31,50 @@ impl Dtype {
     }
 }
 
-/// One memory-mapped file.
+/// What a header's descr is to sae.
+enum Kind {
+    Read(Dtype),
+    /// A dtype, but not one sae reads (for `DataError::Dtype`).
+    Unsupported(String),
+    /// Not a numpy type string at all: the header is broken.
+    NotAType(String),
+}
+
+fn kind(descr: &Descr) -> Kind {
+    match descr {
+        Descr::Plain(s) => match s.as_str() {
+            "<f2" => Kind::Read(Dtype::F16),
+            "<f4" => Kind::Read(Dtype::F32),
+            "<f8" => Kind::Read(Dtype::F64),
+            _ if s.starts_with(['<', '>', '|', '=']) => Kind::Unsupported(escape(s)),
+            _ => Kind::NotAType(escape(s)),
+        },
+        Descr::Structured(text) => Kind::Unsupported(escape(text)),
+    }
+}
+
+/// Bytes converted per positioned read of a float16 or float64 shard.
+const SCRATCH_BYTES: usize = 16 << 10;
+
+/// Scratch for [`Shard::read`], aligned so float16 bits convert in place (F16C).
+#[repr(align(64))]
+struct Scratch([u8; SCRATCH_BYTES]);
+
+/// One open file. Rows are read with positioned reads (`pread`), not through a memory map: a
+/// map of a file that another process truncates faults (SIGBUS) on the first access past the
+/// new end and kills the process, where a read returns an error.
 struct Shard {
     path: PathBuf,
-    map: Mmap,
+    file: File,
     /// Byte offset of the data, right after the header.
-    offset: usize,
+    offset: u64,
+    /// Where the data the header describes ends: the file must stay at least this long.
+    end: u64,
     dtype: Dtype,
     /// Shape as saved; rows are all axes but the last.
     shape: Vec<u64>,
     rows: u64,
+    d_model: usize,
 }
 
 impl Shard {
@@ -55,83 +87,61 @@ impl Shard {
             path: path.to_path_buf(),
             reason,
         };
-        let file = File::open(path).map_err(io)?;
-        if file.metadata().map_err(io)?.is_dir() {
-            return Err(not_npy("it is a directory".into()));
+        // Opening a FIFO for reading waits for a writer, forever: look before opening, and
+        // open without waiting in case the path changes in between.
+        refuse_non_regular(path, &std::fs::metadata(path).map_err(io)?)?;
+        let file = open_nonblocking(path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        refuse_non_regular(path, &meta)?;
+        let len = meta.len();
+
+        // Every size the header states is checked against the file before it is read or
+        // allocated for.
+        let mut head = [0u8; MAX_PREFIX];
+        let head = &mut head[..len.min(MAX_PREFIX as u64) as usize];
+        read_exact_at(&file, head, 0).map_err(io)?;
+        let prefix = npy_header::parse_prefix(head).map_err(not_npy)?;
+        let offset = prefix.data_start();
+        if offset > len {
+            return Err(not_npy(format!(
+                "the header claims to end at byte {offset} but the file has {len} bytes"
+            )));
         }
-        // SAFETY: the map is read-only. Another process truncating the file while it is mapped
-        // would fault the reader; activation dumps are written once and then only read.
-        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        if !map.starts_with(b"\x93NUMPY") {
-            return Err(not_npy(if map.is_empty() {
-                "the file is empty".into()
-            } else {
-                "it does not start with the \\x93NUMPY magic".into()
-            }));
+        if prefix.text_len > MAX_HEADER {
+            return Err(not_npy(format!(
+                "its header is {} bytes; sae reads headers of up to {MAX_HEADER} bytes (numpy \
+                 writes under 200 for the dtypes sae reads)",
+                prefix.text_len
+            )));
         }
-        // npyz allocates as many bytes as the stated header length (up to 4 GiB in versions 2.0
-        // and 3.0) before reading the header; a corrupt length must not allocate gigabytes.
-        if let Some(end) = header_end(&map) {
-            if end > map.len() as u64 {
+        let mut text = vec![0; prefix.text_len as usize];
+        read_exact_at(&file, &mut text, prefix.text_start).map_err(io)?;
+        let dtype_error = |dtype| DataError::Dtype {
+            path: path.to_path_buf(),
+            dtype,
+        };
+        let header = match npy_header::parse_header(&text, prefix.utf8) {
+            Ok(header) => header,
+            // A broken header that names a dtype sae does not read blames the dtype: the file
+            // is no use either way. One naming a dtype sae reads is broken elsewhere, and
+            // blaming the dtype would send the user after the wrong problem.
+            Err(err) => {
+                return Err(match err.descr.as_ref().map(kind) {
+                    Some(Kind::Unsupported(dtype)) => dtype_error(dtype),
+                    _ => not_npy(format!("bad header: {}", err.reason)),
+                })
+            }
+        };
+        let dtype = match kind(&header.descr) {
+            Kind::Read(dtype) => dtype,
+            Kind::Unsupported(dtype) => return Err(dtype_error(dtype)),
+            Kind::NotAType(descr) => {
                 return Err(not_npy(format!(
-                    "the header claims to end at byte {end} but the file has {} bytes",
-                    map.len()
-                )));
+                    "bad header: its descr '{descr}' is not a numpy type string such as '<f4'"
+                )))
             }
-        }
-        let mut reader = Cursor::new(&map[..]);
-        // npyz multiplies the dimensions without overflow checks (`NpyHeader::from_parts`), which
-        // panics in builds with overflow checks (debug builds) when a corrupt shape's product
-        // passes u64; report that as a bad header instead (the panic message still reaches
-        // stderr). Nothing the closure touched is used after a panic.
-        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            NpyHeader::from_reader(&mut reader)
-        }));
-        let header = match parsed {
-            Ok(Ok(header)) => header,
-            Ok(Err(err)) => {
-                // npyz rejects dtypes it has no type for (object, for one) while parsing; name
-                // the dtype when the header says it. A header that names a dtype sae reads (or
-                // no numpy type string at all) is broken elsewhere: blaming the dtype would
-                // send the user after the wrong problem.
-                return Err(match descr_in_header(&map) {
-                    Some(dtype)
-                        if dtype.starts_with(['<', '>', '|', '='])
-                            && !matches!(dtype.as_str(), "<f2" | "<f4" | "<f8") =>
-                    {
-                        DataError::Dtype {
-                            path: path.to_path_buf(),
-                            dtype,
-                        }
-                    }
-                    _ => not_npy(clip(format!("bad header: {err}"))),
-                });
-            }
-            Err(_) => return Err(not_npy("bad header: its shape overflows".into())),
         };
-        let offset = reader.position() as usize;
-        let dtype = match header.dtype() {
-            DType::Plain(ty) => {
-                let little = matches!(
-                    ty.endianness(),
-                    npyz::Endianness::Little | npyz::Endianness::Irrelevant
-                );
-                match (ty.type_char(), ty.size_field(), little) {
-                    (TypeChar::Float, 2, true) => Some(Dtype::F16),
-                    (TypeChar::Float, 4, true) => Some(Dtype::F32),
-                    (TypeChar::Float, 8, true) => Some(Dtype::F64),
-                    _ => None,
-                }
-            }
-            _ => None,
-        };
-        let Some(dtype) = dtype else {
-            return Err(DataError::Dtype {
-                path: path.to_path_buf(),
-                dtype: header.dtype().descr().trim_matches('\'').to_string(),
-            });
-        };
-        let shape = header.shape().to_vec();
+        let shape = header.shape;
         if shape.is_empty() {
             return Err(DataError::Scalar {
                 path: path.to_path_buf(),
@@ -139,7 +149,7 @@ impl Shard {
         }
         // A 1-dimensional array is a single row; Fortran order only matters with two axes or
         // more.
-        if header.order() == Order::Fortran && shape.len() > 1 {
+        if header.fortran_order && shape.len() > 1 {
             return Err(DataError::FortranOrder {
                 path: path.to_path_buf(),
             });
@@ -153,8 +163,8 @@ impl Shard {
         let expected = shape
             .iter()
             .try_fold(dtype.size() as u64, |acc, &n| acc.checked_mul(n))
-            .ok_or_else(|| not_npy(format!("shape {shape:?} overflows")))?;
-        let actual = (map.len() - offset) as u64;
+            .ok_or_else(|| not_npy(format!("bad header: shape {shape:?} overflows")))?;
+        let actual = len - offset;
         if actual < expected {
             return Err(DataError::Truncated {
                 path: path.to_path_buf(),
@@ -162,28 +172,132 @@ impl Shard {
                 actual,
             });
         }
+        // Both fit: their product is at most `expected`, which fits in the file.
         let rows = shape[..shape.len() - 1].iter().product();
+        let d_model = usize::try_from(shape[shape.len() - 1])
+            .map_err(|_| not_npy(format!("bad header: shape {shape:?} is too wide")))?;
         Ok(Shard {
             path: path.to_path_buf(),
-            map,
+            file,
             offset,
+            end: offset + expected,
             dtype,
             shape,
             rows,
+            d_model,
         })
     }
 
-    fn d_model(&self) -> usize {
-        *self.shape.last().expect("shape checked non-empty") as usize
+    /// Converts rows `row..` into `out_nd`.
+    fn read(&self, row: u64, out_nd: &mut [f32]) -> Result<(), DataError> {
+        let size = self.dtype.size();
+        // In range: callers stay within `rows`, and `end` fits in the file's length.
+        let start = self.offset + row * (self.d_model * size) as u64;
+        if self.dtype == Dtype::F32 {
+            // Straight into the output: float32 needs no conversion.
+            self.read_at(bytemuck::cast_slice_mut(out_nd), start)?;
+            if cfg!(target_endian = "big") {
+                for v in out_nd.iter_mut() {
+                    *v = f32::from_bits(u32::from_le(v.to_bits()));
+                }
+            }
+            return Ok(());
+        }
+        let mut scratch = Scratch([0; SCRATCH_BYTES]);
+        let per_read = SCRATCH_BYTES / size;
+        for (i, part) in out_nd.chunks_mut(per_read).enumerate() {
+            let bytes = &mut scratch.0[..part.len() * size];
+            self.read_at(bytes, start + (i * per_read * size) as u64)?;
+            convert(self.dtype, bytes, part);
+        }
+        Ok(())
     }
 
-    /// Converts rows `row..` into `out_nd`.
-    fn read(&self, row: u64, out_nd: &mut [f32]) {
-        let size = self.dtype.size();
-        let start = self.offset + row as usize * self.d_model() * size;
-        let bytes = &self.map[start..start + out_nd.len() * size];
-        convert(self.dtype, bytes, out_nd);
+    /// Fills `buf` from byte `at`; a file that shrank since it was opened is
+    /// [`DataError::Shrunk`].
+    fn read_at(&self, buf: &mut [u8], at: u64) -> Result<(), DataError> {
+        read_exact_at(&self.file, buf, at).map_err(|cause| match self.file.metadata() {
+            Ok(meta) if meta.len() < self.end => DataError::Shrunk {
+                path: self.path.clone(),
+                len: meta.len(),
+                needed: self.end,
+            },
+            _ => DataError::ReadFailed {
+                path: self.path.clone(),
+                offset: at,
+                cause,
+            },
+        })
     }
+}
+
+/// Anything but a regular file (a directory, a FIFO, a socket, a device) is refused.
+fn refuse_non_regular(path: &Path, meta: &std::fs::Metadata) -> Result<(), DataError> {
+    let file_type = meta.file_type();
+    if file_type.is_file() {
+        return Ok(());
+    }
+    if file_type.is_dir() {
+        return Err(DataError::NotNpy {
+            path: path.to_path_buf(),
+            reason: "it is a directory".into(),
+        });
+    }
+    #[cfg(unix)]
+    let kind = {
+        use std::os::unix::fs::FileTypeExt;
+        if file_type.is_fifo() {
+            "a FIFO (named pipe)"
+        } else if file_type.is_socket() {
+            "a socket"
+        } else if file_type.is_char_device() {
+            "a character device"
+        } else if file_type.is_block_device() {
+            "a block device"
+        } else {
+            "not a regular file"
+        }
+    };
+    #[cfg(not(unix))]
+    let kind = "not a regular file";
+    Err(DataError::NotAFile {
+        path: path.to_path_buf(),
+        kind,
+    })
+}
+
+/// Opens `path` for reading; on Unix without waiting for a writer should it be a FIFO
+/// (`O_NONBLOCK`, which regular files ignore).
+fn open_nonblocking(path: &Path) -> std::io::Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    options.open(path)
+}
+
+/// Fills `buf` from byte `at` of `file` without moving its cursor, so reads may run in
+/// parallel; a file that ends first is `UnexpectedEof`.
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, at)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut at: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, at) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                buf = &mut buf[n..];
+                at += n as u64;
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
 }
 
 /// Little-endian `bytes` of `dtype` → f32.
@@ -219,37 +333,7 @@ fn convert(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Where the header ends (the data begins) by the length field of a version 1.0, 2.0 or 3.0
-/// header; `None` when the prefix is too short or the version unknown (npyz reports those).
-fn header_end(map: &[u8]) -> Option<u64> {
-    match map.get(6..8)? {
-        [1, 0] => Some(10 + u16::from_le_bytes(map.get(8..10)?.try_into().ok()?) as u64),
-        [2 | 3, 0] => Some(12 + u32::from_le_bytes(map.get(8..12)?.try_into().ok()?) as u64),
-        _ => None,
-    }
-}
-
-/// `reason` cut to a few hundred characters: npyz's parse errors quote the whole header line,
-/// which a corrupt length can make as long as the file.
-fn clip(reason: String) -> String {
-    const MAX_CHARS: usize = 400;
-    match reason.char_indices().nth(MAX_CHARS) {
-        Some((cut, _)) => format!("{} [...]", &reason[..cut]),
-        None => reason,
-    }
-}
-
-/// The `'descr'` string of a header that npyz could not parse, if there is one.
-fn descr_in_header(map: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(&map[..map.len().min(4096)]);
-    let after = &text[text.find("'descr'")? + "'descr'".len()..];
-    let after = after.trim_start().strip_prefix(':')?.trim_start();
-    let quote = after.chars().next().filter(|c| *c == '\'' || *c == '"')?;
-    let body = &after[1..];
-    Some(body[..body.find(quote)?].to_string())
-}
-
-/// A dataset of `.npy` shards, memory-mapped and never read whole.
+/// A dataset of `.npy` shards, read row by row on demand and never whole.
 ///
 /// An array whose last axis is D is read as rows of D: a `[sequences, tokens, D]` dump is
 /// sequences·tokens rows. All shards must share D; rows are numbered across shards in order.
@@ -284,18 +368,25 @@ impl NpyShards {
             .collect::<Vec<_>>()
             .into_iter()
             .collect::<Result<_, _>>()?;
-        let d_model = shards[0].d_model();
-        if let Some(bad) = shards.iter().find(|s| s.d_model() != d_model) {
+        let d_model = shards[0].d_model;
+        if let Some(bad) = shards.iter().find(|s| s.d_model != d_model) {
             return Err(DataError::WidthMismatch {
                 path: bad.path.clone(),
-                d_model: bad.d_model(),
+                d_model: bad.d_model,
                 first_path: shards[0].path.clone(),
                 first_d_model: d_model,
             });
         }
         let mut starts = vec![0u64];
         for shard in &shards {
-            starts.push(starts.last().unwrap() + shard.rows);
+            let total = starts[starts.len() - 1]
+                .checked_add(shard.rows)
+                .ok_or_else(|| DataError::NotNpy {
+                    path: shard.path.clone(),
+                    reason: "with the shards before it, the dataset holds more than 2^64 rows"
+                        .into(),
+                })?;
+            starts.push(total);
         }
         let notices = shards
             .iter()
@@ -358,11 +449,11 @@ impl Source for NpyShards {
             if n > rows_per_task {
                 here.par_chunks_mut(rows_per_task * d)
                     .enumerate()
-                    .for_each(|(t, part)| {
+                    .try_for_each(|(t, part)| {
                         self.shards[i].read(local + (t * rows_per_task) as u64, part)
-                    });
+                    })?;
             } else {
-                self.shards[i].read(local, here);
+                self.shards[i].read(local, here)?;
             }
             row += n as u64;
             out = rest;
