@@ -99,6 +99,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// The caller's stop flag was set before training started or resumed; what was already
+    /// on disk (a checkpoint) is left as it was.
+    #[error("{}: stopped at the caller's request {when}", path.display())]
+    Stopped {
+        /// The run directory.
+        path: std::path::PathBuf,
+        /// When, and what it means for the run (for example "before training started; nothing
+        /// to resume").
+        when: String,
+    },
+
     /// A batch with no rows.
     #[error("{what} has no rows; pass at least one row")]
     Empty {

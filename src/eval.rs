@@ -2,6 +2,8 @@
 //! explained, direction and norm of the reconstructions, sparsity and how often each latent
 //! fires, streamed in batches so any number of rows fits in memory.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use ndarray::{Array2, ArrayView2, Axis};
 use serde::{Deserialize, Serialize};
 
@@ -127,9 +129,16 @@ pub fn evaluate(
     batch_rows: usize,
     skip_non_finite: bool,
 ) -> Result<EvalStats> {
-    evaluate_by(sae, source, batch_rows, skip_non_finite, &mut |x_bd| {
-        sae.encode(backend, x_bd)
-    })
+    let never = AtomicBool::new(false);
+    let stats = evaluate_by(
+        sae,
+        source,
+        batch_rows,
+        skip_non_finite,
+        &never,
+        &mut |x_bd| sae.encode(backend, x_bd),
+    )?;
+    Ok(stats.expect("the stop flag is never set"))
 }
 
 /// [`evaluate`] with the encoder (the GEMM and the selection) on `device`; decoding and the
@@ -141,10 +150,30 @@ pub fn evaluate_on(
     batch_rows: usize,
     skip_non_finite: bool,
 ) -> Result<EvalStats> {
+    let never = AtomicBool::new(false);
+    let stats = evaluate_on_until(sae, device, source, batch_rows, skip_non_finite, &never)?;
+    Ok(stats.expect("the stop flag is never set"))
+}
+
+/// [`evaluate_on`] that checks `stop` before each batch and gives `None` once it is set, so a
+/// caller's Ctrl-C ends a long evaluation within a batch.
+pub fn evaluate_on_until(
+    sae: &Sae,
+    device: crate::backend::Device,
+    source: &dyn Source,
+    batch_rows: usize,
+    skip_non_finite: bool,
+    stop: &AtomicBool,
+) -> Result<Option<EvalStats>> {
     let mut encoder = sae.encoder(device)?;
-    evaluate_by(sae, source, batch_rows, skip_non_finite, &mut |x_bd| {
-        encoder.encode(x_bd)
-    })
+    evaluate_by(
+        sae,
+        source,
+        batch_rows,
+        skip_non_finite,
+        stop,
+        &mut |x_bd| encoder.encode(x_bd),
+    )
 }
 
 fn evaluate_by(
@@ -152,8 +181,9 @@ fn evaluate_by(
     source: &dyn Source,
     batch_rows: usize,
     skip_non_finite: bool,
+    stop: &AtomicBool,
     encode: &mut dyn FnMut(ArrayView2<'_, f32>) -> Result<crate::select::Codes>,
-) -> Result<EvalStats> {
+) -> Result<Option<EvalStats>> {
     let (n, d, f) = (
         source.n_rows(),
         sae.config().d_model,
@@ -168,6 +198,9 @@ fn evaluate_by(
     let mut x_bd = Array2::zeros((0, d));
     let mut start = 0u64;
     while start < n {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         let rows = (n - start).min(batch_rows as u64) as usize;
         if x_bd.nrows() != rows {
             x_bd = Array2::zeros((rows, d));
@@ -234,7 +267,7 @@ fn evaluate_by(
         .zip(&sum_sq_d)
         .map(|(s, q)| q - s * s / n as f64)
         .sum();
-    Ok(EvalStats {
+    Ok(Some(EvalStats {
         n_rows: n,
         mse: sq_err / n as f64,
         fve: if total_variance > 0.0 {
@@ -250,7 +283,7 @@ fn evaluate_by(
         shrinkage: sum_ratio / (n - zero_rows) as f64,
         zero_rows,
         firing_counts_f,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -288,6 +321,32 @@ mod tests {
             .into_iter()
             .collect();
         assert_eq!(whole.dead_fraction, 1.0 - fired.len() as f64 / 20.0);
+    }
+
+    #[test]
+    fn a_set_stop_flag_ends_the_evaluation() {
+        let sae = hand_sae();
+        let x_nd = Array2::<f32>::ones((10, 2));
+        let stop = AtomicBool::new(true);
+        let stopped = evaluate_on_until(
+            &sae,
+            crate::backend::Device::Cpu,
+            &x_nd.view(),
+            3,
+            false,
+            &stop,
+        );
+        assert_eq!(stopped.unwrap(), None);
+        stop.store(false, Ordering::Relaxed);
+        let done = evaluate_on_until(
+            &sae,
+            crate::backend::Device::Cpu,
+            &x_nd.view(),
+            3,
+            false,
+            &stop,
+        );
+        assert_eq!(done.unwrap().unwrap().n_rows, 10);
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct Redrawn {
     pub curves: PathBuf,
     /// `density.png`, when the run directory has `feature_density.npy`.
     pub density: Option<PathBuf>,
+    /// A line to show about the metrics (a diverged run's non-finite loss), if any.
+    pub note: Option<String>,
 }
 
 /// Draws a run's metrics (one run, records in step order) against training tokens as four
@@ -77,7 +79,16 @@ pub fn density_histogram(firing_frequency_f: &[f64], path: &Path) -> Result<()> 
 /// must exist; see [`read_metrics`]) and, when `feature_density.npy` exists, `density.png` from
 /// it (see [`read_feature_density`]).
 pub fn redraw(run_dir: &Path) -> Result<Redrawn> {
-    let records = read_metrics(&run_dir.join("metrics.jsonl"))?;
+    let metrics = run_dir.join("metrics.jsonl");
+    let records = read_metrics(&metrics)?;
+    let note = records.iter().find(|r| !r.loss.is_finite()).map(|r| {
+        format!(
+            "{}: the loss is not finite from step {} (training diverged; a run by an older sae \
+             wrote it as null); the curves leave those steps out",
+            metrics.display(),
+            r.step
+        )
+    });
     let curves = run_dir.join("curves.png");
     training_curves(&records, &curves)?;
     let density_npy = run_dir.join("feature_density.npy");
@@ -88,11 +99,15 @@ pub fn redraw(run_dir: &Path) -> Result<Redrawn> {
     } else {
         None
     };
-    Ok(Redrawn { curves, density })
+    Ok(Redrawn {
+        curves,
+        density,
+        note,
+    })
 }
 
 /// Reads a `metrics.jsonl`: one [`MetricsRecord`] JSON object per line; blank lines are
-/// skipped. A last line without its newline that does not parse is skipped too: it is a
+/// skipped, and a `null` figure (a diverged run's, as older versions wrote it) reads as NaN. A last line without its newline that does not parse is skipped too: it is a
 /// record the run was writing when it stopped. Anything else malformed is an error naming the
 /// file and line.
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {

@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::temp_dir;
 use sparse_autoencoder::run::{
-    ArchName, Observer, Outcome, Progress, Run, RunSpec, SaeSpec, ScheduleSpec,
+    ArchName, Observer, Outcome, Progress, ResumeOptions, Run, RunSpec, SaeSpec, ScheduleSpec,
 };
+use sparse_autoencoder::synth::SynthConfig;
 use sparse_autoencoder::Sae;
 
 /// Stops the run after `stop_at` steps, and records which step the checkpoint on disk held at
@@ -36,6 +37,10 @@ impl Observer for StopAt<'_> {
         }
     }
     fn note(&mut self, _: &str) {}
+}
+
+fn no_stop() -> AtomicBool {
+    AtomicBool::new(false)
 }
 
 fn spec() -> RunSpec {
@@ -67,7 +72,7 @@ fn spec() -> RunSpec {
 fn stop_checkpoint_and_resume_end_where_the_uninterrupted_run_ends() {
     let dir = temp_dir("run-lib");
     let (straight, resumed) = (dir.join("straight"), dir.join("resumed"));
-    let mut run = Run::create(&spec(), &straight, false).unwrap();
+    let mut run = Run::create(&spec(), &straight, false, &no_stop()).unwrap();
     let Outcome::Finished(summaries) = run.train(&mut (), &AtomicBool::new(false)).unwrap() else {
         panic!("the run was not asked to stop");
     };
@@ -85,7 +90,7 @@ fn stop_checkpoint_and_resume_end_where_the_uninterrupted_run_ends() {
         dir: resumed.clone(),
         checkpoint_steps: Vec::new(),
     };
-    let mut run = Run::create(&spec(), &resumed, false).unwrap();
+    let mut run = Run::create(&spec(), &resumed, false, &no_stop()).unwrap();
     let outcome = run.train(&mut observer, &stop).unwrap();
     assert!(
         matches!(outcome, Outcome::Interrupted { step: 17 }),
@@ -99,7 +104,7 @@ fn stop_checkpoint_and_resume_end_where_the_uninterrupted_run_ends() {
     assert_eq!(checkpoint_step(&resumed), Some(17));
     drop(run);
 
-    let mut run = Run::resume(&resumed).unwrap();
+    let mut run = Run::resume(&resumed, &ResumeOptions::default(), &no_stop()).unwrap();
     assert_eq!(run.steps_done(), 17);
     assert!(matches!(
         run.train(&mut (), &AtomicBool::new(false)).unwrap(),
@@ -112,7 +117,15 @@ fn stop_checkpoint_and_resume_end_where_the_uninterrupted_run_ends() {
         assert_eq!(a, b, "{name}");
     }
     assert!(!resumed.join("checkpoint").exists());
-    let err = Run::resume(&resumed)
+    // The run still holds its directory: a second one is refused, naming the holder.
+    let err = Run::resume(&resumed, &ResumeOptions::default(), &no_stop())
+        .err()
+        .expect("locked")
+        .to_string();
+    let me = format!("pid {}", std::process::id());
+    assert!(err.contains("in use by") && err.contains(&me), "{err}");
+    drop(run);
+    let err = Run::resume(&resumed, &ResumeOptions::default(), &no_stop())
         .err()
         .expect("nothing to resume")
         .to_string();
@@ -124,7 +137,7 @@ fn stop_checkpoint_and_resume_end_where_the_uninterrupted_run_ends() {
 fn a_checkpoint_of_another_configuration_is_refused() {
     let dir = temp_dir("run-lib-mismatch");
     let stop = AtomicBool::new(true);
-    let mut run = Run::create(&spec(), &dir, false).unwrap();
+    let mut run = Run::create(&spec(), &dir, false, &no_stop()).unwrap();
     assert!(matches!(
         run.train(&mut (), &stop).unwrap(),
         Outcome::Interrupted { step: 0 }
@@ -134,10 +147,351 @@ fn a_checkpoint_of_another_configuration_is_refused() {
     let config = dir.join("config.toml");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("topk-k4-f96", "renamed")).unwrap();
-    let err = Run::resume(&dir).err().expect("refused").to_string();
+    let err = Run::resume(&dir, &ResumeOptions::default(), &no_stop())
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(
         err.contains("checkpoint") && err.contains("renamed"),
         "{err}"
     );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// One small SAE on a small synthetic set: runs of a few steps take well under a second.
+fn tiny(steps: u64) -> RunSpec {
+    RunSpec {
+        train: ScheduleSpec {
+            steps: Some(steps),
+            batch_size: Some(32),
+            ..ScheduleSpec::default()
+        },
+        sae: vec![SaeSpec {
+            arch: Some(ArchName::Topk),
+            k: Some(4),
+            dict_size: Some(32),
+            ..SaeSpec::default()
+        }],
+        synthetic: Some(SynthConfig {
+            d_model: 16,
+            n_features: 32,
+            ..SynthConfig::default()
+        }),
+        ..RunSpec::default()
+    }
+}
+
+/// Runs an observer's closure after each step.
+struct OnStep<F: FnMut(u64)>(F);
+
+impl<F: FnMut(u64)> Observer for OnStep<F> {
+    fn step(&mut self, p: &Progress<'_>) {
+        (self.0)(p.step)
+    }
+    fn note(&mut self, _: &str) {}
+}
+
+#[test]
+fn sae_names_the_run_directory_uses_are_refused_before_anything_is_written() {
+    let dir = temp_dir("run-names");
+    for bad in [
+        "checkpoint",
+        "checkpoint.old",
+        "checkpoint.new",
+        "run.lock",
+        "config.toml",
+        "config.toml.tmp",
+        "metrics.jsonl",
+        "eval.json",
+        "feature_density.npy",
+        "curves.png",
+        "density.png",
+        "sae.safetensors",
+        "sae.json",
+        "a/b",
+        "a\\b",
+        "..",
+        ".",
+        "",
+        " lead",
+        "trail ",
+        "esc\u{1b}[2J",
+        "tab\there",
+    ] {
+        let mut spec = tiny(2);
+        spec.sae.push(SaeSpec {
+            name: Some(bad.into()),
+            ..spec.sae[0].clone()
+        });
+        let run_dir = dir.join("run");
+        let err = Run::create(&spec, &run_dir, false, &no_stop())
+            .err()
+            .unwrap_or_else(|| panic!("{bad:?} was accepted"))
+            .to_string();
+        assert!(
+            err.contains(&format!("{bad:?}")) && err.contains("rename it"),
+            "{bad:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        // An escape sequence is shown escaped, never sent to the terminal.
+        assert!(!err.contains('\u{1b}'), "{err}");
+        assert!(!run_dir.exists(), "{bad:?}: the directory was touched");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A run of `spec` stopped at step 0 (a checkpoint of no steps), and its `config.toml`.
+fn interrupted(dir: &Path, spec: &RunSpec) -> PathBuf {
+    let mut run = Run::create(spec, dir, false, &no_stop()).unwrap();
+    let outcome = run.train(&mut (), &AtomicBool::new(true)).unwrap();
+    assert!(
+        matches!(outcome, Outcome::Interrupted { step: 0 }),
+        "{outcome:?}"
+    );
+    dir.join("config.toml")
+}
+
+#[test]
+fn an_edited_config_toml_is_one_error_naming_the_key() {
+    let dir = temp_dir("run-edited-config");
+    let config = interrupted(&dir, &tiny(4));
+    let written = std::fs::read_to_string(&config).unwrap();
+    let resume = || {
+        Run::resume(&dir, &ResumeOptions::default(), &no_stop())
+            .err()
+            .expect("refused")
+            .to_string()
+    };
+    let cases: [(&str, String, &[&str]); 8] = [
+        (
+            "batch_size",
+            drop_line(&written, "batch_size"),
+            &["train.batch_size", "missing"],
+        ),
+        (
+            "metrics_every",
+            drop_line(&written, "metrics_every"),
+            &["train.metrics_every", "missing"],
+        ),
+        (
+            "steps",
+            drop_line(&written, "steps ="),
+            &["train.steps", "missing"],
+        ),
+        (
+            "seed",
+            drop_line(&written, "seed ="),
+            &["train.seed", "missing"],
+        ),
+        (
+            "a string",
+            written.replace("batch_size = 32", "batch_size = \"32\""),
+            &["batch_size", "line"],
+        ),
+        (
+            "tokens",
+            written.replace("[train]\n", "[train]\ntokens = 100\n"),
+            &["train.tokens"],
+        ),
+        (
+            "zero",
+            written.replace("metrics_every = 10", "metrics_every = 0"),
+            &["train.metrics_every", "at least 1"],
+        ),
+        (
+            "a bad name",
+            written.replace("name = \"topk-k4-f32\"", "name = \"checkpoint.old\""),
+            &["checkpoint.old", "rename it"],
+        ),
+    ];
+    for (what, text, needles) in cases {
+        assert_ne!(text, written, "{what}: the edit did nothing");
+        std::fs::write(&config, &text).unwrap();
+        let err = resume();
+        assert_eq!(err.lines().count(), 1, "{what}: {err}");
+        assert!(
+            err.contains("config.toml") || what == "a bad name",
+            "{what}: {err}"
+        );
+        for needle in needles {
+            assert!(err.contains(needle), "{what}: {needle:?} not in {err}");
+        }
+    }
+    std::fs::write(&config, &written).unwrap();
+    let mut run = Run::resume(&dir, &ResumeOptions::default(), &no_stop()).unwrap();
+    assert!(matches!(
+        run.train(&mut (), &no_stop()).unwrap(),
+        Outcome::Finished(_)
+    ));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn drop_line(text: &str, starting: &str) -> String {
+    text.lines()
+        .filter(|l| !l.starts_with(starting))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+#[test]
+fn a_second_run_in_a_directory_in_use_is_refused_naming_the_holder() {
+    let dir = temp_dir("run-lock");
+    let run = Run::create(&tiny(4), &dir, false, &no_stop()).unwrap();
+    let me = format!("pid {}", std::process::id());
+    let again = Run::create(&tiny(4), &dir, true, &no_stop())
+        .err()
+        .expect("locked");
+    let resumed = Run::resume(&dir, &ResumeOptions::default(), &no_stop())
+        .err()
+        .expect("locked");
+    for err in [again.to_string(), resumed.to_string()] {
+        assert!(err.contains("in use by") && err.contains(&me), "{err}");
+        assert!(err.contains("run.lock"), "{err}");
+    }
+    // --force did not clear the running run's files.
+    assert!(dir.join("config.toml").is_file());
+    drop(run);
+    // The lock goes with its holder.
+    Run::create(&tiny(4), &dir, true, &no_stop()).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_stop_before_training_writes_nothing_and_leaves_the_checkpoint() {
+    let dir = temp_dir("run-stop-early").join("run");
+    let stopped = AtomicBool::new(true);
+    let err = Run::create(&tiny(4), &dir, false, &stopped)
+        .err()
+        .expect("stopped");
+    assert!(
+        matches!(err, sparse_autoencoder::Error::Stopped { .. }),
+        "{err}"
+    );
+    assert!(!dir.exists(), "a stopped create wrote {dir:?}");
+
+    interrupted(&dir, &tiny(4));
+    let before = std::fs::read(dir.join("checkpoint/run.json")).unwrap();
+    let err = Run::resume(&dir, &ResumeOptions::default(), &stopped)
+        .err()
+        .expect("stopped");
+    assert!(err.to_string().contains("checkpoint is as it was"), "{err}");
+    assert_eq!(
+        std::fs::read(dir.join("checkpoint/run.json")).unwrap(),
+        before
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_stop_during_the_final_evaluation_leaves_saved_saes_and_a_resumable_run() {
+    let dir = temp_dir("run-stop-eval");
+    let (straight, stopped) = (dir.join("straight"), dir.join("stopped"));
+    let mut run = Run::create(&tiny(6), &straight, false, &no_stop()).unwrap();
+    assert!(matches!(
+        run.train(&mut (), &no_stop()).unwrap(),
+        Outcome::Finished(_)
+    ));
+
+    let stop = AtomicBool::new(false);
+    let mut run = Run::create(&tiny(6), &stopped, false, &no_stop()).unwrap();
+    // The stop request comes as the last step ends: training is over, the evaluation starts.
+    let mut observer = OnStep(|step| {
+        if step == 6 {
+            stop.store(true, Ordering::Relaxed)
+        }
+    });
+    let outcome = run.train(&mut observer, &stop).unwrap();
+    let Outcome::Unevaluated { step: 6, dirs } = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(dirs, [stopped.clone()]);
+    assert_eq!(Sae::load(&stopped).unwrap(), Sae::load(&straight).unwrap());
+    assert!(!stopped.join("eval.json").exists());
+    drop(run);
+    let mut run = Run::resume(&stopped, &ResumeOptions::default(), &no_stop()).unwrap();
+    assert_eq!(run.steps_done(), 6);
+    assert!(matches!(
+        run.train(&mut (), &no_stop()).unwrap(),
+        Outcome::Finished(_)
+    ));
+    assert!(stopped.join("eval.json").is_file() && !stopped.join("checkpoint").exists());
+    assert_eq!(Sae::load(&stopped).unwrap(), Sae::load(&straight).unwrap());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_failed_final_save_leaves_the_run_resumable_to_the_same_parameters() {
+    let dir = temp_dir("run-final-save");
+    let (straight, failed) = (dir.join("straight"), dir.join("failed"));
+    // No periodic checkpoints: only the one at the last step keeps the trained state.
+    let mut run = Run::create(&tiny(6), &straight, false, &no_stop()).unwrap();
+    assert!(matches!(
+        run.train(&mut (), &no_stop()).unwrap(),
+        Outcome::Finished(_)
+    ));
+
+    let mut run = Run::create(&tiny(6), &failed, false, &no_stop()).unwrap();
+    // A directory where the save's temporary file must go: the write fails, as on a full disk.
+    let blocker = failed.join("sae.safetensors.tmp");
+    let mut observer = OnStep(|step| {
+        if step == 6 {
+            std::fs::create_dir(&blocker).unwrap();
+        }
+    });
+    let err = run
+        .train(&mut observer, &no_stop())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("saving the trained SAE failed")
+            && err.contains("free space")
+            && err.contains("--resume")
+            && err.contains("step 6"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    drop(run);
+    std::fs::remove_dir(&blocker).unwrap();
+    let mut run = Run::resume(&failed, &ResumeOptions::default(), &no_stop()).unwrap();
+    assert_eq!(run.steps_done(), 6);
+    assert!(matches!(
+        run.train(&mut (), &no_stop()).unwrap(),
+        Outcome::Finished(_)
+    ));
+    assert_eq!(
+        std::fs::read(failed.join("sae.safetensors")).unwrap(),
+        std::fs::read(straight.join("sae.safetensors")).unwrap()
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A float32 `.npy` of `rows` rows of width `d`.
+fn write_rows(path: &Path, rows: usize, d: usize) {
+    let x = common::synthetic_batch(rows, d, 5);
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    common::write_npy(path, "<f4", &[rows, d], &bytes);
+}
+
+#[test]
+fn resuming_on_data_of_another_width_names_the_files_and_the_cause() {
+    let dir = temp_dir("run-width");
+    let data = dir.join("acts.npy");
+    write_rows(&data, 128, 16);
+    let mut spec = tiny(4);
+    spec.synthetic = None;
+    spec.data.paths = vec![data.clone()];
+    spec.data.eval_fraction = Some(0.0);
+    let run_dir = dir.join("run");
+    interrupted(&run_dir, &spec);
+    write_rows(&data, 128, 32);
+    let err = Run::resume(&run_dir, &ResumeOptions::default(), &no_stop())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("acts.npy") && err.contains("32 wide") && err.contains("D=16"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -37,6 +37,9 @@ pub fn run(args: PlotArgs) -> Result<Option<u8>> {
     }
     for dir in dirs {
         let drawn = sparse_autoencoder::plot::redraw(&dir)?;
+        if let Some(note) = &drawn.note {
+            println!("{note}");
+        }
         println!("wrote {}", drawn.curves.display());
         if let Some(density) = drawn.density {
             println!("wrote {}", density.display());

@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use sparse_autoencoder::data::DataError;
 use sparse_autoencoder::run::{
-    ArchName, Observer, Outcome, Progress, Run, RunSpec, SaeSpec, Summary,
+    ArchName, Observer, Outcome, Progress, ResumeOptions, Run, RunSpec, SaeSpec, Summary,
 };
 use sparse_autoencoder::ReluVariant;
 
@@ -145,7 +145,7 @@ struct RunArgs {
         long,
         value_name = "DIR",
         conflicts_with_all = ["config", "data", "eval_data", "eval_fraction", "normalize",
-            "skip_non_finite", "buffer_rows", "arch", "k", "dict_size", "expansion",
+            "buffer_rows", "arch", "k", "dict_size", "expansion",
             "relu_variant", "batch_size", "steps", "tokens", "lr", "l1", "warmup_steps",
             "decay_start", "seed", "out", "force", "checkpoint_every", "metrics_every"]
     )]
@@ -213,15 +213,26 @@ pub fn run(args: TrainArgs) -> Result<Option<u8>> {
     // Checked before a run directory is created, so a bad device leaves nothing behind.
     let device = args.run.device.device()?;
     device.check().map_err(usage)?;
-    let (mut run, dir) = match &args.run.resume {
-        Some(dir) => (Run::resume(dir).map_err(usage)?, dir.clone()),
+    let opened = match &args.run.resume {
+        Some(dir) => {
+            let options = ResumeOptions {
+                skip_non_finite: args.data.skip_non_finite,
+            };
+            Run::resume(dir, &options, &stop).map(|run| (run, dir.clone()))
+        }
         None => {
             let spec = spec_from(&args)?;
             let dir = args.run.out.clone().unwrap_or_else(default_run_dir);
-            let run = Run::create(&spec, &dir, args.run.force)
-                .map_err(|err| width_mismatch_is_eval_data(err, &spec.data.eval_paths))?;
-            (run, dir)
+            match Run::create(&spec, &dir, args.run.force, &stop) {
+                Err(err @ sparse_autoencoder::Error::Stopped { .. }) => Err(err),
+                Err(err) => return Err(width_mismatch_is_eval_data(err, &spec.data.eval_paths)),
+                Ok(run) => Ok((run, dir)),
+            }
         }
+    };
+    let (mut run, dir) = match opened {
+        Err(sparse_autoencoder::Error::Stopped { .. }) => return Ok(Some(INTERRUPTED)),
+        opened => opened.map_err(usage)?,
     };
     run.set_device(device).map_err(usage)?;
     describe(&run, &dir);
@@ -232,6 +243,16 @@ pub fn run(args: TrainArgs) -> Result<Option<u8>> {
         Outcome::Interrupted { step } => {
             println!(
                 "interrupted at step {step}: checkpoint written; continue with `sae train --resume {}`",
+                dir.display()
+            );
+            Ok(Some(INTERRUPTED))
+        }
+        Outcome::Unevaluated { dirs, .. } => {
+            let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            println!(
+                "stopped during the end-of-run evaluation: the trained SAEs are saved in {}; \
+                 evaluate them with `sae train --resume {}` (or `sae eval`)",
+                dirs.join(", "),
                 dir.display()
             );
             Ok(Some(INTERRUPTED))

@@ -1,25 +1,32 @@
 //! A run's checkpoint: each SAE's [`Checkpoint`] and the run's own state (step, data cursor,
-//! input scale), replaced atomically as a whole.
+//! input scale), replaced as a whole so that a crash at any system call leaves one complete
+//! generation to resume from.
 //!
 //! Layout: `checkpoint/run.json` and `checkpoint/<i>/` (the i-th SAE's
-//! `checkpoint.safetensors` and `checkpoint.json`). A new checkpoint is written to
-//! `checkpoint.new/` and swapped in by renames, so a crash at any moment leaves either the old
-//! checkpoint or the new one whole, for every SAE of a sweep at once.
+//! `checkpoint.safetensors` and `checkpoint.json`). A generation is complete when its
+//! `run.json` is there: it is written last, after every SAE's files are synced. A save first
+//! settles what an earlier crash left (see [`settle`]), so only `checkpoint/` remains; then it
+//! writes `checkpoint.new/`, renames `checkpoint` to `checkpoint.old`, `checkpoint.new` to
+//! `checkpoint`, and removes `checkpoint.old`. At every point in between at least one complete
+//! generation exists, and [`load`] reads the newest complete one of the three, checked by
+//! reading every file of it.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{RunSpec, RunState};
+use super::{Resolved, RunState};
 use crate::error::{io_error, Error, Result};
 use crate::io::{sync_dir, write_atomic, Checkpoint};
 use crate::Trainer;
 
 /// The checkpoint's directory inside the run directory.
 pub(crate) const DIR: &str = "checkpoint";
-const NEW: &str = "checkpoint.new";
-const OLD: &str = "checkpoint.old";
+/// Where a save writes the next generation.
+pub(crate) const NEW: &str = "checkpoint.new";
+/// Where a save moves the previous generation while it swaps the new one in.
+pub(crate) const OLD: &str = "checkpoint.old";
 const RUN_FILE: &str = "run.json";
 /// Bumped when the layout changes, so an old checkpoint is refused with a clear message.
 const FORMAT: u32 = 2;
@@ -35,11 +42,8 @@ struct RunFile {
 
 /// Saves the run's state and its trainers, replacing the previous checkpoint.
 pub(crate) fn save(run_dir: &Path, state: &RunState, trainers: &[(&str, &Trainer)]) -> Result<()> {
+    settle(run_dir)?;
     let new = run_dir.join(NEW);
-    if new.exists() {
-        // Left by a save that crashed before its swap.
-        fs::remove_dir_all(&new).map_err(io_error(&new, "removing"))?;
-    }
     for (i, (name, trainer)) in trainers.iter().enumerate() {
         let dir = new.join(i.to_string());
         fs::create_dir_all(&dir).map_err(io_error(&dir, "creating"))?;
@@ -55,92 +59,174 @@ pub(crate) fn save(run_dir: &Path, state: &RunState, trainers: &[(&str, &Trainer
         names: trainers.iter().map(|(name, _)| name.to_string()).collect(),
     };
     let json = serde_json::to_string_pretty(&run_file).expect("run state serialises");
+    // The completion mark: written last, so a generation with it has every file.
     write_atomic(&new.join(RUN_FILE), json.as_bytes())?;
 
     let (current, old) = (run_dir.join(DIR), run_dir.join(OLD));
-    if old.exists() {
-        fs::remove_dir_all(&old).map_err(io_error(&old, "removing"))?;
-    }
     if current.exists() {
-        fs::rename(&current, &old).map_err(io_error(&current, "renaming"))?;
+        rename(&current, &old)?;
     }
-    fs::rename(&new, &current).map_err(io_error(&new, "renaming"))?;
+    rename(&new, &current)?;
     sync_dir(run_dir);
-    if old.exists() {
-        fs::remove_dir_all(&old).map_err(io_error(&old, "removing"))?;
-    }
-    Ok(())
+    remove_dir(&old)
 }
 
-/// The checkpoint directory to read: the current one, or the old one if a crash came between
-/// the two renames of [`save`].
-fn existing(run_dir: &Path) -> Option<PathBuf> {
-    [DIR, OLD]
+/// Brings what a crashed save (or a crashed removal) left back to one generation, the newest
+/// complete one, in `checkpoint/` (or to none when none is complete). Every step keeps a
+/// complete generation on disk, so a crash inside this function is settled by the next call.
+fn settle(run_dir: &Path) -> Result<()> {
+    let [current, new, old] = [DIR, NEW, OLD].map(|d| run_dir.join(d));
+    if !new.exists() && !old.exists() {
+        return Ok(());
+    }
+    if !complete(&current) {
+        // `new` is newer than `old` whenever both are complete: it was written after `old`
+        // was the current generation.
+        if let Some(from) = [&new, &old].into_iter().find(|d| complete(d)) {
+            remove_dir(&current)?;
+            rename(from, &current)?;
+            sync_dir(run_dir);
+        }
+    }
+    // `checkpoint` is now the newest complete generation there is (or there is none, and what
+    // is left is of no use).
+    remove_dir(&new)?;
+    remove_dir(&old)
+}
+
+/// Whether `dir` holds a whole generation: its completion mark, and each SAE's two files.
+fn complete(dir: &Path) -> bool {
+    let Some(run_file) = read_run_file(dir).ok() else {
+        return false;
+    };
+    (0..run_file.names.len()).all(|i| {
+        let sae = dir.join(i.to_string());
+        [
+            crate::io::CHECKPOINT_WEIGHTS_FILE,
+            crate::io::CHECKPOINT_CONFIG_FILE,
+        ]
+        .iter()
+        .all(|f| sae.join(f).is_file())
+    })
+}
+
+fn read_run_file(dir: &Path) -> Result<RunFile> {
+    let run_path = dir.join(RUN_FILE);
+    let text = fs::read_to_string(&run_path).map_err(io_error(&run_path, "reading"))?;
+    let run_file: RunFile = serde_json::from_str(&text)
+        .map_err(|err| damaged(&run_path, format!("malformed: {err}")))?;
+    if run_file.format != FORMAT {
+        return Err(damaged(
+            &run_path,
+            format!("format {} is not {FORMAT}", run_file.format),
+        ));
+    }
+    Ok(run_file)
+}
+
+fn damaged(path: &Path, reason: String) -> Error {
+    Error::RunDir {
+        path: path.to_path_buf(),
+        reason: format!("{reason}; the checkpoint is damaged or from another version of sae"),
+    }
+}
+
+fn rename(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to).map_err(io_error(from, "renaming"))
+}
+
+fn remove_dir(dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(io_error(dir, "removing")(err))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Reads the checkpoint of the run `run` in `run_dir`: the run's state and one trainer per
+/// SAE, positioned to take the next step. Of the generations on disk the newest that reads
+/// whole is taken; when none does, the error is the newest one's.
+pub(crate) fn load(run_dir: &Path, run: &Resolved) -> Result<(RunState, Vec<Trainer>)> {
+    let mut found: Vec<(u64, PathBuf)> = [DIR, NEW, OLD]
         .iter()
         .map(|d| run_dir.join(d))
-        .find(|d| d.join(RUN_FILE).is_file())
-}
-
-/// Reads the checkpoint of the run `spec` in `run_dir`: the run's state and one trainer per
-/// SAE, positioned to take the next step.
-pub(crate) fn load(run_dir: &Path, spec: &RunSpec) -> Result<(RunState, Vec<Trainer>)> {
-    let dir = existing(run_dir).ok_or_else(|| Error::RunDir {
+        .filter_map(|d| Some((read_run_file(&d).ok()?.state.step, d)))
+        .collect();
+    // Newest first; at one step, in the order above.
+    found.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
+    let mut first_err = None;
+    for (_, dir) in &found {
+        match load_from(dir, run) {
+            Ok(loaded) => return Ok(loaded),
+            Err(err) => {
+                first_err.get_or_insert(err);
+            }
+        }
+    }
+    Err(first_err.unwrap_or_else(|| Error::RunDir {
         path: run_dir.to_path_buf(),
         reason: "no checkpoint to resume from (the run finished, or was stopped before its \
                  first checkpoint); start a new run instead"
             .into(),
-    })?;
+    }))
+}
+
+fn load_from(dir: &Path, run: &Resolved) -> Result<(RunState, Vec<Trainer>)> {
     let run_path = dir.join(RUN_FILE);
-    let bad = |reason: String| Error::RunDir {
-        path: run_path.clone(),
-        reason: format!("{reason}; the checkpoint is damaged or from another version of sae"),
-    };
-    let text = fs::read_to_string(&run_path).map_err(io_error(&run_path, "reading"))?;
-    let run_file: RunFile =
-        serde_json::from_str(&text).map_err(|err| bad(format!("malformed: {err}")))?;
-    if run_file.format != FORMAT {
-        return Err(bad(format!("format {} is not {FORMAT}", run_file.format)));
-    }
-    let names: Vec<String> = spec.sae.iter().filter_map(|s| s.name.clone()).collect();
-    if run_file.names != names {
-        return Err(bad(format!(
-            "it holds SAEs {:?} but config.toml names {names:?}",
-            run_file.names
-        )));
+    let run_file = read_run_file(dir)?;
+    let names = &run.names;
+    if &run_file.names != names {
+        return Err(damaged(
+            &run_path,
+            format!(
+                "it holds SAEs {:?} but config.toml names {names:?}",
+                run_file.names
+            ),
+        ));
     }
     let mut trainers = Vec::with_capacity(names.len());
-    for (i, sae_spec) in spec.sae.iter().enumerate() {
+    for (i, sae_spec) in run.spec.sae.iter().enumerate() {
         let checkpoint = Checkpoint::read_files(&dir.join(i.to_string()))?;
         let state = checkpoint.state;
         let cx = super::Context {
             d_model: state.sae.config().d_model,
-            synthetic: spec.data.paths.is_empty(),
-            steps: spec.train.steps.unwrap_or(0),
-            batch_size: spec.train.batch_size.unwrap_or(0),
+            synthetic: run.spec.data.paths.is_empty(),
+            steps: run.schedule.steps,
+            batch_size: run.schedule.batch_size,
         };
         let (_, sae_config, train_config) = sae_spec.resolve(cx)?;
         if *state.sae.config() != sae_config || state.step != run_file.state.step {
-            return Err(bad(format!(
-                "SAE {} is {:?} at step {}, but config.toml asks for {sae_config:?} and the run \
-                 is at step {}",
-                names[i],
-                state.sae.config(),
-                state.step,
-                run_file.state.step
-            )));
+            return Err(damaged(
+                &run_path,
+                format!(
+                    "SAE {} is {:?} at step {}, but config.toml asks for {sae_config:?} and the \
+                     run is at step {}",
+                    names[i],
+                    state.sae.config(),
+                    state.step,
+                    run_file.state.step
+                ),
+            ));
         }
         trainers.push(Trainer::from_state(state, train_config)?);
     }
     Ok((run_file.state, trainers))
 }
 
-/// Deletes a run's checkpoint (all three directories a save may leave).
+/// Deletes a run's checkpoint (all three directories a save may leave). The completion mark
+/// of `checkpoint/` goes first, so a crash part way leaves no generation that looks whole.
 pub(crate) fn remove(run_dir: &Path) -> Result<()> {
-    for d in [DIR, NEW, OLD] {
+    for d in [NEW, OLD, DIR] {
         let path = run_dir.join(d);
-        if path.exists() {
-            fs::remove_dir_all(&path).map_err(io_error(&path, "removing"))?;
+        let mark = path.join(RUN_FILE);
+        match fs::remove_file(&mark) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_error(&mark, "removing")(err))
+            }
+            _ => {}
         }
+        remove_dir(&path)?;
     }
     Ok(())
 }

@@ -6,9 +6,11 @@
 //! weights (`sae.safetensors`, `sae.json`), `metrics.jsonl`, `eval.json`,
 //! `feature_density.npy` and the plots. A single SAE lives in the run directory itself (so the
 //! run directory is loadable as an SAE); the SAEs of a sweep each get a subdirectory named after
-//! them. `checkpoint/` holds the whole run's state.
+//! them. `checkpoint/` holds the whole run's state, and `run.lock` keeps a second process out
+//! while a run is being created, trained or resumed.
 
 mod checkpoint;
+mod lock;
 mod metrics;
 mod spec;
 
@@ -23,16 +25,20 @@ use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
 pub use metrics::MetricsRecord;
-pub use spec::{ArchName, Context, DataSpec, RunSpec, SaeSpec, ScheduleSpec};
+pub use spec::{
+    ArchName, Context, DataSpec, RunSpec, SaeSpec, Schedule, ScheduleError, ScheduleSpec,
+};
 
 use crate::config::ConfigError;
 use crate::data::{
-    estimate_scale, holdout, Batcher, Cursor, LoaderConfig, NpyShards, Prefetcher, Source,
+    estimate_scale, holdout, Batcher, Cursor, DataError, LoaderConfig, NpyShards, Prefetcher,
+    Source,
 };
 use crate::error::{io_error, Error, Result};
-use crate::eval::{evaluate_on, EvalStats};
+use crate::eval::{evaluate_on_until, EvalStats};
 use crate::synth::{recovery, Recovery, Synth, SynthConfig};
 use crate::{StepStats, Trainer};
+use lock::RunLock;
 
 /// Held-out fraction when the spec names neither eval files nor a fraction.
 pub const DEFAULT_EVAL_FRACTION: f64 = 0.01;
@@ -40,6 +46,11 @@ pub const DEFAULT_EVAL_FRACTION: f64 = 0.01;
 const SYNTH_EVAL_ROWS: usize = 16384;
 /// Default steps between lines of `metrics.jsonl`.
 const DEFAULT_METRICS_EVERY: u64 = 10;
+/// What a stop before training means for the run.
+const STOPPED_BEFORE_TRAINING: &str = "before training started; nothing to resume";
+/// What a stop while a resume opens its data means for the run.
+const STOPPED_BEFORE_RESUMING: &str =
+    "before training resumed; the checkpoint is as it was, resume again to continue";
 
 /// Where a run's training batches come from.
 enum Batches {
@@ -97,6 +108,26 @@ pub enum Outcome {
         /// Steps done.
         step: u64,
     },
+    /// Every step taken and every SAE saved, but the caller's stop request ended the
+    /// end-of-run evaluation early. The checkpoint is kept: [`Run::resume`] (`sae train
+    /// --resume`) saves the same SAEs again and evaluates them; `sae eval` evaluates one.
+    Unevaluated {
+        /// Steps done (all of them).
+        step: u64,
+        /// The saved SAEs' directories.
+        dirs: Vec<PathBuf>,
+    },
+}
+
+/// What a resumed run may change: options that leave the batches already trained on as they
+/// were. Each one given is recorded in `config.toml`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ResumeOptions {
+    /// Skip rows holding NaN or ±Inf from now on (`--skip-non-finite`): a row that stopped
+    /// the run is skipped, and the batches before it were made without meeting one. The
+    /// shuffle (buffer size, seed) and the split cannot change on resume: they would change
+    /// which rows the remaining batches hold.
+    pub skip_non_finite: bool,
 }
 
 /// One trained SAE's results.
@@ -145,23 +176,71 @@ pub struct DataSummary {
 /// call [`Run::train`].
 pub struct Run {
     dir: PathBuf,
-    spec: RunSpec,
+    run: Resolved,
     members: Vec<Member>,
     batches: Batches,
     eval_rows: Option<Arc<dyn Source>>,
     true_features_gd: Option<Array2<f32>>,
     scale: f32,
-    batch_size: usize,
-    total_steps: u64,
-    metrics_every: u64,
-    checkpoint_every: Option<u64>,
-    skip_non_finite: bool,
     step: u64,
+    /// The step of the checkpoint on disk, if any: what a failure leaves to resume from.
+    checkpointed: Option<u64>,
     seconds_before: f64,
     notes: Vec<String>,
     data: DataSummary,
     /// Where the SAEs train, and where the end-of-run evaluation encodes.
     device: crate::backend::Device,
+    /// Held as long as the run: no other process uses the directory meanwhile.
+    _lock: RunLock,
+}
+
+/// A run's configuration with nothing left to resolve: the spec as `config.toml` holds it,
+/// its schedule and its SAEs' names.
+struct Resolved {
+    spec: RunSpec,
+    schedule: Schedule,
+    names: Vec<String>,
+}
+
+impl Resolved {
+    /// The run that a `config.toml` (at `path`, in the run directory `dir`) describes; an
+    /// edited file missing a key or contradicting itself is an error naming the key.
+    fn from_written(spec: RunSpec, path: &Path, dir: &Path) -> Result<Resolved> {
+        let bad = |problem: String| Error::RunFile {
+            path: path.to_path_buf(),
+            problem,
+            fix: "restore the file the run wrote".into(),
+        };
+        let schedule = spec.train.resolved().map_err(|err| bad(err.to_string()))?;
+        if spec.sae.is_empty() {
+            return Err(bad("it has no [[sae]] table".into()));
+        }
+        let mut names = Vec::with_capacity(spec.sae.len());
+        for (i, sae) in spec.sae.iter().enumerate() {
+            match &sae.name {
+                Some(name) => names.push(name.clone()),
+                None => return Err(bad(format!("`name` of [[sae]] table {} is missing", i + 1))),
+            }
+        }
+        if let Some(fraction) = spec.data.eval_fraction {
+            if !(0.0..1.0).contains(&fraction) {
+                return Err(bad(ConfigError::EvalFraction(fraction).to_string()));
+            }
+        }
+        if spec.data.eval_fraction.is_some() && !spec.data.eval_paths.is_empty() {
+            return Err(bad(
+                "`data.eval_fraction` and `data.eval_paths` are both set; a run holds out \
+                 rows one way"
+                    .into(),
+            ));
+        }
+        check_names(&names, dir)?;
+        Ok(Resolved {
+            spec,
+            schedule,
+            names,
+        })
+    }
 }
 
 /// The data of a run, opened.
@@ -237,11 +316,14 @@ const CONFIG_FILE: &str = "config.toml";
 impl Run {
     /// Starts a run of `spec` in `dir`: opens the data, resolves every default, writes
     /// `config.toml` and builds the SAEs. `dir` must be empty or absent unless `force`, which
-    /// clears a previous run's files from it.
-    pub fn create(spec: &RunSpec, dir: &Path, force: bool) -> Result<Run> {
+    /// clears a previous run's files from it. Another process using `dir` is an error naming
+    /// it. `stop` (see [`Run::train`]) is checked between the phases that read the data; set,
+    /// it ends the call with [`Error::Stopped`] before anything is written.
+    pub fn create(spec: &RunSpec, dir: &Path, force: bool, stop: &AtomicBool) -> Result<Run> {
         check_schedule(spec)?;
         let seed = spec.train.seed.unwrap_or(0);
         let mut opened = open_data(spec, seed)?;
+        check_stop(stop, dir, STOPPED_BEFORE_TRAINING)?;
         let synthetic = opened.synth.is_some();
         let batch_size = spec
             .train
@@ -253,6 +335,13 @@ impl Run {
             (None, Some(tokens)) => tokens.div_ceil(batch_size as u64),
             (None, None) if synthetic => 3000,
             (None, None) => 10_000,
+        };
+        let schedule = Schedule {
+            batch_size,
+            steps: total_steps,
+            seed,
+            metrics_every: spec.train.metrics_every.unwrap_or(DEFAULT_METRICS_EVERY),
+            checkpoint_every: spec.train.checkpoint_every,
         };
         let cx = Context {
             d_model: opened.d_model,
@@ -267,15 +356,13 @@ impl Run {
         };
         let mut resolved_saes = Vec::with_capacity(specs.len());
         let mut configs = Vec::with_capacity(specs.len());
+        let mut names = Vec::with_capacity(specs.len());
         for sae_spec in &specs {
             let (resolved, sae_config, train_config) = sae_spec.resolve(cx)?;
+            names.push(resolved.name.clone().unwrap_or_default());
             resolved_saes.push(resolved);
             configs.push((sae_config, train_config));
         }
-        let names: Vec<String> = resolved_saes
-            .iter()
-            .map(|s| s.name.clone().expect("resolved"))
-            .collect();
         check_names(&names, dir)?;
         let resolved = RunSpec {
             data: DataSpec {
@@ -288,8 +375,8 @@ impl Run {
                 steps: Some(total_steps),
                 tokens: None,
                 seed: Some(seed),
-                metrics_every: Some(spec.train.metrics_every.unwrap_or(DEFAULT_METRICS_EVERY)),
-                checkpoint_every: spec.train.checkpoint_every,
+                metrics_every: Some(schedule.metrics_every),
+                checkpoint_every: schedule.checkpoint_every,
             },
             sae: resolved_saes,
             synthetic: opened.synth.as_ref().map(|s| SynthConfig {
@@ -298,12 +385,9 @@ impl Run {
             }),
         };
 
-        // Every option is checked before the directory is touched.
-        loader_config(&resolved, 1.0).validate()?;
-        prepare_dir(dir, force)?;
-        let text = toml::to_string_pretty(&resolved).expect("a RunSpec always serialises");
-        crate::io::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
-
+        // Every option is checked, and the data read, before the directory is touched.
+        loader_config(&resolved.data, &schedule, 1.0).validate()?;
+        check_dir(dir, force)?;
         let mut notes = std::mem::take(&mut opened.notes);
         let train_rows = opened.train_rows.clone();
         let scale = match &train_rows {
@@ -317,6 +401,14 @@ impl Run {
             }
             _ => 1.0,
         };
+        check_stop(stop, dir, STOPPED_BEFORE_TRAINING)?;
+        fs::create_dir_all(dir).map_err(io_error(dir, "creating"))?;
+        let lock = RunLock::take(dir)?;
+        if force {
+            clear_run(dir)?;
+        }
+        write_config(dir, &resolved)?;
+
         let mut members = Vec::with_capacity(configs.len());
         for (name, (sae_config, train_config)) in names.iter().zip(configs) {
             let member_dir = member_dir(dir, name, names.len());
@@ -332,50 +424,82 @@ impl Run {
         let batches = match (train_rows, opened.synth.take()) {
             (_, Some(synth)) => Batches::Synthetic(Box::new(synth)),
             (Some(rows), None) => {
-                let config = loader_config(&resolved, scale);
+                let config = loader_config(&resolved.data, &schedule, scale);
                 Batches::Loader(Prefetcher::new(Batcher::new(rows, config)?))
             }
             (None, None) => unreachable!("open_data gives rows or the synthetic set"),
         };
+        let run = Resolved {
+            spec: resolved,
+            schedule,
+            names,
+        };
         Ok(Run::assemble(
-            resolved, dir, members, batches, opened, scale, notes,
+            run, dir, members, batches, opened, scale, notes, lock,
         ))
     }
 
     /// Continues the run in `dir` from its checkpoint: the same batches, in the same order, as
-    /// if it had never stopped.
-    pub fn resume(dir: &Path) -> Result<Run> {
+    /// if it had never stopped. `options` may change what leaves the batches trained so far
+    /// as they were; `stop` is checked as in [`Run::create`] (a stop leaves the checkpoint as
+    /// it was).
+    pub fn resume(dir: &Path, options: &ResumeOptions, stop: &AtomicBool) -> Result<Run> {
         let config_path = dir.join(CONFIG_FILE);
-        let text = fs::read_to_string(&config_path).map_err(|err| match err.kind() {
-            std::io::ErrorKind::NotFound => Error::RunDir {
+        if !config_path.is_file() {
+            return Err(Error::RunDir {
                 path: dir.to_path_buf(),
                 reason: format!(
                     "no {CONFIG_FILE}: not a run directory; start the run with --out instead \
                      of --resume"
                 ),
-            },
-            _ => io_error(&config_path, "reading")(err),
-        })?;
-        let spec: RunSpec = toml::from_str(&text).map_err(|err| Error::RunDir {
-            path: config_path.clone(),
-            reason: format!(
-                "malformed: {}; restore the file the run wrote",
-                err.message()
-            ),
-        })?;
-        let (state, trainers) = checkpoint::load(dir, &spec)?;
-        let seed = spec.train.seed.unwrap_or(0);
-        let mut opened = open_data(&spec, seed)?;
-        let names: Vec<String> = spec.sae.iter().filter_map(|s| s.name.clone()).collect();
-        let mut members = Vec::with_capacity(names.len());
-        for (name, trainer) in names.iter().zip(trainers) {
-            let member_dir = member_dir(dir, name, names.len());
-            members.push(Member {
-                name: name.clone(),
-                metrics: open_metrics(&member_dir, Some(state.step))?,
-                dir: member_dir,
-                trainer,
             });
+        }
+        let lock = RunLock::take(dir)?;
+        let text = fs::read_to_string(&config_path).map_err(io_error(&config_path, "reading"))?;
+        let spec: RunSpec = toml::from_str(&text).map_err(|err| Error::RunFile {
+            path: config_path.clone(),
+            problem: toml_problem(&text, &err),
+            fix: "restore the file the run wrote".into(),
+        })?;
+        let mut run = Resolved::from_written(spec, &config_path, dir)?;
+        let synthetic = run.spec.data.paths.is_empty();
+        let record_skip = options.skip_non_finite && !run.spec.data.skip_non_finite;
+        if record_skip {
+            if synthetic {
+                return Err(Error::RunDir {
+                    path: dir.to_path_buf(),
+                    reason: "--skip-non-finite applies to activations given with --data; this \
+                             run trains on the built-in synthetic data, which has none"
+                        .into(),
+                });
+            }
+            run.spec.data.skip_non_finite = true;
+        }
+        let (state, trainers) = checkpoint::load(dir, &run)?;
+        check_stop(stop, dir, STOPPED_BEFORE_RESUMING)?;
+        let mut opened = open_data(&run.spec, run.schedule.seed)?;
+        check_stop(stop, dir, STOPPED_BEFORE_RESUMING)?;
+        if let Some(trainer) = trainers.first() {
+            let trained = trainer.sae().config().d_model;
+            if trained != opened.d_model {
+                let files: Vec<String> = run
+                    .spec
+                    .data
+                    .paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                return Err(Error::RunDir {
+                    path: dir.to_path_buf(),
+                    reason: format!(
+                        "the data ({}) is {} wide now, but the run's checkpoint was trained on \
+                         D={trained}: the files changed since the run started; restore them, or \
+                         start a new run on the new data",
+                        files.join(", "),
+                        opened.d_model
+                    ),
+                });
+            }
         }
         let batches = match (
             opened.train_rows.clone(),
@@ -384,7 +508,7 @@ impl Run {
         ) {
             (_, Some(synth), _) => Batches::Synthetic(Box::new(synth)),
             (Some(rows), None, Some(cursor)) => {
-                let config = loader_config(&spec, state.scale);
+                let config = loader_config(&run.spec.data, &run.schedule, state.scale);
                 Batches::Loader(Prefetcher::new(Batcher::with_cursor(rows, config, cursor)?))
             }
             _ => {
@@ -395,21 +519,38 @@ impl Run {
                 })
             }
         };
+        check_stop(stop, dir, STOPPED_BEFORE_RESUMING)?;
+        if record_skip {
+            write_config(dir, &run.spec)?;
+        }
+        let mut members = Vec::with_capacity(run.names.len());
+        for (name, trainer) in run.names.iter().zip(trainers) {
+            let member_dir = member_dir(dir, name, run.names.len());
+            members.push(Member {
+                name: name.clone(),
+                metrics: open_metrics(&member_dir, Some(state.step))?,
+                dir: member_dir,
+                trainer,
+            });
+        }
         let notes = std::mem::take(&mut opened.notes);
-        let mut run = Run::assemble(spec, dir, members, batches, opened, state.scale, notes);
+        let mut run = Run::assemble(run, dir, members, batches, opened, state.scale, notes, lock);
         run.step = state.step;
+        run.checkpointed = Some(state.step);
         run.seconds_before = state.seconds;
         Ok(run)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
-        spec: RunSpec,
+        run: Resolved,
         dir: &Path,
         members: Vec<Member>,
         batches: Batches,
         opened: Opened,
         scale: f32,
         notes: Vec<String>,
+        lock: RunLock,
     ) -> Run {
         let eval_rows = opened.eval_rows;
         let data = DataSummary {
@@ -424,22 +565,19 @@ impl Run {
         };
         Run {
             dir: dir.to_path_buf(),
-            batch_size: spec.train.batch_size.expect("resolved"),
-            total_steps: spec.train.steps.expect("resolved"),
-            metrics_every: spec.train.metrics_every.expect("resolved"),
-            checkpoint_every: spec.train.checkpoint_every,
-            skip_non_finite: spec.data.skip_non_finite,
-            spec,
+            run,
             members,
             batches,
             eval_rows,
             true_features_gd,
             scale,
             step: 0,
+            checkpointed: None,
             seconds_before: 0.0,
             notes,
             device: crate::backend::Device::Cpu,
             data,
+            _lock: lock,
         }
     }
 
@@ -450,16 +588,17 @@ impl Run {
 
     /// The resolved configuration, as `config.toml` holds it.
     pub fn spec(&self) -> &RunSpec {
-        &self.spec
+        &self.run.spec
+    }
+
+    /// The resolved schedule.
+    pub fn schedule(&self) -> &Schedule {
+        &self.run.schedule
     }
 
     /// The SAEs' names, in the order of [`Progress::stats`].
     pub fn names(&self) -> Vec<&str> {
-        self.spec
-            .sae
-            .iter()
-            .filter_map(|s| s.name.as_deref())
-            .collect()
+        self.run.names.iter().map(String::as_str).collect()
     }
 
     /// Moves every SAE's training to `device` (the CPU by default). Where a run trains is not
@@ -480,35 +619,53 @@ impl Run {
 
     /// Steps the run takes in all.
     pub fn total_steps(&self) -> u64 {
-        self.total_steps
+        self.run.schedule.steps
     }
 
     /// Trains to the end, or until `stop` is set (checked after every step; a checkpoint is
-    /// then written). Every SAE sees every batch. At the end each SAE is saved with the input
-    /// scale folded in, evaluated on the held-out rows, and plotted.
+    /// then written). Every SAE sees every batch. At the last step a checkpoint is written;
+    /// then each SAE is saved with the input scale folded in, evaluated on the held-out rows,
+    /// and plotted, and the checkpoint removed. A stop during the evaluation ends it promptly
+    /// ([`Outcome::Unevaluated`]).
+    ///
+    /// A non-finite loss or parameter (divergence) ends the run with an error naming the step;
+    /// nothing non-finite is written, and the last checkpoint stays. A data error mid-run
+    /// first checkpoints the last step taken, and a failed final save leaves the run
+    /// resumable; their errors say how to continue.
     pub fn train(&mut self, observer: &mut dyn Observer, stop: &AtomicBool) -> Result<Outcome> {
         for note in std::mem::take(&mut self.notes) {
             observer.note(&note);
         }
         let start = Instant::now();
+        let schedule = self.run.schedule;
+        let first_step = self.step;
         let mut stats = vec![StepStats::default(); self.members.len()];
-        while self.step < self.total_steps {
+        while self.step < schedule.steps {
+            let seconds = self.seconds_before + start.elapsed().as_secs_f64();
             if stop.load(Ordering::Relaxed) {
-                self.checkpoint(self.seconds_before + start.elapsed().as_secs_f64())?;
+                self.checkpoint(seconds)?;
                 return Ok(Outcome::Interrupted { step: self.step });
             }
             let batch = match &mut self.batches {
-                Batches::Synthetic(synth) => Batch::Owned(synth.batch(self.batch_size, self.step)),
-                Batches::Loader(loader) => Batch::Loaded(loader.next_batch()?),
+                Batches::Synthetic(synth) => {
+                    Batch::Owned(synth.batch(schedule.batch_size, self.step))
+                }
+                Batches::Loader(loader) => match loader.next_batch() {
+                    Ok(batch) => Batch::Loaded(batch),
+                    Err(err) => return Err(self.data_failed(err, seconds)),
+                },
             };
             for (member, stats) in self.members.iter_mut().zip(&mut stats) {
                 *stats = member.trainer.step(batch.view())?;
             }
             drop(batch);
             self.step += 1;
+            if let Some(i) = stats.iter().position(|s| !finite_stats(s)) {
+                return Err(self.diverged(i, "the loss is not finite"));
+            }
             let seconds = self.seconds_before + start.elapsed().as_secs_f64();
-            let tokens = self.step * self.batch_size as u64;
-            if self.step % self.metrics_every == 0 || self.step == self.total_steps {
+            let tokens = self.step * schedule.batch_size as u64;
+            if self.step % schedule.metrics_every == 0 || self.step == schedule.steps {
                 for (member, stats) in self.members.iter_mut().zip(&stats) {
                     let record = MetricsRecord::new(self.step, tokens, stats, seconds);
                     let line = serde_json::to_string(&record).expect("records serialise");
@@ -520,19 +677,24 @@ impl Run {
             }
             observer.step(&Progress {
                 step: self.step,
-                total_steps: self.total_steps,
+                total_steps: schedule.steps,
                 tokens,
                 seconds,
                 stats: &stats,
             });
-            if let Some(every) = self.checkpoint_every {
-                if self.step % every == 0 && self.step < self.total_steps {
+            if let Some(every) = schedule.checkpoint_every {
+                if self.step % every == 0 && self.step < schedule.steps {
                     self.checkpoint(seconds)?;
                     observer.note(&format!("checkpoint at step {}", self.step));
                 }
             }
         }
         let seconds = self.seconds_before + start.elapsed().as_secs_f64();
+        if self.step > first_step {
+            // The trained state, kept until every SAE is saved and evaluated: a failure from
+            // here on (a full disk, a stop) leaves the run resumable.
+            self.checkpoint(seconds)?;
+        }
         let skipped_rows = match &self.batches {
             Batches::Loader(loader) => loader.skipped_rows(),
             Batches::Synthetic(_) => 0,
@@ -542,59 +704,98 @@ impl Run {
                 "skipped {skipped_rows} non-finite rows (counted each time an epoch met one)"
             ));
         }
-        let mut summaries = Vec::with_capacity(self.members.len());
         // Each trainer gives up its SAE here: its moments, gradients and step buffers are
         // freed before the evaluation allocates its own.
+        let mut saved = Vec::with_capacity(self.members.len());
         for member in std::mem::take(&mut self.members) {
-            summaries.push(self.finish(member, skipped_rows, seconds)?);
+            let sae = self.save(member.trainer, &member.dir)?;
+            saved.push((member.name, member.dir, sae));
+        }
+        let mut summaries = Vec::with_capacity(saved.len());
+        for (name, dir, sae) in &saved {
+            let summary = Summary {
+                name: name.clone(),
+                dir: dir.clone(),
+                eval: None,
+                recovery: None,
+                skipped_rows,
+                seconds,
+            };
+            match self.finish(sae, summary, stop)? {
+                Some(summary) => summaries.push(summary),
+                None => {
+                    return Ok(Outcome::Unevaluated {
+                        step: self.step,
+                        dirs: saved.into_iter().map(|(_, dir, _)| dir).collect(),
+                    })
+                }
+            }
         }
         // The run is complete and saved: a checkpoint now would only invite resuming it.
         checkpoint::remove(&self.dir)?;
         Ok(Outcome::Finished(summaries))
     }
 
-    /// Saves, evaluates and plots one SAE at the end of the run.
-    fn finish(&self, member: Member, skipped_rows: u64, seconds: f64) -> Result<Summary> {
-        let mut trainer = member.trainer;
+    /// Saves one trained SAE, the input scale folded in.
+    fn save(&self, mut trainer: Trainer, dir: &Path) -> Result<crate::Sae> {
         trainer.sync()?;
         let mut sae = trainer.into_sae();
         sae.fold_input_scale(self.scale)?;
-        sae.save(&member.dir)?;
-        let eval = match &self.eval_rows {
-            Some(rows) => Some(evaluate_on(
-                &sae,
-                self.device,
-                &**rows,
-                self.batch_size,
-                self.skip_non_finite,
-            )?),
-            None => None,
-        };
-        let recovery = match &self.true_features_gd {
-            Some(true_gd) => Some(recovery(true_gd.view(), sae.w_dec_fd())?),
-            None => None,
-        };
-        let summary = Summary {
-            name: member.name.clone(),
-            dir: member.dir.clone(),
-            eval,
-            recovery,
-            skipped_rows,
-            seconds,
-        };
-        let json = serde_json::to_string_pretty(&summary).expect("summaries serialise");
-        crate::io::write_atomic(&member.dir.join("eval.json"), json.as_bytes())?;
-        if let Some(eval) = &summary.eval {
-            crate::io::write_feature_density(&member.dir.join("feature_density.npy"), eval)?;
-        }
-        crate::plot::redraw(&member.dir)?;
-        Ok(summary)
+        sae.save(dir).map_err(|err| Error::RunDir {
+            path: self.dir.clone(),
+            reason: format!(
+                "saving the trained SAE failed ({err}); the trained state is in the checkpoint \
+                 of step {}: free space (or fix the cause), then `sae train --resume {}` saves \
+                 and evaluates it",
+                self.step,
+                self.dir.display()
+            ),
+        })?;
+        Ok(sae)
     }
 
-    /// Writes the whole run's state to `checkpoint/`, replacing the last one atomically.
+    /// Evaluates and plots one saved SAE; `None` when `stop` ended the evaluation.
+    fn finish(
+        &self,
+        sae: &crate::Sae,
+        mut summary: Summary,
+        stop: &AtomicBool,
+    ) -> Result<Option<Summary>> {
+        let schedule = &self.run.schedule;
+        let skip = self.run.spec.data.skip_non_finite;
+        if let Some(rows) = &self.eval_rows {
+            match evaluate_on_until(sae, self.device, &**rows, schedule.batch_size, skip, stop)? {
+                Some(eval) => summary.eval = Some(eval),
+                None => return Ok(None),
+            }
+        }
+        if let Some(true_gd) = &self.true_features_gd {
+            summary.recovery = Some(recovery(true_gd.view(), sae.w_dec_fd())?);
+        }
+        let json = serde_json::to_string_pretty(&summary).expect("summaries serialise");
+        crate::io::write_atomic(&summary.dir.join("eval.json"), json.as_bytes())?;
+        if let Some(eval) = &summary.eval {
+            crate::io::write_feature_density(&summary.dir.join("feature_density.npy"), eval)?;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        crate::plot::redraw(&summary.dir)?;
+        Ok(Some(summary))
+    }
+
+    /// Writes the whole run's state to `checkpoint/`, replacing the last one atomically; a
+    /// non-finite parameter is divergence, and the last checkpoint is kept instead.
     fn checkpoint(&mut self, seconds: f64) -> Result<()> {
         for member in &mut self.members {
             member.trainer.sync()?;
+        }
+        if let Some(i) = self
+            .members
+            .iter()
+            .position(|m| !finite_sae(m.trainer.sae()))
+        {
+            return Err(self.diverged(i, "a parameter is not finite"));
         }
         let state = RunState {
             step: self.step,
@@ -610,7 +811,117 @@ impl Run {
             .iter()
             .map(|m| (m.name.as_str(), &m.trainer))
             .collect();
-        checkpoint::save(&self.dir, &state, &trainers)
+        checkpoint::save(&self.dir, &state, &trainers)?;
+        self.checkpointed = Some(self.step);
+        Ok(())
+    }
+
+    /// What is left to resume from, for an error's last words.
+    fn left_behind(&self) -> String {
+        match self.checkpointed {
+            Some(step) => format!(
+                "the checkpoint of step {step} is kept; resume from it with `sae train --resume \
+                 {}` after the fix",
+                self.dir.display()
+            ),
+            None => "no checkpoint was written; start again after the fix".into(),
+        }
+    }
+
+    /// The error of member `i` diverging at the current step.
+    fn diverged(&self, i: usize, what: &str) -> Error {
+        let lr = self.members[i].trainer.config().lr.unwrap_or(f32::NAN);
+        Error::RunDir {
+            path: self.dir.clone(),
+            reason: format!(
+                "training diverged at step {} ({what} for SAE {}): lower the learning rate \
+                 (--lr, {lr:e} now) or the scale of the inputs (--normalize); {}",
+                self.step,
+                self.members[i].name,
+                self.left_behind()
+            ),
+        }
+    }
+
+    /// The loader failed before step `self.step + 1`: checkpoints the steps taken, then says
+    /// how to go on.
+    fn data_failed(&mut self, err: Error, seconds: f64) -> Error {
+        if let Err(ckpt_err) = self.checkpoint(seconds) {
+            return Error::RunDir {
+                path: self.dir.clone(),
+                reason: format!(
+                    "{err}; writing a checkpoint after it failed too ({ckpt_err}); {}",
+                    self.left_behind()
+                ),
+            };
+        }
+        let (dir, step) = (self.dir.display(), self.step);
+        let reason = match err {
+            Error::Data(DataError::NonFinite { location }) => format!(
+                "non-finite value (NaN or Inf) at {location}; training stopped after step \
+                 {step}, whose checkpoint is written: continue skipping such rows with `sae \
+                 train --resume {dir} --skip-non-finite`, or clean the data and `sae train \
+                 --resume {dir}`"
+            ),
+            err => format!(
+                "{err}; training stopped after step {step}, whose checkpoint is written: fix \
+                 the data, then `sae train --resume {dir}`"
+            ),
+        };
+        Error::RunDir {
+            path: self.dir.clone(),
+            reason,
+        }
+    }
+}
+
+/// Whether every figure a metrics line records as a number is finite (fve, undefined on a
+/// batch without variance, is recorded as absent).
+fn finite_stats(s: &StepStats) -> bool {
+    [s.loss, s.mse, s.aux, s.l0, s.dead_fraction, s.lr]
+        .iter()
+        .chain(&s.threshold)
+        .all(|v| v.is_finite())
+}
+
+/// Whether every parameter of `sae` is finite.
+fn finite_sae(sae: &crate::Sae) -> bool {
+    let finite = |v: &f32| v.is_finite();
+    sae.w_enc_fd().iter().all(finite)
+        && sae.b_enc_f().iter().all(finite)
+        && sae.w_dec_fd().iter().all(finite)
+        && sae.b_dec_d().iter().all(finite)
+        && sae.threshold().iter().all(finite)
+}
+
+/// [`Error::Stopped`] if `stop` is set.
+fn check_stop(stop: &AtomicBool, dir: &Path, when: &str) -> Result<()> {
+    if stop.load(Ordering::Relaxed) {
+        return Err(Error::Stopped {
+            path: dir.to_path_buf(),
+            when: when.into(),
+        });
+    }
+    Ok(())
+}
+
+/// Writes the resolved spec as the run's `config.toml`.
+fn write_config(dir: &Path, spec: &RunSpec) -> Result<()> {
+    let text = toml::to_string_pretty(spec).expect("a RunSpec always serialises");
+    crate::io::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+}
+
+/// A TOML error as one line: where, the offending line, and what the parser said.
+fn toml_problem(text: &str, err: &toml::de::Error) -> String {
+    let message = err.message().replace('\n', " ");
+    match err.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let line_no = text[..start].matches('\n').count() + 1;
+            let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+            format!("line {line_no} (`{}`): {message}", line.escape_debug())
+        }
+        None => message,
     }
 }
 
@@ -629,12 +940,12 @@ impl Batch {
     }
 }
 
-fn loader_config(spec: &RunSpec, scale: f32) -> LoaderConfig {
+fn loader_config(data: &DataSpec, schedule: &Schedule, scale: f32) -> LoaderConfig {
     LoaderConfig {
-        batch_size: spec.train.batch_size.expect("resolved"),
-        buffer_rows: spec.data.buffer_rows,
-        seed: spec.train.seed.unwrap_or(0),
-        skip_non_finite: spec.data.skip_non_finite,
+        batch_size: schedule.batch_size,
+        buffer_rows: data.buffer_rows,
+        seed: schedule.seed,
+        skip_non_finite: data.skip_non_finite,
         scale,
         ..LoaderConfig::default()
     }
@@ -663,19 +974,31 @@ fn check_schedule(spec: &RunSpec) -> Result<()> {
     Ok(())
 }
 
-/// Each SAE of a sweep needs its own directory: names must be distinct plain file names.
+/// Each SAE of a sweep needs its own directory: names must be distinct plain file names that
+/// no file or directory of the run itself uses.
 fn check_names(names: &[String], dir: &Path) -> Result<()> {
+    let refuse = |name: &str, why: &str| Error::RunDir {
+        path: dir.to_path_buf(),
+        reason: format!("SAE name {name:?} {why}; rename it (name = \"...\" in its [[sae]] table)"),
+    };
     for (i, name) in names.iter().enumerate() {
-        let plain = !name.is_empty()
-            && name != "."
-            && name != ".."
-            && name != checkpoint::DIR
-            && !name.contains(['/', '\\']);
-        if !plain {
-            return Err(Error::RunDir {
-                path: dir.to_path_buf(),
-                reason: format!("SAE name {name:?} is not a plain directory name; rename it"),
-            });
+        if name.is_empty() || name == "." || name == ".." {
+            return Err(refuse(name, "is not a directory name"));
+        }
+        if name.contains(['/', '\\']) {
+            return Err(refuse(name, "holds a path separator"));
+        }
+        if name.trim() != name {
+            return Err(refuse(name, "starts or ends with white space"));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(refuse(name, "holds a control character"));
+        }
+        let taken = RUN_DIR_NAMES
+            .iter()
+            .any(|&used| name == used || name.strip_suffix(".tmp") == Some(used));
+        if taken {
+            return Err(refuse(name, "is a name the run directory itself uses"));
         }
         if names[..i].contains(name) {
             return Err(Error::RunDir {
@@ -689,6 +1012,23 @@ fn check_names(names: &[String], dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Every name a run writes at the top of its directory (besides the SAEs' own files, which a
+/// sweep's SAE directory must not be named after either).
+const RUN_DIR_NAMES: &[&str] = &[
+    checkpoint::DIR,
+    checkpoint::NEW,
+    checkpoint::OLD,
+    lock::FILE,
+    CONFIG_FILE,
+    metrics::FILE,
+    "eval.json",
+    "feature_density.npy",
+    "curves.png",
+    "density.png",
+    "sae.safetensors",
+    "sae.json",
+];
+
 fn member_dir(dir: &Path, name: &str, n_members: usize) -> PathBuf {
     if n_members == 1 {
         dir.to_path_buf()
@@ -697,17 +1037,21 @@ fn member_dir(dir: &Path, name: &str, n_members: usize) -> PathBuf {
     }
 }
 
-/// Makes `dir` ready for a new run: created if absent; an existing run in it is an error, or
-/// with `force` its files are removed.
-fn prepare_dir(dir: &Path, force: bool) -> Result<()> {
-    if dir.is_file() {
+/// Checks that `dir` can take a new run, touching nothing: absent, empty (but for a lock file
+/// an earlier run left), or with `force` holding anything.
+fn check_dir(dir: &Path, force: bool) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
         return Err(Error::RunDir {
             path: dir.to_path_buf(),
             reason: "is a file; give --out a directory".into(),
         });
     }
     let holds_run = dir.join(CONFIG_FILE).exists();
-    let non_empty = fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
+    let non_empty = fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name() != lock::FILE)
+    });
     if non_empty && !force {
         let reason = if holds_run {
             "holds another run; pass --resume to continue it or --force to replace it"
@@ -719,30 +1063,35 @@ fn prepare_dir(dir: &Path, force: bool) -> Result<()> {
             reason: reason.into(),
         });
     }
-    if holds_run && force {
-        // Only what a run writes goes; anything else the user put there stays.
-        let spec: Option<RunSpec> = fs::read_to_string(dir.join(CONFIG_FILE))
-            .ok()
-            .and_then(|text| toml::from_str(&text).ok());
-        let mut dirs = vec![dir.to_path_buf()];
-        for sae in spec.map(|s| s.sae).unwrap_or_default() {
-            if let Some(name) = sae.name {
-                if !name.contains(['/', '\\']) && name != ".." {
-                    dirs.push(dir.join(name));
-                }
-            }
-        }
-        for d in dirs {
-            for file in RUN_FILES {
-                let path = d.join(file);
-                if path.is_file() {
-                    fs::remove_file(&path).map_err(io_error(&path, "removing"))?;
-                }
-            }
-        }
-        checkpoint::remove(dir)?;
+    Ok(())
+}
+
+/// Removes a previous run's files from `dir` (whose lock the caller holds). Only what a run
+/// writes goes; anything else the user put there stays.
+fn clear_run(dir: &Path) -> Result<()> {
+    if !dir.join(CONFIG_FILE).exists() {
+        return Ok(());
     }
-    fs::create_dir_all(dir).map_err(io_error(dir, "creating"))
+    let spec: Option<RunSpec> = fs::read_to_string(dir.join(CONFIG_FILE))
+        .ok()
+        .and_then(|text| toml::from_str(&text).ok());
+    let mut dirs = vec![dir.to_path_buf()];
+    for sae in spec.map(|s| s.sae).unwrap_or_default() {
+        if let Some(name) = sae.name {
+            if check_names(std::slice::from_ref(&name), dir).is_ok() {
+                dirs.push(dir.join(name));
+            }
+        }
+    }
+    for d in dirs {
+        for file in RUN_FILES {
+            let path = d.join(file);
+            if path.is_file() {
+                fs::remove_file(&path).map_err(io_error(&path, "removing"))?;
+            }
+        }
+    }
+    checkpoint::remove(dir)
 }
 
 /// Files a run writes into an SAE's directory.

@@ -62,6 +62,69 @@ pub struct ScheduleSpec {
     pub checkpoint_every: Option<u64>,
 }
 
+/// A run's schedule with every default applied: what a [`super::Run`] runs, with nothing
+/// left to resolve (the checked form of [`ScheduleSpec`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    /// Rows per batch, at least 1.
+    pub batch_size: usize,
+    /// Training steps, at least 1.
+    pub steps: u64,
+    /// Seed of the initialisation, the batch order and the synthetic data.
+    pub seed: u64,
+    /// Steps between lines of `metrics.jsonl`, at least 1.
+    pub metrics_every: u64,
+    /// Steps between periodic checkpoints (at least 1), or none: then a checkpoint is written
+    /// only on a stop request and at the last step.
+    pub checkpoint_every: Option<u64>,
+}
+
+/// Why a written run configuration (`config.toml`) does not give a whole [`Schedule`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    /// A key every resolved configuration holds is missing.
+    #[error("`{0}` is missing")]
+    Missing(&'static str),
+    /// A key is 0 where it must be at least 1.
+    #[error("`{0}` is 0; it must be at least 1")]
+    Zero(&'static str),
+    /// Two keys that cannot both be given.
+    #[error("`{0}` and `{1}` are both set; a resolved configuration has only `{0}`")]
+    Contradiction(&'static str, &'static str),
+}
+
+impl ScheduleSpec {
+    /// The schedule a resolved spec (as `config.toml` holds it) describes: every key set, none
+    /// contradicting another.
+    pub fn resolved(&self) -> Result<Schedule, ScheduleError> {
+        use ScheduleError::{Contradiction, Missing, Zero};
+        if self.tokens.is_some() {
+            return Err(Contradiction("train.steps", "train.tokens"));
+        }
+        let batch_size = self.batch_size.ok_or(Missing("train.batch_size"))?;
+        let steps = self.steps.ok_or(Missing("train.steps"))?;
+        let seed = self.seed.ok_or(Missing("train.seed"))?;
+        let metrics_every = self.metrics_every.ok_or(Missing("train.metrics_every"))?;
+        for (key, value) in [
+            ("train.batch_size", batch_size as u64),
+            ("train.steps", steps),
+            ("train.metrics_every", metrics_every),
+            ("train.checkpoint_every", self.checkpoint_every.unwrap_or(1)),
+        ] {
+            if value == 0 {
+                return Err(Zero(key));
+            }
+        }
+        Ok(Schedule {
+            batch_size,
+            steps,
+            seed,
+            metrics_every,
+            checkpoint_every: self.checkpoint_every,
+        })
+    }
+}
+
 /// The name of a sparsity rule, as flags and config files spell it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -309,6 +372,48 @@ mod tests {
             late_warmup.resolve(cx(true)).unwrap_err(),
             ConfigError::WarmupNotBeforeEnd { .. }
         ));
+    }
+
+    #[test]
+    fn a_resolved_schedule_needs_every_key_and_no_contradiction() {
+        let full = ScheduleSpec {
+            batch_size: Some(32),
+            steps: Some(10),
+            seed: Some(1),
+            metrics_every: Some(5),
+            ..ScheduleSpec::default()
+        };
+        let schedule = full.resolved().unwrap();
+        assert_eq!((schedule.batch_size, schedule.steps), (32, 10));
+        assert_eq!(schedule.checkpoint_every, None);
+        let without = |edit: fn(&mut ScheduleSpec)| {
+            let mut spec = full.clone();
+            edit(&mut spec);
+            spec.resolved().unwrap_err()
+        };
+        use ScheduleError::*;
+        assert_eq!(
+            without(|s| s.batch_size = None),
+            Missing("train.batch_size")
+        );
+        assert_eq!(without(|s| s.steps = None), Missing("train.steps"));
+        assert_eq!(without(|s| s.seed = None), Missing("train.seed"));
+        assert_eq!(
+            without(|s| s.metrics_every = None),
+            Missing("train.metrics_every")
+        );
+        assert_eq!(
+            without(|s| s.batch_size = Some(0)),
+            Zero("train.batch_size")
+        );
+        assert_eq!(
+            without(|s| s.checkpoint_every = Some(0)),
+            Zero("train.checkpoint_every")
+        );
+        assert_eq!(
+            without(|s| s.tokens = Some(100)),
+            Contradiction("train.steps", "train.tokens")
+        );
     }
 
     #[test]
