@@ -153,8 +153,13 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
     Ok(records)
 }
 
+/// The most latents a `feature_density.npy` may hold: 2^26, twice the largest SAEs published.
+const MAX_DENSITY_LATENTS: usize = 1 << 26;
+
 /// Reads a `feature_density.npy`: one firing frequency in [0, 1] per latent, as a 1-D array
-/// (or one row) of float32, float16 or float64. Errors name the file.
+/// (or one row) of float32, float16 or float64. When `sae.json` is beside it, the array must
+/// hold one frequency per latent of that SAE; it is checked before it is read. Errors name the
+/// file.
 pub fn read_feature_density(path: &Path) -> Result<Vec<f64>> {
     let fix = "save the evaluation's firing frequencies (EvalStats::firing_frequency_f) as one \
                1-D float32 array";
@@ -166,6 +171,10 @@ pub fn read_feature_density(path: &Path) -> Result<Vec<f64>> {
         let problem = problem.rsplit_once("; ").map_or(problem, |(p, _)| p);
         run_file_error(path, problem, fix)
     };
+    // Opening a FIFO would block until something writes to it.
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return Err(run_file_error(path, "missing or not a regular file", fix));
+    }
     let shards = NpyShards::open(&[path]).map_err(as_density_error)?;
     if shards.n_rows() != 1 {
         let shape = shards
@@ -179,7 +188,31 @@ pub fn read_feature_density(path: &Path) -> Result<Vec<f64>> {
             fix,
         ));
     }
-    let mut freq_f = vec![0.0f32; shards.d_model()];
+    // The array is read whole, so its declared length is checked first: against the SAE
+    // beside it when there is one, and against a bound on any SAE's.
+    let n = shards.d_model();
+    let dir = path.parent().unwrap_or(Path::new(""));
+    if dir.join(crate::io::CONFIG_FILE).is_file() {
+        let f = crate::io::read_config(dir)?.dict_size;
+        if n != f {
+            return Err(run_file_error(
+                path,
+                format!(
+                    "holds {n} firing frequencies, but the SAE in {} has {f} latents",
+                    dir.join(crate::io::CONFIG_FILE).display()
+                ),
+                fix,
+            ));
+        }
+    }
+    if n > MAX_DENSITY_LATENTS {
+        return Err(run_file_error(
+            path,
+            format!("holds {n} firing frequencies, more than the {MAX_DENSITY_LATENTS} latents of any SAE sae reads"),
+            fix,
+        ));
+    }
+    let mut freq_f = vec![0.0f32; n];
     shards.read_rows(0, &mut freq_f).map_err(as_density_error)?;
     if let Some((j, v)) = freq_f
         .iter()

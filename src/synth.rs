@@ -243,20 +243,38 @@ pub struct Recovery {
 /// Scores decoder rows `w_dec_fd` (F×D) against true features `true_features_gd` (G×D): for
 /// each true feature, the largest |cosine| with any decoder row (their mean and the fraction
 /// that reach 0.9), and the optimal one-to-one matching's mean |cosine| (MCC). The matching
-/// costs O(min(G,F)²·max(G,F)): seconds for G in the thousands and F = 16384. Zero rows count as orthogonal to everything. Fails with
-/// [`crate::Error::Shape`] when the two have different widths D.
+/// costs O(min(G,F)²·max(G,F)): seconds for G in the thousands and F = 16384. Zero rows count
+/// as orthogonal to everything. Fails with [`crate::Error::Shape`] when the two have different
+/// widths D, and with [`crate::Error::NonFinite`] when either holds NaN or ±Inf.
 pub fn recovery(
     true_features_gd: ArrayView2<'_, f32>,
     w_dec_fd: ArrayView2<'_, f32>,
 ) -> Result<Recovery> {
     let d = true_features_gd.ncols();
     check_shape("w_dec_fd", w_dec_fd.shape(), &[w_dec_fd.nrows(), d])?;
+    // A NaN cosine would never win the matching's comparisons and stall it.
+    for (what, a) in [
+        ("true_features_gd", true_features_gd.view()),
+        ("w_dec_fd", w_dec_fd.view()),
+    ] {
+        if let Some(((row, column), _)) = a.indexed_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(crate::Error::NonFinite {
+                what: format!("{what}, column {column},"),
+                row,
+            });
+        }
+    }
+    // Norms in f64: squares of large float32 values overflow f32 and would zero the row.
     let unit = |a: ArrayView2<'_, f32>| {
         let mut a = a.to_owned();
         for mut row in a.rows_mut() {
-            let norm = row.dot(&row).sqrt();
+            let norm = row
+                .iter()
+                .map(|&v| f64::from(v).powi(2))
+                .sum::<f64>()
+                .sqrt();
             if norm > 0.0 {
-                row /= norm;
+                row.mapv_inplace(|v| (f64::from(v) / norm) as f32);
             }
         }
         a
@@ -287,6 +305,7 @@ pub fn recovery(
         (cos_gf.t().iter().map(|c| c.abs() as f64).collect(), f, g)
     };
     let matched: f64 = matching::max_weight_matching(&abs_cos, rows, cols)
+        .expect("cosines of finite unit rows are finite")
         .iter()
         .enumerate()
         .map(|(r, &c)| abs_cos[r * cols + c])
@@ -460,6 +479,35 @@ mod tests {
         // Half the features as decoder rows (F < G): the other half count as 0.
         let half = recovery(f_gd, f_gd.slice(ndarray::s![..24, ..])).unwrap();
         assert!((half.mcc - 0.5).abs() < 1e-5, "{half:?}");
+    }
+
+    #[test]
+    fn recovery_refuses_non_finite_inputs_at_once() {
+        let synth = Synth::new(small()).unwrap();
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut f_gd = synth.true_features().to_owned();
+            f_gd[[3, 5]] = bad;
+            let started = std::time::Instant::now();
+            let err = recovery(f_gd.view(), synth.true_features()).unwrap_err();
+            assert!(
+                matches!(&err, Error::NonFinite { row: 3, what } if what.contains("column 5")),
+                "{err}"
+            );
+            let err = recovery(synth.true_features(), f_gd.view()).unwrap_err();
+            assert!(
+                matches!(&err, Error::NonFinite { row: 3, what } if what.contains("w_dec_fd")),
+                "{err}"
+            );
+            assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        }
+    }
+
+    #[test]
+    fn recovery_scores_rows_whose_squares_overflow_f32() {
+        let synth = Synth::new(small()).unwrap();
+        let huge = synth.true_features().mapv(|v| v * 1e30);
+        let score = recovery(synth.true_features(), huge.view()).unwrap();
+        assert!((score.mcc - 1.0).abs() < 1e-5, "{score:?}");
     }
 
     #[test]

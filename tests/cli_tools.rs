@@ -1,10 +1,15 @@
 //! `sae synth`, `sae eval` and `sae plot` on a trained run: the synthetic set written out and
-//! trained on as files, its recovery scored from the written true features, plots redrawn.
+//! trained on as files, its recovery scored from the written true features, plots redrawn;
+//! files that must be refused (non-finite true features or weights) refused in one line.
 
 mod common;
 
-use common::{ok, sae, temp_dir, usage_error_line};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{ok, random_sae, sae, temp_dir, usage_error_line, write_npy};
 use sparse_autoencoder::data::{NpyShards, Source};
+use sparse_autoencoder::{Architecture, Sae};
 
 #[test]
 fn synth_files_train_evaluate_and_score_recovery() {
@@ -124,5 +129,131 @@ fn synth_files_train_evaluate_and_score_recovery() {
     assert!(stdout.contains("curves.png"), "{stdout}");
     assert!(run.join("curves.png").is_file());
     usage_error_line(&sae(&["plot", &s(&data)]), &["no metrics.jsonl"]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Runs `sae` with `args`, killing it and failing the test if it runs more than `secs`.
+fn sae_within(args: &[&str], secs: u64) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sae"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run sae");
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(secs) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("sae {args:?} ran more than {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `values` as little-endian float32 bytes.
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[test]
+fn non_finite_true_features_are_refused_by_file_row_and_column() {
+    let dir = temp_dir("tools-nan-features");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    random_sae(Architecture::TopK { k: 2 }, 16, 32, 0)
+        .save(&dir)
+        .unwrap();
+    let features = dir.join("features.npy");
+    for (bad, shown) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf")] {
+        let mut values = vec![1.0f32; 2 * 16];
+        values[16 + 3] = bad;
+        write_npy(&features, "<f4", &[2, 16], &f32_bytes(&values));
+        let out = sae_within(&["eval", &s(&dir), "--true-features", &s(&features)], 20);
+        usage_error_line(
+            &out,
+            &["--true-features", &s(&features), shown, "row 1, column 3"],
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn eval_encode_and_export_refuse_an_sae_with_non_finite_weights() {
+    let dir = temp_dir("tools-nan-weights");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let good = random_sae(Architecture::TopK { k: 2 }, 16, 32, 0);
+    let mut w_dec_fd = good.w_dec_fd().to_owned();
+    w_dec_fd[[4, 7]] = f32::NAN;
+    let run = dir.join("run");
+    Sae::from_parts(
+        *good.config(),
+        good.w_enc_fd().to_owned(),
+        good.b_enc_f().to_owned(),
+        w_dec_fd,
+        good.b_dec_d().to_owned(),
+    )
+    .unwrap()
+    .save(&run)
+    .unwrap();
+    let data = dir.join("ok.npy");
+    let values: Vec<f32> = (0..200 * 16).map(|i| (i % 7) as f32 * 0.1).collect();
+    write_npy(&data, "<f4", &[200, 16], &f32_bytes(&values));
+    let out = dir.join("out");
+    let needles = ["sae.safetensors", "\"w_dec_fd\"", "NaN", "[4, 7]"];
+    let (run, data, out) = (s(&run), s(&data), s(&out));
+    usage_error_line(&sae(&["eval", &run, "--data", &data]), &needles);
+    usage_error_line(
+        &sae(&["encode", &run, "--data", &data, "--out", &out]),
+        &needles,
+    );
+    usage_error_line(
+        &sae(&["export", &run, "--format", "saelens", "--out", &out]),
+        &needles,
+    );
+    assert!(!std::path::Path::new(&out).exists(), "nothing is written");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_batch_size_too_large_for_memory_is_refused_before_encoding() {
+    let dir = temp_dir("tools-huge-batch");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let run = dir.join("run");
+    random_sae(Architecture::TopK { k: 2 }, 16, 32, 0)
+        .save(&run)
+        .unwrap();
+    // 2^36 rows declared (4 TiB), the data a hole: every batch size fits the file, not memory.
+    let data = dir.join("huge.npy");
+    write_npy(&data, "<f4", &[1 << 36, 16], &[]);
+    let file = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    file.set_len(file.metadata().unwrap().len() + (4u64 << 40))
+        .unwrap();
+    drop(file);
+    let out = dir.join("codes");
+    let (run, data) = (s(&run), s(&data));
+    let huge = u64::MAX.to_string();
+    usage_error_line(
+        &sae_within(
+            &[
+                "encode",
+                &run,
+                "--data",
+                &data,
+                "--out",
+                &s(&out),
+                "--batch-size",
+                &huge,
+            ],
+            20,
+        ),
+        &["--batch-size", "68719476736 rows", "GB"],
+    );
+    assert!(!out.exists(), "nothing is written");
+    usage_error_line(
+        &sae_within(&["eval", &run, "--data", &data, "--batch-size", &huge], 20),
+        &["--batch-size", "68719476736 rows"],
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -689,3 +689,309 @@ fn exports_hold_the_tensors_and_config_the_python_libraries_read() {
     }
     fs::remove_dir_all(dir).unwrap();
 }
+
+/// `Sae::load(dir)`, failing the test if it takes longer than `secs` (a hang or a read of a
+/// huge file) rather than waiting for it.
+fn load_within(dir: &Path, secs: u64) -> Result<Sae, Error> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(Sae::load(&dir));
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("Sae::load took more than {secs} s"))
+}
+
+/// Asserts that loading `dir` fails within a second with one line naming every needle, and
+/// no control character from the files.
+#[track_caller]
+fn refused(dir: &Path, needles: &[&str]) {
+    let started = std::time::Instant::now();
+    let err = load_within(dir, 5).unwrap_err();
+    let elapsed = started.elapsed();
+    let msg = err.to_string();
+    assert!(elapsed.as_secs_f64() < 1.0, "{elapsed:?}: {msg}");
+    assert_eq!(msg.lines().count(), 1, "{msg}");
+    assert!(!msg.chars().any(|c| c.is_control()), "{msg:?}");
+    for needle in needles {
+        assert!(msg.contains(needle), "{needle:?} not in: {msg}");
+    }
+}
+
+/// A safetensors file of `header` (JSON) whose data is `data_len` bytes of zeros, written as a
+/// hole: `set_len` allocates nothing, so a file of terabytes costs nothing on disk.
+fn sparse_safetensors(path: &Path, header: &str, data_len: u64) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    fs::write(path, &bytes).unwrap();
+    let file = fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.set_len(bytes.len() as u64 + data_len).unwrap();
+}
+
+/// The header of an SAE file with tensors of `f` latents of width `d`, in the safetensors
+/// layout (`extra` entries first).
+fn sae_header(f: u64, d: u64, extra: &str) -> (String, u64) {
+    let mut offset = 0;
+    let mut entries = vec![];
+    for (name, shape) in [
+        ("w_enc_fd", vec![f, d]),
+        ("b_enc_f", vec![f]),
+        ("w_dec_fd", vec![f, d]),
+        ("b_dec_d", vec![d]),
+    ] {
+        let len = 4 * shape.iter().product::<u64>();
+        entries.push(format!(
+            "\"{name}\":{{\"dtype\":\"F32\",\"shape\":{shape:?},\"data_offsets\":[{offset},{}]}}",
+            offset + len
+        ));
+        offset += len;
+    }
+    (format!("{{{extra}{}}}", entries.join(",")), offset)
+}
+
+#[test]
+fn a_sparse_huge_weights_file_is_refused_at_once_naming_the_file_and_tensor() {
+    let dir = temp_dir("io-sparse-sae");
+    let sae = random_sae(Architecture::TopK { k: 2 }, 4, 8, 0);
+    sae.save(&dir).unwrap();
+    let weights = dir.join(WEIGHTS_FILE);
+    // A valid small file made 3 GiB long: the header accounts for 304 bytes of it.
+    let file = fs::OpenOptions::new().write(true).open(&weights).unwrap();
+    file.set_len(3 << 30).unwrap();
+    drop(file);
+    refused(
+        &dir,
+        &[WEIGHTS_FILE, "bytes no tensor owns", "save the SAE again"],
+    );
+
+    // A header claiming 4 GiB tensors, the file as long as they need.
+    let (header, len) = sae_header(1 << 28, 4, "");
+    sparse_safetensors(&weights, &header, len);
+    refused(
+        &dir,
+        &[WEIGHTS_FILE, "\"w_enc_fd\"", "[268435456, 4]", "[8, 4]"],
+    );
+    // ... or a file shorter than they need.
+    sparse_safetensors(&weights, &header, 3 << 30);
+    refused(&dir, &[WEIGHTS_FILE, "\"", "ends at byte", "cut short"]);
+
+    // sae.json agreeing with a header of terabytes: refused before anything is allocated.
+    let cfg = dir.join(CONFIG_FILE);
+    let text = fs::read_to_string(&cfg).unwrap();
+    let f = 1u64 << 38;
+    fs::write(
+        &cfg,
+        text.replace("\"dict_size\": 8", &format!("\"dict_size\": {f}")),
+    )
+    .unwrap();
+    let (header, len) = sae_header(f, 4, "");
+    sparse_safetensors(&weights, &header, len);
+    refused(
+        &dir,
+        &[WEIGHTS_FILE, "\"w_enc_fd\"", "needs 4398046511104 bytes"],
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_sparse_checkpoint_file_is_refused_at_once_naming_it() {
+    let dir = temp_dir("io-sparse-ckpt");
+    let ckpt = dir.join("checkpoint");
+    let trainer = Trainer::new(
+        Sae::new(sae_config(Architecture::TopK { k: 4 }), 0).unwrap(),
+        recipe(),
+    )
+    .unwrap();
+    Checkpoint {
+        state: trainer.state(),
+        extra: json!({}),
+    }
+    .save(&ckpt)
+    .unwrap();
+    let weights = ckpt.join(CHECKPOINT_WEIGHTS_FILE);
+    let file = fs::OpenOptions::new().write(true).open(&weights).unwrap();
+    file.set_len(3 << 30).unwrap();
+    drop(file);
+    let started = std::time::Instant::now();
+    let err = Checkpoint::load(&ckpt).unwrap_err().to_string();
+    assert!(started.elapsed().as_secs_f64() < 1.0, "{err}");
+    assert!(
+        err.contains(CHECKPOINT_WEIGHTS_FILE) && err.contains("bytes no tensor owns"),
+        "{err}"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn non_finite_weights_and_a_bad_theta_are_refused_naming_the_tensor_and_index() {
+    let dir = temp_dir("io-nan-sae");
+    let base = random_sae(Architecture::BatchTopK { k: 2 }, 4, 8, 0);
+    let parts = || {
+        (
+            base.w_enc_fd().to_owned(),
+            base.b_enc_f().to_owned(),
+            base.w_dec_fd().to_owned(),
+            base.b_dec_d().to_owned(),
+        )
+    };
+    for (name, bad, index) in [
+        ("w_enc_fd", f32::NAN, "[2, 1]"),
+        ("b_enc_f", f32::INFINITY, "[5]"),
+        ("w_dec_fd", f32::NEG_INFINITY, "[7, 3]"),
+        ("b_dec_d", f32::NAN, "[0]"),
+    ] {
+        let (mut w_enc, mut b_enc, mut w_dec, mut b_dec) = parts();
+        match name {
+            "w_enc_fd" => w_enc[[2, 1]] = bad,
+            "b_enc_f" => b_enc[5] = bad,
+            "w_dec_fd" => w_dec[[7, 3]] = bad,
+            _ => b_dec[0] = bad,
+        }
+        Sae::from_parts(*base.config(), w_enc, b_enc, w_dec, b_dec)
+            .unwrap()
+            .save(&dir)
+            .unwrap();
+        let value = bad.to_string();
+        refused(&dir, &[WEIGHTS_FILE, &format!("{name:?}"), &value, index]);
+    }
+
+    // θ in the tensor: NaN or negative.
+    let (w_enc, b_enc, w_dec, b_dec) = parts();
+    let le = |a: &[f32]| -> Vec<u8> { a.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    for (theta, needle) in [(f32::NAN, "NaN at index []"), (-1.0, "is -1")] {
+        safetensors_file(
+            &dir.join(WEIGHTS_FILE),
+            &[
+                (
+                    "w_enc_fd",
+                    Dtype::F32,
+                    vec![8, 4],
+                    le(w_enc.as_slice().unwrap()),
+                ),
+                (
+                    "b_enc_f",
+                    Dtype::F32,
+                    vec![8],
+                    le(b_enc.as_slice().unwrap()),
+                ),
+                (
+                    "w_dec_fd",
+                    Dtype::F32,
+                    vec![8, 4],
+                    le(w_dec.as_slice().unwrap()),
+                ),
+                (
+                    "b_dec_d",
+                    Dtype::F32,
+                    vec![4],
+                    le(b_dec.as_slice().unwrap()),
+                ),
+                ("threshold", Dtype::F32, vec![], le(&[theta])),
+            ],
+        );
+        refused(&dir, &[WEIGHTS_FILE, "\"threshold\"", needle]);
+    }
+    // θ in sae.json (files without the tensor): negative, or too large for float32.
+    base.save(&dir).unwrap();
+    let cfg = dir.join(CONFIG_FILE);
+    let text = fs::read_to_string(&cfg).unwrap();
+    for (theta, needle) in [("-0.5", "threshold is -0.5"), ("1e39", "threshold is inf")] {
+        fs::write(
+            &cfg,
+            text.replace("\"threshold\": null", &format!("\"threshold\": {theta}")),
+        )
+        .unwrap();
+        refused(&dir, &[CONFIG_FILE, needle]);
+    }
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn hostile_sae_files_are_refused_in_one_line_without_echoing_control_characters() {
+    let dir = temp_dir("io-hostile-sae");
+    let sae = random_sae(Architecture::TopK { k: 2 }, 4, 8, 0);
+    sae.save(&dir).unwrap();
+    let cfg = dir.join(CONFIG_FILE);
+    let text = fs::read_to_string(&cfg).unwrap();
+    let weights = dir.join(WEIGHTS_FILE);
+    let good = fs::read(&weights).unwrap();
+
+    // sae.json: shapes and architectures no SAE has.
+    for (from, to, needle) in [
+        (
+            "\"d_model\": 4",
+            "\"d_model\": 0",
+            "d_model must be at least 1",
+        ),
+        (
+            "\"k\": 2",
+            "\"k\": 9",
+            "k (9) must not exceed dict_size (8)",
+        ),
+        ("\"topk\"", "\"gated\"", "unknown variant"),
+        ("\"topk\"", "\"\\u001b[2J\"", "\\u{1b}[2J"),
+        (
+            "\"dict_size\": 8",
+            "\"dict_size\": 4611686018427387904",
+            "[4611686018427387904, 4]",
+        ),
+    ] {
+        fs::write(&cfg, text.replace(from, to)).unwrap();
+        refused(&dir, &[needle]);
+    }
+    fs::write(&cfg, &text).unwrap();
+
+    // sae.safetensors: a dtype that is a terminal escape, a tensor twice, one too many, a
+    // header longer than the file, none at all.
+    let (header, len) = sae_header(8, 4, "");
+    let esc = header.replacen("\"F32\"", "\"\\u001b[2J\"", 1);
+    sparse_safetensors(&weights, &esc, len);
+    refused(&dir, &[WEIGHTS_FILE, "\\u{1b}[2J"]);
+    let twice = sae_header(
+        8,
+        4,
+        "\"b_dec_d\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]},",
+    )
+    .0;
+    sparse_safetensors(&weights, &twice, len);
+    refused(&dir, &[WEIGHTS_FILE, "names \"b_dec_d\" twice"]);
+    let extra = header.replace(
+        "}}",
+        &format!("}},\"\\u001b]0;x\\u0007\":{{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[{len},{}]}}}}", len + 4),
+    );
+    sparse_safetensors(&weights, &extra, len + 4);
+    refused(
+        &dir,
+        &[WEIGHTS_FILE, "holds a tensor \"\\u{1b}]0;x\\u{7}\""],
+    );
+    let mut long = (1u64 << 40).to_le_bytes().to_vec();
+    long.extend(b"{}");
+    fs::write(&weights, long).unwrap();
+    refused(&dir, &[WEIGHTS_FILE, "header claims 1099511627776 bytes"]);
+    fs::write(&weights, b"").unwrap();
+    refused(&dir, &[WEIGHTS_FILE, "too short"]);
+    fs::write(&weights, &good).unwrap();
+
+    // A sae.json of gigabytes (sparse) is not read whole.
+    let file = fs::OpenOptions::new().write(true).open(&cfg).unwrap();
+    file.set_len(3 << 30).unwrap();
+    drop(file);
+    refused(&dir, &[CONFIG_FILE, "3221225472 bytes"]);
+    fs::write(&cfg, &text).unwrap();
+
+    // A FIFO in place of either file is refused, not opened (opening one blocks).
+    for path in [&cfg, &weights] {
+        fs::remove_file(path).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        refused(&dir, &[&path.display().to_string(), "not a regular file"]);
+        fs::remove_file(path).unwrap();
+        fs::write(&cfg, &text).unwrap();
+        fs::write(&weights, &good).unwrap();
+    }
+    assert_eq!(Sae::load(&dir).unwrap(), sae);
+    fs::remove_dir_all(dir).unwrap();
+}

@@ -5,10 +5,10 @@ mod common;
 
 use std::path::Path;
 
-use common::{temp_dir, write_npy};
+use common::{random_sae, temp_dir, write_npy};
 use sparse_autoencoder::plot::{self, CURVES_SIZE, DENSITY_SIZE};
 use sparse_autoencoder::run::MetricsRecord;
-use sparse_autoencoder::StepStats;
+use sparse_autoencoder::{Architecture, StepStats};
 
 /// Width and height from a PNG's IHDR chunk, after checking the signature.
 fn png_size(path: &Path) -> (u32, u32) {
@@ -151,4 +151,53 @@ fn feature_density_errors_name_the_file() {
     expect_error("latent 0");
     write_npy(&npy, "<i4", &[2], &[0; 8]);
     expect_error("dtype");
+}
+
+#[test]
+fn a_sparse_feature_density_of_512_mib_is_refused_before_it_is_read() {
+    let dir = temp_dir("plot-sparse-density");
+    std::fs::write(dir.join("metrics.jsonl"), metrics_lines(3)).unwrap();
+    let npy = dir.join("feature_density.npy");
+    // 2^27 float32 frequencies declared; the data is a hole, so nothing is written to disk.
+    let n = 1u64 << 27;
+    write_npy(&npy, "<f4", &[n as usize], &[]);
+    let file = std::fs::OpenOptions::new().write(true).open(&npy).unwrap();
+    file.set_len(file.metadata().unwrap().len() + 4 * n)
+        .unwrap();
+    drop(file);
+    let refused = |needles: &[&str]| {
+        let started = std::time::Instant::now();
+        let err = plot::read_feature_density(&npy).unwrap_err().to_string();
+        assert!(started.elapsed().as_secs_f64() < 1.0, "{err}");
+        for needle in needles {
+            assert!(err.contains(needle), "{needle:?} not in: {err}");
+        }
+    };
+    // Beside an SAE: its F.
+    random_sae(Architecture::TopK { k: 2 }, 4, 8, 0)
+        .save(&dir)
+        .unwrap();
+    refused(&["feature_density.npy", "134217728", "sae.json has 8 latents"]);
+    // Alone: a bound on any SAE's.
+    std::fs::remove_file(dir.join("sae.json")).unwrap();
+    refused(&["feature_density.npy", "134217728", "67108864"]);
+    // A FIFO is refused, not opened (opening one blocks until something writes to it).
+    std::fs::remove_file(&npy).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&npy)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    refused(&["feature_density.npy", "not a regular file"]);
+    std::fs::remove_file(&npy).unwrap();
+    // One frequency per latent of the SAE beside it is read.
+    random_sae(Architecture::TopK { k: 2 }, 4, 3, 0)
+        .save(&dir)
+        .unwrap();
+    write_npy(&npy, "<f4", &[3], &f32_bytes(&[0.1, 0.0, 1.0]));
+    assert_eq!(
+        plot::read_feature_density(&npy).unwrap(),
+        [0.1f32, 0.0, 1.0].map(f64::from)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -34,6 +34,31 @@ pub struct EncodeArgs {
     device: super::DeviceArgs,
 }
 
+/// Refuses a `--batch-size` whose batches cannot fit in memory: each holds its rows (B×D) and
+/// their pre-activations (B×F) as float32, and the data may hold any number of rows.
+pub(super) fn check_batch_memory(batch_size: usize, n_rows: u64, d: usize, f: usize) -> Result<()> {
+    let b = n_rows.min(batch_size as u64);
+    let need = (d as u64)
+        .checked_add(f as u64)
+        .and_then(|w| w.checked_mul(b))
+        .and_then(|e| e.checked_mul(4));
+    let available = sparse_autoencoder::io::available_memory();
+    match (need, available) {
+        (Some(need), Some(available)) if need <= available => Ok(()),
+        (Some(_), None) => Ok(()),
+        (need, available) => Err(UsageError(format!(
+            "invalid --batch-size {batch_size}: a batch of {b} rows needs {} (rows × (D + F) \
+             float32), more than the {} available; pass a smaller --batch-size",
+            need.map_or("over 2^64 bytes".into(), |n| format!(
+                "{:.1} GB",
+                n as f64 / 1e9
+            )),
+            available.map_or("memory".into(), |a| format!("{:.1} GB", a as f64 / 1e9)),
+        ))
+        .into()),
+    }
+}
+
 /// Runs `sae encode`.
 pub fn run(args: EncodeArgs) -> Result<Option<u8>> {
     let device = args.device.device()?;
@@ -53,6 +78,7 @@ pub fn run(args: EncodeArgs) -> Result<Option<u8>> {
         ))
         .into());
     }
+    check_batch_memory(args.batch_size, rows.n_rows(), d, f)?;
     if args.out.join("codes.json").exists() && !args.force {
         return Err(UsageError(format!(
             "invalid --out {}: it already holds codes; pass --force to replace them",

@@ -63,6 +63,12 @@ pub fn run(args: EvalArgs) -> Result<Option<u8>> {
             ))
             .into());
         }
+        super::encode::check_batch_memory(
+            args.batch_size,
+            rows.n_rows(),
+            sae.config().d_model,
+            sae.config().dict_size,
+        )?;
         let stats = evaluate_on(&sae, device, &rows, args.batch_size, args.skip_non_finite)
             .map_err(usage)?;
         let histogram = stats.density_histogram(1)?;
@@ -104,8 +110,33 @@ pub fn run(args: EvalArgs) -> Result<Option<u8>> {
             .into());
         }
         let g = features.n_rows() as usize;
-        let mut features_gd = ndarray::Array2::zeros((g, features.d_model()));
+        let d = features.d_model();
+        // The file is read whole: its declared size must fit in memory (a sparse file can
+        // declare any size).
+        let mut values = Vec::new();
+        if !g
+            .checked_mul(d)
+            .is_some_and(|n| values.try_reserve_exact(n).is_ok())
+        {
+            return Err(UsageError(format!(
+                "invalid --true-features {}: {g} rows of {d} floats do not fit in memory; \
+                 give a G×D array of true features",
+                path.display()
+            ))
+            .into());
+        }
+        values.resize(g * d, 0.0f32);
+        let mut features_gd =
+            ndarray::Array2::from_shape_vec((g, d), values).expect("g·d values were allocated");
         features.read_rows(0, features_gd.as_slice_mut().expect("standard layout"))?;
+        if let Some(((row, column), v)) = features_gd.indexed_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(UsageError(format!(
+                "invalid --true-features {}: {v} at row {row}, column {column}; true features \
+                 must be finite directions",
+                path.display()
+            ))
+            .into());
+        }
         let score = recovery(features_gd.view(), sae.w_dec_fd())?;
         println!(
             "recovered {:.1}% of the {g} true features at cosine >= 0.9 (MCC {:.3}, mean best cosine {:.3})",

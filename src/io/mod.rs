@@ -31,7 +31,9 @@ pub use checkpoint::{Checkpoint, CHECKPOINT_CONFIG_FILE, CHECKPOINT_WEIGHTS_FILE
 pub use codes::{CodesLayout, CodesWriter};
 pub use export::{export_saelens, export_sparsify, ExportMetadata};
 pub use npy::{write_npy, NpyAppender};
+pub(crate) use sae_dir::read_config;
 pub use sae_dir::{CONFIG_FILE, WEIGHTS_FILE};
+pub use tensors::available_memory;
 
 use crate::error::{io_error, Result};
 

@@ -2,12 +2,15 @@
 //! version, shape and architecture), written by [`Sae::save`] and read by [`Sae::load`].
 
 use std::fs;
+use std::io::Read;
 use std::path::Path;
 
 use ndarray::{Array1, Array2};
 use serde::{Deserialize, Serialize};
 
-use super::tensors::{standard, TensorsIn, TensorsOut};
+use safetensors::tensor::Dtype;
+
+use super::tensors::{escape_controls, standard, TensorsIn, TensorsOut};
 use super::{create_dir, write_atomic};
 use crate::config::SaeConfig;
 use crate::error::{io_error, Error, Result};
@@ -65,46 +68,26 @@ impl Sae {
 
     /// Loads the SAE that [`Sae::save`] wrote into `dir` (a run directory, or one SAE's
     /// subdirectory of a sweep). Every error names the directory or file and what to do: a
-    /// missing directory or file, malformed JSON, an unknown format, tensors of the wrong
-    /// shape or dtype.
+    /// missing directory or file, malformed JSON, an unknown format, tensors missing, extra, of
+    /// the wrong shape or dtype, or holding NaN or ±Inf, a negative θ. Each tensor's shape is
+    /// checked against `sae.json` before any is read, so a file claiming more cannot make the
+    /// load read or allocate more than the SAE `sae.json` describes.
     pub fn load(dir: &Path) -> Result<Sae> {
-        let config_path = dir.join(CONFIG_FILE);
-        let text = fs::read_to_string(&config_path).map_err(|err| match err.kind() {
-            std::io::ErrorKind::NotFound if !dir.is_dir() => Error::RunDir {
-                path: dir.to_path_buf(),
-                reason: "no such directory; give the run directory `sae train` wrote".into(),
-            },
-            std::io::ErrorKind::NotFound => Error::RunDir {
-                path: dir.to_path_buf(),
-                reason: format!(
-                    "no {CONFIG_FILE} here: not an SAE directory (for a sweep, give one SAE's \
-                     subdirectory)"
-                ),
-            },
-            _ => io_error(&config_path, "reading")(err),
-        })?;
-        let bad_config = |problem: String| Error::RunFile {
-            path: config_path.clone(),
-            problem,
-            fix: RESAVE.into(),
-        };
-        let file: SaeFile =
-            serde_json::from_str(&text).map_err(|err| bad_config(format!("malformed ({err})")))?;
-        if file.format != FORMAT {
-            return Err(bad_config(format!(
-                "format {} is not {FORMAT}, the one this version of sae reads",
-                file.format
-            )));
-        }
-        file.config
-            .validate()
-            .map_err(|err| bad_config(format!("invalid configuration ({err})")))?;
+        let file = read_sae_file(dir)?;
         let weights = TensorsIn::read(
             &dir.join(WEIGHTS_FILE),
             "the SAE directory is incomplete; train or save the SAE again",
             RESAVE,
         )?;
         let (f, d) = (file.config.dict_size, file.config.d_model);
+        let names = ["w_enc_fd", "b_enc_f", "w_dec_fd", "b_dec_d", "threshold"];
+        weights.only(&names)?;
+        let shapes: [&[usize]; 5] = [&[f, d], &[f], &[f, d], &[d], &[]];
+        for (name, shape) in names.iter().zip(shapes) {
+            if *name != "threshold" || weights.has(name) {
+                weights.check(name, Dtype::F32, shape)?;
+            }
+        }
         let shaped = "the shape was checked";
         let mut sae = Sae::from_parts(
             file.config,
@@ -114,12 +97,84 @@ impl Sae {
             Array1::from(weights.f32("b_dec_d", &[d])?),
         )?;
         sae.threshold = if weights.has("threshold") {
-            Some(weights.f32("threshold", &[])?[0])
+            let theta = weights.f32("threshold", &[])?[0];
+            if theta < 0.0 {
+                return Err(weights.bad(format!(
+                    "tensor \"threshold\" is {theta}, but θ is a firing threshold and at least 0"
+                )));
+            }
+            Some(theta)
         } else {
             file.threshold
         };
         Ok(sae)
     }
+}
+
+/// The largest `sae.json` read: the file `sae` writes is a few hundred bytes.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The SAE configuration in `dir/sae.json`, checked (see [`Sae::load`]): for readers of other
+/// files of an SAE directory that must agree with it.
+pub(crate) fn read_config(dir: &Path) -> Result<SaeConfig> {
+    read_sae_file(dir).map(|file| file.config)
+}
+
+/// Reads and checks `dir/sae.json`: its size, JSON, format, configuration and θ.
+fn read_sae_file(dir: &Path) -> Result<SaeFile> {
+    let config_path = dir.join(CONFIG_FILE);
+    let bad_config = |problem: String| Error::RunFile {
+        path: config_path.clone(),
+        problem: escape_controls(&problem),
+        fix: RESAVE.into(),
+    };
+    let meta = fs::metadata(&config_path).map_err(|err| match err.kind() {
+        std::io::ErrorKind::NotFound if !dir.is_dir() => Error::RunDir {
+            path: dir.to_path_buf(),
+            reason: "no such directory; give the run directory `sae train` wrote".into(),
+        },
+        std::io::ErrorKind::NotFound => Error::RunDir {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "no {CONFIG_FILE} here: not an SAE directory (for a sweep, give one SAE's \
+                 subdirectory)"
+            ),
+        },
+        _ => io_error(&config_path, "reading")(err),
+    })?;
+    // Reading a FIFO would block, and a huge file would be read whole.
+    if !meta.is_file() {
+        return Err(bad_config("not a regular file".into()));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(bad_config(format!(
+            "{} bytes, far more than the few hundred sae writes",
+            meta.len()
+        )));
+    }
+    let mut text = String::new();
+    fs::File::open(&config_path)
+        .and_then(|f| f.take(MAX_CONFIG_BYTES).read_to_string(&mut text))
+        .map_err(io_error(&config_path, "reading"))?;
+    let file: SaeFile =
+        serde_json::from_str(&text).map_err(|err| bad_config(format!("malformed ({err})")))?;
+    if file.format != FORMAT {
+        return Err(bad_config(format!(
+            "format {} is not {FORMAT}, the one this version of sae reads",
+            file.format
+        )));
+    }
+    file.config
+        .validate()
+        .map_err(|err| bad_config(format!("invalid configuration ({err})")))?;
+    if let Some(theta) = file.threshold {
+        if !(theta.is_finite() && theta >= 0.0) {
+            return Err(bad_config(format!(
+                "threshold is {theta}, but θ is a firing threshold: finite and at least 0"
+            )));
+        }
+    }
+    Ok(file)
 }
 
 #[cfg(test)]

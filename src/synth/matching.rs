@@ -8,9 +8,15 @@
 /// each row in turn is added and the cheapest augmenting path to a free column found with a
 /// Dijkstra-like sweep over reduced costs. Scores are negated into costs; f64 throughout, so
 /// float32 cosines never tie by rounding alone.
-pub fn max_weight_matching(score_rc: &[f64], rows: usize, cols: usize) -> Vec<usize> {
+///
+/// `None` when a score is NaN or ±Inf: the sweep compares reduced costs with `<`, which NaN
+/// never passes, so no column would ever be reached and the search would not end.
+pub fn max_weight_matching(score_rc: &[f64], rows: usize, cols: usize) -> Option<Vec<usize>> {
     assert!(rows <= cols, "matching needs rows ≤ columns");
     assert_eq!(score_rc.len(), rows * cols);
+    if score_rc.iter().any(|s| !s.is_finite()) {
+        return None;
+    }
     let cost = |r: usize, c: usize| -score_rc[r * cols + c];
     // Potentials u (rows) and v (columns), 1-based with index 0 a virtual row/column, as the
     // classic formulation: owner[c] is the row matched to column c (0 = free).
@@ -52,6 +58,10 @@ pub fn max_weight_matching(score_rc: &[f64], rows: usize, cols: usize) -> Vec<us
                     min_to[c] -= delta;
                 }
             }
+            if c1 == 0 {
+                // No column reached: only possible with non-finite costs, refused above.
+                return None;
+            }
             c0 = c1;
             if owner[c0] == 0 {
                 break;
@@ -73,7 +83,7 @@ pub fn max_weight_matching(score_rc: &[f64], rows: usize, cols: usize) -> Vec<us
             result[owner[c] - 1] = c - 1;
         }
     }
-    result
+    Some(result)
 }
 
 #[cfg(test)]
@@ -103,7 +113,7 @@ mod tests {
     fn greedy_is_not_optimal_but_the_matching_is() {
         // Greedy takes (0, 0) = 0.9 and leaves row 1 with 0.1; the optimum is 0.8 + 0.85.
         let score = [0.9, 0.8, 0.85, 0.1];
-        let m = max_weight_matching(&score, 2, 2);
+        let m = max_weight_matching(&score, 2, 2).unwrap();
         assert_eq!(m, vec![1, 0]);
     }
 
@@ -119,7 +129,7 @@ mod tests {
         for (rows, cols) in [(1, 1), (3, 3), (4, 6), (5, 7), (6, 6), (2, 8)] {
             for _ in 0..20 {
                 let score: Vec<f64> = (0..rows * cols).map(|_| next()).collect();
-                let m = max_weight_matching(&score, rows, cols);
+                let m = max_weight_matching(&score, rows, cols).unwrap();
                 let mut seen = m.clone();
                 seen.sort_unstable();
                 seen.dedup();
@@ -135,6 +145,14 @@ mod tests {
                     "{total} vs {best} at {rows}×{cols}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn non_finite_scores_are_refused_rather_than_searched_forever() {
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let score = [0.5, bad, 0.25, 0.75];
+            assert_eq!(max_weight_matching(&score, 2, 2), None, "{bad}");
         }
     }
 }
