@@ -138,7 +138,6 @@ mod inputs {
     use safetensors::tensor::{Dtype, TensorView};
     use safetensors::SafeTensors;
     use sparse_autoencoder::io::{write_npy, Checkpoint};
-    use sparse_autoencoder::run::{Run, RunSpec};
     use sparse_autoencoder::{Architecture, Sae, SaeConfig, TrainConfig, Trainer};
 
     use super::{regressions, replay};
@@ -442,10 +441,9 @@ mod inputs {
 
     fn run_config() {
         let t = "run_config";
-        let dir = replay::scratch_dir("write-run");
-        let spec: RunSpec = toml::from_str(replay::TEMPLATE_CONFIG).unwrap();
-        Run::create(&spec, &dir, true).unwrap();
+        let dir = replay::template_run(replay::scratch_dir("write-run"));
         let written = fs::read_to_string(dir.join("config.toml")).unwrap();
+        let written = written.replace(&*dir.to_string_lossy(), replay::RUN_DIR);
         fs::remove_dir_all(&dir).unwrap();
         put(t, "ok-template.toml", written.as_bytes());
         let without = |key: &str| {
@@ -483,7 +481,7 @@ mod inputs {
         // Item 7: sizes whose products overflow.
         let expansion = written.replace("dict_size = 32", "expansion = 1152921504606846976");
         put(t, "err-huge-expansion.toml", expansion.as_bytes());
-        let batch = written.replace("batch_size = 32", "batch_size = 18446744073709551615");
+        let batch = written.replace("batch_size = 8", "batch_size = 18446744073709551615");
         put(t, "err-huge-batch-size.toml", batch.as_bytes());
         put(
             t,
