@@ -431,6 +431,13 @@ mod inputs {
             "err-huge-tensor-claim.bin",
             &replay::join(&json, &huge_claim()),
         );
+        // Item 18 in checkpoint.json: serde's message quotes the unknown variant.
+        let esc = text.replace("\"topk\"", "\"\\u001b[2Jtopk\"");
+        put(
+            t,
+            "err-esc-in-json-value.bin",
+            &replay::join(esc.as_bytes(), &weights),
+        );
         let no_moments = edited(&weights, Some(HashMap::new()), |_, _| {});
         put(
             t,
