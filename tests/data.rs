@@ -475,3 +475,48 @@ fn training_runs_from_a_directory_of_float16_sequence_shards() {
     assert!(fve > 0.75, "held-out fve {fve}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_shard_truncated_while_batching_stops_the_prefetcher_with_an_error() {
+    // The loader thread meets the short file: the error reaches the trainer's side as a
+    // `DataError` naming the file (through a memory map it was SIGBUS, killing the process).
+    let dir = temp_dir("data-shrunk");
+    let path = dir.join("acts.npy");
+    let (n, d) = (4096, 16);
+    let x = synthetic_batch(n, d, 3);
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_npy(&path, "<f4", &[n, d], &bytes);
+    let shards = NpyShards::open(&[&path]).unwrap();
+    let config = LoaderConfig {
+        batch_size: 64,
+        buffer_rows: Some(256),
+        chunk_rows: 64,
+        prefetch: 1,
+        ..LoaderConfig::default()
+    };
+    let mut loader = Prefetcher::new(Batcher::new(shards, config).unwrap());
+    loader.next_batch().unwrap();
+    let header = std::fs::metadata(&path).unwrap().len() - bytes.len() as u64;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(header + (8 * d * 4) as u64)
+        .unwrap();
+    // Rows are drawn from the whole file, so within an epoch the loader needs a row past the
+    // first 8.
+    let err = (0..2 * n / 64)
+        .find_map(|_| loader.next_batch().err())
+        .expect("every batch read despite the truncation");
+    assert!(
+        matches!(&err, Error::Data(DataError::Shrunk { path: p, .. }) if p == &path),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+    // The loader stays stopped.
+    assert!(loader.next_batch().is_err());
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -46,7 +46,15 @@ fn kind(descr: &Descr) -> Kind {
             "<f2" => Kind::Read(Dtype::F16),
             "<f4" => Kind::Read(Dtype::F32),
             "<f8" => Kind::Read(Dtype::F64),
-            _ if s.starts_with(['<', '>', '|', '=']) => Kind::Unsupported(escape(s)),
+            // An order mark, a kind and its size, perhaps units: `>i8`, `|O`, `<M8[ns]`.
+            _ if s.starts_with(['<', '>', '|', '='])
+                && s.len() > 1
+                && s[1..]
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'[' || b == b']') =>
+            {
+                Kind::Unsupported(escape(s))
+            }
             _ => Kind::NotAType(escape(s)),
         },
         Descr::Structured(text) => Kind::Unsupported(escape(text)),

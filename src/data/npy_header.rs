@@ -13,6 +13,9 @@ pub(crate) const MAX_PREFIX: usize = 12;
 /// making the reader allocate gigabytes.
 pub(crate) const MAX_HEADER: u64 = 1 << 20;
 
+/// Most dimensions a numpy array has (`NPY_MAXDIMS` in numpy 2; 32 before).
+const MAX_DIMS: usize = 64;
+
 /// Deepest nesting of brackets accepted: the dict (1), a structured descr's list (2), a field's
 /// tuple (3) and its shape or title (4), with room for a nested structured field or two.
 const MAX_DEPTH: usize = 8;
@@ -46,7 +49,7 @@ pub(crate) fn parse_prefix(head: &[u8]) -> Result<Prefix, String> {
     }
     let short = || {
         format!(
-            "the file ends inside the header's prefix, at byte {}",
+            "the file ends after {} bytes, inside the header's prefix",
             head.len()
         )
     };
@@ -111,7 +114,7 @@ pub(crate) fn parse_header(text: &[u8], utf8: bool) -> Result<Header, HeaderErro
         if let Err(err) = std::str::from_utf8(text) {
             return Err(HeaderError {
                 reason: format!(
-                    "the header (format 3.0, utf-8) is not valid utf-8 at byte {}",
+                    "the format 3.0 header is not utf-8 at byte {} of the header",
                     err.valid_up_to()
                 ),
                 descr: None,
@@ -190,7 +193,11 @@ impl Parser<'_> {
             let key_at = p.pos;
             let key = match p.value(1)? {
                 Value::Str(key) => key,
-                _ => return Err(format!("a key that is not a string at byte {key_at}")),
+                _ => {
+                    return Err(format!(
+                        "a key that is not a string at byte {key_at} of the header"
+                    ))
+                }
             };
             p.skip_ws();
             if p.peek() != Some(b':') {
@@ -208,13 +215,13 @@ impl Parser<'_> {
                 }
                 ("descr", _) => {
                     return Err(format!(
-                        "'descr' at byte {value_at} is neither a string nor a list"
+                        "'descr' at byte {value_at} of the header is neither a string nor a list"
                     ))
                 }
                 ("fortran_order", Value::Bool(b)) => fortran_order.replace(b).is_some(),
                 ("fortran_order", _) => {
                     return Err(format!(
-                        "'fortran_order' at byte {value_at} is not True or False"
+                        "'fortran_order' at byte {value_at} of the header is not True or False"
                     ))
                 }
                 ("shape", value) => shape.replace(dims(value, value_at)?).is_some(),
@@ -274,7 +281,7 @@ impl Parser<'_> {
             b'(' | b'[' | b'{' => {
                 if depth >= MAX_DEPTH {
                     return Err(format!(
-                        "brackets nested deeper than {MAX_DEPTH} levels at byte {}; no header \
+                        "brackets nested deeper than {MAX_DEPTH} levels at byte {} of the header; no header \
                          sae reads needs more",
                         self.pos
                     ));
@@ -325,7 +332,7 @@ impl Parser<'_> {
                     b"False" => Ok(Value::Bool(false)),
                     b"None" => Ok(Value::Other),
                     _ => Err(format!(
-                        "unknown name '{}' at byte {start}",
+                        "unknown name '{}' at byte {start} of the header",
                         self.raw(start, self.pos)
                     )),
                 }
@@ -343,7 +350,9 @@ impl Parser<'_> {
         loop {
             match self.peek() {
                 None | Some(b'\n') => {
-                    return Err(format!("a string opened at byte {start} is not closed"))
+                    return Err(format!(
+                        "a string opened at byte {start} of the header is not closed"
+                    ))
                 }
                 Some(c) if c == quote => {
                     self.pos += 1;
@@ -404,7 +413,9 @@ impl Parser<'_> {
         if text.replace('_', "").parse::<f64>().is_ok() {
             Ok(Value::Other)
         } else {
-            Err(format!("'{text}' at byte {start} is not a number"))
+            Err(format!(
+                "'{text}' at byte {start} of the header is not a number"
+            ))
         }
     }
 
@@ -454,8 +465,15 @@ impl Parser<'_> {
 /// The dimensions of a `'shape'` value: a tuple (or list) of non-negative integers.
 fn dims(value: Value, at: usize) -> Parsed<Vec<u64>> {
     let Value::Seq { items, .. } = value else {
-        return Err(format!("'shape' at byte {at} is not a tuple"));
+        return Err(format!("'shape' at byte {at} of the header is not a tuple"));
     };
+    if items.len() > MAX_DIMS {
+        return Err(format!(
+            "'shape' at byte {at} of the header has {} dimensions; numpy arrays have at most \
+             {MAX_DIMS}",
+            items.len()
+        ));
+    }
     items
         .into_iter()
         .map(|item| match item {
@@ -466,12 +484,14 @@ fn dims(value: Value, at: usize) -> Parsed<Vec<u64>> {
             Value::Int {
                 magnitude: Some(0), ..
             } => Ok(0),
-            Value::Int { negative: true, .. } => {
-                Err(format!("'shape' at byte {at} has a negative dimension"))
-            }
-            Value::Int { .. } => Err(format!("'shape' at byte {at} has a dimension past 2^64")),
+            Value::Int { negative: true, .. } => Err(format!(
+                "'shape' at byte {at} of the header has a negative dimension"
+            )),
+            Value::Int { .. } => Err(format!(
+                "'shape' at byte {at} of the header has a dimension past 2^64"
+            )),
             _ => Err(format!(
-                "'shape' at byte {at} has a dimension that is not an integer"
+                "'shape' at byte {at} of the header has a dimension that is not an integer"
             )),
         })
         .collect()
@@ -543,7 +563,7 @@ mod tests {
         assert!(parse_header(latin1, true)
             .unwrap_err()
             .reason
-            .contains("not valid utf-8 at byte 14"));
+            .contains("header is not utf-8 at byte 14 of the header"));
         let escaped = r#"{'descr': '<\'f4\\', 'fortran_order': False, 'shape': (1,)}"#;
         assert_eq!(parse(escaped).unwrap().descr, Descr::Plain("<'f4\\".into()));
     }
@@ -563,10 +583,13 @@ mod tests {
             "expected '{' (the header is a Python dict) at byte 0 of the header, found the end \
              of the header"
         );
-        assert!(reason("{'descr': '<f4").contains("string opened at byte 10 is not closed"));
-        assert!(reason("{'descr': x}").contains("unknown name 'x' at byte 10"));
-        assert!(reason("{'descr': 1.2.3}").contains("'1.2.3' at byte 10 is not a number"));
-        assert!(reason("{1: 2}").contains("a key that is not a string at byte 1"));
+        assert!(reason("{'descr': '<f4")
+            .contains("string opened at byte 10 of the header is not closed"));
+        assert!(reason("{'descr': x}").contains("unknown name 'x' at byte 10 of the header"));
+        assert!(
+            reason("{'descr': 1.2.3}").contains("'1.2.3' at byte 10 of the header is not a number")
+        );
+        assert!(reason("{1: 2}").contains("a key that is not a string at byte 1 of the header"));
         assert!(
             reason("{'descr': '<f4', 'fortran_order': False, 'shape': (1,)} x")
                 .contains("expected only padding after the header dict at byte 56")
@@ -575,7 +598,9 @@ mod tests {
         assert!(reason("{'shape': (2.0,)}").contains("not an integer"));
         assert!(reason("{'shape': (-1,)}").contains("negative"));
         assert!(reason("{'shape': (18446744073709551616,)}").contains("past 2^64"));
-        assert!(reason("{'shape': (3)}").contains("'shape' at byte 10 is not a tuple"));
+        assert!(
+            reason("{'shape': (3)}").contains("'shape' at byte 10 of the header is not a tuple")
+        );
         assert!(reason("{'fortran_order': 0}").contains("not True or False"));
         assert!(reason("{'descr': 4}").contains("neither a string nor a list"));
         assert!(reason("{'descr': '<f4', 'shape': (1,)}").contains("no 'fortran_order' key"));
@@ -586,8 +611,9 @@ mod tests {
         let deep = format!("{{'x': {}{}}}", "[".repeat(7), "]".repeat(7));
         assert!(reason(&deep).contains("no 'descr'"));
         let deeper = format!("{{'x': {}{}}}", "[".repeat(8), "]".repeat(8));
-        assert!(reason(&deeper).contains("nested deeper than 8 levels at byte 13"));
-        assert!(reason(&"{".repeat(100_000)).contains("nested deeper than 8 levels at byte 8"));
+        assert!(reason(&deeper).contains("nested deeper than 8 levels at byte 13 of the header"));
+        assert!(reason(&"{".repeat(100_000))
+            .contains("nested deeper than 8 levels at byte 8 of the header"));
     }
 
     #[test]
@@ -627,7 +653,7 @@ mod tests {
         assert!(parse_prefix(b"\x93NUMP").unwrap_err().contains("magic"));
         assert!(parse_prefix(b"\x93NUMPY\x02\x00\x01")
             .unwrap_err()
-            .contains("ends inside the header's prefix"));
+            .contains("ends after 9 bytes, inside the header's prefix"));
         assert!(parse_prefix(b"\x93NUMPY\x09\x09\x00\x00")
             .unwrap_err()
             .contains("version 9.9"));
