@@ -329,3 +329,229 @@ fn a_config_file_sets_the_run_and_flags_override_it() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_diverging_run_stops_at_the_step_naming_the_cause_and_leaves_readable_files() {
+    let dir = temp_dir("run-diverge");
+    let run = dir.join("run");
+    let out = sae(&[
+        "train",
+        "--out",
+        run.to_str().unwrap(),
+        "--steps",
+        "20",
+        "--batch-size",
+        "32",
+        "--dict-size",
+        "32",
+        "--k",
+        "4",
+        "--lr",
+        "1e30",
+        "--checkpoint-every",
+        "1",
+        "--metrics-every",
+        "1",
+        "--threads",
+        "1",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("diverged at step")
+            && stderr.contains("--lr")
+            && stderr.contains("--normalize"),
+        "{stderr}"
+    );
+    // Every line of the metrics parses, with finite figures.
+    let records = metrics(&run);
+    assert!(records
+        .iter()
+        .all(|r| r.loss.is_finite() && r.mse.is_finite()));
+    // No SAE of non-finite weights was saved, and a checkpoint left is finite.
+    assert!(!run.join("sae.safetensors").exists());
+    let weights = run.join("checkpoint/0/checkpoint.safetensors");
+    if weights.exists() {
+        for name in ["w_enc_fd", "w_dec_fd", "b_enc_f", "b_dec_d"] {
+            let (_, values) = common::tensor(&weights, name);
+            assert!(values.iter().all(|v| v.is_finite()), "{name}");
+        }
+    }
+    // A metrics file an older version wrote, with a null loss, still plots, with a note.
+    let legacy = r#"{"step":99,"tokens":3168,"lr":1e30,"loss":null,"mse":null,"aux":0.0,"fve":null,"l0":4.0,"dead_fraction":0.0,"threshold":null,"seconds":0.1}"#;
+    let mut text_now = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text_now.push_str(legacy);
+    text_now.push('\n');
+    std::fs::write(run.join("metrics.jsonl"), text_now).unwrap();
+    let stdout = ok(&sae(&["plot", run.to_str().unwrap()]));
+    assert!(stdout.contains("not finite from step 99"), "{stdout}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_nan_row_mid_run_checkpoints_and_resumes_skipping_it() {
+    let dir = temp_dir("run-nan-row");
+    let data = dir.join("acts.npy");
+    let mut x = synthetic_batch(256, 16, 7);
+    x[[150, 3]] = f32::NAN;
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_npy(&data, "<f4", &[256, 16], &bytes);
+    let args = |out: &Path, skip: bool| {
+        let mut args = vec![
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--eval-fraction",
+            "0",
+            "--steps",
+            "20",
+            "--batch-size",
+            "32",
+            "--buffer-rows",
+            "64",
+            "--arch",
+            "topk",
+            "--k",
+            "4",
+            "--dict-size",
+            "32",
+            "--threads",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        if skip {
+            args.push("--skip-non-finite".into());
+        }
+        args
+    };
+    let run = dir.join("run");
+    let out = sae(&args(&run, false)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("acts.npy row 150")
+            && stderr.contains("checkpoint is written")
+            && stderr.contains("--resume")
+            && stderr.contains("--skip-non-finite"),
+        "{stderr}"
+    );
+    assert!(run.join("checkpoint/run.json").is_file());
+
+    // An edited config.toml is one line naming the key, never a panic.
+    let config = run.join("config.toml");
+    let written = std::fs::read_to_string(&config).unwrap();
+    for key in ["batch_size", "metrics_every"] {
+        let edited: String = written
+            .lines()
+            .filter(|l| !l.starts_with(key))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&config, edited).unwrap();
+        let out = sae(&["train", "--resume", run.to_str().unwrap()]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{key}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(&format!("train.{key}")), "{stderr}");
+    }
+    std::fs::write(&config, &written).unwrap();
+
+    // Resuming without skipping meets the row again; skipping goes to the end, recorded.
+    let out = sae(&["train", "--resume", run.to_str().unwrap(), "--threads", "1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    ok(&sae(&[
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--skip-non-finite",
+        "--threads",
+        "1",
+    ]));
+    let config_now = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        config_now.contains("skip_non_finite = true"),
+        "{config_now}"
+    );
+    // The batches before the row were made as a skipping run makes them: the result is that
+    // of a run that skipped from the start.
+    let skipping = dir.join("skipping");
+    ok(&sae(&args(&skipping, true)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()));
+    assert_eq!(
+        std::fs::read(run.join("sae.safetensors")).unwrap(),
+        std::fs::read(skipping.join("sae.safetensors")).unwrap()
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_second_process_in_a_run_directory_is_refused_naming_the_first() {
+    let dir = temp_dir("run-two-processes");
+    let run = dir.join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sae"))
+        .args([
+            "train",
+            "--out",
+            run.to_str().unwrap(),
+            "--steps",
+            "1000000",
+            "--batch-size",
+            "32",
+            "--dict-size",
+            "32",
+            "--metrics-every",
+            "1",
+            "--threads",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the run never logged"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let holder = format!("pid {}", child.id());
+    for args in [
+        vec!["train", "--resume", run.to_str().unwrap()],
+        vec![
+            "train",
+            "--out",
+            run.to_str().unwrap(),
+            "--force",
+            "--steps",
+            "2",
+        ],
+    ] {
+        let out = sae(&args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("in use by") && stderr.contains(&holder),
+            "{stderr}"
+        );
+    }
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -179,11 +179,13 @@ fn resume_to_end(data: &Path, out: &Path, reference: &[u8], before_first: bool, 
     );
 }
 
+/// A crash sequence, run on one of a few threads.
+type Job<'a> = Box<dyn FnOnce() + Send + 'a>;
+
 /// Runs `jobs` on a few threads.
-fn in_parallel(jobs: Vec<Box<dyn FnOnce() + Send + '_>>) {
+fn in_parallel(jobs: Vec<Job<'_>>) {
     let next = AtomicUsize::new(0);
-    let jobs: Vec<Mutex<Option<Box<dyn FnOnce() + Send + '_>>>> =
-        jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
+    let jobs: Vec<Mutex<Option<Job<'_>>>> = jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
     std::thread::scope(|scope| {
         for _ in 0..threads {
@@ -230,7 +232,7 @@ fn a_crash_at_any_checkpoint_syscall_resumes_to_the_same_parameters() {
         .iter()
         .position(|p| p.syscall.starts_with("rename") && p.line.contains("checkpoint.new/run.json"))
         .expect("a first checkpoint");
-    let mut jobs: Vec<Box<dyn FnOnce() + Send + '_>> = Vec::new();
+    let mut jobs: Vec<Job<'_>> = Vec::new();
     for (i, point) in points.iter().enumerate() {
         let before_first = i <= first_whole;
         let (data, reference, dir) = (&data, &reference, &dir);

@@ -262,7 +262,7 @@ fn an_edited_config_toml_is_one_error_naming_the_key() {
             .expect("refused")
             .to_string()
     };
-    let cases: [(&str, String, &[&str]); 8] = [
+    let cases: [(&str, String, &[&str]); 9] = [
         (
             "batch_size",
             drop_line(&written, "batch_size"),
@@ -297,6 +297,11 @@ fn an_edited_config_toml_is_one_error_naming_the_key() {
             "zero",
             written.replace("metrics_every = 10", "metrics_every = 0"),
             &["train.metrics_every", "at least 1"],
+        ),
+        (
+            "a late warm-up",
+            written.replace("warmup_steps = 0", "warmup_steps = 100"),
+            &["topk-k4-f32", "warmup_steps"],
         ),
         (
             "a bad name",
@@ -358,7 +363,8 @@ fn a_second_run_in_a_directory_in_use_is_refused_naming_the_holder() {
 
 #[test]
 fn a_stop_before_training_writes_nothing_and_leaves_the_checkpoint() {
-    let dir = temp_dir("run-stop-early").join("run");
+    let parent = temp_dir("run-stop-early");
+    let dir = parent.join("run");
     let stopped = AtomicBool::new(true);
     let err = Run::create(&tiny(4), &dir, false, &stopped)
         .err()
@@ -379,7 +385,7 @@ fn a_stop_before_training_writes_nothing_and_leaves_the_checkpoint() {
         std::fs::read(dir.join("checkpoint/run.json")).unwrap(),
         before
     );
-    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(parent).unwrap();
 }
 
 #[test]
@@ -404,7 +410,7 @@ fn a_stop_during_the_final_evaluation_leaves_saved_saes_and_a_resumable_run() {
     let Outcome::Unevaluated { step: 6, dirs } = outcome else {
         panic!("{outcome:?}");
     };
-    assert_eq!(dirs, [stopped.clone()]);
+    assert_eq!(dirs, std::slice::from_ref(&stopped));
     assert_eq!(Sae::load(&stopped).unwrap(), Sae::load(&straight).unwrap());
     assert!(!stopped.join("eval.json").exists());
     drop(run);

@@ -195,7 +195,11 @@ fn load_from(dir: &Path, run: &Resolved) -> Result<(RunState, Vec<Trainer>)> {
             steps: run.schedule.steps,
             batch_size: run.schedule.batch_size,
         };
-        let (_, sae_config, train_config) = sae_spec.resolve(cx)?;
+        let (_, sae_config, train_config) = sae_spec.resolve(cx).map_err(|err| Error::RunFile {
+            path: run.config_path.clone(),
+            problem: format!("[[sae]] {}: {err}", names[i]),
+            fix: "restore the file the run wrote".into(),
+        })?;
         if *state.sae.config() != sae_config || state.step != run_file.state.step {
             return Err(damaged(
                 &run_path,

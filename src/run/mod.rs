@@ -200,6 +200,8 @@ struct Resolved {
     spec: RunSpec,
     schedule: Schedule,
     names: Vec<String>,
+    /// Its `config.toml`, for errors.
+    config_path: PathBuf,
 }
 
 impl Resolved {
@@ -239,6 +241,7 @@ impl Resolved {
             spec,
             schedule,
             names,
+            config_path: path.to_path_buf(),
         })
     }
 }
@@ -433,6 +436,7 @@ impl Run {
             spec: resolved,
             schedule,
             names,
+            config_path: dir.join(CONFIG_FILE),
         };
         Ok(Run::assemble(
             run, dir, members, batches, opened, scale, notes, lock,
@@ -811,7 +815,15 @@ impl Run {
             .iter()
             .map(|m| (m.name.as_str(), &m.trainer))
             .collect();
-        checkpoint::save(&self.dir, &state, &trainers)?;
+        // A failed save leaves the previous checkpoint whole (see `checkpoint`).
+        checkpoint::save(&self.dir, &state, &trainers).map_err(|err| Error::RunDir {
+            path: self.dir.clone(),
+            reason: format!(
+                "writing the checkpoint of step {} failed ({err}); {}",
+                self.step,
+                self.left_behind()
+            ),
+        })?;
         self.checkpointed = Some(self.step);
         Ok(())
     }
@@ -835,10 +847,14 @@ impl Run {
             path: self.dir.clone(),
             reason: format!(
                 "training diverged at step {} ({what} for SAE {}): lower the learning rate \
-                 (--lr, {lr:e} now) or the scale of the inputs (--normalize); {}",
+                 (--lr, {lr:e} now) or the scale of the inputs (--normalize) and start again; \
+                 nothing non-finite was written{}",
                 self.step,
                 self.members[i].name,
-                self.left_behind()
+                match self.checkpointed {
+                    Some(step) => format!(", and the checkpoint of step {step} is kept"),
+                    None => String::new(),
+                }
             ),
         }
     }
