@@ -172,8 +172,8 @@ pub enum DataError {
     /// A shard that became shorter than its header describes after it was opened (truncated
     /// or rewritten by another process).
     #[error(
-        "{}: the file shrank to {len} bytes while sae was reading it (its header describes \
-         {needed}); something truncated or rewrote it: restore the file and run again (a \
+        "{}: the file shrank to {len} bytes while sae was reading it (its header and data \
+         need {needed}); something truncated or rewrote it: restore the file and run again (a \
          training run resumes from its checkpoint with --resume)",
         path.display()
     )]
