@@ -6,9 +6,10 @@
 //! `<dir>.new/` and swaps that directory in with two renames (`<dir>` → `<dir>.old`,
 //! `<dir>.new` → `<dir>`). Writing the files in place one after the other, JSON last, would
 //! never leave a torn file, but a crash between the two would pair new tensors with old
-//! scalars, or lose the old checkpoint if the pairing is checked. With the swap a crash at any
-//! moment leaves a whole checkpoint in `<dir>` or in `<dir>.old`, and [`Checkpoint::load`]
-//! looks in both.
+//! scalars, or lose the old checkpoint if the pairing is checked. A save first settles what a
+//! crashed save left (the newest whole one of the three directories moved to `<dir>`, the
+//! others removed), so a crash at any moment, a crash of the next save included, leaves a
+//! whole checkpoint in one of them; [`Checkpoint::load`] reads the newest whole one.
 
 use std::collections::HashMap;
 use std::fs;
@@ -85,16 +86,10 @@ impl Checkpoint {
         for d in [dir, &new, &old] {
             only_checkpoint_files(d)?;
         }
-        if new.exists() {
-            // Left by a save that crashed before its swap.
-            fs::remove_dir_all(&new).map_err(io_error(&new, "removing"))?;
-        }
+        settle(dir, &new, &old)?;
         create_dir(&new)?;
         self.write_files(&new)?;
         sync_dir(&new);
-        if old.exists() {
-            fs::remove_dir_all(&old).map_err(io_error(&old, "removing"))?;
-        }
         if dir.exists() {
             fs::rename(dir, &old).map_err(io_error(dir, "renaming"))?;
         }
@@ -145,18 +140,28 @@ impl Checkpoint {
     /// against the SAE configuration the checkpoint records; resume with
     /// [`crate::Trainer::from_state`].
     pub fn load(dir: &Path) -> Result<Checkpoint> {
-        let [_, old] = siblings(dir)?;
-        let from = [dir, &old]
-            .into_iter()
-            .find(|d| d.join(CHECKPOINT_CONFIG_FILE).is_file())
-            .ok_or_else(|| Error::RunDir {
+        let [new, old] = siblings(dir)?;
+        let mut newest: Option<Result<Checkpoint>> = None;
+        for d in [dir, &new, &old] {
+            if !d.join(CHECKPOINT_CONFIG_FILE).is_file() {
+                continue;
+            }
+            let read = Checkpoint::read_files(d);
+            newest = match (newest, read) {
+                (Some(Ok(best)), Ok(c)) if c.state.step <= best.state.step => Some(Ok(best)),
+                (Some(Ok(best)), Err(_)) => Some(Ok(best)),
+                (_, read) => Some(read),
+            };
+        }
+        newest.unwrap_or_else(|| {
+            Err(Error::RunDir {
                 path: dir.to_path_buf(),
                 reason: format!(
                     "no {CHECKPOINT_CONFIG_FILE} here: not a checkpoint directory; give the \
                      directory Checkpoint::save wrote"
                 ),
-            })?;
-        Checkpoint::read_files(from)
+            })
+        })
     }
 
     /// Reads the two files [`Checkpoint::write_files`] wrote into `from`.
@@ -215,6 +220,32 @@ impl Checkpoint {
     }
 }
 
+/// Brings what a crashed save left back to one whole checkpoint in `dir` (or none): the newest
+/// whole one moves there, then the others go. A whole one stays on disk at every step.
+fn settle(dir: &Path, new: &Path, old: &Path) -> Result<()> {
+    let whole = |d: &Path| {
+        [CHECKPOINT_CONFIG_FILE, CHECKPOINT_WEIGHTS_FILE]
+            .iter()
+            .all(|f| d.join(f).is_file())
+    };
+    if !whole(dir) {
+        // `new` was written after `old` was current: it is the newer when both are whole.
+        if let Some(from) = [new, old].into_iter().find(|d| whole(d)) {
+            if dir.exists() {
+                fs::remove_dir_all(dir).map_err(io_error(dir, "removing"))?;
+            }
+            fs::rename(from, dir).map_err(io_error(from, "renaming"))?;
+            sync_dir(dir.parent().unwrap_or(Path::new("")));
+        }
+    }
+    for d in [new, old] {
+        if d.exists() {
+            fs::remove_dir_all(d).map_err(io_error(d, "removing"))?;
+        }
+    }
+    Ok(())
+}
+
 /// `<dir>.new` and `<dir>.old`, beside `dir`.
 fn siblings(dir: &Path) -> Result<[PathBuf; 2]> {
     let name = dir.file_name().ok_or_else(|| Error::RunDir {
@@ -260,4 +291,50 @@ fn only_checkpoint_files(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Architecture, SaeConfig, TrainConfig, Trainer};
+
+    fn at_step(step: u64) -> Checkpoint {
+        let config = SaeConfig {
+            d_model: 4,
+            dict_size: 8,
+            arch: Architecture::TopK { k: 2 },
+        };
+        let train = TrainConfig {
+            total_steps: 10,
+            warmup_steps: 1,
+            ..TrainConfig::default()
+        };
+        let mut state = Trainer::new(Sae::new(config, 0).unwrap(), train)
+            .unwrap()
+            .state();
+        state.step = step;
+        Checkpoint {
+            state,
+            extra: serde_json::json!(null),
+        }
+    }
+
+    #[test]
+    fn a_crash_between_the_renames_and_then_in_the_next_save_keeps_the_newest_whole_one() {
+        let root = std::env::temp_dir().join(format!("sae-io-ckpt-settle-{}", std::process::id()));
+        let (dir, [new, old]) = (root.join("ckpt"), siblings(&root.join("ckpt")).unwrap());
+        // What a save of step 3 leaves when killed between its two renames.
+        at_step(2).save(&dir).unwrap();
+        create_dir(&new).unwrap();
+        at_step(3).write_files(&new).unwrap();
+        fs::rename(&dir, &old).unwrap();
+        assert_eq!(Checkpoint::load(&dir).unwrap().state.step, 3);
+        // The next save's first act, and all a crash right after it leaves.
+        settle(&dir, &new, &old).unwrap();
+        assert!(!new.exists() && !old.exists());
+        assert_eq!(Checkpoint::load(&dir).unwrap().state.step, 3);
+        at_step(4).save(&dir).unwrap();
+        assert_eq!(Checkpoint::load(&dir).unwrap().state.step, 4);
+        fs::remove_dir_all(root).unwrap();
+    }
 }
