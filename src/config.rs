@@ -174,6 +174,9 @@ impl TrainConfig {
         if self.total_steps == 0 {
             return Err(E::ZeroTotalSteps);
         }
+        if self.total_steps > crate::train::MAX_STEPS {
+            return Err(E::TooManySteps(self.total_steps));
+        }
         if let Some(lr) = self.lr {
             if !(lr.is_finite() && lr > 0.0) {
                 return Err(E::LearningRate(lr));
@@ -273,6 +276,9 @@ pub enum ConfigError {
     /// `total_steps` = 0.
     #[error("total_steps must be at least 1")]
     ZeroTotalSteps,
+    /// More steps than Adam's step count can hold ([`crate::train::MAX_STEPS`]).
+    #[error("total_steps is {0}, more than the {max} a trainer can take; train fewer steps", max = crate::train::MAX_STEPS)]
+    TooManySteps(u64),
     /// Learning rate not a finite positive number.
     #[error("lr must be a finite number > 0, got {0}")]
     LearningRate(f32),
@@ -508,6 +514,10 @@ mod tests {
         assert_eq!(
             check(sae(TOPK), |c| c.total_steps = 0),
             Err(ConfigError::ZeroTotalSteps)
+        );
+        assert_eq!(
+            check(sae(TOPK), |c| c.total_steps = 1 << 40),
+            Err(ConfigError::TooManySteps(1 << 40))
         );
     }
 

@@ -58,7 +58,7 @@ fn option_for(err: &ConfigError) -> Option<&'static str> {
         E::ZeroInterval("metrics_every") => "--metrics-every",
         E::ZeroInterval("checkpoint_every") => "--checkpoint-every",
         E::EvalFraction(_) => "--eval-fraction",
-        E::ZeroTotalSteps => "--steps",
+        E::ZeroTotalSteps | E::TooManySteps(_) => "--steps",
         E::LearningRate(_) => "--lr",
         E::L1Coefficient(_) => "--l1",
         E::WarmupNotBeforeEnd { .. } => "--warmup-steps",

@@ -173,8 +173,12 @@ impl Checkpoint {
             fix: DAMAGED.into(),
         };
         let text = fs::read_to_string(&config_path).map_err(io_error(&config_path, "reading"))?;
-        let file: CheckpointFile =
-            serde_json::from_str(&text).map_err(|err| bad(format!("malformed ({err})")))?;
+        let file: CheckpointFile = serde_json::from_str(&text).map_err(|err| {
+            // serde quotes unknown fields and variants as the file spells them.
+            bad(super::tensors::escape_controls(&format!(
+                "malformed ({err})"
+            )))
+        })?;
         if file.format != FORMAT {
             return Err(bad(format!(
                 "format {} is not {FORMAT}, the one this version of sae reads",
@@ -313,6 +317,7 @@ mod tests {
             .unwrap()
             .state();
         state.step = step;
+        state.adam_t = step;
         Checkpoint {
             state,
             extra: serde_json::json!(null),

@@ -22,7 +22,7 @@ use crate::sae::{geometric_median, resize, select_into, Sae};
 use crate::select::{Codes, Selector};
 
 pub use backward::dense_threshold_default;
-pub use state::TrainerState;
+pub use state::{TrainerState, MAX_STEPS};
 
 /// What one step measured. Losses are means over the batch's rows.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -384,7 +384,8 @@ impl Trainer {
             *since = if fired > 0 {
                 0
             } else {
-                *since + n_global as u64
+                // Saturating: a counter only needs to say "more than dead_tokens".
+                since.saturating_add(n_global as u64)
             };
         }
         if rules.learn_threshold && self.step > self.config.threshold_start_step {

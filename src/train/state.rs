@@ -3,9 +3,12 @@
 
 use super::Trainer;
 use crate::config::TrainConfig;
-use crate::error::{check_shape, Result};
+use crate::error::{check_shape, Error, Result};
 use crate::optim::ParamTensors;
 use crate::sae::Sae;
+
+/// The most training steps a trainer takes (Adam's bias correction uses the count as an i32).
+pub const MAX_STEPS: u64 = i32::MAX as u64;
 
 /// Everything a [`Trainer`] carries from one step to the next: the SAE (θ included), Adam's
 /// moments and step count, the steps taken and the dead-latent counters. The rest of a
@@ -29,7 +32,9 @@ pub struct TrainerState {
 }
 
 impl TrainerState {
-    /// Checks that the moments and counters are shaped like the SAE's parameters.
+    /// Checks that the moments and counters are shaped like the SAE's parameters, that the
+    /// step counts agree and stay below [`MAX_STEPS`], and that Adam's second moments are not
+    /// negative.
     pub fn validate(&self) -> Result<()> {
         let (f, d) = (self.sae.config().dict_size, self.sae.config().d_model);
         for (what, moment) in [("Adam m", &self.adam_m), ("Adam v", &self.adam_v)] {
@@ -50,7 +55,33 @@ impl TrainerState {
             "tokens_since_fired_f",
             &[self.tokens_since_fired_f.len()],
             &[f],
-        )
+        )?;
+        // Adam counts one step per training step; its bias correction raises β to the step
+        // count as an i32, so a count past that would silently correct wrongly.
+        if self.adam_t != self.step || self.step > MAX_STEPS {
+            return Err(Error::OutOfRange {
+                what: format!(
+                    "the state's step count ({}) and Adam's step count ({})",
+                    self.step, self.adam_t
+                ),
+                value: self.adam_t as f64,
+                range: format!("equal to each other and at most {MAX_STEPS}"),
+            });
+        }
+        if let Some(v) = [&self.adam_v.w_enc_fd, &self.adam_v.w_dec_fd]
+            .into_iter()
+            .flat_map(|v_fd| v_fd.iter())
+            .chain(self.adam_v.b_enc_f.iter())
+            .chain(self.adam_v.b_dec_d.iter())
+            .find(|v| v.is_nan() || **v < 0.0)
+        {
+            return Err(Error::OutOfRange {
+                what: "an Adam second moment".into(),
+                value: *v as f64,
+                range: "[0, ∞) (they are means of squares)".into(),
+            });
+        }
+        Ok(())
     }
 }
 
