@@ -477,6 +477,32 @@ fn training_runs_from_a_directory_of_float16_sequence_shards() {
 }
 
 #[test]
+fn batches_from_shards_are_those_from_the_same_rows_in_memory() {
+    // Chunks and reads of consecutive rows cross the shard boundaries and the stream's end.
+    let dir = temp_dir("data-shards-vs-memory");
+    let x = numbered(45);
+    let mut paths = Vec::new();
+    for (i, rows) in [0..5, 5..12, 12..45].into_iter().enumerate() {
+        let part = x.slice(ndarray::s![rows, ..]);
+        let bytes: Vec<u8> = part.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let path = dir.join(format!("{i}.npy"));
+        write_npy(&path, "<f4", &[part.nrows(), 3], &bytes);
+        paths.push(path);
+    }
+    let shards = NpyShards::open(&paths).unwrap();
+    let config = config(16, Some(20), 8);
+    let mut from_shards = Batcher::new(shards, config.clone()).unwrap();
+    let mut in_memory = Batcher::new(x, config).unwrap();
+    for _ in 0..10 {
+        assert_eq!(
+            from_shards.next_batch().unwrap(),
+            in_memory.next_batch().unwrap()
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn a_shard_truncated_while_batching_stops_the_prefetcher_with_an_error() {
     // The loader thread meets the short file: the error reaches the trainer's side as a
     // `DataError` naming the file (through a memory map it was SIGBUS, killing the process).
