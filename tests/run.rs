@@ -501,3 +501,50 @@ fn resuming_on_data_of_another_width_names_the_files_and_the_cause() {
     assert_eq!(err.lines().count(), 1, "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A data file cut short while the run reads it: the loader's error ends the run with one line
+/// naming the file, after a checkpoint of the last completed step, and once the file is
+/// restored the run resumes from that checkpoint to the end.
+#[test]
+fn a_data_file_truncated_mid_run_checkpoints_and_names_the_file() {
+    let dir = temp_dir("run-shrunk");
+    let data = dir.join("acts.npy");
+    let (rows, d) = (4096, 16);
+    write_rows(&data, rows, d);
+    let header_len = std::fs::metadata(&data).unwrap().len() - (rows * d * 4) as u64;
+    let mut spec = tiny(100);
+    spec.synthetic = None;
+    spec.data.paths = vec![data.clone()];
+    spec.data.eval_fraction = Some(0.0);
+    // A small shuffle buffer keeps the loader reading the file while the run trains.
+    spec.data.buffer_rows = Some(64);
+    let run_dir = dir.join("run");
+    let stop = no_stop();
+    let mut run = Run::create(&spec, &run_dir, false, &stop).unwrap();
+    let mut truncate_at_5 = OnStep(|step| {
+        if step == 5 {
+            let file = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+            file.set_len(header_len).unwrap();
+        }
+    });
+    let err = run
+        .train(&mut truncate_at_5, &stop)
+        .expect_err("the run stops on the shrunk file")
+        .to_string();
+    assert!(
+        err.contains("acts.npy") && err.contains("--resume"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let step = checkpoint_step(&run_dir).expect("a checkpoint was written before the error");
+    assert!((5..100).contains(&step), "checkpoint at step {step}");
+    drop(run);
+    write_rows(&data, rows, d);
+    let mut resumed = Run::resume(&run_dir, &ResumeOptions::default(), &no_stop()).unwrap();
+    assert_eq!(resumed.steps_done(), step);
+    assert!(matches!(
+        resumed.train(&mut (), &no_stop()).unwrap(),
+        Outcome::Finished(_)
+    ));
+    std::fs::remove_dir_all(dir).unwrap();
+}
