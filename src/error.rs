@@ -149,3 +149,23 @@ pub(crate) fn io_error<'a>(
         source,
     }
 }
+
+/// `text` with its control characters escaped as Rust writes them (`\u{1b}`, `\n`), so that a
+/// file's bytes quoted in an error cannot drive the terminal; quotes are kept as they are.
+pub(crate) fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() || is_format(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Unicode's invisible format characters that reorder or hide text (bidirectional overrides,
+/// zero-width marks), which a terminal would act on like control characters.
+fn is_format(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}

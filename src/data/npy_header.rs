@@ -134,22 +134,14 @@ pub(crate) fn parse_header(text: &[u8], utf8: bool) -> Result<Header, HeaderErro
     })
 }
 
-/// Text from a file, fit for an error message: control and other unprintable characters are
-/// escaped as `\u{1b}` (quotes are kept as they are), and long text is cut.
+/// Text from a file, fit for an error message: escaped as the crate's other file text is
+/// ([`crate::error::escape_controls`]), and cut when long.
 pub(crate) fn escape(text: &str) -> String {
     const MAX_CHARS: usize = 400;
-    let mut out = String::new();
-    for (i, c) in text.chars().enumerate() {
-        if i == MAX_CHARS {
-            out.push_str(" [...]");
-            break;
-        }
-        match c {
-            '\'' | '"' => out.push(c),
-            _ => out.extend(c.escape_debug()),
-        }
+    match text.char_indices().nth(MAX_CHARS) {
+        Some((cut, _)) => format!("{} [...]", crate::error::escape_controls(&text[..cut])),
+        None => crate::error::escape_controls(text),
     }
-    out
 }
 
 /// A parsed Python literal. Only what the three keys need is kept; spans give the raw text.

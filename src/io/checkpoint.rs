@@ -175,9 +175,7 @@ impl Checkpoint {
         let text = fs::read_to_string(&config_path).map_err(io_error(&config_path, "reading"))?;
         let file: CheckpointFile = serde_json::from_str(&text).map_err(|err| {
             // serde quotes unknown fields and variants as the file spells them.
-            bad(super::tensors::escape_controls(&format!(
-                "malformed ({err})"
-            )))
+            bad(crate::error::escape_controls(&format!("malformed ({err})")))
         })?;
         if file.format != FORMAT {
             return Err(bad(format!(

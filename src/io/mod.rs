@@ -33,7 +33,6 @@ pub use export::{export_saelens, export_sparsify, ExportMetadata};
 pub use npy::{write_npy, NpyAppender};
 pub(crate) use sae_dir::read_config;
 pub use sae_dir::{CONFIG_FILE, WEIGHTS_FILE};
-pub(crate) use tensors::escape_controls;
 
 use crate::error::{io_error, Result};
 

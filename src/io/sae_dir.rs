@@ -10,9 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use safetensors::tensor::Dtype;
 
-use super::tensors::{escape_controls, standard, TensorsIn, TensorsOut};
+use super::tensors::{standard, TensorsIn, TensorsOut};
 use super::{create_dir, write_atomic};
 use crate::config::SaeConfig;
+use crate::error::escape_controls;
 use crate::error::{io_error, Error, Result};
 use crate::Sae;
 

@@ -98,7 +98,7 @@ impl TensorsIn {
         };
         let bad = |problem: String| Error::RunFile {
             path: path.to_path_buf(),
-            problem: escape_controls(&problem),
+            problem: crate::error::escape_controls(&problem),
             fix: fix.into(),
         };
         // Opening a FIFO would block until someone writes to it.
@@ -192,7 +192,7 @@ impl TensorsIn {
     pub(crate) fn bad(&self, problem: String) -> Error {
         Error::RunFile {
             path: self.path.clone(),
-            problem: escape_controls(&problem),
+            problem: crate::error::escape_controls(&problem),
             fix: self.fix.into(),
         }
     }
@@ -335,26 +335,6 @@ fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
         flat /= n.max(1);
     }
     index
-}
-
-/// `text` with its control characters escaped as Rust writes them (`\u{1b}`, `\n`), so that a
-/// file's bytes quoted in an error cannot drive the terminal; quotes are kept as they are.
-pub(crate) fn escape_controls(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c.is_control() || is_format(c) {
-            out.extend(c.escape_debug());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Unicode's invisible format characters that reorder or hide text (bidirectional overrides,
-/// zero-width marks), which a terminal would act on like control characters.
-fn is_format(c: char) -> bool {
-    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
 }
 
 /// The top-level keys of a JSON object in order, repeats kept (serde's maps keep the last).

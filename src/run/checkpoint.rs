@@ -114,7 +114,7 @@ fn read_run_file(dir: &Path) -> Result<RunFile> {
     let run_path = dir.join(RUN_FILE);
     let text = fs::read_to_string(&run_path).map_err(io_error(&run_path, "reading"))?;
     let run_file: RunFile = serde_json::from_str(&text).map_err(|err| {
-        let reason = crate::io::escape_controls(&format!("malformed: {err}"));
+        let reason = crate::error::escape_controls(&format!("malformed: {err}"));
         damaged(&run_path, reason)
     })?;
     if run_file.format != FORMAT {
