@@ -114,6 +114,23 @@ pub enum Error {
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
 
+    /// A distributed job that cannot run as started (MPI setup, a batch that does not split
+    /// over the ranks); the message says why and what to do.
+    #[error("distributed run: {reason}")]
+    Distributed {
+        /// What is wrong and the fix.
+        reason: String,
+    },
+
+    /// Another process of a distributed job failed; its message says what and the fix.
+    #[error("{message} (on rank {rank})")]
+    Peer {
+        /// The rank that failed first.
+        rank: usize,
+        /// Its error, as it printed it.
+        message: String,
+    },
+
     /// A batch with no rows.
     #[error("{what} has no rows; pass at least one row")]
     Empty {

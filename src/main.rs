@@ -10,6 +10,7 @@ mod cli;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use sparse_autoencoder::dist;
 
 #[derive(Parser)]
 #[command(
@@ -75,25 +76,68 @@ fn main() -> ExitCode {
             err.exit()
         }
         Err(err) => {
-            eprintln!("{}", cli::one_line(&err.render().to_string()));
+            // Every process of an MPI job parses the same line: one copy of the message.
+            if dist::launcher_rank().unwrap_or(0) == 0 {
+                eprintln!("{}", cli::one_line(&err.render().to_string()));
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let world = match dist::world() {
+        Ok(world) => world,
+        Err(err) => {
+            eprintln!("error: {}", cli::one_line(&err.to_string()));
             return ExitCode::from(2);
         }
     };
     let result = match cli.command {
-        Command::Train(args) => cli::train::run(*args),
-        Command::Eval(args) => cli::eval::run(args),
-        Command::Encode(args) => cli::encode::run(args),
-        Command::Export(args) => cli::export::run(args),
-        Command::Synth(args) => cli::synth::run(args),
-        Command::Plot(args) => cli::plot::run(args),
-        Command::Bench(args) => cli::bench::run(args),
+        Command::Train(args) => cli::train::run(*args, &world),
+        Command::Eval(args) => cli::eval::run(args, &world),
+        Command::Encode(args) => cli::encode::run(args, &world),
+        Command::Bench(args) => cli::bench::run(args, &world),
+        command => match cli::alone(&world, command.name()) {
+            Err(err) => Err(err),
+            Ok(()) => match command {
+                Command::Export(args) => cli::export::run(args),
+                Command::Synth(args) => cli::synth::run(args),
+                Command::Plot(args) => cli::plot::run(args),
+                _ => unreachable!("matched above"),
+            },
+        },
     };
-    match result {
-        Ok(None) => ExitCode::SUCCESS,
-        Ok(Some(status)) => ExitCode::from(status),
+    let status = match result {
+        Ok(None) => 0,
+        Ok(Some(status)) => status,
         Err(err) => {
-            eprintln!("error: {}", cli::error_line(&err));
-            ExitCode::from(cli::exit_status(&err))
+            let status = cli::exit_status(&err);
+            let line = cli::error_line(&err);
+            if !world.failure_agreed() {
+                // The other processes may be waiting for this one in a collective: end them.
+                eprintln!("error (rank {}): {line}", world.rank());
+                world.abort(status.into());
+            }
+            if world.rank() == 0 {
+                eprintln!("error: {line}");
+            }
+            status
+        }
+    };
+    // Finalises MPI (every process gets here together) before the process exits.
+    drop(world);
+    ExitCode::from(status)
+}
+
+impl Command {
+    /// The subcommand as typed.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Train(_) => "train",
+            Command::Eval(_) => "eval",
+            Command::Encode(_) => "encode",
+            Command::Export(_) => "export",
+            Command::Synth(_) => "synth",
+            Command::Plot(_) => "plot",
+            Command::Bench(_) => "bench",
         }
     }
 }

@@ -353,6 +353,17 @@ impl sparse_autoencoder::dist::Collective for TwinProcesses {
         buf.iter_mut().for_each(|v| *v *= 2.0);
     }
     fn all_reduce_min_f32(&self, _buf: &mut [f32]) {}
+    fn rank(&self) -> usize {
+        0
+    }
+    fn all_reduce_max_u64(&self, _buf: &mut [u64]) {}
+    fn broadcast_bytes(&self, _root: usize, _buf: &mut Vec<u8>) {}
+    fn gather_bytes(&self, _root: usize, local: &[u8]) -> Vec<Vec<u8>> {
+        vec![local.to_vec(), local.to_vec()]
+    }
+    fn traffic(&self) -> sparse_autoencoder::dist::Traffic {
+        Default::default()
+    }
 }
 
 /// Every batch-level quantity goes through the `Collective` seam: a "process" holding half of a

@@ -15,6 +15,7 @@
 //! (removed afterwards) and read through the shuffle buffer and the prefetch thread exactly as
 //! `sae train --data` reads activations.
 
+use sparse_autoencoder::dist::World;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -114,7 +115,8 @@ impl Arch {
 const DATA_BATCHES: usize = 8;
 
 /// Runs `sae bench`.
-pub fn run(args: BenchArgs) -> Result<Option<u8>> {
+pub fn run(args: BenchArgs, world: &World) -> Result<Option<u8>> {
+    super::alone(world, "bench")?;
     let device = args.device.device()?;
     if args.k > args.f {
         return Err(UsageError(format!(

@@ -1,5 +1,6 @@
 //! `sae encode`: an SAE's sparse codes for every row of some activations, as `.npy` files.
 
+use sparse_autoencoder::dist::World;
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -60,7 +61,8 @@ pub(super) fn check_batch_memory(batch_size: usize, n_rows: u64, d: usize, f: us
 }
 
 /// Runs `sae encode`.
-pub fn run(args: EncodeArgs) -> Result<Option<u8>> {
+pub fn run(args: EncodeArgs, world: &World) -> Result<Option<u8>> {
+    super::alone(world, "encode")?;
     let device = args.device.device()?;
     let sae = Sae::load(&args.sae).map_err(usage)?;
     // Before anything is written: a device that cannot run leaves --out untouched.

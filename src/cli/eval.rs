@@ -1,6 +1,7 @@
 //! `sae eval`: an SAE's reconstruction, sparsity and feature density on activations, and its
 //! recovery of known features.
 
+use sparse_autoencoder::dist::World;
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -40,7 +41,8 @@ pub struct EvalArgs {
 }
 
 /// Runs `sae eval`.
-pub fn run(args: EvalArgs) -> Result<Option<u8>> {
+pub fn run(args: EvalArgs, world: &World) -> Result<Option<u8>> {
+    super::alone(world, "eval")?;
     let device = args.device.device()?;
     let sae = Sae::load(&args.sae).map_err(usage)?;
     // Before anything is written: a device that cannot run leaves --out untouched.

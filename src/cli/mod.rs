@@ -12,6 +12,7 @@ pub mod train;
 use std::fmt;
 
 use sparse_autoencoder::data::DataError;
+use sparse_autoencoder::dist::{agree, World};
 use sparse_autoencoder::memory::{ByteSize, Knob};
 use sparse_autoencoder::ConfigError;
 
@@ -33,6 +34,21 @@ pub fn fraction(s: &str) -> std::result::Result<f64, String> {
 
 pub fn at_least_one_u64(s: &str) -> std::result::Result<u64, String> {
     at_least_one(s).map(|n| n as u64)
+}
+
+/// Refuses to run `command` (one that writes files and splits no work) across the processes
+/// of an MPI job: every process would write the same files.
+pub fn alone(world: &World, command: &str) -> anyhow::Result<()> {
+    let refusal = if world.is_distributed() {
+        Err(UsageError(format!(
+            "`sae {command}` runs in one process; start it without mpirun or srun (train, eval, \
+             encode and bench run across processes)"
+        ))
+        .into())
+    } else {
+        Ok(())
+    };
+    agree(&*world.collective(), refusal, false).map(drop)
 }
 
 /// An error the user can fix on the command line: one line, exit status 2.

@@ -1,6 +1,7 @@
 //! `sae train`: flags and config file merged into a [`RunSpec`], sweeps expanded, the run
 //! driven with a progress bar (or log lines), Ctrl-C and SIGTERM turned into a checkpoint.
 
+use sparse_autoencoder::dist::World;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -259,7 +260,8 @@ pub fn set_threads(threads: usize) -> Result<()> {
 }
 
 /// Runs `sae train`; `Ok(Some(status))` for a run that ended early (Ctrl-C).
-pub fn run(args: TrainArgs) -> Result<Option<u8>> {
+pub fn run(args: TrainArgs, world: &World) -> Result<Option<u8>> {
+    super::alone(world, "train")?;
     if let Some(threads) = args.run.threads {
         set_threads(threads)?;
     }
