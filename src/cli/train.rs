@@ -1,7 +1,7 @@
 //! `sae train`: flags and config file merged into a [`RunSpec`], sweeps expanded, the run
 //! driven with a progress bar (or log lines), Ctrl-C and SIGTERM turned into a checkpoint.
 
-use sparse_autoencoder::dist::World;
+use sparse_autoencoder::dist::{agree, World};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -261,7 +261,6 @@ pub fn set_threads(threads: usize) -> Result<()> {
 
 /// Runs `sae train`; `Ok(Some(status))` for a run that ended early (Ctrl-C).
 pub fn run(args: TrainArgs, world: &World) -> Result<Option<u8>> {
-    super::alone(world, "train")?;
     if let Some(threads) = args.run.threads {
         set_threads(threads)?;
     }
@@ -274,12 +273,19 @@ pub fn run(args: TrainArgs, world: &World) -> Result<Option<u8>> {
             let options = ResumeOptions {
                 skip_non_finite: args.data.skip_non_finite,
             };
-            Run::resume(dir, &options, &signals.stop).map(|run| (run, dir.clone()))
+            Run::resume_across(dir, &options, &signals.stop, world.collective())
+                .map(|run| (run, dir.clone()))
         }
         None => {
             let spec = spec_from(&args)?;
             let dir = args.run.out.clone().unwrap_or_else(default_run_dir);
-            match Run::create(&spec, &dir, args.run.force, &signals.stop) {
+            match Run::create_across(
+                &spec,
+                &dir,
+                args.run.force,
+                &signals.stop,
+                world.collective(),
+            ) {
                 Err(err @ sparse_autoencoder::Error::Stopped { .. }) => Err(err),
                 Err(err) => return Err(width_mismatch_is_eval_data(err, &spec.data.eval_paths)),
                 Ok(run) => Ok((run, dir)),
@@ -290,13 +296,30 @@ pub fn run(args: TrainArgs, world: &World) -> Result<Option<u8>> {
         Err(sparse_autoencoder::Error::Stopped { .. }) => return Ok(Some(signals.status())),
         opened => opened.map_err(usage)?,
     };
-    run.set_device(device).map_err(usage)?;
-    describe(&run, &dir);
-    let mut observer = Reporter::new(&run, args.run.log_every);
+    let moved = run.set_device(device);
+    agree(&*world.collective(), moved, false).map_err(usage)?;
+    // Rank 0 alone reports; the other processes of a distributed run print nothing.
+    let printing = world.rank() == 0;
+    if printing {
+        describe(&run, &dir);
+    }
+    let mut reporter = printing.then(|| Reporter::new(&run, args.run.log_every));
     signals.training_starts();
-    let outcome = run.train(&mut observer, &signals.stop);
-    observer.finish();
-    match outcome.map_err(usage)? {
+    let outcome = match &mut reporter {
+        Some(reporter) => run.train(reporter, &signals.stop),
+        None => run.train(&mut (), &signals.stop),
+    };
+    if let Some(mut reporter) = reporter {
+        reporter.finish();
+    }
+    let outcome = outcome.map_err(usage)?;
+    if !printing {
+        return Ok(match outcome {
+            Outcome::Finished(_) => None,
+            _ => Some(signals.status()),
+        });
+    }
+    match outcome {
         Outcome::Interrupted { step } => {
             println!(
                 "interrupted at step {step}: checkpoint written; continue with `sae train --resume {}`",

@@ -34,6 +34,7 @@ use crate::data::{
     estimate_scale, holdout, Batcher, Cursor, DataError, LoaderConfig, NpyShards, Prefetcher,
     Source,
 };
+use crate::dist::{agree, Collective, SingleProcess};
 use crate::error::{io_error, Error, Result};
 use crate::eval::{evaluate_on_until, EvalStats};
 use crate::synth::{recovery, Recovery, Synth, SynthConfig};
@@ -66,7 +67,8 @@ struct Member {
     name: String,
     dir: PathBuf,
     trainer: Trainer,
-    metrics: BufWriter<File>,
+    /// Rank 0's `metrics.jsonl` (the other processes of a distributed run write nothing).
+    metrics: Option<BufWriter<File>>,
 }
 
 /// What an observer is shown after each step.
@@ -190,8 +192,10 @@ pub struct Run {
     data: DataSummary,
     /// Where the SAEs train, and where the end-of-run evaluation encodes.
     device: crate::backend::Device,
-    /// Held as long as the run: no other process uses the directory meanwhile.
-    _lock: RunLock,
+    /// The processes sharing each global batch (this one alone, or an MPI job's).
+    collective: Arc<dyn Collective>,
+    /// Held as long as the run (by rank 0): no other process uses the directory meanwhile.
+    _lock: Option<RunLock>,
 }
 
 /// A run's configuration with nothing left to resolve: the spec as `config.toml` holds it,
@@ -313,26 +317,31 @@ fn open_data(spec: &RunSpec, seed: u64) -> Result<Opened> {
     })
 }
 
-/// The config file of a run directory.
-const CONFIG_FILE: &str = "config.toml";
+/// A new run, resolved and its data opened, before anything is written.
+struct NewRun {
+    opened: Opened,
+    /// The spec with every default filled in, as `config.toml` will hold it.
+    resolved: RunSpec,
+    schedule: Schedule,
+    names: Vec<String>,
+    configs: Vec<(crate::SaeConfig, crate::TrainConfig)>,
+    notes: Vec<String>,
+}
 
-impl Run {
-    /// Starts a run of `spec` in `dir`: opens the data, resolves every default, writes
-    /// `config.toml` and builds the SAEs. `dir` must be empty or absent unless `force`, which
-    /// clears a previous run's files from it. Another process using `dir` is an error naming
-    /// it. `stop` (see [`Run::train`]) is checked between the phases that read the data; set,
-    /// it ends the call with [`Error::Stopped`] before anything is written.
-    pub fn create(spec: &RunSpec, dir: &Path, force: bool, stop: &AtomicBool) -> Result<Run> {
+impl NewRun {
+    /// Resolves `spec`, opens its data and checks that everything fits, the directory
+    /// included (on rank 0); writes nothing.
+    fn resolve(spec: &RunSpec, dir: &Path, force: bool, c: &dyn Collective) -> Result<NewRun> {
         check_schedule(spec)?;
         let seed = spec.train.seed.unwrap_or(0);
         crate::memory::check_synthetic(spec, SYNTH_EVAL_ROWS)?;
         let mut opened = open_data(spec, seed)?;
-        check_stop(stop, dir, STOPPED_BEFORE_TRAINING)?;
         let synthetic = opened.synth.is_some();
         let batch_size = spec
             .train
             .batch_size
             .unwrap_or(if synthetic { 1024 } else { 4096 });
+        check_split(batch_size, c.world_size())?;
         let total_steps = match (spec.train.steps, spec.train.tokens) {
             (Some(_), Some(_)) => return Err(ConfigError::StepsAndTokens.into()),
             (Some(steps), None) => steps,
@@ -396,48 +405,187 @@ impl Run {
         loader.validate()?;
         let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
         crate::memory::check_run(&resolved, opened.d_model, &loader, train_n, SYNTH_EVAL_ROWS)?;
-        check_dir(dir, force)?;
-        let mut notes = std::mem::take(&mut opened.notes);
-        let train_rows = opened.train_rows.clone();
-        let scale = match &train_rows {
-            Some(rows) if spec.data.normalize => {
-                let c = estimate_scale(&**rows, seed, spec.data.skip_non_finite)?;
-                notes.push(format!(
-                    "normalising: training on the activations times {c:.6} (mean norm √{})",
-                    opened.d_model
-                ));
-                c
-            }
-            _ => 1.0,
-        };
-        check_stop(stop, dir, STOPPED_BEFORE_TRAINING)?;
+        if c.rank() == 0 {
+            check_dir(dir, force)?;
+        }
+        let notes = std::mem::take(&mut opened.notes);
+        Ok(NewRun {
+            opened,
+            resolved,
+            schedule,
+            names,
+            configs,
+            notes,
+        })
+    }
+
+    /// Creates the run directory (clearing it with `force`), takes its lock and writes
+    /// `config.toml`, each SAE's directory and its empty `metrics.jsonl`.
+    #[allow(clippy::type_complexity)]
+    fn write(
+        &self,
+        dir: &Path,
+        force: bool,
+    ) -> Result<(Option<RunLock>, Vec<Option<BufWriter<File>>>)> {
         fs::create_dir_all(dir).map_err(io_error(dir, "creating"))?;
         let lock = RunLock::take(dir)?;
         if force {
             clear_run(dir)?;
         }
-        write_config(dir, &resolved)?;
-
-        let mut members = Vec::with_capacity(configs.len());
-        for (name, (sae_config, train_config)) in names.iter().zip(configs) {
-            let member_dir = member_dir(dir, name, names.len());
+        write_config(dir, &self.resolved)?;
+        let mut metrics = Vec::with_capacity(self.names.len());
+        for name in &self.names {
+            let member_dir = member_dir(dir, name, self.names.len());
             fs::create_dir_all(&member_dir).map_err(io_error(&member_dir, "creating"))?;
-            let sae = crate::Sae::new(sae_config, seed)?;
-            members.push(Member {
-                name: name.clone(),
-                metrics: open_metrics(&member_dir, None)?,
-                dir: member_dir,
-                trainer: Trainer::new(sae, train_config)?,
-            });
+            metrics.push(Some(open_metrics(&member_dir, None)?));
         }
-        let batches = match (train_rows, opened.synth.take()) {
-            (_, Some(synth)) => Batches::Synthetic(Box::new(synth)),
-            (Some(rows), None) => {
-                let config = loader_config(&resolved.data, &schedule, scale);
-                Batches::Loader(Prefetcher::new(Batcher::new(rows, config)?))
+        Ok((Some(lock), metrics))
+    }
+}
+
+/// [`Error::Stopped`] when `stop` (agreed by every process) is set.
+fn stop_error(stop: bool, dir: &Path, when: &str) -> Result<()> {
+    if stop {
+        return Err(Error::Stopped {
+            path: dir.to_path_buf(),
+            when: when.into(),
+        });
+    }
+    Ok(())
+}
+
+/// Rank 0's `value` on every process.
+fn broadcast_f32(c: &dyn Collective, value: f32) -> f32 {
+    let mut bytes = value.to_le_bytes().to_vec();
+    c.broadcast_bytes(0, &mut bytes);
+    f32::from_le_bytes(bytes[..4].try_into().expect("4 bytes sent"))
+}
+
+/// A global batch of `batch_size` rows must split evenly over `world` processes.
+fn check_split(batch_size: usize, world: usize) -> Result<()> {
+    if batch_size % world != 0 {
+        let lower = batch_size / world * world;
+        return Err(Error::Distributed {
+            reason: format!(
+                "--batch-size {batch_size} does not split evenly over {world} ranks; pass a \
+                 multiple of {world} (such as {}) or start {} ranks",
+                if lower > 0 { lower } else { world },
+                if batch_size % 2 == 0 { "2 or 1" } else { "1" },
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The batcher of this process's part of every global batch.
+fn loader_part<S: Source>(batcher: Batcher<S>, c: &dyn Collective) -> Result<Batcher<S>> {
+    if c.world_size() == 1 {
+        return Ok(batcher);
+    }
+    Err(Error::Distributed {
+        reason: "reading .npy activations across processes is not wired yet".into(),
+    })
+}
+
+/// The config file of a run directory.
+const CONFIG_FILE: &str = "config.toml";
+
+impl Run {
+    /// Starts a run of `spec` in `dir`: opens the data, resolves every default, writes
+    /// `config.toml` and builds the SAEs. `dir` must be empty or absent unless `force`, which
+    /// clears a previous run's files from it. Another process using `dir` is an error naming
+    /// it. `stop` (see [`Run::train`]) is checked between the phases that read the data; set,
+    /// it ends the call with [`Error::Stopped`] before anything is written.
+    pub fn create(spec: &RunSpec, dir: &Path, force: bool, stop: &AtomicBool) -> Result<Run> {
+        Run::create_across(spec, dir, force, stop, Arc::new(SingleProcess))
+    }
+
+    /// [`Run::create`] for one process of a distributed job: every process of `collective`
+    /// calls it with the same arguments. Each trains on its part of every global batch (the
+    /// batch size must split evenly over the processes) and reads only that part; rank 0
+    /// alone writes the run directory. An error on any process (or a stop on any) ends the
+    /// call on every process, rank 0's error naming what failed where.
+    pub fn create_across(
+        spec: &RunSpec,
+        dir: &Path,
+        force: bool,
+        stop: &AtomicBool,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Run> {
+        let c = &*collective;
+        let writer = c.rank() == 0;
+        let stopped = |stop: bool| stop_error(stop, dir, STOPPED_BEFORE_TRAINING);
+        let (mut new, stop_now) = agree(
+            c,
+            NewRun::resolve(spec, dir, force, c),
+            stop.load(Ordering::Relaxed),
+        )?;
+        stopped(stop_now)?;
+        // The scale is estimated once, by rank 0, and sent to the others.
+        let estimated = match &new.opened.train_rows {
+            Some(rows) if spec.data.normalize && writer => {
+                estimate_scale(&**rows, new.schedule.seed, spec.data.skip_non_finite)
             }
-            (None, None) => unreachable!("open_data gives rows or the synthetic set"),
+            _ => Ok(1.0),
         };
+        let (scale, stop_now) = agree(
+            c,
+            estimated.map_err(Error::from),
+            stop.load(Ordering::Relaxed),
+        )?;
+        stopped(stop_now)?;
+        let scale = broadcast_f32(c, scale);
+        if new.opened.train_rows.is_some() && spec.data.normalize {
+            new.notes.push(format!(
+                "normalising: training on the activations times {scale:.6} (mean norm √{})",
+                new.opened.d_model
+            ));
+        }
+        let n = new.names.len();
+        let written = if writer {
+            new.write(dir, force)
+        } else {
+            Ok((None, (0..n).map(|_| None).collect()))
+        };
+        let ((lock, metrics), _) = agree(c, written, false)?;
+
+        let NewRun {
+            mut opened,
+            resolved,
+            schedule,
+            names,
+            configs,
+            notes,
+        } = new;
+        let built = (|| -> Result<(Vec<Member>, Batches)> {
+            let mut members = Vec::with_capacity(configs.len());
+            for ((name, (sae_config, train_config)), metrics) in
+                names.iter().zip(configs).zip(metrics)
+            {
+                let sae = crate::Sae::new(sae_config, schedule.seed)?;
+                let mut trainer = Trainer::new(sae, train_config)?;
+                trainer.set_collective(Box::new(collective.clone()))?;
+                members.push(Member {
+                    name: name.clone(),
+                    metrics,
+                    dir: member_dir(dir, name, names.len()),
+                    trainer,
+                });
+            }
+            let batches = match (opened.train_rows.clone(), opened.synth.take()) {
+                (_, Some(synth)) => Batches::Synthetic(Box::new(synth)),
+                (Some(rows), None) => {
+                    let config = loader_config(&resolved.data, &schedule, scale);
+                    Batches::Loader(Prefetcher::new(loader_part(
+                        Batcher::new(rows, config)?,
+                        c,
+                    )?))
+                }
+                (None, None) => unreachable!("open_data gives rows or the synthetic set"),
+            };
+            Ok((members, batches))
+        })();
+        let ((members, batches), _) = agree(c, built, false)?;
         let run = Resolved {
             spec: resolved,
             schedule,
@@ -445,7 +593,7 @@ impl Run {
             config_path: dir.join(CONFIG_FILE),
         };
         Ok(Run::assemble(
-            run, dir, members, batches, opened, scale, notes, lock,
+            run, dir, members, batches, opened, scale, notes, lock, collective,
         ))
     }
 
@@ -454,102 +602,166 @@ impl Run {
     /// as they were; `stop` is checked as in [`Run::create`] (a stop leaves the checkpoint as
     /// it was).
     pub fn resume(dir: &Path, options: &ResumeOptions, stop: &AtomicBool) -> Result<Run> {
+        Run::resume_across(dir, options, stop, Arc::new(SingleProcess))
+    }
+
+    /// [`Run::resume`] for one process of a distributed job (see [`Run::create_across`]).
+    /// Every process reads the run directory (a file system shared by all is assumed); rank 0
+    /// alone locks and writes it. The checkpoint holds the one global state, so a run
+    /// checkpointed with any number of processes resumes with any other (one included) on the
+    /// same batches.
+    pub fn resume_across(
+        dir: &Path,
+        options: &ResumeOptions,
+        stop: &AtomicBool,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Run> {
+        let c = &*collective;
+        let writer = c.rank() == 0;
         let config_path = dir.join(CONFIG_FILE);
-        if !config_path.is_file() {
-            return Err(Error::RunDir {
-                path: dir.to_path_buf(),
-                reason: format!(
-                    "no {CONFIG_FILE}: not a run directory; start the run with --out instead \
-                     of --resume"
-                ),
-            });
-        }
-        let lock = RunLock::take(dir)?;
-        let text = fs::read_to_string(&config_path).map_err(io_error(&config_path, "reading"))?;
-        let spec: RunSpec = toml::from_str(&text).map_err(|err| Error::RunFile {
-            path: config_path.clone(),
-            problem: toml_problem(&text, &err),
-            fix: "restore the file the run wrote".into(),
-        })?;
-        let mut run = Resolved::from_written(spec, &config_path, dir)?;
-        let synthetic = run.spec.data.paths.is_empty();
-        let record_skip = options.skip_non_finite && !run.spec.data.skip_non_finite;
-        if record_skip {
-            if synthetic {
-                return Err(Error::RunDir {
-                    path: dir.to_path_buf(),
-                    reason: "--skip-non-finite applies to activations given with --data; this \
-                             run trains on the built-in synthetic data, which has none"
-                        .into(),
-                });
-            }
-            run.spec.data.skip_non_finite = true;
-        }
-        let (state, trainers) = checkpoint::load(dir, &run)?;
-        check_stop(stop, dir, STOPPED_BEFORE_RESUMING)?;
-        // After the checkpoint's load, whose errors name config.toml's SAE tables.
-        crate::memory::check_synthetic(&run.spec, SYNTH_EVAL_ROWS)?;
-        let mut opened = open_data(&run.spec, run.schedule.seed)?;
-        check_stop(stop, dir, STOPPED_BEFORE_RESUMING)?;
-        let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
-        let loader = loader_config(&run.spec.data, &run.schedule, state.scale);
-        crate::memory::check_run(&run.spec, opened.d_model, &loader, train_n, SYNTH_EVAL_ROWS)?;
-        if let Some(trainer) = trainers.first() {
-            let trained = trainer.sae().config().d_model;
-            if trained != opened.d_model {
-                let files: Vec<String> = run
-                    .spec
-                    .data
-                    .paths
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect();
+        let is_run_dir = || {
+            if !config_path.is_file() {
                 return Err(Error::RunDir {
                     path: dir.to_path_buf(),
                     reason: format!(
-                        "the data ({}) is {} wide now, but the run's checkpoint was trained on \
-                         D={trained}: the files changed since the run started; restore them, or \
-                         start a new run on the new data",
-                        files.join(", "),
-                        opened.d_model
+                        "no {CONFIG_FILE}: not a run directory; start the run with --out instead \
+                         of --resume"
                     ),
                 });
             }
-        }
-        let batches = match (
-            opened.train_rows.clone(),
-            opened.synth.take(),
-            &state.cursor,
-        ) {
-            (_, Some(synth), _) => Batches::Synthetic(Box::new(synth)),
-            (Some(rows), None, Some(cursor)) => {
-                let config = loader_config(&run.spec.data, &run.schedule, state.scale);
-                Batches::Loader(Prefetcher::new(Batcher::with_cursor(rows, config, cursor)?))
-            }
-            _ => {
-                return Err(Error::RunDir {
-                    path: dir.join(checkpoint::DIR),
-                    reason: "the checkpoint has no data cursor for this run's data; start again"
-                        .into(),
-                })
-            }
+            Ok(())
         };
-        check_stop(stop, dir, STOPPED_BEFORE_RESUMING)?;
-        if record_skip {
-            write_config(dir, &run.spec)?;
-        }
-        let mut members = Vec::with_capacity(run.names.len());
-        for (name, trainer) in run.names.iter().zip(trainers) {
-            let member_dir = member_dir(dir, name, run.names.len());
+        let locked = if writer {
+            is_run_dir().and_then(|()| RunLock::take(dir).map(Some))
+        } else {
+            Ok(None)
+        };
+        let (lock, _) = agree(c, locked, false)?;
+        let loaded = (|| -> Result<(Resolved, RunState, Vec<Trainer>, bool)> {
+            is_run_dir()?;
+            let text =
+                fs::read_to_string(&config_path).map_err(io_error(&config_path, "reading"))?;
+            let spec: RunSpec = toml::from_str(&text).map_err(|err| Error::RunFile {
+                path: config_path.clone(),
+                problem: toml_problem(&text, &err),
+                fix: "restore the file the run wrote".into(),
+            })?;
+            let mut run = Resolved::from_written(spec, &config_path, dir)?;
+            let synthetic = run.spec.data.paths.is_empty();
+            let record_skip = options.skip_non_finite && !run.spec.data.skip_non_finite;
+            if record_skip {
+                if synthetic {
+                    return Err(Error::RunDir {
+                        path: dir.to_path_buf(),
+                        reason: "--skip-non-finite applies to activations given with --data; \
+                                 this run trains on the built-in synthetic data, which has none"
+                            .into(),
+                    });
+                }
+                run.spec.data.skip_non_finite = true;
+            }
+            let (state, trainers) = checkpoint::load(dir, &run)?;
+            Ok((run, state, trainers, record_skip))
+        })();
+        let ((run, state, trainers, record_skip), stop_now) =
+            agree(c, loaded, stop.load(Ordering::Relaxed))?;
+        stop_error(stop_now, dir, STOPPED_BEFORE_RESUMING)?;
+        // After the checkpoint's load, whose errors name config.toml's SAE tables.
+        let opened = crate::memory::check_synthetic(&run.spec, SYNTH_EVAL_ROWS)
+            .and_then(|()| open_data(&run.spec, run.schedule.seed));
+        let (mut opened, stop_now) = agree(c, opened, stop.load(Ordering::Relaxed))?;
+        stop_error(stop_now, dir, STOPPED_BEFORE_RESUMING)?;
+        let built = (|| -> Result<(Batches, Vec<Trainer>)> {
+            check_split(run.schedule.batch_size, c.world_size())?;
+            let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
+            let loader = loader_config(&run.spec.data, &run.schedule, state.scale);
+            crate::memory::check_run(&run.spec, opened.d_model, &loader, train_n, SYNTH_EVAL_ROWS)?;
+            if let Some(trainer) = trainers.first() {
+                let trained = trainer.sae().config().d_model;
+                if trained != opened.d_model {
+                    let files: Vec<String> = run
+                        .spec
+                        .data
+                        .paths
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect();
+                    return Err(Error::RunDir {
+                        path: dir.to_path_buf(),
+                        reason: format!(
+                            "the data ({}) is {} wide now, but the run's checkpoint was trained \
+                             on D={trained}: the files changed since the run started; restore \
+                             them, or start a new run on the new data",
+                            files.join(", "),
+                            opened.d_model
+                        ),
+                    });
+                }
+            }
+            let batches = match (
+                opened.train_rows.clone(),
+                opened.synth.take(),
+                &state.cursor,
+            ) {
+                (_, Some(synth), _) => Batches::Synthetic(Box::new(synth)),
+                (Some(rows), None, Some(cursor)) => {
+                    let config = loader_config(&run.spec.data, &run.schedule, state.scale);
+                    let batcher = Batcher::with_cursor(rows, config, cursor)?;
+                    Batches::Loader(Prefetcher::new(loader_part(batcher, c)?))
+                }
+                _ => {
+                    return Err(Error::RunDir {
+                        path: dir.join(checkpoint::DIR),
+                        reason: "the checkpoint has no data cursor for this run's data; start \
+                                 again"
+                            .into(),
+                    })
+                }
+            };
+            let mut trainers = trainers;
+            for trainer in &mut trainers {
+                trainer.set_collective(Box::new(collective.clone()))?;
+            }
+            Ok((batches, trainers))
+        })();
+        let ((batches, trainers), stop_now) = agree(c, built, stop.load(Ordering::Relaxed))?;
+        stop_error(stop_now, dir, STOPPED_BEFORE_RESUMING)?;
+        let n = run.names.len();
+        let written = if writer {
+            (|| -> Result<Vec<Option<BufWriter<File>>>> {
+                if record_skip {
+                    write_config(dir, &run.spec)?;
+                }
+                run.names
+                    .iter()
+                    .map(|name| open_metrics(&member_dir(dir, name, n), Some(state.step)).map(Some))
+                    .collect()
+            })()
+        } else {
+            Ok((0..n).map(|_| None).collect())
+        };
+        let (metrics, _) = agree(c, written, false)?;
+        let mut members = Vec::with_capacity(n);
+        for ((name, trainer), metrics) in run.names.iter().zip(trainers).zip(metrics) {
             members.push(Member {
                 name: name.clone(),
-                metrics: open_metrics(&member_dir, Some(state.step))?,
-                dir: member_dir,
+                metrics,
+                dir: member_dir(dir, name, n),
                 trainer,
             });
         }
         let notes = std::mem::take(&mut opened.notes);
-        let mut run = Run::assemble(run, dir, members, batches, opened, state.scale, notes, lock);
+        let mut run = Run::assemble(
+            run,
+            dir,
+            members,
+            batches,
+            opened,
+            state.scale,
+            notes,
+            lock,
+            collective,
+        );
         run.step = state.step;
         run.checkpointed = Some(state.step);
         run.seconds_before = state.seconds;
@@ -565,7 +777,8 @@ impl Run {
         opened: Opened,
         scale: f32,
         notes: Vec<String>,
-        lock: RunLock,
+        lock: Option<RunLock>,
+        collective: Arc<dyn Collective>,
     ) -> Run {
         let eval_rows = opened.eval_rows;
         let data = DataSummary {
@@ -592,6 +805,7 @@ impl Run {
             notes,
             device: crate::backend::Device::Cpu,
             data,
+            collective,
             _lock: lock,
         }
     }
@@ -651,24 +865,45 @@ impl Run {
         for note in std::mem::take(&mut self.notes) {
             observer.note(&note);
         }
+        let collective = self.collective.clone();
+        let c = &*collective;
         let start = Instant::now();
         let schedule = self.run.schedule;
         let first_step = self.step;
         let mut stats = vec![StepStats::default(); self.members.len()];
+        // What rank 0's writes of the last step (metrics, a checkpoint) left to agree on: the
+        // other processes learn of a failure there at the next step.
+        let mut written: Result<()> = Ok(());
         while self.step < schedule.steps {
             let seconds = self.seconds_before + start.elapsed().as_secs_f64();
-            if stop.load(Ordering::Relaxed) {
-                self.checkpoint(seconds)?;
+            let (_, stop_now) = agree(
+                c,
+                std::mem::replace(&mut written, Ok(())),
+                stop.load(Ordering::Relaxed),
+            )?;
+            if stop_now {
+                let saved = self.checkpoint(seconds);
+                agree(c, saved, false)?;
                 return Ok(Outcome::Interrupted { step: self.step });
             }
-            let batch = match &mut self.batches {
+            let part = crate::dist::part(schedule.batch_size, c.rank(), c.world_size());
+            let fetched = match &mut self.batches {
                 Batches::Synthetic(synth) => {
-                    Batch::Owned(synth.batch(schedule.batch_size, self.step))
+                    let whole = synth.batch(schedule.batch_size, self.step);
+                    Ok(Batch::Owned(if c.world_size() == 1 {
+                        whole
+                    } else {
+                        whole.slice(ndarray::s![part, ..]).to_owned()
+                    }))
                 }
-                Batches::Loader(loader) => match loader.next_batch() {
-                    Ok(batch) => Batch::Loaded(batch),
-                    Err(err) => return Err(self.data_failed(err, seconds)),
-                },
+                Batches::Loader(loader) => loader
+                    .next_batch()
+                    .map(Batch::Loaded)
+                    .map_err(|err| self.data_error(err)),
+            };
+            let batch = match agree(c, fetched, false) {
+                Ok((batch, _)) => batch,
+                Err(err) => return Err(self.data_failed(err, seconds)),
             };
             for (member, stats) in self.members.iter_mut().zip(&mut stats) {
                 *stats = member.trainer.step(batch.view())?;
@@ -676,19 +911,14 @@ impl Run {
             drop(batch);
             self.step += 1;
             if let Some(i) = stats.iter().position(|s| !finite_stats(s)) {
-                return Err(self.diverged(i, "the loss is not finite"));
+                // Every process sees the same (reduced) statistics, so all fail here.
+                return agree(c, Err(self.diverged(i, "the loss is not finite")), false)
+                    .map(|((), _)| unreachable!("the error is every process's"));
             }
             let seconds = self.seconds_before + start.elapsed().as_secs_f64();
             let tokens = self.step * schedule.batch_size as u64;
             if self.step % schedule.metrics_every == 0 || self.step == schedule.steps {
-                for (member, stats) in self.members.iter_mut().zip(&stats) {
-                    let record = MetricsRecord::new(self.step, tokens, stats, seconds);
-                    let line = serde_json::to_string(&record).expect("records serialise");
-                    let path = member.dir.join(metrics::FILE);
-                    writeln!(member.metrics, "{line}")
-                        .and_then(|()| member.metrics.flush())
-                        .map_err(io_error(&path, "writing"))?;
-                }
+                written = self.write_metrics(&stats, tokens, seconds);
             }
             observer.step(&Progress {
                 step: self.step,
@@ -698,22 +928,23 @@ impl Run {
                 stats: &stats,
             });
             if let Some(every) = schedule.checkpoint_every {
-                if self.step % every == 0 && self.step < schedule.steps {
-                    self.checkpoint(seconds)?;
-                    observer.note(&format!("checkpoint at step {}", self.step));
+                if written.is_ok() && self.step % every == 0 && self.step < schedule.steps {
+                    written = self.checkpoint(seconds);
+                    if written.is_ok() {
+                        observer.note(&format!("checkpoint at step {}", self.step));
+                    }
                 }
             }
         }
+        agree(c, written, false)?;
         let seconds = self.seconds_before + start.elapsed().as_secs_f64();
         if self.step > first_step {
             // The trained state, kept until every SAE is saved and evaluated: a failure from
             // here on (a full disk, a stop) leaves the run resumable.
-            self.checkpoint(seconds)?;
+            let saved = self.checkpoint(seconds);
+            agree(c, saved, false)?;
         }
-        let skipped_rows = match &self.batches {
-            Batches::Loader(loader) => loader.skipped_rows(),
-            Batches::Synthetic(_) => 0,
-        };
+        let skipped_rows = self.skipped_rows();
         if skipped_rows > 0 {
             observer.note(&format!(
                 "skipped {skipped_rows} non-finite rows (counted each time an epoch met one)"
@@ -723,7 +954,8 @@ impl Run {
         // freed before the evaluation allocates its own.
         let mut saved = Vec::with_capacity(self.members.len());
         for member in std::mem::take(&mut self.members) {
-            let sae = self.save(member.trainer, &member.dir)?;
+            let sae = self.save(member.trainer, &member.dir);
+            let (sae, _) = agree(c, sae, false)?;
             saved.push((member.name, member.dir, sae));
         }
         let mut summaries = Vec::with_capacity(saved.len());
@@ -747,8 +979,39 @@ impl Run {
             }
         }
         // The run is complete and saved: a checkpoint now would only invite resuming it.
-        checkpoint::remove(&self.dir)?;
+        let removed = if c.rank() == 0 {
+            checkpoint::remove(&self.dir)
+        } else {
+            Ok(())
+        };
+        agree(c, removed, false)?;
         Ok(Outcome::Finished(summaries))
+    }
+
+    /// Rank 0 appends a line per SAE to its `metrics.jsonl`.
+    fn write_metrics(&mut self, stats: &[StepStats], tokens: u64, seconds: f64) -> Result<()> {
+        for (member, stats) in self.members.iter_mut().zip(stats) {
+            let Some(metrics) = &mut member.metrics else {
+                continue;
+            };
+            let record = MetricsRecord::new(self.step, tokens, stats, seconds);
+            let line = serde_json::to_string(&record).expect("records serialise");
+            let path = member.dir.join(metrics::FILE);
+            writeln!(metrics, "{line}")
+                .and_then(|()| metrics.flush())
+                .map_err(io_error(&path, "writing"))?;
+        }
+        Ok(())
+    }
+
+    /// Training rows skipped for holding NaN or ±Inf, over every process.
+    fn skipped_rows(&self) -> u64 {
+        let mut skipped = [match &self.batches {
+            Batches::Loader(loader) => loader.skipped_rows(),
+            Batches::Synthetic(_) => 0,
+        }];
+        self.collective.all_reduce_sum_u64(&mut skipped);
+        skipped[0]
     }
 
     /// Saves one trained SAE, the input scale folded in.
@@ -756,6 +1019,9 @@ impl Run {
         trainer.sync()?;
         let mut sae = trainer.into_sae();
         sae.fold_input_scale(self.scale)?;
+        if self.collective.rank() != 0 {
+            return Ok(sae);
+        }
         sae.save(dir).map_err(|err| Error::RunDir {
             path: self.dir.clone(),
             reason: format!(
@@ -769,13 +1035,15 @@ impl Run {
         Ok(sae)
     }
 
-    /// Evaluates and plots one saved SAE; `None` when `stop` ended the evaluation.
+    /// Evaluates and plots one saved SAE; `None` when `stop` ended the evaluation. Across
+    /// processes each evaluates its part of the held-out rows; rank 0 writes the results.
     fn finish(
         &self,
         sae: &crate::Sae,
         mut summary: Summary,
         stop: &AtomicBool,
     ) -> Result<Option<Summary>> {
+        let c = &*self.collective;
         let schedule = &self.run.schedule;
         let skip = self.run.spec.data.skip_non_finite;
         if let Some(rows) = &self.eval_rows {
@@ -784,18 +1052,34 @@ impl Run {
                 None => return Ok(None),
             }
         }
-        if let Some(true_gd) = &self.true_features_gd {
-            summary.recovery = Some(recovery(true_gd.view(), sae.w_dec_fd())?);
-        }
-        let json = serde_json::to_string_pretty(&summary).expect("summaries serialise");
-        crate::io::write_atomic(&summary.dir.join("eval.json"), json.as_bytes())?;
-        if let Some(eval) = &summary.eval {
-            crate::io::write_feature_density(&summary.dir.join("feature_density.npy"), eval)?;
-        }
-        if stop.load(Ordering::Relaxed) {
+        let written = if c.rank() == 0 {
+            (|| -> Result<()> {
+                if let Some(true_gd) = &self.true_features_gd {
+                    summary.recovery = Some(recovery(true_gd.view(), sae.w_dec_fd())?);
+                }
+                let json = serde_json::to_string_pretty(&summary).expect("summaries serialise");
+                crate::io::write_atomic(&summary.dir.join("eval.json"), json.as_bytes())?;
+                if let Some(eval) = &summary.eval {
+                    crate::io::write_feature_density(
+                        &summary.dir.join("feature_density.npy"),
+                        eval,
+                    )?;
+                }
+                Ok(())
+            })()
+        } else {
+            Ok(())
+        };
+        let ((), stop_now) = agree(c, written, stop.load(Ordering::Relaxed))?;
+        if stop_now {
             return Ok(None);
         }
-        crate::plot::redraw(&summary.dir)?;
+        let plotted = if c.rank() == 0 {
+            crate::plot::redraw(&summary.dir).map(drop)
+        } else {
+            Ok(())
+        };
+        agree(c, plotted, false)?;
         Ok(Some(summary))
     }
 
@@ -826,6 +1110,9 @@ impl Run {
             .iter()
             .map(|m| (m.name.as_str(), &m.trainer))
             .collect();
+        if self.collective.rank() != 0 {
+            return Ok(());
+        }
         // A failed save leaves the previous checkpoint whole (see `checkpoint`).
         checkpoint::save(&self.dir, &state, &trainers).map_err(|err| Error::RunDir {
             path: self.dir.clone(),
@@ -870,18 +1157,9 @@ impl Run {
         }
     }
 
-    /// The loader failed before step `self.step + 1`: checkpoints the steps taken, then says
-    /// how to go on.
-    fn data_failed(&mut self, err: Error, seconds: f64) -> Error {
-        if let Err(ckpt_err) = self.checkpoint(seconds) {
-            return Error::RunDir {
-                path: self.dir.clone(),
-                reason: format!(
-                    "{err}; writing a checkpoint after it failed too ({ckpt_err}); {}",
-                    self.left_behind()
-                ),
-            };
-        }
+    /// The loader's error `err` before step `self.step + 1`, as the run reports it once
+    /// [`Run::data_failed`] has checkpointed the steps taken: what failed and how to go on.
+    fn data_error(&self, err: Error) -> Error {
         let (dir, step) = (self.dir.display(), self.step);
         let reason = match err {
             Error::Data(DataError::NonFinite { location }) => format!(
@@ -899,6 +1177,21 @@ impl Run {
             path: self.dir.clone(),
             reason,
         }
+    }
+
+    /// The loader failed (on some process) before step `self.step + 1`: checkpoints the steps
+    /// taken, then returns `err` (from [`Run::data_error`]).
+    fn data_failed(&mut self, err: Error, seconds: f64) -> Error {
+        if let Err(ckpt_err) = self.checkpoint(seconds) {
+            return Error::RunDir {
+                path: self.dir.clone(),
+                reason: format!(
+                    "{err}; writing a checkpoint after it failed too ({ckpt_err}); {}",
+                    self.left_behind()
+                ),
+            };
+        }
+        err
     }
 }
 
@@ -919,17 +1212,6 @@ fn finite_sae(sae: &crate::Sae) -> bool {
         && sae.w_dec_fd().iter().all(finite)
         && sae.b_dec_d().iter().all(finite)
         && sae.threshold().iter().all(finite)
-}
-
-/// [`Error::Stopped`] if `stop` is set.
-fn check_stop(stop: &AtomicBool, dir: &Path, when: &str) -> Result<()> {
-    if stop.load(Ordering::Relaxed) {
-        return Err(Error::Stopped {
-            path: dir.to_path_buf(),
-            when: when.into(),
-        });
-    }
-    Ok(())
 }
 
 /// Writes the resolved spec as the run's `config.toml`.

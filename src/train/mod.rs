@@ -187,6 +187,23 @@ impl Trainer {
         })
     }
 
+    /// Shares each global batch with the processes of `collective` from the next step on
+    /// (see [`Trainer::with_parts`]): a trainer restored from a checkpoint joins a
+    /// distributed run this way. Fails on a GPU, where training runs in one process only.
+    pub fn set_collective(&mut self, collective: Box<dyn Collective>) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if self.gpu.is_some() && collective.world_size() > 1 {
+            return Err(crate::Error::Device {
+                device: self.device_name(),
+                reason: "training across processes runs on the CPU only; drop --device or run \
+                         a single process"
+                    .into(),
+            });
+        }
+        self.collective = collective;
+        Ok(())
+    }
+
     /// The trainer moved to `device`; see [`Trainer::set_device`].
     pub fn to_device(mut self, device: Device) -> Result<Trainer> {
         self.set_device(device)?;
