@@ -105,7 +105,14 @@ fn main() -> ExitCode {
             },
         },
     };
-    let status = match result {
+    ExitCode::from(end(world, result))
+}
+
+/// The exit status of a command that returned `result`, after printing its error (rank 0
+/// alone for a failure every process agreed on). Consuming `world` finalises MPI (every
+/// process gets here together) before the process exits.
+fn end(world: dist::World, result: anyhow::Result<Option<u8>>) -> u8 {
+    match result {
         Ok(None) => 0,
         Ok(Some(status)) => status,
         Err(err) => {
@@ -121,10 +128,7 @@ fn main() -> ExitCode {
             }
             status
         }
-    };
-    // Finalises MPI (every process gets here together) before the process exits.
-    drop(world);
-    ExitCode::from(status)
+    }
 }
 
 impl Command {
