@@ -54,7 +54,12 @@ impl<'a> PreActs<'a> {
 
     /// Fraction of positive entries.
     pub fn positive_fraction(&self) -> f32 {
-        let count: usize = (0..self.n_rows())
+        self.positive_count() as f32 / (self.n_rows() * self.n_latents()).max(1) as f32
+    }
+
+    /// Number of positive entries.
+    pub fn positive_count(&self) -> usize {
+        (0..self.n_rows())
             .into_par_iter()
             .map(|b| {
                 let row = self.row(b);
@@ -63,8 +68,7 @@ impl<'a> PreActs<'a> {
                     .filter(|(v, b)| **v + **b > 0.0)
                     .count()
             })
-            .sum();
-        count as f32 / (self.n_rows() * self.n_latents()).max(1) as f32
+            .sum()
     }
 
     /// The dense B×F pre-activations, bias included.
@@ -369,7 +373,7 @@ impl Selector {
     /// those candidates' bit patterns (non-negative f32 order like their bits) finds the exact
     /// cut. The candidate histograms are what processes exchange. If the bound was too high on
     /// any process, every process redoes the pass with no bound. Entries equal to the cut are
-    /// taken in row-major order until `k_total` are kept (per process, with several).
+    /// taken in the global batch's row-major order until `k_total` are kept.
     pub fn batch_topk(
         &mut self,
         pre: PreActs<'_>,
@@ -400,6 +404,7 @@ impl Selector {
                 continue;
             }
             if let Some((cut_bits, tie_quota)) = cut {
+                let tie_quota = tie_quota_here(&out.values, cut_bits, tie_quota, collective);
                 self.keep_above_cut(n_rows, n_latents, cut_bits, tie_quota, out);
             }
             return;
@@ -516,6 +521,27 @@ impl Selector {
         });
         self.gather(n_chunks, n_latents, out);
     }
+}
+
+/// This process's share of the `tie_quota` entries equal to the cut that the global selection
+/// keeps: the processes' rows follow each other in rank order, so ties are taken in the global
+/// batch's row-major order, as one process holding all of it would.
+fn tie_quota_here(
+    values: &[f32],
+    cut_bits: u32,
+    tie_quota: usize,
+    collective: &dyn Collective,
+) -> usize {
+    let world = collective.world_size();
+    if world == 1 {
+        return tie_quota;
+    }
+    let mut ties = vec![0u64; world];
+    let rank = collective.rank();
+    ties[rank] = values.iter().filter(|v| v.to_bits() == cut_bits).count() as u64;
+    collective.all_reduce_sum_u64(&mut ties);
+    let before: u64 = ties[..rank].iter().sum();
+    (tie_quota as u64).saturating_sub(before).min(ties[rank]) as usize
 }
 
 /// Scanning `hist` from its top bin down: the non-empty bin where the running count reaches

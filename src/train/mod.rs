@@ -356,8 +356,13 @@ impl Trainer {
         self.sae
             .pre_activations_into(&*self.backend, x_bd, &mut ws.xc_bd, &mut ws.pre_bf);
         times.encode = lap();
-        let dense = rules.selection == Selection::Relu
-            && self.sae.pre_acts(&ws.pre_bf).positive_fraction() > self.dense_threshold;
+        // Every process takes the same path, chosen on the global batch's density.
+        let dense = rules.selection == Selection::Relu && {
+            let pre = self.sae.pre_acts(&ws.pre_bf);
+            let mut counts = [pre.positive_count() as u64, (n_local * pre.n_latents()) as u64];
+            self.collective.all_reduce_sum_u64(&mut counts);
+            counts[0] as f32 / counts[1].max(1) as f32 > self.dense_threshold
+        };
         if dense {
             // The dense path multiplies the codes matrix itself: make it ReLU(pre).
             let b_enc = &self.sae.b_enc_f;
