@@ -395,7 +395,14 @@ impl Run {
         let loader = loader_config(&resolved.data, &schedule, 1.0);
         loader.validate()?;
         let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
-        crate::memory::check_run(&resolved, opened.d_model, &loader, train_n, SYNTH_EVAL_ROWS)?;
+        crate::memory::check_run(
+            &resolved,
+            opened.d_model,
+            &loader,
+            train_n,
+            SYNTH_EVAL_ROWS,
+            1,
+        )?;
         check_dir(dir, force)?;
         let mut notes = std::mem::take(&mut opened.notes);
         let train_rows = opened.train_rows.clone();
@@ -493,7 +500,14 @@ impl Run {
         check_stop(stop, dir, STOPPED_BEFORE_RESUMING)?;
         let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
         let loader = loader_config(&run.spec.data, &run.schedule, state.scale);
-        crate::memory::check_run(&run.spec, opened.d_model, &loader, train_n, SYNTH_EVAL_ROWS)?;
+        crate::memory::check_run(
+            &run.spec,
+            opened.d_model,
+            &loader,
+            train_n,
+            SYNTH_EVAL_ROWS,
+            1,
+        )?;
         if let Some(trainer) = trainers.first() {
             let trained = trainer.sae().config().d_model;
             if trained != opened.d_model {
