@@ -136,13 +136,16 @@ impl Estimate {
     /// A training run of `spec` (resolved: every SAE's `dict_size`, the batch size and the
     /// synthetic set filled in) on data of width `d_model`, with `train_rows` rows through the
     /// loader `loader` (`None` on the synthetic set, whose `synth_eval_rows` held-out rows are
-    /// kept in memory).
+    /// kept in memory), in one process of `ranks`: with more than one, the loader is in part
+    /// mode (see `Batcher::for_part`), its buffer holding row indices only and its batches
+    /// B/`ranks` rows.
     pub fn train(
         spec: &RunSpec,
         d_model: usize,
         loader: &LoaderConfig,
         train_rows: Option<u64>,
         synth_eval_rows: usize,
+        ranks: usize,
     ) -> Estimate {
         let mut e = Estimate::default();
         let batch = spec.train.batch_size.unwrap_or(loader.batch_size);
@@ -170,19 +173,22 @@ impl Estimate {
         let b_d = mul(&[4, u(batch), d]);
         match train_rows {
             Some(rows) => {
-                // The prefetcher's queue, the batch being made and the one being trained on.
+                // The prefetcher's queue, the batch being made and the one being trained on;
+                // in part mode each holds this rank's B/ranks rows.
+                let part_b_d = mul(&[4, u(batch / ranks.max(1)), d]);
                 e.add(
                     "prefetched batches",
                     Knob::BatchSize,
-                    mul(&[u(loader.prefetch) + 2, b_d]),
+                    mul(&[u(loader.prefetch) + 2, part_b_d]),
                 );
                 let capacity = u(loader.buffer_capacity(rows, d_model));
-                // The rows, and the slot table three times (the batcher's, the prefetcher's
-                // cursor and a checkpoint's copy).
+                // The rows (none in part mode), and the 8-byte slot table three times (the
+                // batcher's, the prefetcher's cursor and a checkpoint's copy).
+                let buffered = if ranks > 1 { 0 } else { mul(&[4, capacity, d]) };
                 e.add(
                     "shuffle buffer",
                     Knob::BufferRows,
-                    mul(&[4, capacity, d]).saturating_add(mul(&[24, capacity])),
+                    buffered.saturating_add(mul(&[24, capacity])),
                 );
             }
             None => {
@@ -538,21 +544,22 @@ pub fn check_synthetic(spec: &RunSpec, eval_rows: usize) -> crate::Result<()> {
         ..spec.clone()
     };
     let loader = LoaderConfig::default();
-    let estimate = Estimate::train(&resolved, synth.d_model, &loader, None, eval_rows);
+    let estimate = Estimate::train(&resolved, synth.d_model, &loader, None, eval_rows, 1);
     Ok(check(&estimate, spec.train.max_memory)?)
 }
 
 /// Refuses a run of the resolved `spec` that needs more memory than it may use (see
-/// [`Estimate::train`]); called once the data is open and before the trainers and the loader
-/// allocate.
+/// [`Estimate::train`]) in each of its `ranks` processes; called once the data is open and
+/// before the trainers and the loader allocate.
 pub fn check_run(
     spec: &RunSpec,
     d_model: usize,
     loader: &LoaderConfig,
     train_rows: Option<u64>,
     synth_eval_rows: usize,
+    ranks: usize,
 ) -> crate::Result<()> {
-    let estimate = Estimate::train(spec, d_model, loader, train_rows, synth_eval_rows);
+    let estimate = Estimate::train(spec, d_model, loader, train_rows, synth_eval_rows, ranks);
     Ok(check(&estimate, spec.train.max_memory)?)
 }
 
@@ -597,6 +604,7 @@ mod tests {
             &LoaderConfig::default(),
             Some(50_000),
             0,
+            1,
         );
         let params = 4 * (2 * f * d + f + d);
         assert_eq!(
@@ -615,10 +623,28 @@ mod tests {
     }
 
     #[test]
+    fn a_part_mode_loader_buffers_row_indices_and_prefetches_its_part() {
+        let d = 256u128;
+        let loader = LoaderConfig::default();
+        let run =
+            |ranks| Estimate::train(&spec(1024, &[4096]), 256, &loader, Some(50_000), 0, ranks);
+        let (one, four) = (run(1), run(4));
+        // 8 bytes a slot, three times over (batcher, prefetcher's cursor, checkpoint).
+        assert_eq!(part(&four, "shuffle buffer"), 50_000 * 24);
+        assert_eq!(part(&one, "shuffle buffer"), 50_000 * (4 * d + 24));
+        // prefetch + 2 batches of B/ranks rows.
+        assert_eq!(part(&four, "prefetched batches"), 4 * 4 * 256 * d);
+        assert_eq!(part(&one, "prefetched batches"), 4 * 4 * 1024 * d);
+        for what in ["parameters, Adam moments and gradients", "checkpoint copy"] {
+            assert_eq!(part(&four, what), part(&one, what), "{what}");
+        }
+    }
+
+    #[test]
     fn a_sweep_counts_every_trainer_and_one_checkpoint_copy() {
         let loader = LoaderConfig::default();
-        let one = Estimate::train(&spec(256, &[2048]), 64, &loader, Some(1000), 0);
-        let two = Estimate::train(&spec(256, &[2048, 2048]), 64, &loader, Some(1000), 0);
+        let one = Estimate::train(&spec(256, &[2048]), 64, &loader, Some(1000), 0, 1);
+        let two = Estimate::train(&spec(256, &[2048, 2048]), 64, &loader, Some(1000), 0, 1);
         for what in ["parameters, Adam moments and gradients", "B×F step buffers"] {
             assert_eq!(part(&two, what), 2 * part(&one, what), "{what}");
         }
@@ -629,7 +655,7 @@ mod tests {
     fn relu_counts_the_dense_path_and_the_synthetic_set_its_own_arrays() {
         let mut relu = spec(1000, &[1000]);
         relu.sae[0].arch = Some(ArchName::Relu);
-        let e = Estimate::train(&relu, 64, &LoaderConfig::default(), None, 16384);
+        let e = Estimate::train(&relu, 64, &LoaderConfig::default(), None, 16384, 1);
         let (b, f) = (1000u128, 1000u128);
         // pre_bf and ∂L/∂pre, plus the sparse path's codes (5% of B·F, 24 bytes each).
         assert_eq!(
@@ -647,13 +673,13 @@ mod tests {
     #[test]
     fn the_largest_part_names_what_to_lower() {
         let loader = LoaderConfig::default();
-        let big_batch = Estimate::train(&spec(1 << 20, &[512]), 64, &loader, Some(1000), 0);
+        let big_batch = Estimate::train(&spec(1 << 20, &[512]), 64, &loader, Some(1000), 0, 1);
         assert_eq!(big_batch.largest().unwrap().0, Knob::BatchAndDictSize);
-        let wide_batch = Estimate::train(&spec(1 << 20, &[16]), 4096, &loader, Some(1000), 0);
+        let wide_batch = Estimate::train(&spec(1 << 20, &[16]), 4096, &loader, Some(1000), 0, 1);
         assert_eq!(wide_batch.largest().unwrap().0, Knob::BatchSize);
-        let big_dict = Estimate::train(&spec(64, &[1 << 22]), 256, &loader, Some(1000), 0);
+        let big_dict = Estimate::train(&spec(64, &[1 << 22]), 256, &loader, Some(1000), 0, 1);
         assert_eq!(big_dict.largest().unwrap().0, Knob::DictSize);
-        let big_buffer = Estimate::train(&spec(64, &[512]), 256, &loader, Some(1 << 30), 0);
+        let big_buffer = Estimate::train(&spec(64, &[512]), 256, &loader, Some(1 << 30), 0, 1);
         assert_eq!(big_buffer.largest().unwrap().0, Knob::BufferRows);
     }
 
@@ -665,6 +691,7 @@ mod tests {
             &LoaderConfig::default(),
             Some(u64::MAX),
             0,
+            1,
         );
         assert_eq!(e.total(), u128::MAX);
         // Even a budget of 16 EiB does not admit it, and the message then offers no budget.
@@ -683,6 +710,7 @@ mod tests {
             &LoaderConfig::default(),
             Some(50_000),
             0,
+            1,
         );
         let total = e.total() as u64;
         assert_eq!(check(&e, Some(ByteSize(total))), Ok(()));

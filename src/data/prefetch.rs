@@ -4,7 +4,7 @@
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::thread::JoinHandle;
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{s, Array2, ArrayView2};
 
 use super::shuffle::CursorDelta;
 use super::{Batcher, Cursor, DataError, Source};
@@ -16,7 +16,7 @@ type Made = std::result::Result<(Array2<f32>, CursorDelta), crate::Error>;
 ///
 /// Memory is bounded by the batcher's buffer plus `prefetch + 2` batches, whatever the size of
 /// the dataset. The batches and their order are exactly those of the same [`Batcher`] run
-/// synchronously.
+/// synchronously, in either mode (in part mode, this rank's parts of the global batches).
 ///
 /// ```
 /// use std::sync::Arc;
@@ -47,7 +47,7 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// The rows, B×D.
+    /// The rows, B×D (in part mode B/world×D, or fewer where non-finite rows were skipped).
     pub fn view(&self) -> ArrayView2<'_, f32> {
         self.x_bd.as_ref().expect("present until drop").view()
     }
@@ -71,7 +71,7 @@ impl Prefetcher {
     /// Starts the thread; it runs up to `prefetch` batches ahead of [`Prefetcher::next_batch`].
     pub fn new<S: Source + 'static>(mut batcher: Batcher<S>) -> Self {
         let cursor = batcher.cursor();
-        let (d_model, batch_size) = (batcher.d_model(), batcher.config().batch_size);
+        let (d_model, batch_rows) = (batcher.d_model(), batcher.batch_rows());
         let (made_tx, made_rx): (SyncSender<Made>, _) =
             mpsc::sync_channel(batcher.config().prefetch);
         let (recycle_tx, recycle_rx) = mpsc::channel::<Array2<f32>>();
@@ -79,12 +79,18 @@ impl Prefetcher {
         let thread = std::thread::Builder::new()
             .name("sae-loader".into())
             .spawn(move || loop {
+                // A batch shortened by skipped rows is not reused.
                 let mut x_bd = recycle_rx
                     .try_recv()
-                    .unwrap_or_else(|_| Array2::zeros((batch_size, d_model)));
-                let made = batcher
-                    .fill_batch(x_bd.view_mut())
-                    .map(|()| (x_bd, batcher.take_delta()));
+                    .ok()
+                    .filter(|x_bd| x_bd.dim() == (batch_rows, d_model))
+                    .unwrap_or_else(|| Array2::zeros((batch_rows, d_model)));
+                let made = batcher.fill_batch(x_bd.view_mut()).map(|rows| {
+                    if rows < batch_rows {
+                        x_bd.slice_collapse(s![..rows, ..]);
+                    }
+                    (x_bd, batcher.take_delta())
+                });
                 let failed = made.is_err();
                 // A closed queue means the consumer is gone: stop.
                 if made_tx.send(made).is_err() || failed {
@@ -138,7 +144,7 @@ impl Prefetcher {
         &self.cursor
     }
 
-    /// Non-finite rows skipped up to the last batch returned.
+    /// Non-finite rows skipped up to the last batch returned (in part mode, by this rank).
     pub fn skipped_rows(&self) -> u64 {
         self.cursor.skipped_rows
     }

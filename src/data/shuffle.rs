@@ -6,10 +6,14 @@
 //! distinct buffer slots at random and each taken slot is refilled with the next row of the
 //! stream. When the stream ends, the buffer drains and the next epoch begins, so a batch may
 //! hold the last rows of one epoch and the first of the next.
+//!
+//! In part mode ([`Batcher::for_part`]) a batcher serves one rank of a distributed job: the
+//! buffer holds only source-row indices, the draws are exactly the normal mode's, and each
+//! batch is this rank's part of the global batch, read straight from the source.
 
 use std::ops::Range;
 
-use ndarray::{Array2, ArrayViewMut2};
+use ndarray::{s, Array2, ArrayViewMut2};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -43,6 +47,7 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// Skip rows holding NaN or ±Inf (counted in [`Batcher::skipped_rows`]) instead of
     /// stopping at the first one (default false: bad data should be seen, not trained on).
+    /// In part mode a skipped row is dropped from the rank's part, which is then shorter.
     pub skip_non_finite: bool,
     /// Factor applied to every row as it is read: normalisation's c (default 1).
     pub scale: f32,
@@ -187,8 +192,9 @@ impl Cursor {
 /// Makes shuffled batches from a [`Source`], synchronously. [`super::Prefetcher`] runs one on
 /// a background thread.
 ///
-/// Memory: the buffer (capacity × D f32) plus, per epoch, 8 bytes per chunk. After an error
-/// the batcher is spent; build a new one (or restore a [`Cursor`]).
+/// Memory: the buffer (capacity × D f32, or in part mode nothing beyond the 8-byte slot
+/// table) plus, per epoch, 8 bytes per chunk. After an error the batcher is spent; build a new
+/// one (or restore a [`Cursor`]).
 pub struct Batcher<S> {
     source: S,
     config: LoaderConfig,
@@ -203,11 +209,14 @@ pub struct Batcher<S> {
     stream_pos: u64,
     rng: ChaCha8Rng,
     /// capacity × D rows; slot i holds source row `slot_rows[i]` for i < `slot_rows.len()`.
+    /// Empty in part mode.
     buf: Vec<f32>,
     slot_rows: Vec<u64>,
     skipped_rows: u64,
     /// Slot writes since the last `take_delta`, kept only for the prefetch thread.
     log: Option<Vec<(u32, u64)>>,
+    /// Part mode: (rank, world).
+    part: Option<(usize, usize)>,
 }
 
 /// A pointer to the buffer that tasks share; each task writes only its own distinct slots.
@@ -270,6 +279,7 @@ impl<S: Source> Batcher<S> {
             slot_rows: Vec::with_capacity(capacity),
             skipped_rows: 0,
             log: None,
+            part: None,
             config,
         };
         batcher.set_epoch(0);
@@ -279,45 +289,127 @@ impl<S: Source> Batcher<S> {
     /// A batcher that continues where `cursor` was taken: with the same source and config it
     /// yields the batches the original would have yielded next.
     pub fn with_cursor(source: S, config: LoaderConfig, cursor: &Cursor) -> Result<Self> {
-        let mut batcher = Batcher::new(source, config)?;
+        Batcher::new(source, config)?.resume(cursor)
+    }
+
+    /// This batcher, moved to where `cursor` was taken (by a batcher in either mode, with any
+    /// rank count): the batches that follow are those the original would have made next. In
+    /// normal mode the buffered rows are read; with `skip_non_finite`, a non-finite one (a
+    /// part-mode cursor may hold some) is replaced as a refill replaces it. In part mode
+    /// nothing is read.
+    ///
+    /// ```
+    /// use ndarray::Array2;
+    /// use sparse_autoencoder::data::{Batcher, LoaderConfig};
+    ///
+    /// let x_nd = Array2::from_shape_fn((1000, 4), |(n, d)| (n + d) as f32);
+    /// let config = LoaderConfig { batch_size: 64, ..LoaderConfig::default() };
+    /// let mut whole = Batcher::new(x_nd.view(), config.clone())?;
+    /// whole.next_batch()?;
+    /// let cursor = whole.cursor();
+    /// // Rank 1 of 4 goes on with rows 16..32 of each global batch.
+    /// let mut rank_1 = Batcher::new(x_nd.view(), config)?.for_part(1, 4)?.resume(&cursor)?;
+    /// let part = rank_1.next_batch()?;
+    /// assert_eq!(part, whole.next_batch()?.slice(ndarray::s![16..32, ..]));
+    /// # Ok::<(), sparse_autoencoder::Error>(())
+    /// ```
+    pub fn resume(mut self, cursor: &Cursor) -> Result<Self> {
         let mismatch = |what: String| crate::Error::from(DataError::Cursor(what));
-        if cursor.n_rows != batcher.n_rows {
+        if cursor.n_rows != self.n_rows {
             return Err(mismatch(format!(
                 "it was taken on {} rows, this dataset has {}",
-                cursor.n_rows, batcher.n_rows
+                cursor.n_rows, self.n_rows
             )));
         }
-        if cursor.seed != batcher.config.seed || cursor.chunk_rows != batcher.config.chunk_rows {
+        if cursor.seed != self.config.seed || cursor.chunk_rows != self.config.chunk_rows {
             return Err(mismatch(format!(
                 "it was taken with seed {} and chunk_rows {}, not {} and {}",
-                cursor.seed, cursor.chunk_rows, batcher.config.seed, batcher.config.chunk_rows
+                cursor.seed, cursor.chunk_rows, self.config.seed, self.config.chunk_rows
             )));
         }
-        if cursor.slot_rows.len() > batcher.capacity
-            || cursor.stream_pos > batcher.n_rows
-            || cursor.slot_rows.iter().any(|&r| r >= batcher.n_rows)
+        if cursor.slot_rows.len() > self.capacity
+            || cursor.stream_pos > self.n_rows
+            || cursor.slot_rows.iter().any(|&r| r >= self.n_rows)
         {
             return Err(mismatch(format!(
                 "it holds {} buffered rows, more than this buffer's {} or outside the dataset",
                 cursor.slot_rows.len(),
-                batcher.capacity
+                self.capacity
             )));
         }
-        batcher.set_epoch(cursor.epoch);
-        batcher.stream_pos = cursor.stream_pos;
-        batcher.rng.set_word_pos(cursor.rng_word_pos);
-        batcher.skipped_rows = cursor.skipped_rows;
-        batcher.slot_rows = cursor.slot_rows.clone();
-        let rows = batcher.slot_rows.clone();
-        let slots: Vec<usize> = (0..rows.len()).collect();
-        let bad = batcher.read_into_slots(&slots, &rows, None)?;
-        if let Some(&j) = bad.first() {
-            return Err(DataError::NonFinite {
-                location: batcher.source.locate(rows[j]),
-            }
-            .into());
+        self.set_epoch(cursor.epoch);
+        self.stream_pos = cursor.stream_pos;
+        self.rng.set_word_pos(cursor.rng_word_pos);
+        self.skipped_rows = cursor.skipped_rows;
+        self.slot_rows = cursor.slot_rows.clone();
+        if self.part.is_some() {
+            return Ok(self);
         }
-        Ok(batcher)
+        let rows = self.slot_rows.clone();
+        let slots: Vec<usize> = (0..rows.len()).collect();
+        let bad = self.read_into_slots(&slots, &rows, None)?;
+        let mut holes = Vec::new();
+        for &j in &bad {
+            if !self.config.skip_non_finite {
+                return Err(DataError::NonFinite {
+                    location: self.source.locate(rows[j]),
+                }
+                .into());
+            }
+            self.skipped_rows += 1;
+            if !self.replace_bad(j)? {
+                holes.push(j);
+            }
+        }
+        self.compact(holes);
+        Ok(self)
+    }
+
+    /// This batcher in part mode, serving rank `rank` of `world`: every rank follows the same
+    /// shuffled stream (the draws are exactly the normal mode's), and each batch holds only
+    /// rows [`crate::dist::part`]`(batch_size, rank, world)` of the global batch, read straight
+    /// from the source; the buffer holds row indices only. The [`Cursor`] is the normal mode's:
+    /// one taken in either mode, with any rank count, restores in the other.
+    ///
+    /// `batch_size` must be divisible by `world` ([`crate::Error::Distributed`] otherwise).
+    /// With `skip_non_finite`, a non-finite row of this rank's part is dropped from it (the
+    /// batch is then shorter) and counted in [`Batcher::skipped_rows`], a count of this rank's
+    /// drops only: a run sums it over the ranks. Without it, such a row is
+    /// [`DataError::NonFinite`] naming it, on the rank whose part holds it.
+    pub fn for_part(mut self, rank: usize, world: usize) -> Result<Self> {
+        if rank >= world {
+            return Err(crate::Error::Distributed {
+                reason: format!("rank {rank} does not exist in a job of {world} ranks"),
+            });
+        }
+        let batch = self.config.batch_size;
+        if batch % world != 0 {
+            let below = batch / world * world;
+            let such_as = match below {
+                0 => format!("{}", world),
+                _ => format!("{below} or {}", below + world),
+            };
+            return Err(crate::Error::Distributed {
+                reason: format!(
+                    "--batch-size {batch} does not split evenly over {world} ranks; use a \
+                     batch size divisible by {world}, such as {such_as}"
+                ),
+            });
+        }
+        self.buf = Vec::new();
+        self.part = Some((rank, world));
+        Ok(self)
+    }
+
+    /// In part mode, (rank, world).
+    pub fn part(&self) -> Option<(usize, usize)> {
+        self.part
+    }
+
+    /// Rows of a full batch from [`Batcher::next_batch`]: `batch_size`, or in part mode
+    /// `batch_size / world`.
+    pub fn batch_rows(&self) -> usize {
+        self.config.batch_size / self.part.map_or(1, |(_, world)| world)
     }
 
     /// D.
@@ -346,6 +438,7 @@ impl<S: Source> Batcher<S> {
     }
 
     /// Non-finite rows skipped so far (with `skip_non_finite`; each epoch meets them again).
+    /// In part mode, the rows this rank dropped from its parts: a run sums it over the ranks.
     pub fn skipped_rows(&self) -> u64 {
         self.skipped_rows
     }
@@ -364,23 +457,34 @@ impl<S: Source> Batcher<S> {
         }
     }
 
-    /// The next batch of `batch_size` rows.
+    /// The next batch of `batch_size` rows; in part mode, this rank's part of the next global
+    /// batch ([`Batcher::batch_rows`] rows, fewer where non-finite rows were skipped).
     pub fn next_batch(&mut self) -> Result<Array2<f32>> {
-        let mut x_bd = Array2::zeros((self.config.batch_size, self.d_model));
-        self.fill_batch(x_bd.view_mut())?;
+        let mut x_bd = Array2::zeros((self.batch_rows(), self.d_model));
+        let rows = self.fill_batch(x_bd.view_mut())?;
+        if rows < x_bd.nrows() {
+            x_bd.slice_collapse(s![..rows, ..]);
+        }
         Ok(x_bd)
     }
 
-    /// Fills every row of `x_bd` (any number of rows, D columns, standard layout) with the
-    /// next rows of the shuffled stream, reusing its memory.
-    pub fn fill_batch(&mut self, mut x_bd: ArrayViewMut2<'_, f32>) -> Result<()> {
+    /// Fills `x_bd` (any number of rows R, D columns, standard layout) with the next rows of the
+    /// shuffled stream, reusing its memory, and returns the rows written. In normal mode that
+    /// is every row. In part mode the call takes a global batch of R × world rows and writes
+    /// this rank's part of it; with `skip_non_finite` its non-finite rows are dropped, the rows
+    /// kept come first and their count is returned (rows past it are left as they were).
+    pub fn fill_batch(&mut self, mut x_bd: ArrayViewMut2<'_, f32>) -> Result<usize> {
         let d = self.d_model;
-        check_shape("batch x_bd", x_bd.shape(), &[x_bd.nrows(), d])?;
+        let n_out = x_bd.nrows();
+        check_shape("batch x_bd", x_bd.shape(), &[n_out, d])?;
         let out = x_bd.as_slice_mut().ok_or_else(|| crate::Error::Shape {
             what: "batch x_bd (must be in standard layout)".into(),
             expected: vec![0, d],
             got: vec![0, d],
         })?;
+        if let Some((rank, world)) = self.part {
+            return self.fill_part(rank, world, out);
+        }
         let mut filled = 0;
         while filled < out.len() {
             if self.slot_rows.is_empty() {
@@ -393,7 +497,58 @@ impl<S: Source> Batcher<S> {
             self.draw(m, &mut out[filled..filled + m * d])?;
             filled += m * d;
         }
-        Ok(())
+        Ok(n_out)
+    }
+
+    /// Part mode's `fill_batch`: draws a global batch of `out`'s rows × `world` exactly as
+    /// normal mode does, then reads this rank's part of it into `out`.
+    fn fill_part(&mut self, rank: usize, world: usize, out: &mut [f32]) -> Result<usize> {
+        let d = self.d_model;
+        let global = out.len() / d * world;
+        let mine = crate::dist::part(global, rank, world);
+        let mut rows = Vec::with_capacity(mine.len());
+        let mut filled = 0;
+        while filled < global {
+            if self.slot_rows.is_empty() {
+                if self.stream_pos == self.n_rows {
+                    self.set_epoch(self.epoch + 1);
+                }
+                self.fill_buffer()?;
+            }
+            let m = (global - filled).min(self.slot_rows.len());
+            let slots = rand::seq::index::sample(&mut self.rng, self.slot_rows.len(), m);
+            let slots = slots.into_vec();
+            let taken = filled..filled + m;
+            let here = taken.start.max(mine.start)..taken.end.min(mine.end);
+            if !here.is_empty() {
+                let js = here.start - filled..here.end - filled;
+                rows.extend(slots[js].iter().map(|&slot| self.slot_rows[slot]));
+            }
+            let holes = self.refill(&slots, None)?;
+            self.compact(holes);
+            filled += m;
+        }
+        let bad = self.read_rows(&rows, &mut out[..rows.len() * d])?;
+        if let Some(&j) = bad.first() {
+            if !self.config.skip_non_finite {
+                return Err(DataError::NonFinite {
+                    location: self.source.locate(rows[j]),
+                }
+                .into());
+            }
+        }
+        // Drop the bad rows, keeping the order of the rest.
+        let mut kept = 0;
+        for j in 0..rows.len() {
+            if bad.binary_search(&j).is_err() {
+                if kept != j {
+                    out.copy_within(j * d..(j + 1) * d, kept * d);
+                }
+                kept += 1;
+            }
+        }
+        self.skipped_rows += bad.len() as u64;
+        Ok(kept)
     }
 
     /// Starts recording slot writes, for [`Batcher::take_delta`].
@@ -478,7 +633,11 @@ impl<S: Source> Batcher<S> {
         let fresh = (slots.len() as u64).min(self.n_rows - self.stream_pos) as usize;
         let rows = self.stream_rows(self.stream_pos, fresh);
         self.stream_pos += fresh as u64;
-        let bad = self.read_into_slots(slots, &rows, out)?;
+        // Part mode keeps no rows: the buffer learns nothing about them.
+        let bad = match self.part {
+            None => self.read_into_slots(slots, &rows, out)?,
+            Some(_) => Vec::new(),
+        };
         for (&slot, &row) in slots.iter().zip(&rows) {
             self.slot_rows[slot] = row;
         }
@@ -492,19 +651,8 @@ impl<S: Source> Batcher<S> {
             }
             // Replace the bad row with the next good one, or leave a hole at the stream's end.
             self.skipped_rows += 1;
-            let slot = slots[j];
-            loop {
-                if self.stream_pos == self.n_rows {
-                    holes.push(slot);
-                    break;
-                }
-                let row = self.stream_rows(self.stream_pos, 1)[0];
-                self.stream_pos += 1;
-                if self.read_into_slots(&[slot], &[row], None)?.is_empty() {
-                    self.slot_rows[slot] = row;
-                    break;
-                }
-                self.skipped_rows += 1;
+            if !self.replace_bad(slots[j])? {
+                holes.push(slots[j]);
             }
         }
         if let Some(log) = &mut self.log {
@@ -516,6 +664,56 @@ impl<S: Source> Batcher<S> {
             );
         }
         Ok(holes)
+    }
+
+    /// Reads the next finite row of the stream into `slot` (normal mode), counting the
+    /// non-finite ones passed over; false when the stream ends first, leaving the slot a hole.
+    fn replace_bad(&mut self, slot: usize) -> Result<bool> {
+        while self.stream_pos < self.n_rows {
+            let row = self.stream_rows(self.stream_pos, 1)[0];
+            self.stream_pos += 1;
+            if self.read_into_slots(&[slot], &[row], None)?.is_empty() {
+                self.slot_rows[slot] = row;
+                return Ok(true);
+            }
+            self.skipped_rows += 1;
+        }
+        Ok(false)
+    }
+
+    /// In parallel: reads source row `rows[j]` into row j of `out`, scaled, grouping
+    /// consecutive rows into runs. Returns the j whose row is not finite, ascending.
+    fn read_rows(&self, rows: &[u64], out: &mut [f32]) -> Result<Vec<usize>> {
+        let d = self.d_model;
+        let (source, scale) = (&self.source, self.config.scale);
+        let runs = runs(rows, rows.len(), (RUN_BYTES / (4 * d)).max(1));
+        let mut outs: Vec<&mut [f32]> = Vec::with_capacity(runs.len());
+        let mut rest = out;
+        for run in &runs {
+            let (here, tail) = std::mem::take(&mut rest).split_at_mut(run.len() * d);
+            outs.push(here);
+            rest = tail;
+        }
+        let task =
+            |(run, out_run): (&Range<usize>, &mut [f32])| -> std::result::Result<_, DataError> {
+                source.read_rows(rows[run.start], out_run)?;
+                let mut bad = Vec::new();
+                for (j, row) in run.clone().zip(out_run.chunks_exact_mut(d)) {
+                    if scale != 1.0 {
+                        row.iter_mut().for_each(|v| *v *= scale);
+                    }
+                    if row.iter().any(|v| !v.is_finite()) {
+                        bad.push(j);
+                    }
+                }
+                Ok(bad)
+            };
+        let bad: Vec<Vec<usize>> = runs
+            .par_iter()
+            .zip(outs)
+            .map(task)
+            .collect::<std::result::Result<_, DataError>>()?;
+        Ok(bad.concat())
     }
 
     /// In parallel: copies slot `slots[j]` to row j of `out` (if given), then, for j <
@@ -592,11 +790,14 @@ impl<S: Source> Batcher<S> {
         holes.sort_unstable();
         let d = self.d_model;
         let new_len = self.slot_rows.len() - holes.len();
+        let rows_kept = self.part.is_none();
         let tail: Range<usize> = new_len..self.slot_rows.len();
         let sources = tail.filter(|s| holes.binary_search(s).is_err());
         let targets = holes.iter().copied().filter(|&h| h < new_len);
         for (to, from) in targets.zip(sources) {
-            self.buf.copy_within(from * d..(from + 1) * d, to * d);
+            if rows_kept {
+                self.buf.copy_within(from * d..(from + 1) * d, to * d);
+            }
             self.slot_rows[to] = self.slot_rows[from];
             if let Some(log) = &mut self.log {
                 log.push((to as u32, self.slot_rows[to]));

@@ -404,7 +404,14 @@ impl NewRun {
         let loader = loader_config(&resolved.data, &schedule, 1.0);
         loader.validate()?;
         let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
-        crate::memory::check_run(&resolved, opened.d_model, &loader, train_n, SYNTH_EVAL_ROWS)?;
+        crate::memory::check_run(
+            &resolved,
+            opened.d_model,
+            &loader,
+            train_n,
+            SYNTH_EVAL_ROWS,
+            c.world_size(),
+        )?;
         if c.rank() == 0 {
             check_dir(dir, force)?;
         }
@@ -482,9 +489,7 @@ fn loader_part<S: Source>(batcher: Batcher<S>, c: &dyn Collective) -> Result<Bat
     if c.world_size() == 1 {
         return Ok(batcher);
     }
-    Err(Error::Distributed {
-        reason: "reading .npy activations across processes is not wired yet".into(),
-    })
+    batcher.for_part(c.rank(), c.world_size())
 }
 
 /// The config file of a run directory.
@@ -675,7 +680,14 @@ impl Run {
             check_split(run.schedule.batch_size, c.world_size())?;
             let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
             let loader = loader_config(&run.spec.data, &run.schedule, state.scale);
-            crate::memory::check_run(&run.spec, opened.d_model, &loader, train_n, SYNTH_EVAL_ROWS)?;
+            crate::memory::check_run(
+                &run.spec,
+                opened.d_model,
+                &loader,
+                train_n,
+                SYNTH_EVAL_ROWS,
+                c.world_size(),
+            )?;
             if let Some(trainer) = trainers.first() {
                 let trained = trainer.sae().config().d_model;
                 if trained != opened.d_model {
@@ -706,8 +718,9 @@ impl Run {
                 (_, Some(synth), _) => Batches::Synthetic(Box::new(synth)),
                 (Some(rows), None, Some(cursor)) => {
                     let config = loader_config(&run.spec.data, &run.schedule, state.scale);
-                    let batcher = Batcher::with_cursor(rows, config, cursor)?;
-                    Batches::Loader(Prefetcher::new(loader_part(batcher, c)?))
+                    // The part first: a rank reads only its part of the buffered rows.
+                    let batcher = loader_part(Batcher::new(rows, config)?, c)?.resume(cursor)?;
+                    Batches::Loader(Prefetcher::new(batcher))
                 }
                 _ => {
                     return Err(Error::RunDir {
