@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::data::{DataError, Source};
+use crate::dist::{self, Collective, SingleProcess};
 use crate::error::{Error, Result};
 use crate::sae::Sae;
+use crate::select::Codes;
 
 /// What an SAE does on a set of rows, as inference-time encode and decode.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -136,6 +138,7 @@ pub fn evaluate(
         batch_rows,
         skip_non_finite,
         &never,
+        &SingleProcess,
         &mut |x_bd| sae.encode(backend, x_bd),
     )?;
     Ok(stats.expect("the stop flag is never set"))
@@ -165,76 +168,96 @@ pub fn evaluate_on_until(
     skip_non_finite: bool,
     stop: &AtomicBool,
 ) -> Result<Option<EvalStats>> {
-    let mut encoder = sae.encoder(device)?;
+    evaluate_on_until_across(
+        sae,
+        device,
+        source,
+        batch_rows,
+        skip_non_finite,
+        stop,
+        &SingleProcess,
+    )
+}
+
+/// [`evaluate_on_until`] shared by the processes of `collective`: every process opens the
+/// same `source`, evaluates its part of the rows ([`dist::part`]) and the sums are added
+/// across processes, so every process returns the same statistics, those of all the rows
+/// (equal to one process's up to the rounding of the sums; the counts exactly). Every process
+/// must call it with the same arguments. The processes agree on `stop` before each batch, so
+/// all return `None` together, and on each batch's outcome: a failure on any process (a
+/// non-finite row, a read error) is an error on every process ([`dist::agree`]), the failing
+/// process's own there and [`Error::Peer`] with its message elsewhere.
+pub fn evaluate_on_until_across(
+    sae: &Sae,
+    device: crate::backend::Device,
+    source: &dyn Source,
+    batch_rows: usize,
+    skip_non_finite: bool,
+    stop: &AtomicBool,
+    collective: &dyn Collective,
+) -> Result<Option<EvalStats>> {
+    let (mut encoder, _) = dist::agree(collective, sae.encoder(device), false)?;
     evaluate_by(
         sae,
         source,
         batch_rows,
         skip_non_finite,
         stop,
+        collective,
         &mut |x_bd| encoder.encode(x_bd),
     )
 }
 
-fn evaluate_by(
-    sae: &Sae,
-    source: &dyn Source,
-    batch_rows: usize,
-    skip_non_finite: bool,
-    stop: &AtomicBool,
-    encode: &mut dyn FnMut(ArrayView2<'_, f32>) -> Result<crate::select::Codes>,
-) -> Result<Option<EvalStats>> {
-    let (n, d, f) = (
-        source.n_rows(),
-        sae.config().d_model,
-        sae.config().dict_size,
-    );
-    crate::error::check_shape("evaluation rows", &[0, source.d_model()], &[0, d])?;
-    let batch_rows = batch_rows.max(1);
-    let (mut sq_err, mut active, mut skipped) = (0.0f64, 0u64, 0u64);
-    let (mut sum_d, mut sum_sq_d) = (vec![0.0f64; d], vec![0.0f64; d]);
-    let (mut sum_cosine, mut sum_ratio, mut zero_rows) = (0.0f64, 0.0f64, 0u64);
-    let mut firing_counts_f = vec![0u64; f];
-    let mut x_bd = Array2::zeros((0, d));
-    let mut start = 0u64;
-    while start < n {
-        if stop.load(Ordering::Relaxed) {
-            return Ok(None);
+/// One process's running sums over the rows it evaluated, kept in the forms that add across
+/// processes (f64 sums, integer counts).
+struct Sums {
+    /// Σ‖x − x̂‖².
+    sq_err: f64,
+    /// Σ cos(x, x̂) over the rows with x ≠ 0.
+    sum_cosine: f64,
+    /// Σ ‖x̂‖/‖x‖ over the rows with x ≠ 0.
+    sum_ratio: f64,
+    /// Σ x and Σ x², per dimension.
+    sum_d: Vec<f64>,
+    sum_sq_d: Vec<f64>,
+    /// Active codes, rows skipped as non-finite, rows with x = 0.
+    active: u64,
+    skipped: u64,
+    zero_rows: u64,
+    firing_counts_f: Vec<u64>,
+}
+
+impl Sums {
+    fn new(d: usize, f: usize) -> Self {
+        Sums {
+            sq_err: 0.0,
+            sum_cosine: 0.0,
+            sum_ratio: 0.0,
+            sum_d: vec![0.0; d],
+            sum_sq_d: vec![0.0; d],
+            active: 0,
+            skipped: 0,
+            zero_rows: 0,
+            firing_counts_f: vec![0; f],
         }
-        let rows = (n - start).min(batch_rows as u64) as usize;
-        if x_bd.nrows() != rows {
-            x_bd = Array2::zeros((rows, d));
-        }
-        source.read_rows(start, x_bd.as_slice_mut().expect("standard layout"))?;
-        let finite: Vec<bool> = x_bd
-            .axis_iter(Axis(0))
-            .map(|r| r.iter().all(|v| v.is_finite()))
-            .collect();
-        if let Some(b) = finite.iter().position(|&ok| !ok) {
-            if !skip_non_finite {
-                return Err(DataError::NonFinite {
-                    location: source.locate(start + b as u64),
-                }
-                .into());
-            }
-            let keep: Vec<usize> = (0..rows).filter(|&b| finite[b]).collect();
-            skipped += (rows - keep.len()) as u64;
-            x_bd = x_bd.select(Axis(0), &keep);
-        }
-        start += rows as u64;
-        if x_bd.nrows() == 0 {
-            continue;
-        }
-        let codes = encode(x_bd.view())?;
-        let x_hat_bd = sae.decode(&codes)?;
-        sq_err += x_bd
+    }
+
+    /// Adds a batch of rows, their reconstructions and their codes.
+    fn add(&mut self, x_bd: ArrayView2<'_, f32>, x_hat_bd: ArrayView2<'_, f32>, codes: &Codes) {
+        self.sq_err += x_bd
             .iter()
-            .zip(&x_hat_bd)
+            .zip(x_hat_bd)
             .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
             .sum::<f64>();
         for (row, row_hat) in x_bd.rows().into_iter().zip(x_hat_bd.rows()) {
             let (mut xx, mut yy, mut xy) = (0.0f64, 0.0f64, 0.0f64);
-            for (((s, q), &x), &y) in sum_d.iter_mut().zip(&mut sum_sq_d).zip(row).zip(row_hat) {
+            for (((s, q), &x), &y) in self
+                .sum_d
+                .iter_mut()
+                .zip(&mut self.sum_sq_d)
+                .zip(row)
+                .zip(row_hat)
+            {
                 let (x, y) = (x as f64, y as f64);
                 *s += x;
                 *q += x * x;
@@ -243,47 +266,178 @@ fn evaluate_by(
                 xy += x * y;
             }
             if xx == 0.0 {
-                zero_rows += 1;
+                self.zero_rows += 1;
             } else {
-                sum_ratio += (yy / xx).sqrt();
+                self.sum_ratio += (yy / xx).sqrt();
                 // x̂ = 0 has no direction either; it matches none of x's.
                 if yy > 0.0 {
-                    sum_cosine += xy / (xx * yy).sqrt();
+                    self.sum_cosine += xy / (xx * yy).sqrt();
                 }
             }
         }
-        active += codes.nnz() as u64;
+        self.active += codes.nnz() as u64;
         // Codes list each latent at most once per row, so this counts rows.
         for &j in &codes.indices {
-            firing_counts_f[j as usize] += 1;
+            self.firing_counts_f[j as usize] += 1;
         }
     }
-    let n = n - skipped;
-    if n == 0 {
-        return Err(DataError::NoFiniteRows.into());
+
+    /// Replaces every process's sums by their sum over the processes (two collectives).
+    fn all_reduce(&mut self, collective: &dyn Collective) {
+        if collective.world_size() == 1 {
+            return;
+        }
+        let d = self.sum_d.len();
+        let mut floats = Vec::with_capacity(3 + 2 * d);
+        floats.extend([self.sq_err, self.sum_cosine, self.sum_ratio]);
+        floats.extend(&self.sum_d);
+        floats.extend(&self.sum_sq_d);
+        collective.all_reduce_sum_f64(&mut floats);
+        [self.sq_err, self.sum_cosine, self.sum_ratio] = [floats[0], floats[1], floats[2]];
+        self.sum_d.copy_from_slice(&floats[3..3 + d]);
+        self.sum_sq_d.copy_from_slice(&floats[3 + d..]);
+        let mut counts = Vec::with_capacity(3 + self.firing_counts_f.len());
+        counts.extend([self.active, self.skipped, self.zero_rows]);
+        counts.extend(&self.firing_counts_f);
+        collective.all_reduce_sum_u64(&mut counts);
+        [self.active, self.skipped, self.zero_rows] = [counts[0], counts[1], counts[2]];
+        self.firing_counts_f.copy_from_slice(&counts[3..]);
     }
-    let total_variance: f64 = sum_d
-        .iter()
-        .zip(&sum_sq_d)
-        .map(|(s, q)| q - s * s / n as f64)
-        .sum();
-    Ok(Some(EvalStats {
-        n_rows: n,
-        mse: sq_err / n as f64,
-        fve: if total_variance > 0.0 {
-            1.0 - sq_err / total_variance
+
+    /// The statistics of `n_rows` rows (skipped ones included) these sums cover.
+    fn stats(self, n_rows: u64) -> Result<EvalStats> {
+        let n = n_rows - self.skipped;
+        if n == 0 {
+            return Err(DataError::NoFiniteRows.into());
+        }
+        let f = self.firing_counts_f.len();
+        let total_variance: f64 = self
+            .sum_d
+            .iter()
+            .zip(&self.sum_sq_d)
+            .map(|(s, q)| q - s * s / n as f64)
+            .sum();
+        Ok(EvalStats {
+            n_rows: n,
+            mse: self.sq_err / n as f64,
+            fve: if total_variance > 0.0 {
+                1.0 - self.sq_err / total_variance
+            } else {
+                f64::NAN
+            },
+            l0: self.active as f64 / n as f64,
+            dead_fraction: self.firing_counts_f.iter().filter(|&&c| c == 0).count() as f64
+                / f as f64,
+            skipped_rows: self.skipped,
+            // 0/0 = NaN when every row is zero, as documented.
+            cosine: self.sum_cosine / (n - self.zero_rows) as f64,
+            shrinkage: self.sum_ratio / (n - self.zero_rows) as f64,
+            zero_rows: self.zero_rows,
+            firing_counts_f: self.firing_counts_f,
+        })
+    }
+}
+
+/// Reads rows `start..start + rows` of `source` into `x_bd`, leaves out (and counts) the
+/// non-finite ones with `skip_non_finite` or fails naming the first, and adds the rest to
+/// `sums`.
+#[allow(clippy::too_many_arguments)]
+fn add_batch(
+    sums: &mut Sums,
+    sae: &Sae,
+    source: &dyn Source,
+    x_bd: &mut Array2<f32>,
+    start: u64,
+    rows: usize,
+    skip_non_finite: bool,
+    encode: &mut dyn FnMut(ArrayView2<'_, f32>) -> Result<Codes>,
+) -> Result<()> {
+    let d = sae.config().d_model;
+    if x_bd.nrows() != rows {
+        *x_bd = Array2::zeros((rows, d));
+    }
+    source.read_rows(start, x_bd.as_slice_mut().expect("standard layout"))?;
+    let finite: Vec<bool> = x_bd
+        .axis_iter(Axis(0))
+        .map(|r| r.iter().all(|v| v.is_finite()))
+        .collect();
+    if let Some(b) = finite.iter().position(|&ok| !ok) {
+        if !skip_non_finite {
+            return Err(DataError::NonFinite {
+                location: source.locate(start + b as u64),
+            }
+            .into());
+        }
+        let keep: Vec<usize> = (0..rows).filter(|&b| finite[b]).collect();
+        sums.skipped += (rows - keep.len()) as u64;
+        *x_bd = x_bd.select(Axis(0), &keep);
+    }
+    if x_bd.nrows() == 0 {
+        return Ok(());
+    }
+    let codes = encode(x_bd.view())?;
+    let x_hat_bd = sae.decode(&codes)?;
+    sums.add(x_bd.view(), x_hat_bd.view(), &codes);
+    Ok(())
+}
+
+fn evaluate_by(
+    sae: &Sae,
+    source: &dyn Source,
+    batch_rows: usize,
+    skip_non_finite: bool,
+    stop: &AtomicBool,
+    collective: &dyn Collective,
+    encode: &mut dyn FnMut(ArrayView2<'_, f32>) -> Result<Codes>,
+) -> Result<Option<EvalStats>> {
+    let (n, d, f) = (
+        source.n_rows(),
+        sae.config().d_model,
+        sae.config().dict_size,
+    );
+    dist::agree(
+        collective,
+        crate::error::check_shape("evaluation rows", &[0, source.d_model()], &[0, d]),
+        false,
+    )?;
+    let batch_rows = batch_rows.max(1);
+    let (rank, world) = (collective.rank(), collective.world_size());
+    // A source's rows are counted in u64 but live in memory-mapped files, so they fit a usize.
+    let mine = dist::part(n as usize, rank, world);
+    // Rank 0's part is the longest: every process takes part in that many rounds.
+    let rounds = dist::part(n as usize, 0, world).len().div_ceil(batch_rows);
+    let mut sums = Sums::new(d, f);
+    let mut x_bd = Array2::zeros((0, d));
+    let (mut start, end) = (mine.start as u64, mine.end as u64);
+    let mut outcome = Ok(());
+    for round in 0..=rounds {
+        // Each round agrees on the last batch's outcome and on stopping before the next.
+        let (_, stopped) = dist::agree(collective, outcome, stop.load(Ordering::Relaxed))?;
+        if round == rounds {
+            break;
+        }
+        if stopped {
+            return Ok(None);
+        }
+        let rows = (end - start).min(batch_rows as u64) as usize;
+        outcome = if rows == 0 {
+            Ok(())
         } else {
-            f64::NAN
-        },
-        l0: active as f64 / n as f64,
-        dead_fraction: firing_counts_f.iter().filter(|&&c| c == 0).count() as f64 / f as f64,
-        skipped_rows: skipped,
-        // 0/0 = NaN when every row is zero, as documented.
-        cosine: sum_cosine / (n - zero_rows) as f64,
-        shrinkage: sum_ratio / (n - zero_rows) as f64,
-        zero_rows,
-        firing_counts_f,
-    }))
+            add_batch(
+                &mut sums,
+                sae,
+                source,
+                &mut x_bd,
+                start,
+                rows,
+                skip_non_finite,
+                encode,
+            )
+        };
+        start += rows as u64;
+    }
+    sums.all_reduce(collective);
+    sums.stats(n).map(Some)
 }
 
 #[cfg(test)]
@@ -499,6 +653,253 @@ mod tests {
         for bad in [f64::NAN, -0.1, 1.5, f64::INFINITY] {
             let err = DensityHistogram::new(&[0.5, bad], 2).unwrap_err();
             assert!(err.to_string().contains("latent 1"), "{err}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod across {
+    //! Evaluation split over processes, played by threads that exchange their buffers.
+
+    use std::sync::{Arc, Barrier, Mutex};
+
+    use super::*;
+    use crate::backend::{Cpu, Device};
+    use crate::dist::Traffic;
+    use crate::{Architecture, SaeConfig};
+
+    /// One of `size` threads standing in for the processes of a job: every operation posts
+    /// this thread's bytes, waits for all, and combines them in rank order.
+    struct Threads {
+        rank: usize,
+        size: usize,
+        barrier: Arc<Barrier>,
+        slots: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl Threads {
+        /// `size` handles sharing one exchange.
+        fn world(size: usize) -> Vec<Threads> {
+            let barrier = Arc::new(Barrier::new(size));
+            let slots = Arc::new(Mutex::new(vec![Vec::new(); size]));
+            (0..size)
+                .map(|rank| Threads {
+                    rank,
+                    size,
+                    barrier: barrier.clone(),
+                    slots: slots.clone(),
+                })
+                .collect()
+        }
+
+        /// Every thread's `mine`, in rank order.
+        fn exchange(&self, mine: Vec<u8>) -> Vec<Vec<u8>> {
+            // Nobody overwrites a slot before every thread has read the last exchange.
+            self.barrier.wait();
+            self.slots.lock().unwrap()[self.rank] = mine;
+            self.barrier.wait();
+            self.slots.lock().unwrap().clone()
+        }
+
+        /// `buf` replaced by `combine` of every thread's values, element by element.
+        fn reduce<T: Copy, const N: usize>(
+            &self,
+            buf: &mut [T],
+            to: fn(T) -> [u8; N],
+            from: fn([u8; N]) -> T,
+            combine: fn(T, T) -> T,
+        ) {
+            let all = self.exchange(buf.iter().flat_map(|&v| to(v)).collect());
+            for (i, out) in buf.iter_mut().enumerate() {
+                let value = |q: usize| from(all[q][i * N..(i + 1) * N].try_into().unwrap());
+                *out = (1..self.size).fold(value(0), |acc, q| combine(acc, value(q)));
+            }
+        }
+    }
+
+    impl Collective for Threads {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.size
+        }
+        fn all_reduce_sum_u64(&self, buf: &mut [u64]) {
+            self.reduce(buf, u64::to_le_bytes, u64::from_le_bytes, |a, b| a + b)
+        }
+        fn all_reduce_sum_f64(&self, buf: &mut [f64]) {
+            self.reduce(buf, f64::to_le_bytes, f64::from_le_bytes, |a, b| a + b)
+        }
+        fn all_reduce_sum_f32(&self, buf: &mut [f32]) {
+            self.reduce(buf, f32::to_le_bytes, f32::from_le_bytes, |a, b| a + b)
+        }
+        fn all_reduce_min_f32(&self, buf: &mut [f32]) {
+            self.reduce(buf, f32::to_le_bytes, f32::from_le_bytes, f32::min)
+        }
+        fn all_reduce_max_u64(&self, buf: &mut [u64]) {
+            self.reduce(buf, u64::to_le_bytes, u64::from_le_bytes, u64::max)
+        }
+        fn broadcast_bytes(&self, root: usize, buf: &mut Vec<u8>) {
+            *buf = self.exchange(buf.clone()).swap_remove(root);
+        }
+        fn gather_bytes(&self, root: usize, local: &[u8]) -> Vec<Vec<u8>> {
+            let all = self.exchange(local.to_vec());
+            if self.rank == root {
+                all
+            } else {
+                Vec::new()
+            }
+        }
+        fn traffic(&self) -> Traffic {
+            Traffic::default()
+        }
+    }
+
+    /// Every thread's result of evaluating `x_nd` as one of `size` processes.
+    fn on_threads(
+        sae: &Sae,
+        x_nd: &Array2<f32>,
+        size: usize,
+        batch_rows: usize,
+        skip_non_finite: bool,
+        stop_on: Option<usize>,
+    ) -> Vec<Result<Option<EvalStats>>> {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = Threads::world(size)
+                .into_iter()
+                .map(|threads| {
+                    scope.spawn(move || {
+                        let stop = AtomicBool::new(stop_on == Some(threads.rank));
+                        evaluate_on_until_across(
+                            sae,
+                            Device::Cpu,
+                            &x_nd.view(),
+                            batch_rows,
+                            skip_non_finite,
+                            &stop,
+                            &threads,
+                        )
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn topk_sae() -> Sae {
+        let config = SaeConfig {
+            d_model: 6,
+            dict_size: 40,
+            arch: Architecture::TopK { k: 3 },
+        };
+        Sae::new(config, 5).unwrap()
+    }
+
+    fn rows(n: usize) -> Array2<f32> {
+        Array2::from_shape_fn((n, 6), |(i, j)| ((i * 5 + j * 11) as f32 * 0.37).cos())
+    }
+
+    /// The figures of two runs agree: the counts exactly, the sums to rounding.
+    fn assert_same(a: &EvalStats, b: &EvalStats) {
+        assert_eq!(
+            (a.n_rows, a.skipped_rows, a.zero_rows),
+            (b.n_rows, b.skipped_rows, b.zero_rows)
+        );
+        assert_eq!(a.firing_counts_f, b.firing_counts_f);
+        assert_eq!((a.l0, a.dead_fraction), (b.l0, b.dead_fraction));
+        for (what, x, y) in [
+            ("mse", a.mse, b.mse),
+            ("fve", a.fve, b.fve),
+            ("cosine", a.cosine, b.cosine),
+            ("shrinkage", a.shrinkage, b.shrinkage),
+        ] {
+            assert!((x - y).abs() <= 1e-12 * y.abs(), "{what}: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn alone_the_variant_across_processes_equals_the_single_process_functions() {
+        let sae = topk_sae();
+        let mut x_nd = rows(53);
+        x_nd.row_mut(7).fill(0.0);
+        for batch_rows in [1, 8, 100] {
+            let never = AtomicBool::new(false);
+            let across = evaluate_on_until_across(
+                &sae,
+                Device::Cpu,
+                &x_nd.view(),
+                batch_rows,
+                false,
+                &never,
+                &SingleProcess,
+            )
+            .unwrap()
+            .unwrap();
+            // Bit for bit: the same batches summed in the same order.
+            let on = evaluate_on(&sae, Device::Cpu, &x_nd.view(), batch_rows, false).unwrap();
+            assert_eq!(across, on);
+            assert_eq!(
+                across,
+                evaluate(&sae, &Cpu, &x_nd.view(), batch_rows, false).unwrap()
+            );
+            assert_eq!((across.n_rows, across.zero_rows), (53, 1));
+        }
+    }
+
+    #[test]
+    fn processes_sharing_the_rows_all_get_the_statistics_of_all_of_them() {
+        let sae = topk_sae();
+        let x_nd = rows(53);
+        let single = evaluate(&sae, &Cpu, &x_nd.view(), 4, false).unwrap();
+        for size in [2, 3, 5] {
+            for batch_rows in [4, 1000] {
+                let results = on_threads(&sae, &x_nd, size, batch_rows, false, None);
+                let first = results[0].as_ref().unwrap().clone().unwrap();
+                assert_same(&first, &single);
+                for other in &results[1..] {
+                    // Every process holds the same bits.
+                    assert_eq!(other.as_ref().unwrap().as_ref().unwrap(), &first);
+                }
+            }
+        }
+        // More processes than rows: some evaluate nothing.
+        let few = rows(2);
+        let results = on_threads(&sae, &few, 3, 4, false, None);
+        let single = evaluate(&sae, &Cpu, &few.view(), 4, false).unwrap();
+        for result in results {
+            assert_same(&result.unwrap().unwrap(), &single);
+        }
+    }
+
+    #[test]
+    fn a_non_finite_row_one_process_reads_fails_every_process_naming_the_row() {
+        let sae = topk_sae();
+        let mut x_nd = rows(30);
+        // Rows 10..20 are rank 1's of three.
+        x_nd[[13, 2]] = f32::NAN;
+        let results = on_threads(&sae, &x_nd, 3, 4, false, None);
+        for (rank, result) in results.into_iter().enumerate() {
+            let err = result.unwrap_err();
+            assert!(err.to_string().contains("row 13"), "rank {rank}: {err}");
+            assert_eq!(
+                matches!(err, Error::Peer { rank: 1, .. }),
+                rank != 1,
+                "rank {rank}: {err:?}"
+            );
+        }
+        // Skipped, the row is counted once, by everyone.
+        let single = evaluate(&sae, &Cpu, &x_nd.view(), 4, true).unwrap();
+        assert_eq!(single.skipped_rows, 1);
+        for result in on_threads(&sae, &x_nd, 3, 4, true, None) {
+            assert_same(&result.unwrap().unwrap(), &single);
+        }
+    }
+
+    #[test]
+    fn a_stop_on_one_process_stops_them_all() {
+        let results = on_threads(&topk_sae(), &rows(30), 3, 4, false, Some(2));
+        for result in results {
+            assert_eq!(result.unwrap(), None);
         }
     }
 }

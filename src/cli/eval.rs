@@ -1,13 +1,15 @@
 //! `sae eval`: an SAE's reconstruction, sparsity and feature density on activations, and its
 //! recovery of known features.
 
-use sparse_autoencoder::dist::World;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 use anyhow::Result;
 use clap::Args;
+use sparse_autoencoder::backend::Device;
 use sparse_autoencoder::data::{NpyShards, Source};
-use sparse_autoencoder::eval::evaluate_on;
+use sparse_autoencoder::dist::{agree, World};
+use sparse_autoencoder::eval::{evaluate_on_until_across, EvalStats};
 use sparse_autoencoder::synth::recovery;
 use sparse_autoencoder::Sae;
 
@@ -40,39 +42,81 @@ pub struct EvalArgs {
     device: super::DeviceArgs,
 }
 
-/// Runs `sae eval`.
+/// Runs `sae eval`. Under an MPI launcher every process opens the SAE and the data and
+/// evaluates its part of the rows; rank 0 prints and writes every file.
 pub fn run(args: EvalArgs, world: &World) -> Result<Option<u8>> {
-    super::alone(world, "eval")?;
+    let collective = world.collective();
+    let lead = collective.rank() == 0;
+    let ((device, sae, out, rows), _) = agree(&*collective, open(&args, lead), false)?;
+    let stats = match &rows {
+        Some(rows) => {
+            if lead {
+                for notice in rows.notices() {
+                    println!("note: {notice}");
+                }
+            }
+            let never = AtomicBool::new(false);
+            let stats = evaluate_on_until_across(
+                &sae,
+                device,
+                rows,
+                args.batch_size,
+                args.skip_non_finite,
+                &never,
+                &*collective,
+            )
+            .map_err(usage)?;
+            Some(stats.expect("the stop flag is never set"))
+        }
+        None => None,
+    };
+    let written = if lead {
+        report(&args, &sae, &out, stats.as_ref())
+    } else {
+        Ok(())
+    };
+    agree(&*collective, written, false)?;
+    Ok(None)
+}
+
+/// What every process needs before evaluating: the device, the SAE, the output directory
+/// (made by the lead) and the data, checked against the SAE.
+fn open(args: &EvalArgs, lead: bool) -> Result<(Device, Sae, PathBuf, Option<NpyShards>)> {
     let device = args.device.device()?;
     let sae = Sae::load(&args.sae).map_err(usage)?;
     // Before anything is written: a device that cannot run leaves --out untouched.
     device.check().map_err(usage)?;
     let out = args.out.clone().unwrap_or_else(|| args.sae.clone());
-    std::fs::create_dir_all(&out)
-        .map_err(|err| UsageError(format!("invalid --out {}: {err}", out.display())))?;
+    if lead {
+        std::fs::create_dir_all(&out)
+            .map_err(|err| UsageError(format!("invalid --out {}: {err}", out.display())))?;
+    }
+    if args.data.is_empty() {
+        return Ok((device, sae, out, None));
+    }
+    let rows = NpyShards::open(&args.data)?;
+    if rows.d_model() != sae.config().d_model {
+        return Err(UsageError(format!(
+            "invalid --data: its rows are {} wide but the SAE in {} takes {}",
+            rows.d_model(),
+            args.sae.display(),
+            sae.config().d_model
+        ))
+        .into());
+    }
+    super::encode::check_batch_memory(
+        args.batch_size,
+        rows.n_rows(),
+        sae.config().d_model,
+        sae.config().dict_size,
+    )?;
+    Ok((device, sae, out, Some(rows)))
+}
+
+/// The lead's part: prints `stats`, scores --true-features, and writes the files into `out`.
+fn report(args: &EvalArgs, sae: &Sae, out: &Path, stats: Option<&EvalStats>) -> Result<()> {
     let mut report = serde_json::Map::new();
-    if !args.data.is_empty() {
-        let rows = NpyShards::open(&args.data)?;
-        for notice in rows.notices() {
-            println!("note: {notice}");
-        }
-        if rows.d_model() != sae.config().d_model {
-            return Err(UsageError(format!(
-                "invalid --data: its rows are {} wide but the SAE in {} takes {}",
-                rows.d_model(),
-                args.sae.display(),
-                sae.config().d_model
-            ))
-            .into());
-        }
-        super::encode::check_batch_memory(
-            args.batch_size,
-            rows.n_rows(),
-            sae.config().d_model,
-            sae.config().dict_size,
-        )?;
-        let stats = evaluate_on(&sae, device, &rows, args.batch_size, args.skip_non_finite)
-            .map_err(usage)?;
+    if let Some(stats) = stats {
         let histogram = stats.density_histogram(1)?;
         println!("rows          {}", stats.n_rows);
         if stats.skipped_rows > 0 {
@@ -93,12 +137,12 @@ pub fn run(args: EvalArgs, world: &World) -> Result<Option<u8>> {
             let (lo, hi) = (histogram.edges_log10[i], histogram.edges_log10[i + 1]);
             println!("  1e{lo:<3} – 1e{hi:<3} {count}");
         }
-        sparse_autoencoder::io::write_feature_density(&out.join("feature_density.npy"), &stats)?;
+        sparse_autoencoder::io::write_feature_density(&out.join("feature_density.npy"), stats)?;
         sparse_autoencoder::plot::density_histogram(
             &stats.firing_frequency_f(),
             &out.join("density.png"),
         )?;
-        report.insert("eval".into(), serde_json::to_value(&stats)?);
+        report.insert("eval".into(), serde_json::to_value(stats)?);
     }
     if let Some(path) = &args.true_features {
         let features = NpyShards::open(&[path])?;
@@ -152,5 +196,5 @@ pub fn run(args: EvalArgs, world: &World) -> Result<Option<u8>> {
     let text = serde_json::to_string_pretty(&report)?;
     sparse_autoencoder::io::write_atomic(&path, text.as_bytes())?;
     println!("wrote {}", path.display());
-    Ok(None)
+    Ok(())
 }
