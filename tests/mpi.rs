@@ -23,12 +23,19 @@ const SAES: [&str; 4] = ["relu", "relu-unit", "topk", "batchtopk"];
 /// `mpirun -np <np> sae <args>`, not yet waited for.
 fn mpirun(np: usize, args: &[&str]) -> Command {
     let mut cmd = Command::new("timeout");
-    cmd.args(["-s", "KILL", "120", "mpirun", "--allow-run-as-root", "--oversubscribe"])
-        .args(["-np", &np.to_string(), env!("CARGO_BIN_EXE_sae")])
-        .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RUST_BACKTRACE", "1");
+    cmd.args([
+        "-s",
+        "KILL",
+        "120",
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+    ])
+    .args(["-np", &np.to_string(), env!("CARGO_BIN_EXE_sae")])
+    .args(args)
+    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    .env("RUST_BACKTRACE", "1");
     cmd
 }
 
@@ -118,7 +125,12 @@ fn assert_runs_close(a: &Path, reference: &Path, tol: f64) {
 fn assert_runs_identical(a: &Path, b: &Path) {
     for name in SAES {
         let file = |d: &Path| std::fs::read(d.join(name).join("sae.safetensors")).unwrap();
-        assert!(file(a) == file(b), "{name}: {} and {} differ", a.display(), b.display());
+        assert!(
+            file(a) == file(b),
+            "{name}: {} and {} differ",
+            a.display(),
+            b.display()
+        );
     }
 }
 
@@ -129,7 +141,15 @@ fn two_and_three_ranks_train_what_one_process_trains_and_repeat_bit_for_bit() {
     let config = sweep_config(&dir, &shards(&dir), 30);
     let train = |np: usize, name: &str| {
         let out_dir = dir.join(name);
-        let args = ["train", "--config", &s(&config), "--out", &s(&out_dir), "--threads", "1"];
+        let args = [
+            "train",
+            "--config",
+            &s(&config),
+            "--out",
+            &s(&out_dir),
+            "--threads",
+            "1",
+        ];
         let out = if np == 1 {
             sae(&args)
         } else {
@@ -138,7 +158,11 @@ fn two_and_three_ranks_train_what_one_process_trains_and_repeat_bit_for_bit() {
         let stdout = ok(&out);
         // Rank 0 alone reports: one summary per SAE, once.
         assert_eq!(stdout.matches("run directory:").count(), 1, "{stdout}");
-        assert!(!text(&out.stderr).contains("rank 1"), "{}", text(&out.stderr));
+        assert!(
+            !text(&out.stderr).contains("rank 1"),
+            "{}",
+            text(&out.stderr)
+        );
         out_dir
     };
     let one = train(1, "one");
@@ -158,7 +182,10 @@ fn two_and_three_ranks_train_what_one_process_trains_and_repeat_bit_for_bit() {
         assert_eq!(a["n_rows"], b["n_rows"], "{name}");
         for key in ["mse", "fve", "l0"] {
             let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
-            assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-3), "{name} {key}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
+                "{name} {key}: {x} vs {y}"
+            );
         }
     }
 }
@@ -170,8 +197,17 @@ fn interrupted_run(dir: &Path, config: &Path, steps: &str) -> PathBuf {
     let mut child = mpirun(
         2,
         &[
-            "train", "--config", &s(config), "--out", &s(&run), "--threads", "1", "--steps", steps,
-            "--checkpoint-every", "1",
+            "train",
+            "--config",
+            &s(config),
+            "--out",
+            &s(&run),
+            "--threads",
+            "1",
+            "--steps",
+            steps,
+            "--checkpoint-every",
+            "1",
         ],
     )
     .stdout(Stdio::piped())
@@ -180,7 +216,10 @@ fn interrupted_run(dir: &Path, config: &Path, steps: &str) -> PathBuf {
     .unwrap();
     let start = Instant::now();
     while !run.join("checkpoint").join("run.json").exists() {
-        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint appeared");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no checkpoint appeared"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let mpirun_pid = mpirun_pid(&child);
@@ -188,7 +227,11 @@ fn interrupted_run(dir: &Path, config: &Path, steps: &str) -> PathBuf {
     unsafe { libc::kill(mpirun_pid, libc::SIGINT) };
     let out = child_output(&mut child);
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("interrupted at step"), "{stdout}\n{}", text(&out.stderr));
+    assert!(
+        stdout.contains("interrupted at step"),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
     run
 }
 
@@ -196,16 +239,16 @@ fn interrupted_run(dir: &Path, config: &Path, steps: &str) -> PathBuf {
 fn mpirun_pid(child: &Child) -> i32 {
     let start = Instant::now();
     loop {
-        let children = std::fs::read_to_string(format!(
-            "/proc/{}/task/{}/children",
-            child.id(),
-            child.id()
-        ))
-        .unwrap_or_default();
+        let children =
+            std::fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id()))
+                .unwrap_or_default();
         if let Some(pid) = children.split_whitespace().next() {
             return pid.parse().unwrap();
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "mpirun did not start");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "mpirun did not start"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -214,8 +257,18 @@ fn child_output(child: &mut Child) -> Output {
     let mut stdout = String::new();
     let mut stderr = String::new();
     use std::io::Read;
-    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     let status = child.wait().unwrap();
     Output {
         status,
@@ -247,14 +300,28 @@ fn a_run_interrupted_on_two_ranks_resumes_on_two_three_or_one_to_the_uninterrupt
     let whole = dir.join("whole");
     ok(&run_np(
         2,
-        &["train", "--config", &s(&config), "--out", &s(&whole), "--threads", "1", "--steps", steps],
+        &[
+            "train",
+            "--config",
+            &s(&config),
+            "--out",
+            &s(&whole),
+            "--threads",
+            "1",
+            "--steps",
+            steps,
+        ],
     ));
     let interrupted = interrupted_run(&dir, &config, steps);
     for np in [2, 3, 1] {
         let resumed = dir.join(format!("resumed-{np}"));
         copy_dir(&interrupted, &resumed);
         let args = ["train", "--resume", &s(&resumed), "--threads", "1"];
-        let out = if np == 1 { sae(&args) } else { run_np(np, &args) };
+        let out = if np == 1 {
+            sae(&args)
+        } else {
+            run_np(np, &args)
+        };
         ok(&out);
         if np == 2 {
             assert_runs_identical(&resumed, &whole);
@@ -269,7 +336,11 @@ fn a_run_interrupted_on_two_ranks_resumes_on_two_three_or_one_to_the_uninterrupt
 #[track_caller]
 fn assert_failed_promptly(out: &Output, started: Instant, needles: &[&str]) {
     let stderr = text(&out.stderr);
-    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}: {stderr}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}: {stderr}",
+        started.elapsed()
+    );
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     let first = stderr.lines().next().unwrap_or_default();
@@ -282,7 +353,13 @@ fn assert_failed_promptly(out: &Output, started: Instant, needles: &[&str]) {
 /// The source rows that rank `rank` of `world` trains on in the first batch of a run of
 /// `rows` rows (no held-out rows), found by running the same loader on a source whose row i
 /// holds i.
-fn first_rows_of_rank(rows: usize, batch_size: usize, seed: u64, rank: usize, world: usize) -> Vec<usize> {
+fn first_rows_of_rank(
+    rows: usize,
+    batch_size: usize,
+    seed: u64,
+    rank: usize,
+    world: usize,
+) -> Vec<usize> {
     use sparse_autoencoder::data::{Batcher, LoaderConfig};
     let index_nd = Array2::from_shape_fn((rows, 1), |(i, _)| i as f32);
     let config = LoaderConfig {
@@ -294,7 +371,12 @@ fn first_rows_of_rank(rows: usize, batch_size: usize, seed: u64, rank: usize, wo
         .unwrap()
         .for_part(rank, world)
         .unwrap();
-    batcher.next_batch().unwrap().iter().map(|&v| v as usize).collect()
+    batcher
+        .next_batch()
+        .unwrap()
+        .iter()
+        .map(|&v| v as usize)
+        .collect()
 }
 
 #[test]
@@ -315,12 +397,35 @@ fn a_nan_row_that_only_rank_one_reads_stops_every_rank_with_one_line() {
     let out = run_np(
         2,
         &[
-            "train", "--data", &s(&data), "--out", &s(&dir.join("run")), "--eval-fraction", "0",
-            "--batch-size", "48", "--seed", "5", "--steps", "20", "--dict-size", "32", "--threads",
+            "train",
+            "--data",
+            &s(&data),
+            "--out",
+            &s(&dir.join("run")),
+            "--eval-fraction",
+            "0",
+            "--batch-size",
+            "48",
+            "--seed",
+            "5",
+            "--steps",
+            "20",
+            "--dict-size",
+            "32",
+            "--threads",
             "1",
         ],
     );
-    assert_failed_promptly(&out, started, &["acts.npy", &format!("row {row}"), "rank 1", "--skip-non-finite"]);
+    assert_failed_promptly(
+        &out,
+        started,
+        &[
+            "acts.npy",
+            &format!("row {row}"),
+            "rank 1",
+            "--skip-non-finite",
+        ],
+    );
 }
 
 #[test]
@@ -335,9 +440,26 @@ fn a_shard_truncated_mid_run_stops_every_rank_with_one_line() {
     let mut child = mpirun(
         2,
         &[
-            "train", "--data", &s(&paths[0]), &s(&paths[1]), "--out", &s(&run), "--eval-fraction",
-            "0", "--batch-size", "32", "--buffer-rows", "64", "--steps", "100000", "--dict-size",
-            "32", "--threads", "1", "--metrics-every", "1",
+            "train",
+            "--data",
+            &s(&paths[0]),
+            &s(&paths[1]),
+            "--out",
+            &s(&run),
+            "--eval-fraction",
+            "0",
+            "--batch-size",
+            "32",
+            "--buffer-rows",
+            "64",
+            "--steps",
+            "100000",
+            "--dict-size",
+            "32",
+            "--threads",
+            "1",
+            "--metrics-every",
+            "1",
         ],
     )
     .stdout(Stdio::piped())
@@ -347,10 +469,16 @@ fn a_shard_truncated_mid_run_stops_every_rank_with_one_line() {
     while !run.join("metrics.jsonl").exists()
         || std::fs::metadata(run.join("metrics.jsonl")).unwrap().len() == 0
     {
-        assert!(started.elapsed() < Duration::from_secs(60), "training did not start");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "training did not start"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let file = std::fs::OpenOptions::new().write(true).open(&paths[1]).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&paths[1])
+        .unwrap();
     file.set_len(1000).unwrap();
     let started = Instant::now();
     let out = child_output(&mut child);
@@ -367,8 +495,21 @@ fn a_killed_rank_ends_the_job_within_seconds() {
     let mut child = mpirun(
         3,
         &[
-            "train", "--data", &s(&data), "--out", &s(&run), "--batch-size", "48", "--steps",
-            "100000", "--dict-size", "32", "--threads", "1", "--metrics-every", "1",
+            "train",
+            "--data",
+            &s(&data),
+            "--out",
+            &s(&run),
+            "--batch-size",
+            "48",
+            "--steps",
+            "100000",
+            "--dict-size",
+            "32",
+            "--threads",
+            "1",
+            "--metrics-every",
+            "1",
         ],
     )
     .stdout(Stdio::piped())
@@ -379,7 +520,10 @@ fn a_killed_rank_ends_the_job_within_seconds() {
     while !run.join("metrics.jsonl").exists()
         || std::fs::metadata(run.join("metrics.jsonl")).unwrap().len() == 0
     {
-        assert!(start.elapsed() < Duration::from_secs(60), "training did not start");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "training did not start"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let rank_one = rank_pid(&s(&run), 1).expect("rank 1 is running");
@@ -388,7 +532,11 @@ fn a_killed_rank_ends_the_job_within_seconds() {
     let killed = Instant::now();
     let out = child_output(&mut child);
     let stderr = text(&out.stderr);
-    assert!(killed.elapsed() < Duration::from_secs(30), "took {:?}", killed.elapsed());
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        killed.elapsed()
+    );
     assert!(!out.status.success(), "{stderr}");
     // mpirun's own status, not timeout's kill.
     assert_ne!(out.status.code(), Some(137), "{stderr}");

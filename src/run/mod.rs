@@ -36,7 +36,7 @@ use crate::data::{
 };
 use crate::dist::{agree, Collective, SingleProcess};
 use crate::error::{io_error, Error, Result};
-use crate::eval::{evaluate_on_until, EvalStats};
+use crate::eval::{evaluate_on_until_across, EvalStats};
 use crate::synth::{recovery, Recovery, Synth, SynthConfig};
 use crate::{StepStats, Trainer};
 use lock::RunLock;
@@ -1060,7 +1060,8 @@ impl Run {
         let schedule = &self.run.schedule;
         let skip = self.run.spec.data.skip_non_finite;
         if let Some(rows) = &self.eval_rows {
-            match evaluate_on_until(sae, self.device, &**rows, schedule.batch_size, skip, stop)? {
+            let batch = schedule.batch_size;
+            match evaluate_on_until_across(sae, self.device, &**rows, batch, skip, stop, c)? {
                 Some(eval) => summary.eval = Some(eval),
                 None => return Ok(None),
             }

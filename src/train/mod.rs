@@ -359,7 +359,10 @@ impl Trainer {
         // Every process takes the same path, chosen on the global batch's density.
         let dense = rules.selection == Selection::Relu && {
             let pre = self.sae.pre_acts(&ws.pre_bf);
-            let mut counts = [pre.positive_count() as u64, (n_local * pre.n_latents()) as u64];
+            let mut counts = [
+                pre.positive_count() as u64,
+                (n_local * pre.n_latents()) as u64,
+            ];
             self.collective.all_reduce_sum_u64(&mut counts);
             counts[0] as f32 / counts[1].max(1) as f32 > self.dense_threshold
         };
