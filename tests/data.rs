@@ -546,3 +546,326 @@ fn a_shard_truncated_while_batching_stops_the_prefetcher_with_an_error() {
     assert!(loader.next_batch().is_err());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+// Part mode: each rank of a distributed job reads only its part of every global batch.
+
+type Rows = Arc<Array2<f32>>;
+
+/// Rank `rank` of `world` in part mode over `x`.
+fn part_of(x: &Rows, config: &LoaderConfig, rank: usize, world: usize) -> Batcher<Rows> {
+    Batcher::new(x.clone(), config.clone())
+        .unwrap()
+        .for_part(rank, world)
+        .unwrap()
+}
+
+/// The parts of every rank's next batch, concatenated in rank order.
+fn joined(ranks: &mut [Batcher<Rows>]) -> Array2<f32> {
+    let parts: Vec<Array2<f32>> = ranks.iter_mut().map(|b| b.next_batch().unwrap()).collect();
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    ndarray::concatenate(Axis(0), &views).unwrap()
+}
+
+/// A source that counts the rows read from it.
+struct CountingRows {
+    x: Rows,
+    rows_read: std::sync::atomic::AtomicU64,
+}
+
+impl Source for CountingRows {
+    fn d_model(&self) -> usize {
+        self.x.ncols()
+    }
+    fn n_rows(&self) -> u64 {
+        self.x.nrows() as u64
+    }
+    fn read_rows(&self, start: u64, out_nd: &mut [f32]) -> Result<(), DataError> {
+        let rows = (out_nd.len() / self.x.ncols()) as u64;
+        self.rows_read
+            .fetch_add(rows, std::sync::atomic::Ordering::Relaxed);
+        self.x.read_rows(start, out_nd)
+    }
+}
+
+#[test]
+fn the_parts_of_every_batch_make_up_the_normal_batch() {
+    // (rows, buffer, chunk, batch): a buffer smaller than the data, one holding all of it,
+    // single-row, 7-row and 64-row chunks, batches that do not divide the data, a batch
+    // larger than the buffer and than the dataset; 20 batches cross several epochs.
+    for (n, buffer, chunk, batch) in [
+        (700, Some(100), 7, 48),
+        (300, Some(64), 1, 36),
+        (400, None, 64, 24),
+        (130, Some(50), 64, 60),
+        (10, Some(3), 7, 12),
+    ] {
+        let x = numbered(n);
+        let config = config(batch, buffer, chunk);
+        for world in 1..=4 {
+            let mut normal = Batcher::new(x.clone(), config.clone()).unwrap();
+            let mut ranks: Vec<_> = (0..world).map(|r| part_of(&x, &config, r, world)).collect();
+            for (r, rank) in ranks.iter().enumerate() {
+                assert_eq!(rank.part(), Some((r, world)));
+                assert_eq!(rank.batch_rows(), batch / world);
+            }
+            for step in 0..20 {
+                let expected = normal.next_batch().unwrap();
+                let got = joined(&mut ranks);
+                assert_eq!(got, expected, "n={n} world={world} step {step}");
+            }
+            assert!(normal.epoch() >= 1, "n={n}: the run stayed in one epoch");
+            for rank in &ranks {
+                assert_eq!(rank.cursor(), normal.cursor(), "n={n} world={world}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_part_mode_batcher_reads_only_its_part() {
+    let source = Arc::new(CountingRows {
+        x: numbered(2000),
+        rows_read: 0.into(),
+    });
+    let mut rank = Batcher::new(source.clone(), config(64, Some(500), 16))
+        .unwrap()
+        .for_part(3, 4)
+        .unwrap();
+    for _ in 0..10 {
+        let x_bd = rank.next_batch().unwrap();
+        assert_eq!(x_bd.nrows(), 16);
+        check_rows(&x_bd);
+    }
+    // No buffer fill, no refill: 16 rows a batch, nothing more.
+    let read = source.rows_read.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(read, 10 * 16);
+}
+
+#[test]
+fn cursors_pass_between_normal_mode_and_any_rank_count() {
+    // Epoch boundaries fall inside the run (500 rows, 48 a batch).
+    let x = numbered(500);
+    let config = config(48, Some(80), 7);
+    let total = 25;
+    let mut reference = Batcher::new(x.clone(), config.clone()).unwrap();
+    let all: Vec<Array2<f32>> = (0..total)
+        .map(|_| reference.next_batch().unwrap())
+        .collect();
+    let restore = |cursor: &Cursor, world: usize| -> Vec<Batcher<Rows>> {
+        (0..world)
+            .map(|r| {
+                Batcher::new(x.clone(), config.clone())
+                    .unwrap()
+                    .for_part(r, world)
+                    .unwrap()
+                    .resume(cursor)
+                    .unwrap()
+            })
+            .collect()
+    };
+    for cut in [0, 3, 10, 11, 17] {
+        // Normal → part with N ranks.
+        let mut normal = Batcher::new(x.clone(), config.clone()).unwrap();
+        (0..cut).for_each(|_| drop(normal.next_batch().unwrap()));
+        for world in 1..=4 {
+            let mut ranks = restore(&normal.cursor(), world);
+            for (step, expected) in all.iter().enumerate().skip(cut) {
+                assert_eq!(
+                    &joined(&mut ranks),
+                    expected,
+                    "normal→{world} cut {cut} step {step}"
+                );
+            }
+        }
+        for from in 1..=4 {
+            let mut ranks: Vec<_> = (0..from).map(|r| part_of(&x, &config, r, from)).collect();
+            (0..cut).for_each(|_| drop(joined(&mut ranks)));
+            let cursor = ranks[0].cursor();
+            assert!(ranks.iter().all(|r| r.cursor() == cursor), "ranks disagree");
+            let cursor: Cursor =
+                serde_json::from_str(&serde_json::to_string(&cursor).unwrap()).unwrap();
+            // Part with N ranks → part with M ranks.
+            for to in 1..=4 {
+                let mut ranks = restore(&cursor, to);
+                for (step, expected) in all.iter().enumerate().skip(cut) {
+                    assert_eq!(
+                        &joined(&mut ranks),
+                        expected,
+                        "{from}→{to} cut {cut} step {step}"
+                    );
+                }
+            }
+            // Part → normal.
+            let mut normal = Batcher::with_cursor(x.clone(), config.clone(), &cursor).unwrap();
+            for (step, expected) in all.iter().enumerate().skip(cut) {
+                assert_eq!(
+                    &normal.next_batch().unwrap(),
+                    expected,
+                    "{from}→normal cut {cut} step {step}"
+                );
+            }
+        }
+    }
+}
+
+/// Where row `row` is first drawn: (batch, position in it), from a clean dataset of `n` rows
+/// (the draws never depend on the values).
+fn first_draw(n: usize, config: &LoaderConfig, row: u64) -> (usize, usize) {
+    let mut clean = Batcher::new(numbered(n), config.clone()).unwrap();
+    let seen = ids(&mut clean, 100);
+    let at = seen.iter().position(|&r| r == row).unwrap();
+    (at / config.batch_size, at % config.batch_size)
+}
+
+#[test]
+fn a_non_finite_row_in_a_part_stops_that_rank_naming_the_row() {
+    let config = config(48, Some(64), 8);
+    let (batch, pos) = first_draw(200, &config, 123);
+    let x = with_bad_rows(200, &[123]);
+    let world = 4;
+    let mut ranks: Vec<_> = (0..world).map(|r| part_of(&x, &config, r, world)).collect();
+    for _ in 0..batch {
+        joined(&mut ranks);
+    }
+    for (r, rank) in ranks.iter_mut().enumerate() {
+        let result = rank.next_batch();
+        if r == pos / 12 {
+            let err = result.unwrap_err();
+            assert!(
+                matches!(err, Error::Data(DataError::NonFinite { .. })),
+                "{err}"
+            );
+            assert!(err.to_string().contains("row 123"), "{err}");
+        } else {
+            check_rows(&result.unwrap());
+        }
+    }
+}
+
+#[test]
+fn a_skipped_row_is_dropped_from_its_part_and_counted_there() {
+    let bad = [17u64, 123];
+    let config = LoaderConfig {
+        skip_non_finite: true,
+        ..config(48, Some(64), 8)
+    };
+    let mut clean = Batcher::new(numbered(200), config.clone()).unwrap();
+    let x = with_bad_rows(200, &[17, 123]);
+    let world = 3;
+    let mut ranks: Vec<_> = (0..world).map(|r| part_of(&x, &config, r, world)).collect();
+    let mut served_bad = 0;
+    let mut short = 0;
+    for step in 0..20 {
+        let expected = clean.next_batch().unwrap();
+        for (r, rank) in ranks.iter_mut().enumerate() {
+            let part = rank.next_batch().unwrap();
+            check_rows(&part);
+            let want: Vec<u64> = expected
+                .slice(ndarray::s![r * 16..(r + 1) * 16, ..])
+                .column(0)
+                .iter()
+                .map(|&v| v as u64)
+                .filter(|row| !bad.contains(row))
+                .collect();
+            let got: Vec<u64> = part.column(0).iter().map(|&v| v as u64).collect();
+            assert_eq!(got, want, "step {step} rank {r}");
+            served_bad += 16 - want.len();
+            short += usize::from(part.nrows() < 16);
+        }
+    }
+    // 20 batches of 48 cover the 200 rows more than four times.
+    assert!(served_bad >= 8, "{served_bad}");
+    assert!(short >= 4, "{short}");
+    let skipped: u64 = ranks.iter().map(|r| r.skipped_rows()).sum();
+    assert_eq!(skipped, served_bad as u64);
+}
+
+#[test]
+fn a_part_mode_cursor_holding_a_bad_row_restores_in_normal_mode() {
+    let config = LoaderConfig {
+        skip_non_finite: true,
+        ..config(20, Some(64), 8)
+    };
+    let x = with_bad_rows(200, &[123]);
+    let mut rank = part_of(&x, &config, 0, 2);
+    let mut steps = 0;
+    while !rank.cursor().slot_rows.contains(&123) {
+        rank.next_batch().unwrap();
+        steps += 1;
+        assert!(steps < 50, "row 123 never entered the buffer");
+    }
+    let cursor = rank.cursor();
+    // Without skipping, the bad buffered row is an error naming it.
+    let strict = LoaderConfig {
+        skip_non_finite: false,
+        ..config.clone()
+    };
+    let err = Batcher::with_cursor(x.clone(), strict, &cursor)
+        .err()
+        .expect("accepted a bad buffered row");
+    assert!(err.to_string().contains("row 123"), "{err}");
+    // With skipping, it is replaced as a refill replaces it, and counted.
+    let mut normal = Batcher::with_cursor(x.clone(), config, &cursor).unwrap();
+    assert!(normal.skipped_rows() > cursor.skipped_rows);
+    assert!(!normal.cursor().slot_rows.contains(&123));
+    let seen = ids(&mut normal, 30);
+    assert!(!seen.contains(&123));
+}
+
+#[test]
+fn a_batch_that_does_not_split_over_the_ranks_is_a_distributed_error() {
+    let x = numbered(100);
+    let refused = |batch: usize, rank: usize, world: usize| match Batcher::new(
+        x.clone(),
+        config(batch, None, 8),
+    )
+    .unwrap()
+    .for_part(rank, world)
+    {
+        Err(err @ Error::Distributed { .. }) => err.to_string(),
+        Err(err) => panic!("wrong error: {err}"),
+        Ok(_) => panic!("accepted batch {batch} over {world} ranks"),
+    };
+    let line = refused(50, 0, 4);
+    for needle in ["--batch-size 50", "4 ranks", "divisible by 4", "48 or 52"] {
+        assert!(line.contains(needle), "{line}");
+    }
+    assert!(refused(3, 1, 4).contains("such as 4"));
+    refused(8, 4, 4);
+    assert!(Batcher::new(x, config(48, None, 8))
+        .unwrap()
+        .for_part(2, 3)
+        .is_ok());
+}
+
+#[test]
+fn prefetched_parts_are_the_synchronous_parts() {
+    // Clean data, and data whose skipped rows make some parts shorter.
+    for (x, skip) in [
+        (numbered(1234), false),
+        (with_bad_rows(1234, &[5, 600, 601]), true),
+    ] {
+        let config = LoaderConfig {
+            skip_non_finite: skip,
+            ..config(96, Some(300), 16)
+        };
+        for rank in 0..3 {
+            let mut sync = part_of(&x, &config, rank, 3);
+            let mut prefetcher = Prefetcher::new(part_of(&x, &config, rank, 3));
+            for step in 0..40 {
+                let expected = sync.next_batch().unwrap();
+                let batch = prefetcher.next_batch().unwrap();
+                assert_eq!(batch.view(), expected.view(), "rank {rank} step {step}");
+                assert_eq!(
+                    prefetcher.cursor(),
+                    &sync.cursor(),
+                    "rank {rank} step {step}"
+                );
+            }
+            assert_eq!(prefetcher.skipped_rows(), sync.skipped_rows());
+            if skip {
+                assert!(sync.skipped_rows() > 0, "rank {rank} met no bad row");
+            }
+        }
+    }
+}
