@@ -15,21 +15,23 @@
 //! (removed afterwards) and read through the shuffle buffer and the prefetch thread exactly as
 //! `sae train --data` reads activations.
 
-use sparse_autoencoder::dist::World;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, ValueEnum};
 use half::f16;
-use ndarray::{Array2, ArrayView2};
+use ndarray::{s, Array2, ArrayView2};
 use npyz::WriterBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use sparse_autoencoder::backend::{huge_copy, zeros_huge, Backend, Cpu, Device};
 use sparse_autoencoder::data::{Batcher, LoaderConfig, NpyShards, Prefetcher};
+use sparse_autoencoder::dist::{agree, part, Collective, Traffic, World};
 use sparse_autoencoder::memory::{self, Estimate, Knob};
 use sparse_autoencoder::{Architecture, PhaseTimes, Sae, SaeConfig, TrainConfig, Trainer};
 
@@ -114,68 +116,25 @@ impl Arch {
 /// buffer (which holds the whole file), small enough to write in a second at D = 768.
 const DATA_BATCHES: usize = 8;
 
-/// Runs `sae bench`.
+/// Runs `sae bench`. Under an MPI launcher every rank steps its part of the same global
+/// batch (`dist::part`), and rank 0 prints the figures with the collectives' share.
 pub fn run(args: BenchArgs, world: &World) -> Result<Option<u8>> {
-    super::alone(world, "bench")?;
-    let device = args.device.device()?;
-    if args.k > args.f {
-        return Err(UsageError(format!(
-            "invalid --k: {} is more than the {} latents of --f",
-            args.k, args.f
-        ))
-        .into());
-    }
-    let sae_config = SaeConfig {
-        d_model: args.d,
-        dict_size: args.f,
-        arch: args.arch.architecture(args.k),
-    };
-    // Sizes are checked before anything is allocated: first that the arrays can be addressed,
-    // then that they fit in the memory there is.
-    sae_config
-        .validate()
-        .map_err(|err| UsageError(format!("invalid --f: {err}")))?;
-    let estimate = Estimate::bench(&sae_config, args.batch, args.data.then_some(DATA_BATCHES));
-    memory::check(&estimate, args.max_memory).map_err(|err| {
-        let option = |knob| match knob {
-            Knob::BatchSize => "--batch".to_string(),
-            Knob::BatchAndDictSize => "--batch or --f".to_string(),
-            Knob::DictSize | Knob::Synthetic => "--f (or --d)".to_string(),
-            Knob::BufferRows => "--batch (the --data file is 8 batches)".to_string(),
-        };
-        UsageError(format!(
-            "the bench {}",
-            err.describe(option, "--max-memory")
-        ))
-    })?;
-    if let Some(threads) = args.threads {
-        super::train::set_threads(threads)?;
-    }
-    let threads = args.threads.unwrap_or_else(rayon::current_num_threads);
-    let train_config = TrainConfig {
-        total_steps: 1_000_000,
-        warmup_steps: 0,
-        ..TrainConfig::default()
-    };
-    let x_bd = Array2::from_shape_vec((args.batch, args.d), rows(args.batch, args.d, 0).collect())
-        .expect("B·D values");
-    let mut sae = Sae::new(sae_config, 0).map_err(usage)?;
-    if matches!(args.arch, Arch::Relu) {
-        sae = relu_with_density(sae, x_bd.view(), args.k)?;
-    }
-    // The bare GEMM gets the huge-page memory the trainer's buffers get, so the ratio compares
-    // like with like.
-    let mut gemm = EncoderGemm::new(device, &sae, x_bd.view())?;
-    let trainer = Trainer::new(sae, train_config).map_err(usage)?;
-    let mut trainer = trainer.to_device(device).map_err(usage)?;
-    let backend = match device {
-        Device::Cpu => Cpu.name().to_string(),
-        Device::Cuda(gpu) => format!(
-            "cuBLAS ({}) + NVRTC kernels on {}",
-            if gpu.tf32 { "TF32" } else { "f32" },
-            trainer.device_name()
-        ),
-    };
+    let collective = world.collective();
+    // Every check a rank may fail (a bad option, memory, a device) is agreed before the first
+    // step, so that no rank waits in a collective for one that has stopped.
+    let setup = Setup::new(&args, &collective);
+    let (setup, _) = agree(&*collective, setup, false)?;
+    let Setup {
+        device,
+        threads,
+        x_bd,
+        rows,
+        mut gemm,
+        mut trainer,
+        backend,
+        grad_sums,
+    } = setup;
+    let x_bd = x_bd.slice(s![rows.clone(), ..]);
 
     let data = if args.data {
         Some(DataFile::write(args.batch, args.d)?)
@@ -193,14 +152,18 @@ pub fn run(args: BenchArgs, world: &World) -> Result<Option<u8>> {
 
         let gemm = gemm.time()?;
 
+        let (traffic, sums) = (collective.traffic(), grad_sums.get());
         let t = Instant::now();
-        let stats = trainer.step(x_bd.view()).map_err(usage)?;
+        let stats = trainer.step(x_bd).map_err(usage);
         let step = t.elapsed();
+        let (traffic, sums) = (collective.traffic() - traffic, grad_sums.get() - sums);
+        // Outside the timed step: a rank whose step failed stops every rank.
+        let (stats, _) = agree(&*collective, stats, false)?;
         let mut phases = trainer.phase_times();
         if device != Device::Cpu && measured {
             // Phases of a GPU step need waits at their boundaries: timed in a step of their own.
             trainer.set_device_phase_timing(true);
-            trainer.step(x_bd.view()).map_err(usage)?;
+            trainer.step(x_bd).map_err(usage)?;
             phases = trainer.phase_times();
             trainer.set_device_phase_timing(false);
         }
@@ -220,6 +183,8 @@ pub fn run(args: BenchArgs, world: &World) -> Result<Option<u8>> {
         if measured {
             m.gemm.push(gemm);
             m.step.push(step);
+            m.collective.push(traffic);
+            m.grad_sum.push(sums);
             m.l0.push(stats.l0);
             m.phases.push(phases);
             if let Some((wait, fed_step)) = fed {
@@ -231,13 +196,203 @@ pub fn run(args: BenchArgs, world: &World) -> Result<Option<u8>> {
     drop(loader);
     drop(data);
 
-    let report = Report::new(&args, device, threads, backend, &m);
-    if args.json {
-        println!("{}", report.json());
-    } else {
-        print!("{}", report.table());
+    let mut report = Report::new(&args, device, threads, backend, &m);
+    if collective.world_size() > 1 {
+        // Each rank's own medians, for the balance between them.
+        let mine = RankFigures::of(&m);
+        let all = collective.gather_bytes(0, &mine.to_bytes());
+        report.ranks = Some(RanksReport {
+            size: collective.world_size(),
+            local_rows: rows.len(),
+            figures: all.iter().map(|b| RankFigures::from_bytes(b)).collect(),
+        });
+    }
+    if collective.rank() == 0 {
+        if args.json {
+            println!("{}", report.json());
+        } else {
+            print!("{}", report.table());
+        }
     }
     Ok(None)
+}
+
+/// What the bench has ready before its first round.
+struct Setup {
+    device: Device,
+    threads: usize,
+    /// The whole global batch (the same on every rank).
+    x_bd: Array2<f32>,
+    /// This rank's rows of it.
+    rows: std::ops::Range<usize>,
+    gemm: EncoderGemm,
+    trainer: Trainer,
+    backend: String,
+    grad_sums: Arc<SumTimes>,
+}
+
+impl Setup {
+    fn new(args: &BenchArgs, collective: &Arc<dyn Collective>) -> Result<Self> {
+        let (rank, size) = (collective.rank(), collective.world_size());
+        let device = args.device.device()?;
+        if args.k > args.f {
+            return Err(UsageError(format!(
+                "invalid --k: {} is more than the {} latents of --f",
+                args.k, args.f
+            ))
+            .into());
+        }
+        if size > 1 {
+            if args.data {
+                return Err(UsageError(
+                    "--data is not supported by a distributed `sae bench`: run it without \
+                     mpirun or srun (or drop --data)"
+                        .into(),
+                )
+                .into());
+            }
+            if args.batch % size != 0 {
+                return Err(sparse_autoencoder::Error::Distributed {
+                    reason: format!(
+                        "--batch {} does not split evenly over {size} ranks: use a multiple of \
+                         {size}",
+                        args.batch
+                    ),
+                }
+                .into());
+            }
+        }
+        let sae_config = SaeConfig {
+            d_model: args.d,
+            dict_size: args.f,
+            arch: args.arch.architecture(args.k),
+        };
+        // Sizes are checked before anything is allocated: first that the arrays can be
+        // addressed, then that they fit in the memory there is.
+        sae_config
+            .validate()
+            .map_err(|err| UsageError(format!("invalid --f: {err}")))?;
+        // The whole global batch is built on every rank (and, for relu, its pre-activations):
+        // estimated at B rows, a bound on each rank's need.
+        let estimate = Estimate::bench(&sae_config, args.batch, args.data.then_some(DATA_BATCHES));
+        memory::check(&estimate, args.max_memory).map_err(|err| {
+            let option = |knob| match knob {
+                Knob::BatchSize => "--batch".to_string(),
+                Knob::BatchAndDictSize => "--batch or --f".to_string(),
+                Knob::DictSize | Knob::Synthetic => "--f (or --d)".to_string(),
+                Knob::BufferRows => "--batch (the --data file is 8 batches)".to_string(),
+            };
+            UsageError(format!(
+                "the bench {}",
+                err.describe(option, "--max-memory")
+            ))
+        })?;
+        if let Some(threads) = args.threads {
+            super::train::set_threads(threads)?;
+        }
+        let threads = args.threads.unwrap_or_else(rayon::current_num_threads);
+        let train_config = TrainConfig {
+            total_steps: 1_000_000,
+            warmup_steps: 0,
+            ..TrainConfig::default()
+        };
+        let x_bd =
+            Array2::from_shape_vec((args.batch, args.d), rows(args.batch, args.d, 0).collect())
+                .expect("B·D values");
+        let local = part(args.batch, rank, size);
+        let mut sae = Sae::new(sae_config, 0).map_err(usage)?;
+        if matches!(args.arch, Arch::Relu) {
+            sae = relu_with_density(sae, x_bd.view(), args.k)?;
+        }
+        // The bare GEMM gets the huge-page memory the trainer's buffers get, so the ratio
+        // compares like with like; it runs on this rank's rows, as the trainer's does.
+        let gemm = EncoderGemm::new(device, &sae, x_bd.slice(s![local.clone(), ..]))?;
+        let grad_sums = Arc::new(SumTimes::default());
+        let timed = TimedSums {
+            inner: collective.clone(),
+            times: grad_sums.clone(),
+        };
+        let trainer = Trainer::with_parts(sae, train_config, Box::new(Cpu), Box::new(timed))
+            .map_err(usage)?;
+        let trainer = trainer.to_device(device).map_err(usage)?;
+        let backend = match device {
+            Device::Cpu => Cpu.name().to_string(),
+            Device::Cuda(gpu) => format!(
+                "cuBLAS ({}) + NVRTC kernels on {}",
+                if gpu.tf32 { "TF32" } else { "f32" },
+                trainer.device_name()
+            ),
+        };
+        Ok(Setup {
+            device,
+            threads,
+            x_bd,
+            rows: local,
+            gemm,
+            trainer,
+            backend,
+            grad_sums,
+        })
+    }
+}
+
+/// Time spent in `all_reduce_sum_f32`, which the trainer calls only to sum the gradients
+/// (two F×D and two bias buffers per step): the gradient all-reduce's share of the
+/// collectives.
+#[derive(Default)]
+struct SumTimes {
+    nanos: AtomicU64,
+}
+
+impl SumTimes {
+    fn get(&self) -> Duration {
+        Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
+    }
+}
+
+/// The world's collective, timing its f32 sums into [`SumTimes`].
+struct TimedSums {
+    inner: Arc<dyn Collective>,
+    times: Arc<SumTimes>,
+}
+
+impl Collective for TimedSums {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum_u64(&self, buf: &mut [u64]) {
+        self.inner.all_reduce_sum_u64(buf)
+    }
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) {
+        self.inner.all_reduce_sum_f64(buf)
+    }
+    fn all_reduce_sum_f32(&self, buf: &mut [f32]) {
+        let t = Instant::now();
+        self.inner.all_reduce_sum_f32(buf);
+        let nanos = t.elapsed().as_nanos() as u64;
+        self.times.nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+    fn all_reduce_min_f32(&self, buf: &mut [f32]) {
+        self.inner.all_reduce_min_f32(buf)
+    }
+    fn all_reduce_max_u64(&self, buf: &mut [u64]) {
+        self.inner.all_reduce_max_u64(buf)
+    }
+    fn broadcast_bytes(&self, root: usize, buf: &mut Vec<u8>) {
+        self.inner.broadcast_bytes(root, buf)
+    }
+    fn gather_bytes(&self, root: usize, local: &[u8]) -> Vec<Vec<u8>> {
+        self.inner.gather_bytes(root, local)
+    }
+    fn traffic(&self) -> Traffic {
+        self.inner.traffic()
+    }
+    fn record_agreed_failure(&self) {
+        self.inner.record_agreed_failure()
+    }
 }
 
 /// The bare encoder GEMM x·W_encᵀ on the bench's device, in the memory the trainer's own
@@ -391,6 +546,10 @@ struct Measured {
     gemm: Vec<Duration>,
     step: Vec<Duration>,
     phases: Vec<PhaseTimes>,
+    /// What each step's collectives cost (nothing in one process).
+    collective: Vec<Traffic>,
+    /// Of that, the time in the gradient sums (`all_reduce_sum_f32`).
+    grad_sum: Vec<Duration>,
     /// Active codes per row in each step.
     l0: Vec<f32>,
     /// `--data` only: waiting in `Prefetcher::next_batch`, and that wait plus the step.
@@ -398,16 +557,106 @@ struct Measured {
     fed_step: Vec<Duration>,
 }
 
-/// The median in milliseconds (the mean of the middle two for an even count).
-fn median_ms(times: impl IntoIterator<Item = Duration>) -> f64 {
-    let mut ms: Vec<f64> = times.into_iter().map(|t| t.as_secs_f64() * 1e3).collect();
-    ms.sort_by(f64::total_cmp);
-    let n = ms.len();
+/// One rank's medians over the measured steps, as rank 0 gathers them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct RankFigures {
+    step_ms: f64,
+    /// Inside collectives, waiting for other ranks included.
+    collective_ms: f64,
+    /// Of that, in the gradient all-reduce.
+    grad_sum_ms: f64,
+    /// The step outside collectives (per step, then the median).
+    compute_ms: f64,
+    /// Bytes this rank sent.
+    bytes_sent: f64,
+    /// Collective operations called.
+    calls: f64,
+}
+
+impl RankFigures {
+    fn of(m: &Measured) -> Self {
+        RankFigures {
+            step_ms: median_ms(m.step.iter().copied()),
+            collective_ms: median_ms(m.collective.iter().map(|t| t.time)),
+            grad_sum_ms: median_ms(m.grad_sum.iter().copied()),
+            compute_ms: median_ms(
+                m.step
+                    .iter()
+                    .zip(&m.collective)
+                    .map(|(&step, t)| step.saturating_sub(t.time)),
+            ),
+            bytes_sent: median(m.collective.iter().map(|t| t.bytes_sent as f64)),
+            calls: median(m.collective.iter().map(|t| t.calls as f64)),
+        }
+    }
+
+    fn to_bytes(self) -> Vec<u8> {
+        [
+            self.step_ms,
+            self.collective_ms,
+            self.grad_sum_ms,
+            self.compute_ms,
+            self.bytes_sent,
+            self.calls,
+        ]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
+    }
+
+    /// The inverse of [`RankFigures::to_bytes`] (NaN for what is missing).
+    fn from_bytes(bytes: &[u8]) -> Self {
+        let at = |i: usize| {
+            bytes.get(8 * i..8 * i + 8).map_or(f64::NAN, |b| {
+                f64::from_le_bytes(b.try_into().expect("8 bytes"))
+            })
+        };
+        RankFigures {
+            step_ms: at(0),
+            collective_ms: at(1),
+            grad_sum_ms: at(2),
+            compute_ms: at(3),
+            bytes_sent: at(4),
+            calls: at(5),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "step_ms": self.step_ms,
+            "collective_ms": self.collective_ms,
+            "gradient_sum_ms": self.grad_sum_ms,
+            "compute_ms": self.compute_ms,
+            "bytes_sent_per_step": self.bytes_sent,
+            "collective_calls_per_step": self.calls,
+        })
+    }
+}
+
+/// The processes of a distributed bench.
+struct RanksReport {
+    size: usize,
+    /// Rows of the global batch each rank steps.
+    local_rows: usize,
+    /// Every rank's figures, in rank order.
+    figures: Vec<RankFigures>,
+}
+
+/// The median (the mean of the middle two for an even count); NaN for none.
+fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
     match n {
         0 => f64::NAN,
-        _ if n % 2 == 1 => ms[n / 2],
-        _ => (ms[n / 2 - 1] + ms[n / 2]) / 2.0,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
+}
+
+/// The median in milliseconds (the mean of the middle two for an even count).
+fn median_ms(times: impl IntoIterator<Item = Duration>) -> f64 {
+    median(times.into_iter().map(|t| t.as_secs_f64() * 1e3))
 }
 
 fn max_ms(times: &[Duration]) -> f64 {
@@ -447,6 +696,10 @@ struct Report {
     /// bookkeeping between them): per round, so it is not lost in the medians' own spread.
     other_ms: f64,
     data: Option<DataReport>,
+    /// This process's collectives (zeros in one process).
+    collectives: RankFigures,
+    /// Under mpirun: every rank's figures.
+    ranks: Option<RanksReport>,
 }
 
 impl Report {
@@ -499,6 +752,8 @@ impl Report {
                 wait_max_ms: max_ms(&m.wait),
                 step_ms: median_ms(m.fed_step.iter().copied()),
             }),
+            collectives: RankFigures::of(m),
+            ranks: None,
         }
     }
 
@@ -535,6 +790,15 @@ impl Report {
             "l0": self.l0,
             "phases_ms": phases,
             "other_ms": self.other_ms,
+            "ranks": self.ranks.as_ref().map_or(1, |r| r.size),
+            "local_rows": self.ranks.as_ref().map_or(self.batch, |r| r.local_rows),
+            "collective_ms": self.collectives.collective_ms,
+            "gradient_sum_ms": self.collectives.grad_sum_ms,
+            "compute_ms": self.collectives.compute_ms,
+            "bytes_sent_per_step": self.collectives.bytes_sent,
+            "per_rank": self.ranks.as_ref().map(|r| {
+                r.figures.iter().map(RankFigures::json).collect::<Vec<_>>()
+            }),
             "data": self.data.as_ref().map(|data| json!({
                 "dtype": "float16",
                 "rows": data.rows,
@@ -595,12 +859,47 @@ impl Report {
             "ratio step/GEMM: {:.3}",
             self.step_ms / self.gemm_ms
         ));
-        line(format!("tokens/s: {:.0}", self.tokens_per_s(self.step_ms)));
+        line(format!(
+            "tokens/s: {:.0}{}",
+            self.tokens_per_s(self.step_ms),
+            match &self.ranks {
+                Some(r) => format!(" (the global batch of {} ranks)", r.size),
+                None => String::new(),
+            }
+        ));
         line(format!(
             "active codes per row (L0): {:.1} ({:.2}% of F)",
             self.l0,
             100.0 * self.l0 / self.f as f64
         ));
+        if let Some(ranks) = &self.ranks {
+            line(String::new());
+            line(format!(
+                "{} ranks, {} rows each (medians per step; collectives include waiting for the \
+                 other ranks):",
+                ranks.size, ranks.local_rows
+            ));
+            line(format!(
+                "  {:<6} {:>10} {:>12} {:>12} {:>10} {:>14} {:>6}",
+                "rank", "step ms", "compute ms", "collect. ms", "grad ms", "MB sent", "calls"
+            ));
+            for (rank, r) in ranks.figures.iter().enumerate() {
+                line(format!(
+                    "  {:<6} {:>10.3} {:>12.3} {:>12.3} {:>10.3} {:>14.3} {:>6.0}",
+                    rank,
+                    r.step_ms,
+                    r.compute_ms,
+                    r.collective_ms,
+                    r.grad_sum_ms,
+                    r.bytes_sent / 1e6,
+                    r.calls
+                ));
+            }
+            line(
+                "  (phases above are rank 0's; its backward includes the gradient all-reduce)"
+                    .to_string(),
+            );
+        }
         if let Some(data) = &self.data {
             line(String::new());
             line(format!(
