@@ -561,8 +561,8 @@ fn rank_pid(run: &str, rank: usize) -> Option<i32> {
         };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        let is_rank = args.first().is_some_and(|a| a.ends_with(b"/sae"))
-            && args.iter().any(|a| *a == run.as_bytes());
+        let is_rank =
+            args.first().is_some_and(|a| a.ends_with(b"/sae")) && args.contains(&run.as_bytes());
         if !is_rank {
             continue;
         }
