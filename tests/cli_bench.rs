@@ -81,6 +81,12 @@ fn json_is_one_object_with_every_figure() {
         assert!(x.is_finite() && x > 0.0, "{key} = {x}");
     }
     assert!(v["other_ms"].is_f64(), "{v}");
+    // One process: no collectives, and the whole batch is this process's.
+    assert_eq!(v["ranks"], 1);
+    assert_eq!(v["local_rows"], 64);
+    assert_eq!(v["collective_ms"], 0.0);
+    assert_eq!(v["bytes_sent_per_step"], 0.0);
+    assert!(v["per_rank"].is_null(), "{v}");
     let ratio = v["step_ms"].as_f64().unwrap() / v["gemm_ms"].as_f64().unwrap();
     assert!((v["ratio"].as_f64().unwrap() - ratio).abs() <= 1e-9 * ratio);
     let phases = v["phases_ms"].as_object().unwrap();
