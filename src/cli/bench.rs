@@ -1,5 +1,7 @@
 //! `sae bench`: the encoder GEMM and full training steps timed side by side in one process,
-//! with the step's phases and, optionally, the loader's share.
+//! with the step's phases and, optionally, the loader's share; under mpirun, each rank steps
+//! its part of one global batch and rank 0 reports every rank's time in collectives, in the
+//! gradient all-reduce and outside them, and the bytes it sent.
 //!
 //! Timing runs in rounds: each round times one bare encoder GEMM, then one training step on a
 //! batch in memory, then (with `--data`) one step fed by the loader. The first `--warmup`
