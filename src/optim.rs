@@ -2,7 +2,9 @@
 //! gradient-norm clipping, and Adam (exactly `torch.optim.Adam`) fused with the decoder
 //! renormalisation into one parallel pass over the parameters.
 
-use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1, Zip};
+use std::ops::Range;
+
+use ndarray::{s, Array1, Array2, ArrayView1, ArrayViewMut1, Zip};
 
 use crate::arch::DecoderConstraint;
 use crate::backend::simd::dispatch;
@@ -103,10 +105,23 @@ impl Grads {
     /// Readies the gradients for the step in one pass over the latent rows (see
     /// [`RowPrep`]); returns the global ‖g‖₂ over all four gradients when `prep.want_norm`.
     pub fn project_and_norm(&mut self, w_dec_fd: &Array2<f32>, prep: RowPrep) -> f64 {
-        let row_sq = Zip::from(self.tensors.w_dec_fd.rows_mut())
-            .and(self.tensors.w_enc_fd.rows())
-            .and(w_dec_fd.rows())
-            .and(&self.active_f)
+        let row_sq = self.project_latents(w_dec_fd, prep, 0..w_dec_fd.nrows());
+        self.global_norm(&row_sq)
+    }
+
+    /// [`RowPrep`] applied to the rows of the latents in `latents` only; returns their squared
+    /// norms (see [`RowPrep::apply`]).
+    pub fn project_latents(
+        &mut self,
+        w_dec_fd: &Array2<f32>,
+        prep: RowPrep,
+        latents: Range<usize>,
+    ) -> Vec<f64> {
+        let rows = s![latents.clone(), ..];
+        Zip::from(self.tensors.w_dec_fd.slice_mut(rows).rows_mut())
+            .and(self.tensors.w_enc_fd.slice(rows).rows())
+            .and(w_dec_fd.slice(rows).rows())
+            .and(&self.active_f[latents])
             .par_map_collect(|mut gd, ge, w, &active| {
                 if !active {
                     return 0.0;
@@ -117,8 +132,9 @@ impl Grads {
                     w.as_slice().unwrap(),
                 );
                 dispatch(|| prep.apply(gd, ge, w))
-            });
-        self.global_norm(row_sq.as_slice().expect("contiguous"))
+            })
+            .into_raw_vec_and_offset()
+            .0
     }
 
     /// ‖g‖₂ from the latent rows' squared norms (as [`RowPrep::apply`] returns them) and the
@@ -133,7 +149,7 @@ impl Grads {
 /// Σ x² in f64, with 8 independent partial sums so the loop vectorises instead of waiting on
 /// one long chain of dependent additions.
 #[inline(always)]
-fn sq(v: &[f32]) -> f64 {
+pub(crate) fn sq(v: &[f32]) -> f64 {
     let mut acc = [0.0f64; 8];
     let mut chunks = v.chunks_exact(8);
     for c in chunks.by_ref() {
@@ -320,25 +336,43 @@ impl Adam {
         grad_scale: f32,
         decoder: DecoderConstraint,
     ) {
+        let all = 0..sae.config.dict_size;
+        self.step_latents(sae, grads, lr, grad_scale, decoder, all);
+    }
+
+    /// [`Adam::step`] on the rows of the latents in `latents` and on b_dec only: the share of
+    /// one process of a distributed run, which owns those latents' moments. Every other
+    /// parameter and moment is left as it is.
+    pub fn step_latents(
+        &mut self,
+        sae: &mut Sae,
+        grads: &Grads,
+        lr: f64,
+        grad_scale: f32,
+        decoder: DecoderConstraint,
+        latents: Range<usize>,
+    ) {
         let s = self.next_step(lr, grad_scale);
         let g = &grads.tensors;
         let renorm_eps = match decoder {
             DecoderConstraint::UnitNorm { renorm_eps, .. } => Some(renorm_eps),
             DecoderConstraint::Free => None,
         };
-        Zip::from(sae.w_enc_fd.rows_mut())
-            .and(self.m.w_enc_fd.rows_mut())
-            .and(self.v.w_enc_fd.rows_mut())
-            .and(g.w_enc_fd.rows())
-            .and(&grads.active_f)
+        let rows = s![latents.clone(), ..];
+        let active_f = &grads.active_f[latents.clone()];
+        Zip::from(sae.w_enc_fd.slice_mut(rows).rows_mut())
+            .and(self.m.w_enc_fd.slice_mut(rows).rows_mut())
+            .and(self.v.w_enc_fd.slice_mut(rows).rows_mut())
+            .and(g.w_enc_fd.slice(rows).rows())
+            .and(active_f)
             .par_for_each(|p, m, v, g, &active| {
                 dispatch(|| s.update_row(p, m, v, active.then_some(g)))
             });
-        Zip::from(sae.w_dec_fd.rows_mut())
-            .and(self.m.w_dec_fd.rows_mut())
-            .and(self.v.w_dec_fd.rows_mut())
-            .and(g.w_dec_fd.rows())
-            .and(&grads.active_f)
+        Zip::from(sae.w_dec_fd.slice_mut(rows).rows_mut())
+            .and(self.m.w_dec_fd.slice_mut(rows).rows_mut())
+            .and(self.v.w_dec_fd.slice_mut(rows).rows_mut())
+            .and(g.w_dec_fd.slice(rows).rows())
+            .and(active_f)
             .par_for_each(|mut p, m, v, g, &active| {
                 dispatch(|| {
                     s.update_row(p.view_mut(), m, v, active.then_some(g));
@@ -349,11 +383,12 @@ impl Adam {
                     }
                 })
             });
+        let latents = s![latents];
         s.update_vec(
-            sae.b_enc_f.view_mut(),
-            self.m.b_enc_f.view_mut(),
-            self.v.b_enc_f.view_mut(),
-            g.b_enc_f.view(),
+            sae.b_enc_f.slice_mut(latents),
+            self.m.b_enc_f.slice_mut(latents),
+            self.v.b_enc_f.slice_mut(latents),
+            g.b_enc_f.slice(latents),
         );
         s.update_vec(
             sae.b_dec_d.view_mut(),

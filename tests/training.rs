@@ -6,7 +6,11 @@ mod common;
 use common::{assert_close, synthetic_batch};
 use ndarray::Array2;
 use sparse_autoencoder::backend::Cpu;
-use sparse_autoencoder::{Architecture, Error, Sae, SaeConfig, StepStats, TrainConfig, Trainer};
+use sparse_autoencoder::dist::{part, Threads};
+use sparse_autoencoder::train::TrainerState;
+use sparse_autoencoder::{
+    Architecture, Error, ReluVariant, Sae, SaeConfig, StepStats, TrainConfig, Trainer,
+};
 
 fn sae_config(arch: Architecture, d: usize, f: usize) -> SaeConfig {
     SaeConfig {
@@ -336,80 +340,138 @@ fn invalid_train_config_is_rejected_by_the_trainer() {
     ));
 }
 
-/// A stand-in for two processes that hold identical shards: every sum doubles.
-struct TwinProcesses;
-
-impl sparse_autoencoder::dist::Collective for TwinProcesses {
-    fn world_size(&self) -> usize {
-        2
-    }
-    fn all_reduce_sum_u64(&self, buf: &mut [u64]) {
-        buf.iter_mut().for_each(|v| *v *= 2);
-    }
-    fn all_reduce_sum_f64(&self, buf: &mut [f64]) {
-        buf.iter_mut().for_each(|v| *v *= 2.0);
-    }
-    fn all_reduce_sum_f32(&self, buf: &mut [f32]) {
-        buf.iter_mut().for_each(|v| *v *= 2.0);
-    }
-    fn all_reduce_min_f32(&self, _buf: &mut [f32]) {}
-    fn rank(&self) -> usize {
-        0
-    }
-    fn all_reduce_max_u64(&self, _buf: &mut [u64]) {}
-    fn broadcast_bytes(&self, _root: usize, _buf: &mut Vec<u8>) {}
-    fn gather_bytes(&self, _root: usize, local: &[u8]) -> Vec<Vec<u8>> {
-        vec![local.to_vec(), local.to_vec()]
-    }
-    fn traffic(&self) -> sparse_autoencoder::dist::Traffic {
-        Default::default()
-    }
+/// `ranks` threads, each a process holding its part of every global batch in `batches`
+/// (contiguous rows in rank order, as a distributed run splits them), step `config` on `sae`
+/// and sync; returns every rank's final state.
+fn train_across(
+    sae: &Sae,
+    config: &TrainConfig,
+    dense_threshold: f32,
+    batches: &[Array2<f32>],
+    ranks: usize,
+) -> Vec<TrainerState> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = Threads::world(ranks)
+            .into_iter()
+            .enumerate()
+            .map(|(rank, threads)| {
+                scope.spawn(move || {
+                    let mut trainer = Trainer::with_parts(
+                        sae.clone(),
+                        config.clone(),
+                        Box::new(Cpu),
+                        Box::new(threads),
+                    )
+                    .unwrap();
+                    trainer.set_dense_threshold(dense_threshold);
+                    for x in batches {
+                        let rows = part(x.nrows(), rank, ranks);
+                        trainer.step(x.slice(ndarray::s![rows, ..])).unwrap();
+                    }
+                    trainer.sync().unwrap();
+                    trainer.state()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }
 
-/// Every batch-level quantity goes through the `Collective` seam: a "process" holding half of a
-/// batch whose other half is identical trains exactly like one process holding the whole batch.
+fn assert_states_close(what: &str, a: &TrainerState, reference: &TrainerState, tol: f64) {
+    let tensors = |s: &TrainerState| {
+        let p = s.sae.w_enc_fd().to_owned();
+        [
+            ("W_enc", p),
+            ("W_dec", s.sae.w_dec_fd().to_owned()),
+            ("m W_enc", s.adam_m.w_enc_fd.clone()),
+            ("m W_dec", s.adam_m.w_dec_fd.clone()),
+            ("v W_enc", s.adam_v.w_enc_fd.clone()),
+            ("v W_dec", s.adam_v.w_dec_fd.clone()),
+        ]
+    };
+    for ((name, x), (_, r)) in tensors(a).into_iter().zip(tensors(reference)) {
+        assert_close(&format!("{what} {name}"), &x, &r, tol);
+    }
+    let vectors = |s: &TrainerState| {
+        [
+            s.sae.b_enc_f().to_owned(),
+            s.sae.b_dec_d().to_owned(),
+            s.adam_m.b_enc_f.clone(),
+            s.adam_v.b_dec_d.clone(),
+        ]
+    };
+    for (x, r) in vectors(a).iter().zip(&vectors(reference)) {
+        assert_close(&format!("{what} biases"), x, r, tol);
+    }
+    assert_eq!(a.step, reference.step, "{what}");
+    assert_eq!(
+        a.tokens_since_fired_f, reference.tokens_since_fired_f,
+        "{what}"
+    );
+    assert_eq!(
+        a.sae.threshold().is_some(),
+        reference.sae.threshold().is_some(),
+        "{what}"
+    );
+}
+
+/// Processes that each hold a part of every global batch train what one process holding
+/// the whole batch trains, for every architecture and both backward paths (the gathered
+/// sparse one, where each process owns some latents, and the dense one, where gradients are
+/// summed); every process ends with the same bits, and so does a repeat.
 #[test]
-fn collective_seam_reproduces_the_global_batch() {
-    for arch in ARCHS {
+fn processes_sharing_each_batch_train_what_one_process_trains() {
+    let cases: [(&str, Architecture, ReluVariant, f32); 5] = [
+        (
+            "relu dense",
+            Architecture::Relu,
+            ReluVariant::DecoderNorm,
+            0.05,
+        ),
+        (
+            "relu sparse",
+            Architecture::Relu,
+            ReluVariant::DecoderNorm,
+            1.0,
+        ),
+        (
+            "relu unit-norm",
+            Architecture::Relu,
+            ReluVariant::UnitDecoder,
+            1.0,
+        ),
+        (
+            "topk",
+            Architecture::TopK { k: 4 },
+            ReluVariant::DecoderNorm,
+            0.05,
+        ),
+        (
+            "batchtopk",
+            Architecture::BatchTopK { k: 4 },
+            ReluVariant::DecoderNorm,
+            0.05,
+        ),
+    ];
+    for (what, arch, relu_variant, dense_threshold) in cases {
         let config = TrainConfig {
-            dead_tokens: 32,
+            // Dead latents within the run, so AuxK's terms are exchanged too.
+            dead_tokens: 48,
+            relu_variant,
             ..short_run()
         };
         let sae = Sae::new(sae_config(arch, 16, 64), 4).unwrap();
-        let mut single = Trainer::new(sae.clone(), config.clone()).unwrap();
-        let mut twin =
-            Trainer::with_parts(sae, config, Box::new(Cpu), Box::new(TwinProcesses)).unwrap();
-        for s in 0..12 {
-            let half = synthetic_batch(16, 16, 500 + s);
-            let whole = ndarray::concatenate![ndarray::Axis(0), half, half];
-            let a = single.step(whole.view()).unwrap();
-            let b = twin.step(half.view()).unwrap();
-            assert!(
-                (a.loss - b.loss).abs() <= 1e-5 * a.loss.abs(),
-                "{arch:?} step {s}: {a:?} vs {b:?}"
-            );
-            assert_eq!(a.l0, b.l0, "{arch:?} step {s}");
-            assert_eq!(a.dead_fraction, b.dead_fraction, "{arch:?} step {s}");
+        let batches: Vec<Array2<f32>> = (0..12).map(|s| synthetic_batch(48, 16, 500 + s)).collect();
+        let single = train_across(&sae, &config, dense_threshold, &batches, 1).remove(0);
+        for ranks in [2, 3] {
+            let states = train_across(&sae, &config, dense_threshold, &batches, ranks);
+            for (rank, state) in states.iter().enumerate() {
+                assert_eq!(state, &states[0], "{what}: rank {rank} of {ranks} differs");
+            }
+            let what = format!("{what}, {ranks} ranks");
+            assert_states_close(&what, &states[0], &single, 1e-5);
+            let again = train_across(&sae, &config, dense_threshold, &batches, ranks);
+            assert_eq!(again[0], states[0], "{what}: a repeat differs");
         }
-        let (a, b) = (single.sae(), twin.sae());
-        assert_close(
-            "W_enc",
-            &b.w_enc_fd().to_owned(),
-            &a.w_enc_fd().to_owned(),
-            1e-4,
-        );
-        assert_close(
-            "W_dec",
-            &b.w_dec_fd().to_owned(),
-            &a.w_dec_fd().to_owned(),
-            1e-4,
-        );
-        assert_close(
-            "b_dec",
-            &b.b_dec_d().to_owned(),
-            &a.b_dec_d().to_owned(),
-            1e-4,
-        );
-        assert_eq!(a.threshold().is_some(), b.threshold().is_some());
     }
 }

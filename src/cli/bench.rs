@@ -1,7 +1,7 @@
 //! `sae bench`: the encoder GEMM and full training steps timed side by side in one process,
 //! with the step's phases and, optionally, the loader's share; under mpirun, each rank steps
 //! its part of one global batch and rank 0 reports every rank's time in collectives, in the
-//! gradient all-reduce and outside them, and the bytes it sent.
+//! exchange of gradients or parameters and outside them, and the bytes it sent.
 //!
 //! Timing runs in rounds: each round times one bare encoder GEMM, then one training step on a
 //! batch in memory, then (with `--data`) one step fed by the loader. The first `--warmup`
@@ -134,7 +134,7 @@ pub fn run(args: BenchArgs, world: &World) -> Result<Option<u8>> {
         mut gemm,
         mut trainer,
         backend,
-        grad_sums,
+        exchanges,
     } = setup;
     let x_bd = x_bd.slice(s![rows.clone(), ..]);
 
@@ -154,11 +154,11 @@ pub fn run(args: BenchArgs, world: &World) -> Result<Option<u8>> {
 
         let gemm = gemm.time()?;
 
-        let (traffic, sums) = (collective.traffic(), grad_sums.get());
+        let (traffic, sums) = (collective.traffic(), exchanges.get());
         let t = Instant::now();
         let stats = trainer.step(x_bd).map_err(usage);
         let step = t.elapsed();
-        let (traffic, sums) = (collective.traffic() - traffic, grad_sums.get() - sums);
+        let (traffic, sums) = (collective.traffic() - traffic, exchanges.get() - sums);
         // Outside the timed step: a rank whose step failed stops every rank.
         let (stats, _) = agree(&*collective, stats, false)?;
         let mut phases = trainer.phase_times();
@@ -186,7 +186,7 @@ pub fn run(args: BenchArgs, world: &World) -> Result<Option<u8>> {
             m.gemm.push(gemm);
             m.step.push(step);
             m.collective.push(traffic);
-            m.grad_sum.push(sums);
+            m.exchange.push(sums);
             m.l0.push(stats.l0);
             m.phases.push(phases);
             if let Some((wait, fed_step)) = fed {
@@ -230,7 +230,7 @@ struct Setup {
     gemm: EncoderGemm,
     trainer: Trainer,
     backend: String,
-    grad_sums: Arc<SumTimes>,
+    exchanges: Arc<ExchangeTimes>,
 }
 
 impl Setup {
@@ -309,10 +309,10 @@ impl Setup {
         // The bare GEMM gets the huge-page memory the trainer's buffers get, so the ratio
         // compares like with like; it runs on this rank's rows, as the trainer's does.
         let gemm = EncoderGemm::new(device, &sae, x_bd.slice(s![local.clone(), ..]))?;
-        let grad_sums = Arc::new(SumTimes::default());
-        let timed = TimedSums {
+        let exchanges = Arc::new(ExchangeTimes::default());
+        let timed = TimedExchanges {
             inner: collective.clone(),
-            times: grad_sums.clone(),
+            times: exchanges.clone(),
         };
         let trainer = Trainer::with_parts(sae, train_config, Box::new(Cpu), Box::new(timed))
             .map_err(usage)?;
@@ -333,32 +333,32 @@ impl Setup {
             gemm,
             trainer,
             backend,
-            grad_sums,
+            exchanges,
         })
     }
 }
 
-/// Time spent in `all_reduce_sum_f32`, which the trainer calls only to sum the gradients
-/// (two F×D and two bias buffers per step): the gradient all-reduce's share of the
-/// collectives.
+/// Time spent in `all_reduce_sum_f32` and `all_gather_f32`, which the trainer calls only to
+/// exchange gradients or parameters: on the sparse path the gathers of the batch's rows and of
+/// every rank's updated latent rows, on the dense one the gradient sums.
 #[derive(Default)]
-struct SumTimes {
+struct ExchangeTimes {
     nanos: AtomicU64,
 }
 
-impl SumTimes {
+impl ExchangeTimes {
     fn get(&self) -> Duration {
         Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
     }
 }
 
-/// The world's collective, timing its f32 sums into [`SumTimes`].
-struct TimedSums {
+/// The world's collective, timing its f32 sums and gathers into [`ExchangeTimes`].
+struct TimedExchanges {
     inner: Arc<dyn Collective>,
-    times: Arc<SumTimes>,
+    times: Arc<ExchangeTimes>,
 }
 
-impl Collective for TimedSums {
+impl Collective for TimedExchanges {
     fn rank(&self) -> usize {
         self.inner.rank()
     }
@@ -388,6 +388,15 @@ impl Collective for TimedSums {
     }
     fn gather_bytes(&self, root: usize, local: &[u8]) -> Vec<Vec<u8>> {
         self.inner.gather_bytes(root, local)
+    }
+    fn all_gather_f32(&self, buf: &mut [f32], counts: &[usize]) {
+        let t = Instant::now();
+        self.inner.all_gather_f32(buf, counts);
+        let nanos = t.elapsed().as_nanos() as u64;
+        self.times.nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+    fn all_gather_bytes(&self, local: &[u8]) -> Vec<Vec<u8>> {
+        self.inner.all_gather_bytes(local)
     }
     fn traffic(&self) -> Traffic {
         self.inner.traffic()
@@ -550,8 +559,8 @@ struct Measured {
     phases: Vec<PhaseTimes>,
     /// What each step's collectives cost (nothing in one process).
     collective: Vec<Traffic>,
-    /// Of that, the time in the gradient sums (`all_reduce_sum_f32`).
-    grad_sum: Vec<Duration>,
+    /// Of that, the time exchanging gradients or parameters (`all_reduce_sum_f32`, `all_gather_f32`).
+    exchange: Vec<Duration>,
     /// Active codes per row in each step.
     l0: Vec<f32>,
     /// `--data` only: waiting in `Prefetcher::next_batch`, and that wait plus the step.
@@ -565,8 +574,8 @@ struct RankFigures {
     step_ms: f64,
     /// Inside collectives, waiting for other ranks included.
     collective_ms: f64,
-    /// Of that, in the gradient all-reduce.
-    grad_sum_ms: f64,
+    /// Of that, in the f32 sums and gathers that exchange gradients or parameters.
+    exchange_ms: f64,
     /// The step outside collectives (per step, then the median).
     compute_ms: f64,
     /// Bytes this rank sent.
@@ -580,7 +589,7 @@ impl RankFigures {
         RankFigures {
             step_ms: median_ms(m.step.iter().copied()),
             collective_ms: median_ms(m.collective.iter().map(|t| t.time)),
-            grad_sum_ms: median_ms(m.grad_sum.iter().copied()),
+            exchange_ms: median_ms(m.exchange.iter().copied()),
             compute_ms: median_ms(
                 m.step
                     .iter()
@@ -596,7 +605,7 @@ impl RankFigures {
         [
             self.step_ms,
             self.collective_ms,
-            self.grad_sum_ms,
+            self.exchange_ms,
             self.compute_ms,
             self.bytes_sent,
             self.calls,
@@ -616,7 +625,7 @@ impl RankFigures {
         RankFigures {
             step_ms: at(0),
             collective_ms: at(1),
-            grad_sum_ms: at(2),
+            exchange_ms: at(2),
             compute_ms: at(3),
             bytes_sent: at(4),
             calls: at(5),
@@ -627,7 +636,7 @@ impl RankFigures {
         json!({
             "step_ms": self.step_ms,
             "collective_ms": self.collective_ms,
-            "gradient_sum_ms": self.grad_sum_ms,
+            "exchange_ms": self.exchange_ms,
             "compute_ms": self.compute_ms,
             "bytes_sent_per_step": self.bytes_sent,
             "collective_calls_per_step": self.calls,
@@ -795,7 +804,7 @@ impl Report {
             "ranks": self.ranks.as_ref().map_or(1, |r| r.size),
             "local_rows": self.ranks.as_ref().map_or(self.batch, |r| r.local_rows),
             "collective_ms": self.collectives.collective_ms,
-            "gradient_sum_ms": self.collectives.grad_sum_ms,
+            "exchange_ms": self.collectives.exchange_ms,
             "compute_ms": self.collectives.compute_ms,
             "bytes_sent_per_step": self.collectives.bytes_sent,
             "per_rank": self.ranks.as_ref().map(|r| {
@@ -883,7 +892,7 @@ impl Report {
             ));
             line(format!(
                 "  {:<6} {:>10} {:>12} {:>12} {:>10} {:>14} {:>6}",
-                "rank", "step ms", "compute ms", "collect. ms", "grad ms", "MB sent", "calls"
+                "rank", "step ms", "compute ms", "collect. ms", "exch. ms", "MB sent", "calls"
             ));
             for (rank, r) in ranks.figures.iter().enumerate() {
                 line(format!(
@@ -892,13 +901,14 @@ impl Report {
                     r.step_ms,
                     r.compute_ms,
                     r.collective_ms,
-                    r.grad_sum_ms,
+                    r.exchange_ms,
                     r.bytes_sent / 1e6,
                     r.calls
                 ));
             }
             line(
-                "  (phases above are rank 0's; its backward includes the gradient all-reduce)"
+                "  (phases above are rank 0's; exch.: gradients or parameters exchanged, \
+                 in its backward and update)"
                     .to_string(),
             );
         }

@@ -7,11 +7,13 @@
 
 #[cfg(feature = "mpi")]
 mod mpi;
+mod threads;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+pub use threads::Threads;
 
 /// Sums (or reduces) buffers across the processes that share one global batch. Every process
 /// calls the same sequence of operations with buffers of the same length; every process ends
@@ -37,6 +39,31 @@ pub trait Collective: Send + Sync {
     fn broadcast_bytes(&self, root: usize, buf: &mut Vec<u8>);
     /// Every process's `local` bytes, in rank order, on `root` (empty elsewhere).
     fn gather_bytes(&self, root: usize, local: &[u8]) -> Vec<Vec<u8>>;
+    /// Fills every process's part of `buf` from the process that owns it: `buf` is the
+    /// concatenation, in rank order, of parts of `counts[q]` elements, and this process's own
+    /// part holds its values on entry. Every process ends with the same bits. The default sums
+    /// zero-padded buffers, which is exact (each element has one nonzero term) but moves the
+    /// whole buffer; implementations send each part from its owner.
+    fn all_gather_f32(&self, buf: &mut [f32], counts: &[usize]) {
+        let own = own_part(counts, self.rank());
+        buf[..own.start].fill(0.0);
+        buf[own.end..].fill(0.0);
+        self.all_reduce_sum_f32(buf);
+    }
+    /// Every process's `local` bytes, in rank order, on every process.
+    fn all_gather_bytes(&self, local: &[u8]) -> Vec<Vec<u8>> {
+        (0..self.world_size())
+            .map(|q| {
+                let mut buf = if q == self.rank() {
+                    local.to_vec()
+                } else {
+                    Vec::new()
+                };
+                self.broadcast_bytes(q, &mut buf);
+                buf
+            })
+            .collect()
+    }
     /// What this process's collectives cost so far.
     fn traffic(&self) -> Traffic;
     /// Called by [`agree`] when it returns a failure every process knows about, for
@@ -86,6 +113,10 @@ impl Collective for SingleProcess {
     fn gather_bytes(&self, _root: usize, local: &[u8]) -> Vec<Vec<u8>> {
         vec![local.to_vec()]
     }
+    fn all_gather_f32(&self, _buf: &mut [f32], _counts: &[usize]) {}
+    fn all_gather_bytes(&self, local: &[u8]) -> Vec<Vec<u8>> {
+        vec![local.to_vec()]
+    }
     fn traffic(&self) -> Traffic {
         Traffic::default()
     }
@@ -118,6 +149,12 @@ impl<C: Collective + ?Sized> Collective for Arc<C> {
     }
     fn gather_bytes(&self, root: usize, local: &[u8]) -> Vec<Vec<u8>> {
         (**self).gather_bytes(root, local)
+    }
+    fn all_gather_f32(&self, buf: &mut [f32], counts: &[usize]) {
+        (**self).all_gather_f32(buf, counts)
+    }
+    fn all_gather_bytes(&self, local: &[u8]) -> Vec<Vec<u8>> {
+        (**self).all_gather_bytes(local)
     }
     fn traffic(&self) -> Traffic {
         (**self).traffic()
@@ -258,6 +295,12 @@ pub fn part(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
     let (base, extra) = (n / world, n % world);
     let lo = rank * base + rank.min(extra);
     lo..lo + base + usize::from(rank < extra)
+}
+
+/// Where rank `rank`'s part lies in a buffer of parts of `counts[q]` elements in rank order.
+pub fn own_part(counts: &[usize], rank: usize) -> std::ops::Range<usize> {
+    let start = counts[..rank].iter().sum();
+    start..start + counts[rank]
 }
 
 #[cfg(test)]

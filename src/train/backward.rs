@@ -1,16 +1,22 @@
 //! The analytic backward pass: from the upstream gradients (∂L/∂x̂ and AuxK's ∂L/∂ê) to the
 //! gradients of W_enc, b_enc, W_dec and b_dec. The sparse path touches only active latents,
-//! O(active codes · D); the dense path (ReLU with dense codes) uses three GEMMs.
+//! O(active codes · D); the dense path (ReLU with dense codes) uses three GEMMs. Either may
+//! compute only some latents' rows: in a distributed step each process owns a part of the
+//! dictionary and takes its rows' gradients over the whole gathered batch.
 
-use ndarray::{Array1, ArrayView2, Axis, Zip};
+use std::ops::Range;
+
+use ndarray::{s, Array1, ArrayView2, Axis, Zip};
 use rayon::prelude::*;
 
 use super::Workspace;
 use crate::backend::simd::{dispatch, prefetch};
-use crate::backend::sparse::{axpy, dot};
+use crate::backend::sparse::{axpy, dot, ByLatent};
 use crate::backend::Backend;
+use crate::dist::Collective;
 use crate::optim::{Grads, RowPrep};
 use crate::sae::{resize, Sae};
+use crate::select::Codes;
 
 /// Code density above which a ReLU step switches to dense GEMMs. A GEMM runs near peak while
 /// the sparse kernels are bound by memory traffic on W rows, so dense wins well before codes
@@ -34,6 +40,37 @@ pub(super) struct Context<'a> {
     /// The update's per-row preparation, done here while the rows are in cache; `None` when
     /// the trainer does it in a separate pass.
     pub fused_prep: Option<RowPrep>,
+    /// The latents whose gradient rows to compute. When it is a strict part of the dictionary,
+    /// the other processes of `collective` compute the rest, and b_dec's gradient term through
+    /// the encoder is summed across them.
+    pub latents: Range<usize>,
+    /// The processes sharing the step.
+    pub collective: &'a dyn Collective,
+}
+
+/// The rows the sparse backward sums over: this process's, or in a distributed step every
+/// process's, gathered in rank order.
+pub(super) struct Batch<'a> {
+    /// x − b_dec, B×D.
+    pub xc_bd: ArrayView2<'a, f32>,
+    /// ∂L/∂x̂, B×D.
+    pub up_main_bd: ArrayView2<'a, f32>,
+    /// ∂L/∂ê (AuxK), B×D.
+    pub up_aux_bd: ArrayView2<'a, f32>,
+    /// The codes, B rows.
+    pub codes: &'a Codes,
+    /// AuxK's codes, B rows (no entries when AuxK is off).
+    pub aux_codes: &'a Codes,
+}
+
+/// Buffers the sparse backward fills: the codes transposed to latent order, and each row's
+/// squared norm when the update's preparation is fused.
+#[derive(Default)]
+pub(super) struct Scratch {
+    pub by_latent: ByLatent,
+    pub aux_by_latent: ByLatent,
+    /// ‖∂W_dec\[j\]‖² + ‖∂W_enc\[j\]‖² per latent (rows of `Context::latents` only).
+    pub row_sq_f: Vec<f64>,
 }
 
 impl Context<'_> {
@@ -63,33 +100,45 @@ impl Context<'_> {
     }
 }
 
-/// Sparse backward. Returns the local L1 sum Σ f_bj·n_j (0 unless ReLU).
-pub(super) fn sparse(ctx: &Context<'_>, ws: &mut Workspace, grads: &mut Grads) -> f64 {
+/// Sparse backward over `batch`, for the rows of `ctx.latents`. Returns the batch's L1 sum
+/// Σ f_bj·n_j (0 unless ReLU).
+pub(super) fn sparse(
+    ctx: &Context<'_>,
+    batch: Batch<'_>,
+    scratch: &mut Scratch,
+    grads: &mut Grads,
+) -> f64 {
     let sae = ctx.sae;
-    let n_local = ws.xc_bd.nrows();
     let n_j = ctx.l1_weights();
-    let (up_main, up_aux) = ws.upstream_bd.view().split_at(Axis(0), n_local);
+    let Batch {
+        xc_bd,
+        up_main_bd: up_main,
+        up_aux_bd: up_aux,
+        codes,
+        aux_codes,
+    } = batch;
 
-    ws.by_latent.rebuild(&ws.codes);
-    ws.aux_by_latent.rebuild(&ws.aux_codes);
+    scratch.by_latent.rebuild(codes);
+    scratch.aux_by_latent.rebuild(aux_codes);
 
     // One task per latent j, writing only row j. Per entry (b, j) with code v:
     // g = ∂L/∂f_bj = u_b·W_dec[j] (+ the L1 term; f > 0 so it is also ∂L/∂pre),
     // ∂W_dec[j] += v·u_b, ∂W_enc[j] += g·(x_b − b_dec), ∂b_enc[j] += g.
     // Latent-major order reads W_dec[j] once, not once per entry.
     let t = &mut grads.tensors;
-    let (codes, aux_codes) = (&ws.codes, &ws.aux_codes);
-    let (by_latent, aux_by_latent) = (&ws.by_latent, &ws.aux_by_latent);
-    let xc_bd = &ws.xc_bd;
+    let (by_latent, aux_by_latent) = (&scratch.by_latent, &scratch.aux_by_latent);
     let l1_per_row = ctx.l1_coef / ctx.n_global as f32;
-    ws.row_sq_f.clear();
-    ws.row_sq_f.resize(sae.config.dict_size, 0.0);
-    Zip::indexed(t.w_dec_fd.rows_mut())
-        .and(t.w_enc_fd.rows_mut())
-        .and(&mut t.b_enc_f)
-        .and(&mut grads.active_f)
-        .and(&mut ws.row_sq_f)
-        .par_for_each(|j, mut gd, mut ge, gb, active, row_sq| {
+    scratch.row_sq_f.clear();
+    scratch.row_sq_f.resize(sae.config.dict_size, 0.0);
+    let (lo, rows) = (ctx.latents.start, s![ctx.latents.clone(), ..]);
+    let own = s![ctx.latents.clone()];
+    Zip::indexed(t.w_dec_fd.slice_mut(rows).rows_mut())
+        .and(t.w_enc_fd.slice_mut(rows).rows_mut())
+        .and(t.b_enc_f.slice_mut(own))
+        .and(&mut grads.active_f[ctx.latents.clone()])
+        .and(&mut scratch.row_sq_f[ctx.latents.clone()])
+        .par_for_each(|i, mut gd, mut ge, gb, active, row_sq| {
+            let j = lo + i;
             let (main_e, main_b) = by_latent.latent(j);
             let (aux_e, aux_b) = aux_by_latent.latent(j);
             *active = !(main_e.is_empty() && aux_e.is_empty());
@@ -196,12 +245,12 @@ pub(super) fn dense_relu(
 fn bias_grads(ctx: &Context<'_>, up_main: ArrayView2<'_, f32>, grads: &mut Grads) {
     let w_enc = &ctx.sae.w_enc_fd;
     let (b_enc, active) = (&grads.tensors.b_enc_f, &grads.active_f);
-    let f = w_enc.nrows();
-    let through_encoder: Vec<Vec<f32>> = (0..f.div_ceil(LATENTS_PER_CHUNK))
+    let (lo, hi) = (ctx.latents.start, ctx.latents.end);
+    let through_encoder: Vec<Vec<f32>> = (0..(hi - lo).div_ceil(LATENTS_PER_CHUNK))
         .into_par_iter()
         .map(|c| {
             let mut acc = vec![0.0f32; w_enc.ncols()];
-            for j in c * LATENTS_PER_CHUNK..((c + 1) * LATENTS_PER_CHUNK).min(f) {
+            for j in lo + c * LATENTS_PER_CHUNK..(lo + (c + 1) * LATENTS_PER_CHUNK).min(hi) {
                 if active[j] && b_enc[j] != 0.0 {
                     axpy(b_enc[j], w_enc.row(j).as_slice().unwrap(), &mut acc);
                 }
@@ -210,8 +259,18 @@ fn bias_grads(ctx: &Context<'_>, up_main: ArrayView2<'_, f32>, grads: &mut Grads
         })
         .collect();
     let mut g = Array1::from(column_sums_by(up_main, |u| u));
-    for part in through_encoder {
-        g.iter_mut().zip(part).for_each(|(g, p)| *g -= p);
+    if hi - lo < w_enc.nrows() {
+        // The other processes hold the other latents' terms.
+        let mut through = vec![0.0f32; w_enc.ncols()];
+        for part in through_encoder {
+            through.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+        }
+        ctx.collective.all_reduce_sum_f32(&mut through);
+        g.iter_mut().zip(through).for_each(|(g, p)| *g -= p);
+    } else {
+        for part in through_encoder {
+            g.iter_mut().zip(part).for_each(|(g, p)| *g -= p);
+        }
     }
     grads.tensors.b_dec_d = g;
 }

@@ -5,11 +5,12 @@
 mod backward;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+mod shard;
 mod state;
 
 use std::time::{Duration, Instant};
 
-use ndarray::{Array2, ArrayView2, Axis, Zip};
+use ndarray::{s, Array2, ArrayView2, Axis, Zip};
 use rayon::prelude::*;
 
 use crate::arch::{DecoderConstraint, Penalty, Rules, Selection};
@@ -17,9 +18,10 @@ use crate::backend::{sparse, Backend, Cpu, Device};
 use crate::config::TrainConfig;
 use crate::dist::{Collective, SingleProcess};
 use crate::error::Result;
-use crate::optim::{lr_factor, sparsity_scale, Adam, AdamConfig, Grads, ParamTensors, RowPrep};
+use crate::optim::{lr_factor, sparsity_scale, sq, Adam, AdamConfig, Grads, ParamTensors, RowPrep};
 use crate::sae::{geometric_median, resize, select_into, Sae};
 use crate::select::{Codes, Selector};
+use shard::{Gathered, Shard};
 
 pub use backward::dense_threshold_default;
 pub use state::{TrainerState, MAX_STEPS};
@@ -96,10 +98,9 @@ struct Workspace {
     upstream_bd: Array2<f32>,
     x_hat_bd: Array2<f32>,
     aux_hat_bd: Array2<f32>,
-    by_latent: sparse::ByLatent,
-    aux_by_latent: sparse::ByLatent,
-    /// ‖∂W_dec\[j\]‖² + ‖∂W_enc\[j\]‖² per latent, when the backward pass prepared the rows.
-    row_sq_f: Vec<f64>,
+    scratch: backward::Scratch,
+    /// Every process's rows, for the backward pass of a distributed step.
+    gathered: Gathered,
     /// Dense ReLU path only: ∂L/∂pre, B×F.
     g_pre_bf: Array2<f32>,
     fired_f: Vec<u64>,
@@ -134,6 +135,9 @@ pub struct Trainer {
     host_stale: bool,
     /// On a GPU: wait for the device at each phase boundary, so phase times are real.
     time_device_phases: bool,
+    /// Across processes: each updates only its own latents' moments, so the others' rows of
+    /// `adam` are stale until [`Trainer::sync`] gathers them.
+    moments_partial: bool,
 }
 
 impl Trainer {
@@ -184,6 +188,7 @@ impl Trainer {
             gpu: None,
             host_stale: false,
             time_device_phases: false,
+            moments_partial: false,
         })
     }
 
@@ -255,8 +260,19 @@ impl Trainer {
     /// On a GPU, copies the parameters, Adam's moments and the dead-latent counters back into
     /// the host copies that [`Trainer::sae`], [`Trainer::adam`], [`Trainer::tokens_since_fired`],
     /// [`Trainer::state`] and [`Trainer::into_sae`] return; until then those show the state
-    /// as of the last sync. A no-op on the CPU, or when nothing changed since the last sync.
+    /// as of the last sync. Across processes, gathers the Adam moments that each process
+    /// updated for its own latents, so that every process holds them all: a collective call,
+    /// which every process must make at the same point. A no-op on the CPU in one process, or
+    /// when nothing changed since the last sync.
     pub fn sync(&mut self) -> Result<()> {
+        if self.moments_partial {
+            let c = &*self.collective;
+            let shard = Shard::new(c, 0, self.sae.config.dict_size);
+            for m in [&mut self.adam.m, &mut self.adam.v] {
+                shard.gather_latents(c, &mut m.w_enc_fd, &mut m.w_dec_fd, &mut m.b_enc_f);
+            }
+            self.moments_partial = false;
+        }
         #[cfg(feature = "cuda")]
         if self.host_stale {
             if let Some(gpu) = self.gpu.take() {
@@ -341,9 +357,9 @@ impl Trainer {
             self.sae.b_dec_d = geometric_median(x_bd, &*self.collective, 100, 1e-5);
         }
         let n_local = x_bd.nrows();
-        let mut n_global = [n_local as u64];
-        self.collective.all_reduce_sum_u64(&mut n_global);
-        let n_global = n_global[0] as usize;
+        let shard = Shard::new(&*self.collective, n_local, self.sae.config.dict_size);
+        let n_global = shard.n_global();
+        let distributed = self.collective.world_size() > 1;
 
         // Encode.
         let mut clock = Instant::now();
@@ -534,8 +550,10 @@ impl Trainer {
 
         times.decode_loss = lap();
 
-        // Backward. Unless the raw gradients are wanted (capture) or must first be summed
-        // across processes, the update's per-row work is done by the backward pass itself.
+        // Backward. Unless the raw gradients are wanted (capture), the update's per-row work
+        // is done by the backward pass itself. Across processes, the sparse path gathers every
+        // process's rows and takes the whole batch's gradients of this process's latents (see
+        // `shard`); the others sum the gradients of each process's rows.
         let prep = RowPrep {
             project_eps: match rules.decoder {
                 DecoderConstraint::UnitNorm { project_eps, .. } => Some(project_eps),
@@ -543,7 +561,9 @@ impl Trainer {
             },
             want_norm: rules.max_grad_norm.is_some(),
         };
-        let fuse = !dense && !self.capture_on && self.collective.world_size() == 1;
+        let fuse = !dense && !self.capture_on;
+        let gather = fuse && distributed;
+        let all_latents = 0..self.sae.config.dict_size;
         let ctx = backward::Context {
             fused_prep: fuse.then_some(prep),
             sae: &self.sae,
@@ -556,28 +576,72 @@ impl Trainer {
                     ..
                 }
             ),
+            latents: if gather {
+                shard.latents()
+            } else {
+                all_latents.clone()
+            },
+            collective: &*self.collective,
         };
         let l1 = if dense {
             backward::dense_relu(&ctx, &*self.backend, ws, &mut self.grads)
+        } else if gather {
+            ws.gathered.gather(
+                &*self.collective,
+                &shard,
+                ws.xc_bd.view(),
+                ws.upstream_bd.view(),
+                aux_active,
+                &ws.codes,
+                &ws.aux_codes,
+            );
+            let g = &ws.gathered;
+            let batch = backward::Batch {
+                xc_bd: g.xc_bd.view(),
+                up_main_bd: g.upstream_bd.slice(s![..n_global, ..]),
+                up_aux_bd: g.upstream_bd.slice(s![n_global.., ..]),
+                codes: &g.codes,
+                aux_codes: &g.aux_codes,
+            };
+            backward::sparse(&ctx, batch, &mut ws.scratch, &mut self.grads)
         } else {
-            backward::sparse(&ctx, ws, &mut self.grads)
+            let batch = backward::Batch {
+                xc_bd: ws.xc_bd.view(),
+                up_main_bd: ws.upstream_bd.slice(s![..n_local, ..]),
+                up_aux_bd: ws.upstream_bd.slice(s![n_local.., ..]),
+                codes: &ws.codes,
+                aux_codes: &ws.aux_codes,
+            };
+            backward::sparse(&ctx, batch, &mut ws.scratch, &mut self.grads)
         };
         if let Penalty::L1 { .. } = rules.penalty {
             let mut l1_sum = [l1];
-            self.collective.all_reduce_sum_f64(&mut l1_sum);
+            if !gather {
+                self.collective.all_reduce_sum_f64(&mut l1_sum);
+            }
             aux = l1_sum[0] / n_global as f64;
             penalty = l1_coef as f64 * aux;
         }
-        if self.collective.world_size() > 1 {
+        if distributed && !gather {
             all_reduce_grads(&mut self.grads, &*self.collective);
         }
         let raw_grads = self.capture_on.then(|| self.grads.to_dense());
 
         times.backward = lap();
 
-        // Update.
-        let norm = if fuse {
-            self.grads.global_norm(&self.ws.row_sq_f)
+        // Update. Across processes each steps its own latents, then gathers the others'.
+        let own = shard.latents();
+        let norm = if gather {
+            // Rows and b_enc entries are each held by one process; b_dec by all.
+            let rows = &self.ws.scratch.row_sq_f[own.clone()];
+            let b_enc = &self.grads.tensors.b_enc_f.as_slice().expect("contiguous")[own.clone()];
+            let mut parts = [rows.iter().sum::<f64>() + sq(b_enc)];
+            if prep.want_norm {
+                self.collective.all_reduce_sum_f64(&mut parts);
+            }
+            (parts[0] + sq(self.grads.tensors.b_dec_d.as_slice().expect("contiguous"))).sqrt()
+        } else if fuse {
+            self.grads.global_norm(&self.ws.scratch.row_sq_f)
         } else {
             self.grads.project_and_norm(&self.sae.w_dec_fd, prep)
         };
@@ -605,8 +669,24 @@ impl Trainer {
             });
         }
         let lr = self.current_lr();
-        self.adam
-            .step(&mut self.sae, &self.grads, lr, grad_scale, rules.decoder);
+        self.adam.step_latents(
+            &mut self.sae,
+            &self.grads,
+            lr,
+            grad_scale,
+            rules.decoder,
+            own,
+        );
+        if distributed {
+            let sae = &mut self.sae;
+            shard.gather_latents(
+                &*self.collective,
+                &mut sae.w_enc_fd,
+                &mut sae.w_dec_fd,
+                &mut sae.b_enc_f,
+            );
+            self.moments_partial = true;
+        }
         self.step += 1;
         times.update = lap();
         self.times = times;
