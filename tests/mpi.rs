@@ -54,12 +54,12 @@ fn write_shard(path: &Path, x_nd: &Array2<f32>) {
 }
 
 /// A config that trains every architecture on `data` (normalised, 5% held out, AuxK's dead
-/// latents reachable within the run).
-fn sweep_config(dir: &Path, data: &[PathBuf], steps: u64) -> PathBuf {
+/// latents reachable within the run), skipping non-finite rows when `skip`.
+fn sweep_config(dir: &Path, data: &[PathBuf], steps: u64, skip: bool) -> PathBuf {
     let paths: Vec<String> = data.iter().map(|p| format!("{:?}", s(p))).collect();
     let mut toml = format!(
-        "[data]\npaths = [{}]\nnormalize = true\neval_fraction = 0.05\n\n[train]\nbatch_size = \
-         48\nsteps = {steps}\nseed = 5\nmetrics_every = 5\n",
+        "[data]\npaths = [{}]\nnormalize = true\neval_fraction = 0.05\nskip_non_finite = \
+         {skip}\n\n[train]\nbatch_size = 48\nsteps = {steps}\nseed = 5\nmetrics_every = 5\n",
         paths.join(", ")
     );
     for name in SAES {
@@ -79,9 +79,15 @@ fn sweep_config(dir: &Path, data: &[PathBuf], steps: u64) -> PathBuf {
     path
 }
 
-/// The shards the equivalence and resume tests train on: two files, 1,800 rows of width 16.
-fn shards(dir: &Path) -> Vec<PathBuf> {
-    let x_nd = synthetic_batch(1800, 16, 3);
+/// The shards the equivalence and resume tests train on: two files, 1,800 rows of width 16,
+/// every `nan_every`-th row holding a NaN when given.
+fn shards(dir: &Path, nan_every: Option<usize>) -> Vec<PathBuf> {
+    let mut x_nd = synthetic_batch(1800, 16, 3);
+    if let Some(every) = nan_every {
+        for i in (0..1800).step_by(every) {
+            x_nd[[i, i % 16]] = f32::NAN;
+        }
+    }
     let paths = vec![dir.join("a.npy"), dir.join("b.npy")];
     write_shard(&paths[0], &x_nd.slice(ndarray::s![..1000, ..]).to_owned());
     write_shard(&paths[1], &x_nd.slice(ndarray::s![1000.., ..]).to_owned());
@@ -138,7 +144,7 @@ fn assert_runs_identical(a: &Path, b: &Path) {
 fn two_and_three_ranks_train_what_one_process_trains_and_repeat_bit_for_bit() {
     let _job = JOBS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = temp_dir("mpi-equivalence");
-    let config = sweep_config(&dir, &shards(&dir), 30);
+    let config = sweep_config(&dir, &shards(&dir, None), 30, false);
     let train = |np: usize, name: &str| {
         let out_dir = dir.join(name);
         let args = [
@@ -295,10 +301,11 @@ fn copy_dir(from: &Path, to: &Path) {
 fn a_run_interrupted_on_two_ranks_resumes_on_two_three_or_one_to_the_uninterrupted_result() {
     let _job = JOBS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = temp_dir("mpi-resume");
-    let config = sweep_config(&dir, &shards(&dir), 300);
+    // Rows skipped on both ranks before the interruption: the checkpoint must count them all.
+    let config = sweep_config(&dir, &shards(&dir, Some(20)), 300, true);
     let steps = "300";
     let whole = dir.join("whole");
-    ok(&run_np(
+    let whole_out = ok(&run_np(
         2,
         &[
             "train",
@@ -322,13 +329,24 @@ fn a_run_interrupted_on_two_ranks_resumes_on_two_three_or_one_to_the_uninterrupt
         } else {
             run_np(np, &args)
         };
-        ok(&out);
+        assert_eq!(
+            skipped_note(&ok(&out)),
+            skipped_note(&whole_out),
+            "{np} ranks"
+        );
         if np == 2 {
             assert_runs_identical(&resumed, &whole);
         } else {
             assert_runs_close(&resumed, &whole, 1e-5);
         }
     }
+}
+
+/// The run's note of how many non-finite rows it skipped.
+fn skipped_note(stdout: &str) -> String {
+    let note = stdout.lines().find(|l| l.contains("non-finite rows"));
+    note.unwrap_or_else(|| panic!("no skipped-rows note in:\n{stdout}"))
+        .to_string()
 }
 
 /// Asserts that a job failed with exit status 2 within 30 s, its first line of stderr our

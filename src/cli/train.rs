@@ -607,7 +607,11 @@ struct Reporter {
 impl Reporter {
     fn new(run: &Run, log_every: Option<u64>) -> Self {
         let total = run.total_steps();
-        let bar = std::io::stdout().is_terminal().then(|| {
+        // The bar draws on stderr and the notes print above it, so both must be a terminal:
+        // otherwise (output redirected, or mpirun forwarding rank 0's stdout through a pty
+        // and its stderr through a pipe) the bar would hide and take the notes with it.
+        let on_terminal = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
+        let bar = on_terminal.then(|| {
             let bar = ProgressBar::new(total);
             bar.set_style(
                 // The message is cut to the terminal's width rather than wrapping.

@@ -296,9 +296,10 @@ pub enum DataError {
         /// File and row.
         location: String,
     },
-    /// Skipping non-finite rows left nothing to train on.
+    /// Skipping non-finite rows left a batch (or a rank's part of one) with no rows.
     #[error(
-        "every row of the dataset holds a non-finite value (NaN or Inf); check how it was made"
+        "every row of a batch holds a non-finite value (NaN or Inf): the data is mostly broken; \
+         check how it was made"
     )]
     NoFiniteRows,
     /// The rows are not usable for estimating the normalisation scale.

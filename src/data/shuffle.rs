@@ -47,7 +47,9 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// Skip rows holding NaN or ±Inf (counted in [`Batcher::skipped_rows`]) instead of
     /// stopping at the first one (default false: bad data should be seen, not trained on).
-    /// In part mode a skipped row is dropped from the rank's part, which is then shorter.
+    /// A skipped row is dropped from the batch that draws it, which is then shorter: the
+    /// draws stay those of the clean stream, so the batches are the same in normal mode and,
+    /// split over ranks, in part mode.
     pub skip_non_finite: bool,
     /// Factor applied to every row as it is read: normalisation's c (default 1).
     pub scale: f32,
@@ -140,7 +142,7 @@ impl LoaderConfig {
 pub struct Cursor {
     /// Epochs completed.
     pub epoch: u64,
-    /// Rows of this epoch's chunk stream already read into the buffer (or skipped).
+    /// Rows of this epoch's chunk stream already taken into the buffer.
     pub stream_pos: u64,
     /// Position of the draw generator (ChaCha8 word position).
     pub rng_word_pos: u128,
@@ -342,26 +344,11 @@ impl<S: Source> Batcher<S> {
         self.rng.set_word_pos(cursor.rng_word_pos);
         self.skipped_rows = cursor.skipped_rows;
         self.slot_rows = cursor.slot_rows.clone();
-        if self.part.is_some() {
-            return Ok(self);
+        if self.part.is_none() {
+            let rows = self.slot_rows.clone();
+            let slots: Vec<usize> = (0..rows.len()).collect();
+            self.read_into_slots(&slots, &rows, None)?;
         }
-        let rows = self.slot_rows.clone();
-        let slots: Vec<usize> = (0..rows.len()).collect();
-        let bad = self.read_into_slots(&slots, &rows, None)?;
-        let mut holes = Vec::new();
-        for &j in &bad {
-            if !self.config.skip_non_finite {
-                return Err(DataError::NonFinite {
-                    location: self.source.locate(rows[j]),
-                }
-                .into());
-            }
-            self.skipped_rows += 1;
-            if !self.replace_bad(j)? {
-                holes.push(j);
-            }
-        }
-        self.compact(holes);
         Ok(self)
     }
 
@@ -469,10 +456,11 @@ impl<S: Source> Batcher<S> {
     }
 
     /// Fills `x_bd` (any number of rows R, D columns, standard layout) with the next rows of the
-    /// shuffled stream, reusing its memory, and returns the rows written. In normal mode that
-    /// is every row. In part mode the call takes a global batch of R × world rows and writes
-    /// this rank's part of it; with `skip_non_finite` its non-finite rows are dropped, the rows
-    /// kept come first and their count is returned (rows past it are left as they were).
+    /// shuffled stream, reusing its memory, and returns the rows written. In normal mode the
+    /// call draws R rows; in part mode it draws a global batch of R × world rows and writes
+    /// this rank's part of it. With `skip_non_finite` the non-finite rows drawn are dropped,
+    /// the rows kept come first and their count is returned (rows past it are left as they
+    /// were); a batch left with none is [`DataError::NoFiniteRows`].
     pub fn fill_batch(&mut self, mut x_bd: ArrayViewMut2<'_, f32>) -> Result<usize> {
         let d = self.d_model;
         let n_out = x_bd.nrows();
@@ -485,19 +473,22 @@ impl<S: Source> Batcher<S> {
         if let Some((rank, world)) = self.part {
             return self.fill_part(rank, world, out);
         }
-        let mut filled = 0;
-        while filled < out.len() {
+        let (mut drawn, mut kept) = (0, 0);
+        while drawn < n_out {
             if self.slot_rows.is_empty() {
                 if self.stream_pos == self.n_rows {
                     self.set_epoch(self.epoch + 1);
                 }
                 self.fill_buffer()?;
             }
-            let m = ((out.len() - filled) / d).min(self.slot_rows.len());
-            self.draw(m, &mut out[filled..filled + m * d])?;
-            filled += m * d;
+            let m = (n_out - drawn).min(self.slot_rows.len());
+            kept += self.draw(m, &mut out[kept * d..(kept + m) * d])?;
+            drawn += m;
         }
-        Ok(n_out)
+        if kept == 0 && n_out > 0 {
+            return Err(DataError::NoFiniteRows.into());
+        }
+        Ok(kept)
     }
 
     /// Part mode's `fill_batch`: draws a global batch of `out`'s rows × `world` exactly as
@@ -528,26 +519,35 @@ impl<S: Source> Batcher<S> {
             self.compact(holes);
             filled += m;
         }
-        let bad = self.read_rows(&rows, &mut out[..rows.len() * d])?;
-        if let Some(&j) = bad.first() {
-            if !self.config.skip_non_finite {
-                return Err(DataError::NonFinite {
-                    location: self.source.locate(rows[j]),
-                }
-                .into());
-            }
+        let out = &mut out[..rows.len() * d];
+        self.read_rows(&rows, out)?;
+        let kept = self.drop_non_finite(&rows, out)?;
+        if kept == 0 && !rows.is_empty() {
+            return Err(DataError::NoFiniteRows.into());
         }
-        // Drop the bad rows, keeping the order of the rest.
+        Ok(kept)
+    }
+
+    /// Drops the non-finite rows of `out` (which holds source rows `rows`), keeping the order
+    /// of the rest, and counts them; returns the rows kept. Without `skip_non_finite` the first
+    /// one is [`DataError::NonFinite`] naming it.
+    fn drop_non_finite(&mut self, rows: &[u64], out: &mut [f32]) -> Result<usize> {
+        let d = self.d_model;
         let mut kept = 0;
-        for j in 0..rows.len() {
-            if bad.binary_search(&j).is_err() {
+        for (j, &row) in rows.iter().enumerate() {
+            if out[j * d..(j + 1) * d].iter().all(|v| v.is_finite()) {
                 if kept != j {
                     out.copy_within(j * d..(j + 1) * d, kept * d);
                 }
                 kept += 1;
+            } else if !self.config.skip_non_finite {
+                return Err(DataError::NonFinite {
+                    location: self.source.locate(row),
+                }
+                .into());
             }
         }
-        self.skipped_rows += bad.len() as u64;
+        self.skipped_rows += (rows.len() - kept) as u64;
         Ok(kept)
     }
 
@@ -605,26 +605,25 @@ impl<S: Source> Batcher<S> {
         rows
     }
 
-    /// Fills the empty buffer from the stream.
+    /// Fills the empty buffer from the stream (at least one row: an epoch is never empty).
     fn fill_buffer(&mut self) -> Result<()> {
         let n = (self.n_rows - self.stream_pos).min(self.capacity as u64) as usize;
         self.slot_rows.resize(n, 0);
         let slots: Vec<usize> = (0..n).collect();
         let holes = self.refill(&slots, None)?;
         self.compact(holes);
-        if self.slot_rows.is_empty() {
-            return Err(DataError::NoFiniteRows.into());
-        }
         Ok(())
     }
 
-    /// Moves `m` rows from distinct random slots into `out` and refills the slots.
-    fn draw(&mut self, m: usize, out: &mut [f32]) -> Result<()> {
+    /// Moves `m` rows from distinct random slots into `out`, refills the slots, and drops the
+    /// non-finite rows from `out`; returns the rows kept.
+    fn draw(&mut self, m: usize, out: &mut [f32]) -> Result<usize> {
         // Distinct slots: the copies and refills of one batch never touch the same row.
         let slots = rand::seq::index::sample(&mut self.rng, self.slot_rows.len(), m).into_vec();
+        let rows: Vec<u64> = slots.iter().map(|&slot| self.slot_rows[slot]).collect();
         let holes = self.refill(&slots, Some(out))?;
         self.compact(holes);
-        Ok(())
+        self.drop_non_finite(&rows, out)
     }
 
     /// Copies each slot of `slots` to its row of `out` (if given), then refills the slots with
@@ -634,27 +633,13 @@ impl<S: Source> Batcher<S> {
         let rows = self.stream_rows(self.stream_pos, fresh);
         self.stream_pos += fresh as u64;
         // Part mode keeps no rows: the buffer learns nothing about them.
-        let bad = match self.part {
-            None => self.read_into_slots(slots, &rows, out)?,
-            Some(_) => Vec::new(),
-        };
+        if self.part.is_none() {
+            self.read_into_slots(slots, &rows, out)?;
+        }
         for (&slot, &row) in slots.iter().zip(&rows) {
             self.slot_rows[slot] = row;
         }
-        let mut holes = slots[fresh..].to_vec();
-        for &j in &bad {
-            if !self.config.skip_non_finite {
-                return Err(DataError::NonFinite {
-                    location: self.source.locate(rows[j]),
-                }
-                .into());
-            }
-            // Replace the bad row with the next good one, or leave a hole at the stream's end.
-            self.skipped_rows += 1;
-            if !self.replace_bad(slots[j])? {
-                holes.push(slots[j]);
-            }
-        }
+        let holes = slots[fresh..].to_vec();
         if let Some(log) = &mut self.log {
             log.extend(
                 slots
@@ -666,24 +651,9 @@ impl<S: Source> Batcher<S> {
         Ok(holes)
     }
 
-    /// Reads the next finite row of the stream into `slot` (normal mode), counting the
-    /// non-finite ones passed over; false when the stream ends first, leaving the slot a hole.
-    fn replace_bad(&mut self, slot: usize) -> Result<bool> {
-        while self.stream_pos < self.n_rows {
-            let row = self.stream_rows(self.stream_pos, 1)[0];
-            self.stream_pos += 1;
-            if self.read_into_slots(&[slot], &[row], None)?.is_empty() {
-                self.slot_rows[slot] = row;
-                return Ok(true);
-            }
-            self.skipped_rows += 1;
-        }
-        Ok(false)
-    }
-
     /// In parallel: reads source row `rows[j]` into row j of `out`, scaled, grouping
-    /// consecutive rows into runs. Returns the j whose row is not finite, ascending.
-    fn read_rows(&self, rows: &[u64], out: &mut [f32]) -> Result<Vec<usize>> {
+    /// consecutive rows into runs.
+    fn read_rows(&self, rows: &[u64], out: &mut [f32]) -> Result<()> {
         let d = self.d_model;
         let (source, scale) = (&self.source, self.config.scale);
         let runs = runs(rows, rows.len(), (RUN_BYTES / (4 * d)).max(1));
@@ -697,34 +667,26 @@ impl<S: Source> Batcher<S> {
         let task =
             |(run, out_run): (&Range<usize>, &mut [f32])| -> std::result::Result<_, DataError> {
                 source.read_rows(rows[run.start], out_run)?;
-                let mut bad = Vec::new();
-                for (j, row) in run.clone().zip(out_run.chunks_exact_mut(d)) {
-                    if scale != 1.0 {
-                        row.iter_mut().for_each(|v| *v *= scale);
-                    }
-                    if row.iter().any(|v| !v.is_finite()) {
-                        bad.push(j);
-                    }
+                if scale != 1.0 {
+                    out_run.iter_mut().for_each(|v| *v *= scale);
                 }
-                Ok(bad)
+                Ok(())
             };
-        let bad: Vec<Vec<usize>> = runs
-            .par_iter()
+        runs.par_iter()
             .zip(outs)
             .map(task)
-            .collect::<std::result::Result<_, DataError>>()?;
-        Ok(bad.concat())
+            .collect::<std::result::Result<(), DataError>>()?;
+        Ok(())
     }
 
     /// In parallel: copies slot `slots[j]` to row j of `out` (if given), then, for j <
-    /// `rows.len()`, reads source row `rows[j]` into that slot, scaled. Returns the j whose
-    /// new row is not finite, ascending.
+    /// `rows.len()`, reads source row `rows[j]` into that slot, scaled.
     fn read_into_slots(
         &mut self,
         slots: &[usize],
         rows: &[u64],
         out: Option<&mut [f32]>,
-    ) -> Result<Vec<usize>> {
+    ) -> Result<()> {
         let d = self.d_model;
         let buf = SlotsPtr(self.buf.as_mut_ptr());
         let (source, scale) = (&self.source, self.config.scale);
@@ -743,7 +705,7 @@ impl<S: Source> Batcher<S> {
         }
         let task = |scratch: &mut Vec<f32>,
                     (run, out_run): (&Range<usize>, Option<&mut [f32]>)|
-         -> std::result::Result<Vec<usize>, DataError> {
+         -> std::result::Result<(), DataError> {
             // SAFETY: `slots` are distinct and below capacity, and the runs are disjoint, so
             // each task owns the rows of its slots.
             let slot = |j: usize| unsafe { buf.row(slots[j], d) };
@@ -754,32 +716,27 @@ impl<S: Source> Batcher<S> {
             }
             let fresh = run.start..run.end.min(rows.len());
             if fresh.is_empty() {
-                return Ok(Vec::new());
+                return Ok(());
             }
             let n = fresh.len() * d;
             if scratch.len() < n {
                 scratch.resize(n, 0.0);
             }
             source.read_rows(rows[fresh.start], &mut scratch[..n])?;
-            let mut bad = Vec::new();
             for (j, new_row) in fresh.zip(scratch.chunks_exact(d)) {
                 let slot = slot(j);
                 slot.copy_from_slice(new_row);
                 if scale != 1.0 {
                     slot.iter_mut().for_each(|v| *v *= scale);
                 }
-                if slot.iter().any(|v| !v.is_finite()) {
-                    bad.push(j);
-                }
             }
-            Ok(bad)
+            Ok(())
         };
-        let bad: Vec<Vec<usize>> = runs
-            .par_iter()
+        runs.par_iter()
             .zip(outs)
             .map_init(Vec::new, task)
-            .collect::<std::result::Result<_, _>>()?;
-        Ok(bad.concat())
+            .collect::<std::result::Result<(), _>>()?;
+        Ok(())
     }
 
     /// Closes the holes a drained stream left by moving the buffer's last rows into them.

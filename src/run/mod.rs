@@ -718,8 +718,14 @@ impl Run {
                 (_, Some(synth), _) => Batches::Synthetic(Box::new(synth)),
                 (Some(rows), None, Some(cursor)) => {
                     let config = loader_config(&run.spec.data, &run.schedule, state.scale);
+                    // The checkpoint counts every rank's skipped rows: rank 0 carries the
+                    // count on, so the sum over ranks stays the run's total.
+                    let mut cursor = cursor.clone();
+                    if c.rank() != 0 {
+                        cursor.skipped_rows = 0;
+                    }
                     // The part first: a rank reads only its part of the buffered rows.
-                    let batcher = loader_part(Batcher::new(rows, config)?, c)?.resume(cursor)?;
+                    let batcher = loader_part(Batcher::new(rows, config)?, c)?.resume(&cursor)?;
                     Batches::Loader(Prefetcher::new(batcher))
                 }
                 _ => {
@@ -1110,12 +1116,16 @@ impl Run {
         {
             return Err(self.diverged(i, "a parameter is not finite"));
         }
+        let skipped_rows = self.skipped_rows();
         let state = RunState {
             step: self.step,
             seconds,
             scale: self.scale,
             cursor: match &self.batches {
-                Batches::Loader(loader) => Some(loader.cursor().clone()),
+                Batches::Loader(loader) => Some(Cursor {
+                    skipped_rows,
+                    ..loader.cursor().clone()
+                }),
                 Batches::Synthetic(_) => None,
             },
         };
