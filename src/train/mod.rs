@@ -293,7 +293,8 @@ impl Trainer {
     pub fn into_sae(self) -> Sae {
         self.sae
     }
-    /// Adam's state (on a GPU, as of the last [`Trainer::sync`]).
+    /// Adam's state (on a GPU, or across processes where each steps only its own latents, as
+    /// of the last [`Trainer::sync`]).
     pub fn adam(&self) -> &Adam {
         &self.adam
     }

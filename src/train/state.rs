@@ -86,8 +86,8 @@ impl TrainerState {
 }
 
 impl Trainer {
-    /// A copy of the trainer's state, for a checkpoint (on a GPU, as of the last
-    /// [`Trainer::sync`]).
+    /// A copy of the trainer's state, for a checkpoint (on a GPU, and for Adam's moments
+    /// across processes, as of the last [`Trainer::sync`]).
     pub fn state(&self) -> TrainerState {
         TrainerState {
             sae: self.sae.clone(),
