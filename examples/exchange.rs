@@ -47,14 +47,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             None => default,
         })
     };
-    let (d, f, b, reps) = (arg(1, 768)?, arg(2, 16384)?, arg(3, 4096)?, arg(4, 5)?.max(1));
+    let (d, f, b, reps) = (
+        arg(1, 768)?,
+        arg(2, 16384)?,
+        arg(3, 4096)?,
+        arg(4, 5)?.max(1),
+    );
     let world = dist::world()?;
     let collective = world.collective();
     let c = &*collective;
     let (rank, size) = (c.rank(), c.world_size());
 
-    let latents: Vec<usize> = (0..size).map(|q| dist::part(f, q, size).len() * d).collect();
-    let rows: Vec<usize> = (0..size).map(|q| dist::part(b, q, size).len() * d).collect();
+    let latents: Vec<usize> = (0..size)
+        .map(|q| dist::part(f, q, size).len() * d)
+        .collect();
+    let rows: Vec<usize> = (0..size)
+        .map(|q| dist::part(b, q, size).len() * d)
+        .collect();
     let mut w_fd = [Array2::<f32>::ones((f, d)), Array2::<f32>::ones((f, d))];
     let mut x_bd = [Array2::<f32>::ones((b, d)), Array2::<f32>::ones((b, d))];
     let (mut params, mut batch, mut ordered, mut native) = (vec![], vec![], vec![], vec![]);
@@ -104,8 +113,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         println!("ranks {size}  D={d} F={f} B={b}  medians of {reps}");
         line("batch rows gathered (2 B×D)", median_ms(batch), batch_bytes);
-        line("updated latent rows gathered (2 F×D)", median_ms(params), params_bytes);
-        line("gradient sum, all_reduce_sum_f32 (2 F×D)", median_ms(ordered), sum_bytes);
+        line(
+            "updated latent rows gathered (2 F×D)",
+            median_ms(params),
+            params_bytes,
+        );
+        line(
+            "gradient sum, all_reduce_sum_f32 (2 F×D)",
+            median_ms(ordered),
+            sum_bytes,
+        );
         println!(
             "  {:<44} {:>9.2} ms  (its own copy of the send buffer included)",
             "gradient sum, MPI_Allreduce (2 F×D)",

@@ -98,8 +98,11 @@ impl Estimate {
 
     /// What one SAE's trainer holds for a whole run (parameters, Adam's m and v, gradients,
     /// counters) and its step buffers for batches of `batch` rows (see `train::Workspace`).
-    fn trainer(&mut self, sae: &SaeConfig, batch: usize) {
-        let (f, d, b) = (u(sae.dict_size), u(sae.d_model), u(batch));
+    /// One trainer stepping its part of a global batch of `batch` rows split over `ranks`
+    /// processes.
+    fn trainer(&mut self, sae: &SaeConfig, batch: usize, ranks: usize) {
+        let (f, d) = (u(sae.dict_size), u(sae.d_model));
+        let (b, b_global) = (u(batch / ranks.max(1)), u(batch));
         let params = mul(&[4, 2, f, d]).saturating_add(4 * (f + d));
         // Parameters, m, v and the gradients are four parameter-shaped arrays; per latent,
         // `tokens_since_fired_f`, `fired_f`, `row_sq_f` (8 bytes each), `dead_f` and the
@@ -124,6 +127,17 @@ impl Estimate {
         };
         let codes =
             mul(&[24, nnz.saturating_add(aux_nnz)]).saturating_add(mul(&[32, b.saturating_add(f)]));
+        if ranks > 1 {
+            // Every rank's x − b_dec and upstream rows (three B×D arrays), and their codes,
+            // 8 bytes each in `Codes` and 8 in the by-latent transpose.
+            let per_rank = ranks as u128;
+            let gathered_codes = mul(&[16, per_rank, nnz.saturating_add(aux_nnz)]);
+            self.add(
+                "gathered batch rows",
+                Knob::BatchSize,
+                mul(&[12, b_global, d]).saturating_add(gathered_codes),
+            );
+        }
         self.add(
             "B×F step buffers",
             Knob::BatchAndDictSize,
@@ -163,7 +177,7 @@ impl Estimate {
                 dict_size: f,
                 arch,
             };
-            e.trainer(&config, batch);
+            e.trainer(&config, batch, ranks);
             largest_fd = largest_fd.max(mul(&[u(f), d]));
             largest_f = largest_f.max(f);
         }
@@ -228,7 +242,7 @@ impl Estimate {
     /// B×F output, and with `data` the loader over a file of `data_batches` batches.
     pub fn bench(sae: &SaeConfig, batch: usize, data: Option<usize>) -> Estimate {
         let mut e = Estimate::default();
-        e.trainer(sae, batch);
+        e.trainer(sae, batch, 1);
         let (f, d, b) = (u(sae.dict_size), u(sae.d_model), u(batch));
         // Sae::new's initialisation and the GEMM's own W_enc.
         e.add("initialisation copies", Knob::DictSize, mul(&[8, f, d]));
@@ -638,6 +652,16 @@ mod tests {
         for what in ["parameters, Adam moments and gradients", "checkpoint copy"] {
             assert_eq!(part(&four, what), part(&one, what), "{what}");
         }
+        // A rank's step buffers hold its rows, plus every rank's rows gathered for the
+        // backward pass.
+        assert_eq!(part(&four, "B×D step buffers"), 20 * 256 * d);
+        assert_eq!(part(&one, "B×D step buffers"), 20 * 1024 * d);
+        assert!(part(&four, "B×F step buffers") * 4 < part(&one, "B×F step buffers") + 4096 * 256);
+        assert_eq!(part(&one, "gathered batch rows"), 0);
+        assert_eq!(
+            part(&four, "gathered batch rows"),
+            12 * 1024 * d + 16 * 4 * (256 * 32 + 256 * 128)
+        );
     }
 
     #[test]
