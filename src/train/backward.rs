@@ -63,6 +63,26 @@ pub(super) struct Batch<'a> {
     pub aux_codes: &'a Codes,
 }
 
+impl<'a> Batch<'a> {
+    /// The batch of `xc_bd`'s B rows, with `upstream_bd` holding ∂L/∂x̂ in its first B rows
+    /// and ∂L/∂ê in the next B.
+    pub fn of(
+        xc_bd: ArrayView2<'a, f32>,
+        upstream_bd: ArrayView2<'a, f32>,
+        codes: &'a Codes,
+        aux_codes: &'a Codes,
+    ) -> Self {
+        let (up_main_bd, up_aux_bd) = upstream_bd.split_at(Axis(0), xc_bd.nrows());
+        Batch {
+            xc_bd,
+            up_main_bd,
+            up_aux_bd,
+            codes,
+            aux_codes,
+        }
+    }
+}
+
 /// Buffers the sparse backward fills: the codes transposed to latent order, and each row's
 /// squared norm when the update's preparation is fused.
 #[derive(Default)]

@@ -10,7 +10,7 @@ mod state;
 
 use std::time::{Duration, Instant};
 
-use ndarray::{s, Array2, ArrayView2, Axis, Zip};
+use ndarray::{Array2, ArrayView2, Axis, Zip};
 use rayon::prelude::*;
 
 use crate::arch::{DecoderConstraint, Penalty, Rules, Selection};
@@ -586,32 +586,26 @@ impl Trainer {
         };
         let l1 = if dense {
             backward::dense_relu(&ctx, &*self.backend, ws, &mut self.grads)
-        } else if gather {
-            ws.gathered.gather(
-                &*self.collective,
-                &shard,
-                ws.xc_bd.view(),
-                ws.upstream_bd.view(),
-                aux_active,
-                &ws.codes,
-                &ws.aux_codes,
-            );
-            let g = &ws.gathered;
-            let batch = backward::Batch {
-                xc_bd: g.xc_bd.view(),
-                up_main_bd: g.upstream_bd.slice(s![..n_global, ..]),
-                up_aux_bd: g.upstream_bd.slice(s![n_global.., ..]),
-                codes: &g.codes,
-                aux_codes: &g.aux_codes,
-            };
-            backward::sparse(&ctx, batch, &mut ws.scratch, &mut self.grads)
         } else {
-            let batch = backward::Batch {
-                xc_bd: ws.xc_bd.view(),
-                up_main_bd: ws.upstream_bd.slice(s![..n_local, ..]),
-                up_aux_bd: ws.upstream_bd.slice(s![n_local.., ..]),
-                codes: &ws.codes,
-                aux_codes: &ws.aux_codes,
+            let batch = if gather {
+                ws.gathered.gather(
+                    &*self.collective,
+                    &shard,
+                    ws.xc_bd.view(),
+                    ws.upstream_bd.view(),
+                    aux_active,
+                    &ws.codes,
+                    &ws.aux_codes,
+                );
+                let g = &ws.gathered;
+                backward::Batch::of(g.xc_bd.view(), g.upstream_bd.view(), &g.codes, &g.aux_codes)
+            } else {
+                backward::Batch::of(
+                    ws.xc_bd.view(),
+                    ws.upstream_bd.view(),
+                    &ws.codes,
+                    &ws.aux_codes,
+                )
             };
             backward::sparse(&ctx, batch, &mut ws.scratch, &mut self.grads)
         };
