@@ -267,7 +267,7 @@ fn non_finite_rows_stop_the_run_or_are_skipped_and_counted() {
         "--eval-fraction",
         "0",
         "--steps",
-        "10",
+        "12",
         "--batch-size",
         "64",
         "--threads",
@@ -285,9 +285,9 @@ fn non_finite_rows_stop_the_run_or_are_skipped_and_counted() {
     let out = sae(&[&args[..], &["--skip-non-finite"]].concat());
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
-    // Row 100 is met once in each of the 3 epochs that the 640 rows begin.
+    // The 768 rows drawn are 3 epochs, row 100 drawn (and dropped) once in each.
     assert!(
-        stdout.contains("skipped 3 non-finite rows (counted each time an epoch met one)"),
+        stdout.contains("skipped 3 non-finite rows (counted each time a batch drew one)"),
         "{stdout}"
     );
     std::fs::remove_dir_all(dir).unwrap();

@@ -144,7 +144,7 @@ pub struct Summary {
     pub eval: Option<EvalStats>,
     /// Recovery of the true features, on the synthetic set.
     pub recovery: Option<Recovery>,
-    /// Training rows skipped for holding NaN or ±Inf (each time an epoch met them).
+    /// Training rows skipped for holding NaN or ±Inf (each time a batch drew one).
     pub skipped_rows: u64,
     /// Seconds of training.
     pub seconds: f64,
@@ -966,7 +966,7 @@ impl Run {
         let skipped_rows = self.skipped_rows();
         if skipped_rows > 0 {
             observer.note(&format!(
-                "skipped {skipped_rows} non-finite rows (counted each time an epoch met one)"
+                "skipped {skipped_rows} non-finite rows (counted each time a batch drew one)"
             ));
         }
         // Each trainer gives up its SAE here: its moments, gradients and step buffers are

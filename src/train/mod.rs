@@ -319,6 +319,8 @@ impl Trainer {
     }
 
     /// Records dense copies of each step's internals, readable with [`Trainer::captured`].
+    /// Across processes, capture sums the gradients instead of gathering the batch (so that
+    /// every process holds them all): every process must set it alike.
     pub fn set_capture(&mut self, on: bool) {
         self.capture_on = on;
         if !on {
