@@ -424,8 +424,9 @@ impl<S: Source> Batcher<S> {
         self.epoch
     }
 
-    /// Non-finite rows skipped so far (with `skip_non_finite`; counted each time a batch draws one).
-    /// In part mode, the rows this rank dropped from its parts: a run sums it over the ranks.
+    /// Non-finite rows skipped so far (with `skip_non_finite`; counted each time a batch draws
+    /// one). In part mode, the rows this rank dropped from its parts: a run sums it over the
+    /// ranks.
     pub fn skipped_rows(&self) -> u64 {
         self.skipped_rows
     }
