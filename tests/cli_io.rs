@@ -6,12 +6,8 @@ mod common;
 
 use std::path::Path;
 
-use common::{ok, random_sae, sae, synthetic_batch, temp_dir, usage_error, write_npy};
+use common::{f32_bytes, ok, random_sae, sae, synthetic_batch, temp_dir, usage_error, write_npy};
 use sparse_autoencoder::Architecture;
-
-fn f32_bytes(values: impl IntoIterator<Item = f32>) -> Vec<u8> {
-    values.into_iter().flat_map(|v| v.to_le_bytes()).collect()
-}
 
 fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
@@ -26,7 +22,7 @@ fn encode_and_export_refuse_bad_input_with_status_2() {
         .unwrap();
     let data = dir.join("x.npy");
     let x = synthetic_batch(10, 6, 0);
-    write_npy(&data, "<f4", &[10, 6], &f32_bytes(x.iter().copied()));
+    write_npy(&data, "<f4", &[10, 6], &f32_bytes(x.as_slice().unwrap()));
     let out = dir.join("out");
 
     for command in ["encode", "export"] {
@@ -57,7 +53,7 @@ fn encode_and_export_refuse_bad_input_with_status_2() {
     let mut values: Vec<f32> = x.iter().copied().collect();
     values[4 * 6 + 2] = f32::NAN;
     let nan = dir.join("nan.npy");
-    write_npy(&nan, "<f4", &[10, 6], &f32_bytes(values));
+    write_npy(&nan, "<f4", &[10, 6], &f32_bytes(&values));
     let err = sae(&[
         "encode",
         &s(&run),
@@ -104,7 +100,7 @@ fn encode_force_replaces_codes_of_another_layout() {
     let dir = temp_dir("cli-io-force");
     let data = dir.join("x.npy");
     let x = synthetic_batch(40, 6, 2);
-    write_npy(&data, "<f4", &[40, 6], &f32_bytes(x.iter().copied()));
+    write_npy(&data, "<f4", &[40, 6], &f32_bytes(x.as_slice().unwrap()));
     let (relu, topk) = (dir.join("relu"), dir.join("topk"));
     random_sae(Architecture::Relu, 6, 20, 1)
         .save(&relu)

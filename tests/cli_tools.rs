@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ok, random_sae, sae, temp_dir, usage_error_line, write_npy};
+use common::{f32_bytes, ok, random_sae, sae, temp_dir, usage_error_line, write_npy};
 use sparse_autoencoder::data::{NpyShards, Source};
 use sparse_autoencoder::{Architecture, Sae};
 
@@ -151,11 +151,6 @@ fn sae_within(args: &[&str], secs: u64) -> Output {
         std::thread::sleep(Duration::from_millis(20));
     }
     child.wait_with_output().unwrap()
-}
-
-/// `values` as little-endian float32 bytes.
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 #[test]

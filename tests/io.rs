@@ -8,7 +8,7 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::{random_sae, read_npy, synthetic_batch, temp_dir, tensor};
+use common::{random_sae, read_npy, sae_config, synthetic_batch, temp_dir, tensor};
 use ndarray::Array2;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -89,14 +89,6 @@ fn recipe() -> TrainConfig {
     }
 }
 
-fn sae_config(arch: Architecture) -> SaeConfig {
-    SaeConfig {
-        d_model: 8,
-        dict_size: 32,
-        arch,
-    }
-}
-
 /// Trains a fresh trainer on steps `steps` (batch i is `synthetic_batch(32, 8, i)`).
 fn run(trainer: &mut Trainer, steps: std::ops::Range<u64>) {
     for s in steps {
@@ -136,7 +128,7 @@ fn save_then_load_is_bit_identical_for_every_architecture() {
 fn a_learned_threshold_is_saved_as_a_tensor_and_loaded_exactly() {
     let dir = temp_dir("io-threshold");
     let mut trainer = Trainer::new(
-        Sae::new(sae_config(Architecture::BatchTopK { k: 4 }), 1).unwrap(),
+        Sae::new(sae_config(Architecture::BatchTopK { k: 4 }, 8, 32), 1).unwrap(),
         recipe(),
     )
     .unwrap();
@@ -298,7 +290,7 @@ fn a_checkpoint_is_replaced_whole_and_survives_a_crash_between_its_renames() {
     let dir = temp_dir("io-checkpoint-swap");
     let ckpt = dir.join("checkpoint");
     let mut trainer = Trainer::new(
-        Sae::new(sae_config(Architecture::TopK { k: 4 }), 0).unwrap(),
+        Sae::new(sae_config(Architecture::TopK { k: 4 }, 8, 32), 0).unwrap(),
         recipe(),
     )
     .unwrap();
@@ -360,7 +352,7 @@ fn a_bad_checkpoint_is_refused_naming_the_file() {
     );
 
     let mut trainer = Trainer::new(
-        Sae::new(sae_config(Architecture::BatchTopK { k: 4 }), 0).unwrap(),
+        Sae::new(sae_config(Architecture::BatchTopK { k: 4 }, 8, 32), 0).unwrap(),
         recipe(),
     )
     .unwrap();
@@ -603,7 +595,7 @@ fn exports_hold_the_tensors_and_config_the_python_libraries_read() {
         hook_name: Some("blocks.6.hook_resid_post".into()),
     };
     let mut trainer = Trainer::new(
-        Sae::new(sae_config(Architecture::BatchTopK { k: 4 }), 0).unwrap(),
+        Sae::new(sae_config(Architecture::BatchTopK { k: 4 }, 8, 32), 0).unwrap(),
         recipe(),
     )
     .unwrap();
@@ -798,7 +790,7 @@ fn a_sparse_checkpoint_file_is_refused_at_once_naming_it() {
     let dir = temp_dir("io-sparse-ckpt");
     let ckpt = dir.join("checkpoint");
     let trainer = Trainer::new(
-        Sae::new(sae_config(Architecture::TopK { k: 4 }), 0).unwrap(),
+        Sae::new(sae_config(Architecture::TopK { k: 4 }, 8, 32), 0).unwrap(),
         recipe(),
     )
     .unwrap();

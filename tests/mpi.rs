@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{assert_close, ok, sae, synthetic_batch, temp_dir, text, write_npy};
+use common::{assert_close, ok, sae, synthetic_batch, temp_dir, text, write_f32_npy};
 use ndarray::{Array1, Array2};
 use sparse_autoencoder::Sae;
 
@@ -45,12 +45,6 @@ fn run_np(np: usize, args: &[&str]) -> Output {
 
 fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
-}
-
-/// A float32 shard of activation-like rows.
-fn write_shard(path: &Path, x_nd: &Array2<f32>) {
-    let bytes: Vec<u8> = x_nd.iter().flat_map(|v| v.to_le_bytes()).collect();
-    write_npy(path, "<f4", &[x_nd.nrows(), x_nd.ncols()], &bytes);
 }
 
 /// A config that trains every architecture on `data` (normalised, 5% held out, AuxK's dead
@@ -89,8 +83,8 @@ fn shards(dir: &Path, nan_every: Option<usize>) -> Vec<PathBuf> {
         }
     }
     let paths = vec![dir.join("a.npy"), dir.join("b.npy")];
-    write_shard(&paths[0], &x_nd.slice(ndarray::s![..1000, ..]).to_owned());
-    write_shard(&paths[1], &x_nd.slice(ndarray::s![1000.., ..]).to_owned());
+    write_f32_npy(&paths[0], x_nd.slice(ndarray::s![..1000, ..]));
+    write_f32_npy(&paths[1], x_nd.slice(ndarray::s![1000.., ..]));
     paths
 }
 
@@ -410,7 +404,7 @@ fn a_nan_row_that_only_rank_one_reads_stops_every_rank_with_one_line() {
     assert!(!on_zero.contains(&row));
     x_nd[[row, 2]] = f32::NAN;
     let data = dir.join("acts.npy");
-    write_shard(&data, &x_nd);
+    write_f32_npy(&data, x_nd.view());
     let started = Instant::now();
     let out = run_np(
         2,
@@ -453,8 +447,8 @@ fn a_shard_truncated_mid_run_stops_every_rank_with_one_line() {
     let _job = JOBS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = temp_dir("mpi-truncated");
     let paths = [dir.join("a.npy"), dir.join("b.npy")];
-    write_shard(&paths[0], &synthetic_batch(3000, 8, 1));
-    write_shard(&paths[1], &synthetic_batch(3000, 8, 2));
+    write_f32_npy(&paths[0], synthetic_batch(3000, 8, 1).view());
+    write_f32_npy(&paths[1], synthetic_batch(3000, 8, 2).view());
     let run = dir.join("run");
     let started = Instant::now();
     let mut child = mpirun(
@@ -512,7 +506,7 @@ fn a_killed_rank_ends_the_job_within_seconds() {
     let _job = JOBS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = temp_dir("mpi-killed");
     let data = dir.join("acts.npy");
-    write_shard(&data, &synthetic_batch(4000, 8, 1));
+    write_f32_npy(&data, synthetic_batch(4000, 8, 1).view());
     let run = dir.join("run");
     let mut child = mpirun(
         3,

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{f16_bytes, temp_dir, write_npy};
+use common::{f16_bytes, f32_bytes, temp_dir, write_npy};
 use sparse_autoencoder::data::npy::Dtype;
 use sparse_autoencoder::data::{DataError, NpyShards, Source};
 
@@ -53,10 +53,6 @@ fn dict(descr: &str, shape: &[usize]) -> String {
             .join(", "),
     };
     format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}")
-}
-
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 fn f64_bytes(values: &[f64]) -> Vec<u8> {

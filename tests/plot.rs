@@ -3,26 +3,10 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{random_sae, temp_dir, write_npy};
+use common::{f32_bytes, png_size, random_sae, temp_dir, write_npy};
 use sparse_autoencoder::plot::{self, CURVES_SIZE, DENSITY_SIZE};
 use sparse_autoencoder::run::MetricsRecord;
 use sparse_autoencoder::{Architecture, StepStats};
-
-/// Width and height from a PNG's IHDR chunk, after checking the signature.
-fn png_size(path: &Path) -> (u32, u32) {
-    let bytes = std::fs::read(path).unwrap();
-    assert_eq!(
-        &bytes[..8],
-        b"\x89PNG\r\n\x1a\n",
-        "{} is not a PNG",
-        path.display()
-    );
-    assert_eq!(&bytes[12..16], b"IHDR");
-    let be = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap());
-    (be(16), be(20))
-}
 
 fn metrics_lines(n: u64) -> String {
     (1..=n)
@@ -39,10 +23,6 @@ fn metrics_lines(n: u64) -> String {
             serde_json::to_string(&record).unwrap() + "\n"
         })
         .collect()
-}
-
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 #[test]

@@ -3,22 +3,12 @@
 
 mod common;
 
-use common::{assert_close, synthetic_batch};
+use common::{assert_close, sae_config, synthetic_batch};
 use ndarray::Array2;
 use sparse_autoencoder::backend::Cpu;
 use sparse_autoencoder::dist::{part, Threads};
 use sparse_autoencoder::train::TrainerState;
-use sparse_autoencoder::{
-    Architecture, Error, ReluVariant, Sae, SaeConfig, StepStats, TrainConfig, Trainer,
-};
-
-fn sae_config(arch: Architecture, d: usize, f: usize) -> SaeConfig {
-    SaeConfig {
-        d_model: d,
-        dict_size: f,
-        arch,
-    }
-}
+use sparse_autoencoder::{Architecture, Error, ReluVariant, Sae, StepStats, TrainConfig, Trainer};
 
 fn short_run() -> TrainConfig {
     TrainConfig {

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use ndarray::{Array, Array1, Array2, Dimension};
+use ndarray::{Array, Array1, Array2, ArrayView2, Dimension};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sparse_autoencoder::{Architecture, Sae, SaeConfig};
@@ -199,5 +199,44 @@ pub fn device_tol(cpu: f64) -> f64 {
         cpu
     } else {
         cpu.max(1e-4)
+    }
+}
+
+/// Little-endian bytes of f32 values, as an `.npy` body or a tensor holds them.
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// A float32 `.npy` holding the rows of `x_nd`.
+pub fn write_f32_npy(path: &std::path::Path, x_nd: ArrayView2<'_, f32>) {
+    let values: Vec<f32> = x_nd.iter().copied().collect();
+    write_npy(
+        path,
+        "<f4",
+        &[x_nd.nrows(), x_nd.ncols()],
+        &f32_bytes(&values),
+    );
+}
+
+/// Width and height from a PNG's IHDR chunk, after checking the signature.
+pub fn png_size(path: &std::path::Path) -> (u32, u32) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(
+        &bytes[..8],
+        b"\x89PNG\r\n\x1a\n",
+        "{} is not a PNG",
+        path.display()
+    );
+    assert_eq!(&bytes[12..16], b"IHDR");
+    let be = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap());
+    (be(16), be(20))
+}
+
+/// An SAE of width `d` with `f` latents.
+pub fn sae_config(arch: Architecture, d: usize, f: usize) -> SaeConfig {
+    SaeConfig {
+        d_model: d,
+        dict_size: f,
+        arch,
     }
 }
