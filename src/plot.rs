@@ -1,6 +1,5 @@
 //! PNG plots of a run (training curves, feature density), drawn in pure Rust with an embedded font.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -10,10 +9,10 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::data::{NpyShards, Source};
 use crate::error::{io_error, Error, Result};
 use crate::eval::DensityHistogram;
-use crate::run::MetricsRecord;
+pub use crate::io::{read_feature_density, read_metrics};
+use crate::io::{MetricsRecord, METRICS_FILE};
 
 /// Width and height in pixels of [`training_curves`]' image.
 pub const CURVES_SIZE: (u32, u32) = (1600, 1000);
@@ -79,7 +78,7 @@ pub fn density_histogram(firing_frequency_f: &[f64], path: &Path) -> Result<()> 
 /// must exist; see [`read_metrics`]) and, when `feature_density.npy` exists, `density.png` from
 /// it (see [`read_feature_density`]).
 pub fn redraw(run_dir: &Path) -> Result<Redrawn> {
-    let metrics = run_dir.join("metrics.jsonl");
+    let metrics = run_dir.join(METRICS_FILE);
     let records = read_metrics(&metrics)?;
     let note = records.iter().find(|r| !r.loss.is_finite()).map(|r| {
         format!(
@@ -104,145 +103,6 @@ pub fn redraw(run_dir: &Path) -> Result<Redrawn> {
         density,
         note,
     })
-}
-
-/// Reads a `metrics.jsonl`: one [`MetricsRecord`] JSON object per line; blank lines are
-/// skipped, and a `null` figure (a diverged run's, as older versions wrote it) reads as NaN. A last line without its newline that does not parse is skipped too: it is a
-/// record the run was writing when it stopped. Anything else malformed is an error naming the
-/// file and line.
-pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
-    let file = std::fs::File::open(path).map_err(|e| unreadable(path, e))?;
-    let mut reader = BufReader::new(file);
-    let mut records = Vec::new();
-    let mut line = String::new();
-    for line_no in 1.. {
-        line.clear();
-        let n = reader.read_line(&mut line).map_err(|e| {
-            run_file_error(
-                path,
-                format!("line {line_no} cannot be read ({e})"),
-                "it must be UTF-8 text, one JSON metrics record per line, as `sae train` writes",
-            )
-        })?;
-        if n == 0 {
-            break;
-        }
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<MetricsRecord>(&line) {
-            Ok(record) => records.push(record),
-            Err(_) if !line.ends_with('\n') && reader.fill_buf().is_ok_and(|b| b.is_empty()) => {
-                break;
-            }
-            Err(e) => {
-                return Err(run_file_error(
-                    path,
-                    format!(
-                        "line {line_no}, column {}, is not a metrics record: {}",
-                        e.column(),
-                        // serde's own position counts lines of this one line.
-                        e.to_string().split(" at line ").next().unwrap_or_default()
-                    ),
-                    "each line must be one JSON object as `sae train` writes it; repair or \
-                     delete that line",
-                ));
-            }
-        }
-    }
-    Ok(records)
-}
-
-/// The most latents a `feature_density.npy` may hold: 2^26, twice the largest SAEs published.
-const MAX_DENSITY_LATENTS: usize = 1 << 26;
-
-/// Reads a `feature_density.npy`: one firing frequency in [0, 1] per latent, as a 1-D array
-/// (or one row) of float32, float16 or float64. When `sae.json` is beside it, the array must
-/// hold one frequency per latent of that SAE; it is checked before it is read. Errors name the
-/// file.
-pub fn read_feature_density(path: &Path) -> Result<Vec<f64>> {
-    let fix = "save the evaluation's firing frequencies (EvalStats::firing_frequency_f) as one \
-               1-D float32 array";
-    // The loader's messages end in advice about activation files; keep their diagnosis only.
-    let as_density_error = |e: crate::data::DataError| {
-        let message = e.to_string();
-        let prefix = format!("{}: ", path.display());
-        let problem = message.strip_prefix(&prefix).unwrap_or(&message);
-        let problem = problem.rsplit_once("; ").map_or(problem, |(p, _)| p);
-        run_file_error(path, problem, fix)
-    };
-    // Opening a FIFO would block until something writes to it.
-    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
-        return Err(run_file_error(path, "missing or not a regular file", fix));
-    }
-    let shards = NpyShards::open(&[path]).map_err(as_density_error)?;
-    if shards.n_rows() != 1 {
-        let shape = shards
-            .shards()
-            .next()
-            .map(|s| s.1.to_vec())
-            .unwrap_or_default();
-        return Err(run_file_error(
-            path,
-            format!("has shape {shape:?}, not one row of per-latent frequencies"),
-            fix,
-        ));
-    }
-    // The array is read whole, so its declared length is checked first: against the SAE
-    // beside it when there is one, and against a bound on any SAE's.
-    let n = shards.d_model();
-    let dir = path.parent().unwrap_or(Path::new(""));
-    if dir.join(crate::io::CONFIG_FILE).is_file() {
-        let f = crate::io::read_config(dir)?.dict_size;
-        if n != f {
-            return Err(run_file_error(
-                path,
-                format!(
-                    "holds {n} firing frequencies, but the SAE in {} has {f} latents",
-                    dir.join(crate::io::CONFIG_FILE).display()
-                ),
-                fix,
-            ));
-        }
-    }
-    if n > MAX_DENSITY_LATENTS {
-        return Err(run_file_error(
-            path,
-            format!("holds {n} firing frequencies, more than the {MAX_DENSITY_LATENTS} latents of any SAE sae reads"),
-            fix,
-        ));
-    }
-    let mut freq_f = vec![0.0f32; n];
-    shards.read_rows(0, &mut freq_f).map_err(as_density_error)?;
-    if let Some((j, v)) = freq_f
-        .iter()
-        .enumerate()
-        .find(|(_, v)| !(0.0..=1.0).contains(*v))
-    {
-        return Err(run_file_error(
-            path,
-            format!("latent {j} has firing frequency {v}, outside [0, 1]"),
-            fix,
-        ));
-    }
-    Ok(freq_f.into_iter().map(f64::from).collect())
-}
-
-fn run_file_error(path: &Path, problem: impl Into<String>, fix: impl Into<String>) -> Error {
-    Error::RunFile {
-        path: path.to_path_buf(),
-        problem: problem.into(),
-        fix: fix.into(),
-    }
-}
-
-fn unreadable(path: &Path, e: std::io::Error) -> Error {
-    let fix = if e.kind() == std::io::ErrorKind::NotFound {
-        "pass a run directory that `sae train` wrote (it writes metrics.jsonl as it trains)"
-    } else {
-        "check the file's permissions"
-    };
-    run_file_error(path, format!("cannot be read ({e})"), fix)
 }
 
 fn plot_error(path: &Path, reason: String) -> Error {

@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use sparse_autoencoder::data::DataError;
+use sparse_autoencoder::plot;
 use sparse_autoencoder::run::{
     ArchName, Observer, Outcome, Progress, ResumeOptions, Run, RunSpec, SaeSpec, Summary,
 };
@@ -313,6 +314,17 @@ pub fn run(args: TrainArgs, world: &World) -> Result<Option<u8>> {
         reporter.finish();
     }
     let outcome = outcome.map_err(usage)?;
+    if let Outcome::Finished(summaries) = &outcome {
+        // Rank 0 draws each SAE's plots from its files; every rank learns whether that failed.
+        let drawn = if printing {
+            summaries
+                .iter()
+                .try_for_each(|summary| plot::redraw(&summary.dir).map(drop))
+        } else {
+            Ok(())
+        };
+        agree(&*world.collective(), drawn, false).map_err(usage)?;
+    }
     if !printing {
         return Ok(match outcome {
             Outcome::Finished(_) => None,

@@ -20,6 +20,7 @@ mod checkpoint;
 mod codes;
 mod export;
 mod npy;
+mod run_files;
 mod sae_dir;
 mod tensors;
 
@@ -31,6 +32,7 @@ pub use checkpoint::{Checkpoint, CHECKPOINT_CONFIG_FILE, CHECKPOINT_WEIGHTS_FILE
 pub use codes::{CodesLayout, CodesWriter};
 pub use export::{export_saelens, export_sparsify, ExportMetadata};
 pub use npy::{write_npy, NpyAppender};
+pub use run_files::{read_feature_density, read_metrics, MetricsRecord, METRICS_FILE};
 pub(crate) use sae_dir::read_config;
 pub use sae_dir::{CONFIG_FILE, WEIGHTS_FILE};
 
@@ -98,7 +100,7 @@ fn create_dir(dir: &Path) -> Result<()> {
 
 /// Writes each latent's firing frequency on the evaluation rows (from
 /// [`crate::eval::EvalStats::firing_frequency_f`]) as a 1-D float32 `.npy`, the
-/// `feature_density.npy` that [`crate::plot::redraw`] reads.
+/// `feature_density.npy` that [`read_feature_density`] reads.
 pub fn write_feature_density(path: &Path, stats: &crate::eval::EvalStats) -> Result<()> {
     let density_f: Vec<f32> = stats
         .firing_frequency_f()

@@ -4,14 +4,14 @@
 //!
 //! A run directory holds `config.toml` (the resolved [`RunSpec`]) and, for each SAE, its
 //! weights (`sae.safetensors`, `sae.json`), `metrics.jsonl`, `eval.json`,
-//! `feature_density.npy` and the plots. A single SAE lives in the run directory itself (so the
+//! `feature_density.npy`, and the plots the caller draws from them ([`crate::plot::redraw`],
+//! as `sae train` does). A single SAE lives in the run directory itself (so the
 //! run directory is loadable as an SAE); the SAEs of a sweep each get a subdirectory named after
 //! them. `checkpoint/` holds the whole run's state, and `run.lock` keeps a second process out
 //! while a run is being created, trained or resumed.
 
 mod checkpoint;
 mod lock;
-mod metrics;
 mod spec;
 
 use std::fs::{self, File, OpenOptions};
@@ -24,7 +24,7 @@ use std::time::Instant;
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
-pub use metrics::MetricsRecord;
+pub use crate::io::MetricsRecord;
 pub use spec::{
     ArchName, Context, DataSpec, RunSpec, SaeSpec, Schedule, ScheduleError, ScheduleSpec,
 };
@@ -872,9 +872,10 @@ impl Run {
 
     /// Trains to the end, or until `stop` is set (checked after every step; a checkpoint is
     /// then written). Every SAE sees every batch. At the last step a checkpoint is written;
-    /// then each SAE is saved with the input scale folded in, evaluated on the held-out rows,
-    /// and plotted, and the checkpoint removed. A stop during the evaluation ends it promptly
-    /// ([`Outcome::Unevaluated`]).
+    /// then each SAE is saved with the input scale folded in and evaluated on the held-out
+    /// rows, and the checkpoint removed. A stop during the evaluation ends it promptly
+    /// ([`Outcome::Unevaluated`]). The run draws no plots: [`crate::plot::redraw`] draws them
+    /// from each SAE's files.
     ///
     /// A non-finite loss or parameter (divergence) ends the run with an error naming the step;
     /// nothing non-finite is written, and the last checkpoint stays. A data error mid-run
@@ -1015,7 +1016,7 @@ impl Run {
             };
             let record = MetricsRecord::new(self.step, tokens, stats, seconds);
             let line = serde_json::to_string(&record).expect("records serialise");
-            let path = member.dir.join(metrics::FILE);
+            let path = member.dir.join(crate::io::METRICS_FILE);
             writeln!(metrics, "{line}")
                 .and_then(|()| metrics.flush())
                 .map_err(io_error(&path, "writing"))?;
@@ -1054,7 +1055,7 @@ impl Run {
         Ok(sae)
     }
 
-    /// Evaluates and plots one saved SAE; `None` when `stop` ended the evaluation. Across
+    /// Evaluates one saved SAE; `None` when `stop` ended the evaluation. Across
     /// processes each evaluates its part of the held-out rows; rank 0 writes the results.
     fn finish(
         &self,
@@ -1091,16 +1092,7 @@ impl Run {
             Ok(())
         };
         let ((), stop_now) = agree(c, written, stop.load(Ordering::Relaxed))?;
-        if stop_now {
-            return Ok(None);
-        }
-        let plotted = if c.rank() == 0 {
-            crate::plot::redraw(&summary.dir).map(drop)
-        } else {
-            Ok(())
-        };
-        agree(c, plotted, false)?;
-        Ok(Some(summary))
+        Ok((!stop_now).then_some(summary))
     }
 
     /// Writes the whole run's state to `checkpoint/`, replacing the last one atomically; a
@@ -1423,7 +1415,7 @@ fn clear_run(dir: &Path) -> Result<()> {
 /// Files a run writes into an SAE's directory.
 const RUN_FILES: &[&str] = &[
     CONFIG_FILE,
-    metrics::FILE,
+    crate::io::METRICS_FILE,
     "eval.json",
     "feature_density.npy",
     "curves.png",
@@ -1436,7 +1428,7 @@ const RUN_FILES: &[&str] = &[
 /// it (written after the checkpoint by the interrupted session), so the file reads as one
 /// uninterrupted run.
 fn open_metrics(dir: &Path, resume_step: Option<u64>) -> Result<BufWriter<File>> {
-    let path = dir.join(metrics::FILE);
+    let path = dir.join(crate::io::METRICS_FILE);
     match resume_step {
         None => {
             let file = File::create(&path).map_err(io_error(&path, "creating"))?;
