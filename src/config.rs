@@ -34,6 +34,9 @@ impl Architecture {
     }
 }
 
+/// The most training steps a trainer takes (Adam's bias correction uses the count as an i32).
+pub const MAX_STEPS: u64 = i32::MAX as u64;
+
 /// Which L1 formulation a ReLU SAE trains with.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -174,7 +177,7 @@ impl TrainConfig {
         if self.total_steps == 0 {
             return Err(E::ZeroTotalSteps);
         }
-        if self.total_steps > crate::train::MAX_STEPS {
+        if self.total_steps > MAX_STEPS {
             return Err(E::TooManySteps(self.total_steps));
         }
         if let Some(lr) = self.lr {
@@ -276,8 +279,8 @@ pub enum ConfigError {
     /// `total_steps` = 0.
     #[error("total_steps must be at least 1")]
     ZeroTotalSteps,
-    /// More steps than Adam's step count can hold ([`crate::train::MAX_STEPS`]).
-    #[error("total_steps is {0}, more than the {max} a trainer can take; train fewer steps", max = crate::train::MAX_STEPS)]
+    /// More steps than Adam's step count can hold ([`MAX_STEPS`]).
+    #[error("total_steps is {0}, more than the {max} a trainer can take; train fewer steps", max = MAX_STEPS)]
     TooManySteps(u64),
     /// Learning rate not a finite positive number.
     #[error("lr must be a finite number > 0, got {0}")]

@@ -9,7 +9,6 @@ use ndarray::{s, Array1, Array2, ArrayView1, ArrayViewMut1, Zip};
 use crate::arch::DecoderConstraint;
 use crate::backend::simd::dispatch;
 use crate::backend::sparse::dot;
-use crate::sae::Sae;
 
 /// The reference's learning-rate factor at 0-based `step` (dictionary_learning
 /// `get_lr_schedule`): linear warm-up from 0, constant, then linear decay to 0 at
@@ -201,6 +200,18 @@ impl RowPrep {
     }
 }
 
+/// An SAE's four parameters, borrowed for an update (see [`crate::Sae::params_mut`]).
+pub struct ParamsMut<'a> {
+    /// W_enc, F×D.
+    pub w_enc_fd: &'a mut Array2<f32>,
+    /// b_enc, F.
+    pub b_enc_f: &'a mut Array1<f32>,
+    /// W_dec, F×D.
+    pub w_dec_fd: &'a mut Array2<f32>,
+    /// b_dec, D.
+    pub b_dec_d: &'a mut Array1<f32>,
+}
+
 /// Adam's hyperparameters (torch defaults: β = (0.9, 0.999), ε = 1e-8).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamConfig {
@@ -324,20 +335,20 @@ impl Adam {
         }
     }
 
-    /// One Adam step on every parameter of `sae` with learning rate `lr`, gradients multiplied
+    /// One Adam step on every parameter in `params` with learning rate `lr`, gradients multiplied
     /// by `grad_scale` first (the clipping factor), then decoder rows renormalised when
     /// `decoder` asks for it. Rows of inactive latents are updated with a zero gradient
     /// (their moments still decay), without reading the gradient buffer.
     pub fn step(
         &mut self,
-        sae: &mut Sae,
+        params: ParamsMut<'_>,
         grads: &Grads,
         lr: f64,
         grad_scale: f32,
         decoder: DecoderConstraint,
     ) {
-        let all = 0..sae.config.dict_size;
-        self.step_latents(sae, grads, lr, grad_scale, decoder, all);
+        let all = 0..params.w_enc_fd.nrows();
+        self.step_latents(params, grads, lr, grad_scale, decoder, all);
     }
 
     /// [`Adam::step`] on the rows of the latents in `latents` and on b_dec only: the share of
@@ -345,7 +356,7 @@ impl Adam {
     /// parameter and moment is left as it is.
     pub fn step_latents(
         &mut self,
-        sae: &mut Sae,
+        params: ParamsMut<'_>,
         grads: &Grads,
         lr: f64,
         grad_scale: f32,
@@ -360,7 +371,7 @@ impl Adam {
         };
         let rows = s![latents.clone(), ..];
         let active_f = &grads.active_f[latents.clone()];
-        Zip::from(sae.w_enc_fd.slice_mut(rows).rows_mut())
+        Zip::from(params.w_enc_fd.slice_mut(rows).rows_mut())
             .and(self.m.w_enc_fd.slice_mut(rows).rows_mut())
             .and(self.v.w_enc_fd.slice_mut(rows).rows_mut())
             .and(g.w_enc_fd.slice(rows).rows())
@@ -368,7 +379,7 @@ impl Adam {
             .par_for_each(|p, m, v, g, &active| {
                 dispatch(|| s.update_row(p, m, v, active.then_some(g)))
             });
-        Zip::from(sae.w_dec_fd.slice_mut(rows).rows_mut())
+        Zip::from(params.w_dec_fd.slice_mut(rows).rows_mut())
             .and(self.m.w_dec_fd.slice_mut(rows).rows_mut())
             .and(self.v.w_dec_fd.slice_mut(rows).rows_mut())
             .and(g.w_dec_fd.slice(rows).rows())
@@ -385,13 +396,13 @@ impl Adam {
             });
         let latents = s![latents];
         s.update_vec(
-            sae.b_enc_f.slice_mut(latents),
+            params.b_enc_f.slice_mut(latents),
             self.m.b_enc_f.slice_mut(latents),
             self.v.b_enc_f.slice_mut(latents),
             g.b_enc_f.slice(latents),
         );
         s.update_vec(
-            sae.b_dec_d.view_mut(),
+            params.b_dec_d.view_mut(),
             self.m.b_dec_d.view_mut(),
             self.v.b_dec_d.view_mut(),
             g.b_dec_d.view(),

@@ -81,6 +81,16 @@ impl Sae {
     pub fn config(&self) -> &SaeConfig {
         &self.config
     }
+    /// The four parameters, borrowed mutably for an optimiser's update.
+    pub fn params_mut(&mut self) -> crate::optim::ParamsMut<'_> {
+        crate::optim::ParamsMut {
+            w_enc_fd: &mut self.w_enc_fd,
+            b_enc_f: &mut self.b_enc_f,
+            w_dec_fd: &mut self.w_dec_fd,
+            b_dec_d: &mut self.b_dec_d,
+        }
+    }
+
     /// Encoder weights, F×D.
     pub fn w_enc_fd(&self) -> ArrayView2<'_, f32> {
         self.w_enc_fd.view()

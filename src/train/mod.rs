@@ -23,8 +23,9 @@ use crate::sae::{geometric_median, resize, select_into, Sae};
 use crate::select::{Codes, Selector};
 use shard::{Gathered, Shard};
 
+pub use crate::config::MAX_STEPS;
 pub use backward::dense_threshold_default;
-pub use state::{TrainerState, MAX_STEPS};
+pub use state::TrainerState;
 
 /// What one step measured. Losses are means over the batch's rows.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -667,7 +668,7 @@ impl Trainer {
         }
         let lr = self.current_lr();
         self.adam.step_latents(
-            &mut self.sae,
+            self.sae.params_mut(),
             &self.grads,
             lr,
             grad_scale,

@@ -2,13 +2,10 @@
 //! what [`Trainer::from_state`] resumes from.
 
 use super::Trainer;
-use crate::config::TrainConfig;
+use crate::config::{TrainConfig, MAX_STEPS};
 use crate::error::{check_shape, Error, Result};
 use crate::optim::ParamTensors;
 use crate::sae::Sae;
-
-/// The most training steps a trainer takes (Adam's bias correction uses the count as an i32).
-pub const MAX_STEPS: u64 = i32::MAX as u64;
 
 /// Everything a [`Trainer`] carries from one step to the next: the SAE (θ included), Adam's
 /// moments and step count, the steps taken and the dead-latent counters. The rest of a
