@@ -221,7 +221,14 @@ impl Sae {
             #[cfg(feature = "cuda")]
             crate::backend::Device::Cuda(gpu) => Ok(Encoder {
                 sae: self,
-                gpu: Some(Box::new(crate::train::cuda::DeviceEncoder::new(self, gpu)?)),
+                gpu: Some(Box::new(crate::backend::cuda_select::DeviceEncoder::new(
+                    gpu,
+                    self.w_enc_fd.view(),
+                    self.b_enc_f.view(),
+                    self.b_dec_d.view(),
+                    Rules::for_config(&self.config, &TrainConfig::default()).selection,
+                    self.threshold,
+                )?)),
             }),
             #[cfg(not(feature = "cuda"))]
             crate::backend::Device::Cuda(_) => Err(device.check().unwrap_err()),
@@ -284,7 +291,7 @@ impl Sae {
 pub struct Encoder<'a> {
     sae: &'a Sae,
     #[cfg(feature = "cuda")]
-    gpu: Option<Box<crate::train::cuda::DeviceEncoder>>,
+    gpu: Option<Box<crate::backend::cuda_select::DeviceEncoder>>,
 }
 
 impl Encoder<'_> {

@@ -3,6 +3,8 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda_select;
 mod device;
 pub mod simd;
 pub mod sparse;
