@@ -12,6 +12,7 @@
 
 mod checkpoint;
 mod lock;
+mod memory;
 mod spec;
 
 use std::fs::{self, File, OpenOptions};
@@ -334,7 +335,7 @@ impl NewRun {
     fn resolve(spec: &RunSpec, dir: &Path, force: bool, c: &dyn Collective) -> Result<NewRun> {
         check_schedule(spec)?;
         let seed = spec.train.seed.unwrap_or(0);
-        crate::memory::check_synthetic(spec, SYNTH_EVAL_ROWS)?;
+        memory::check_synthetic(spec, SYNTH_EVAL_ROWS)?;
         let mut opened = open_data(spec, seed)?;
         let synthetic = opened.synth.is_some();
         let batch_size = spec
@@ -404,7 +405,7 @@ impl NewRun {
         let loader = loader_config(&resolved.data, &schedule, 1.0);
         loader.validate()?;
         let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
-        crate::memory::check_run(
+        memory::check_run(
             &resolved,
             opened.d_model,
             &loader,
@@ -672,7 +673,7 @@ impl Run {
             agree(c, loaded, stop.load(Ordering::Relaxed))?;
         stop_error(stop_now, dir, STOPPED_BEFORE_RESUMING)?;
         // After the checkpoint's load, whose errors name config.toml's SAE tables.
-        let opened = crate::memory::check_synthetic(&run.spec, SYNTH_EVAL_ROWS)
+        let opened = memory::check_synthetic(&run.spec, SYNTH_EVAL_ROWS)
             .and_then(|()| open_data(&run.spec, run.schedule.seed));
         let (mut opened, stop_now) = agree(c, opened, stop.load(Ordering::Relaxed))?;
         stop_error(stop_now, dir, STOPPED_BEFORE_RESUMING)?;
@@ -680,7 +681,7 @@ impl Run {
             check_split(run.schedule.batch_size, c.world_size())?;
             let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
             let loader = loader_config(&run.spec.data, &run.schedule, state.scale);
-            crate::memory::check_run(
+            memory::check_run(
                 &run.spec,
                 opened.d_model,
                 &loader,
