@@ -16,6 +16,33 @@ use crate::backend::Gpu;
 use crate::error::{Error, Result};
 use crate::optim::{sparsity_scale, ParamTensors};
 
+/// The step's f64 scalars on the GPU, by name: where each batch-wide sum lands in
+/// `DeviceStep::sums`, read back in one transfer.
+mod slot {
+    /// Σ_b ‖x − x̂‖².
+    pub const SQ_ERROR: usize = 0;
+    /// Σ_b ‖x − x̄‖², the batch's variance times B.
+    pub const VARIANCE: usize = 1;
+    /// ReLU's L1 sum Σ f_bj·n_j.
+    pub const L1: usize = 2;
+    /// AuxK: Σ_b ‖e − ê‖².
+    pub const AUX_ERROR: usize = 3;
+    /// AuxK: Σ_b ‖e − mean_b(e)‖².
+    pub const AUX_VARIANCE: usize = 4;
+    /// Σ_j ‖∂W_dec\[j\]‖² + ‖∂W_enc\[j\]‖² after projection.
+    pub const GRAD_ROWS: usize = 5;
+    /// ‖∂b_enc‖².
+    pub const GRAD_B_ENC: usize = 6;
+    /// ‖∂b_dec‖².
+    pub const GRAD_B_DEC: usize = 7;
+    /// Slots in all.
+    pub const COUNT: usize = 8;
+}
+
+/// What the kernels take for "no ε" (no projection, no renormalisation): their argument is a
+/// plain float, and a negative one turns the step off.
+const NO_EPS: f32 = -1.0;
+
 /// Rows summed per block in the first stage of the column sums.
 const ROWS_PER_CHUNK: usize = 256;
 
@@ -159,7 +186,7 @@ impl DeviceStep {
             flags: dev.alloc(4)?,
             batch_state: dev.alloc(4)?,
             hist: dev.alloc(256)?,
-            sums: dev.alloc(8)?,
+            sums: dev.alloc(slot::COUNT)?,
             mean_d: dev.alloc(d)?,
             batch: None,
             upload: dev.uploader()?,
@@ -399,9 +426,9 @@ impl Trainer {
                 ]
             )?;
         }
-        g.sq_sum(true, false, false, 0)?;
+        g.sq_sum(true, false, false, slot::SQ_ERROR)?;
         g.column_means(false)?;
-        g.sq_sum(false, false, true, 1)?;
+        g.sq_sum(false, false, true, slot::VARIANCE)?;
 
         // The penalty.
         let mut l1_coef = 0.0f32;
@@ -446,7 +473,7 @@ impl Trainer {
                         &mut bb.row_f64_b
                     ]
                 )?;
-                let mut out = g.sums.slice_mut(2..3);
+                let mut out = g.sums.slice_mut(slot::L1..slot::L1 + 1);
                 launch!(dev, sum_f64, single_block(), [&bb.row_f64_b, &bi, &mut out])?;
             }
             Penalty::AuxK { alpha: a, .. } if n_dead > 0 => {
@@ -473,26 +500,28 @@ impl Trainer {
                 }
                 // e − ê, and e − mean_b(e), with e = x − x̂ held constant.
                 g.column_means(true)?;
-                g.sq_sum(true, true, false, 3)?;
-                g.sq_sum(true, false, true, 4)?;
+                g.sq_sum(true, true, false, slot::AUX_ERROR)?;
+                g.sq_sum(true, false, true, slot::AUX_VARIANCE)?;
                 aux_active = true;
             }
             Penalty::AuxK { .. } => {}
         }
         let sums = g.dev.read(&g.sums)?;
-        let (mse, var) = (sums[0] / b as f64, sums[1]);
+        let (mse, var) = (sums[slot::SQ_ERROR] / b as f64, sums[slot::VARIANCE]);
         let fve = if var > 0.0 {
-            1.0 - sums[0] / var
+            1.0 - sums[slot::SQ_ERROR] / var
         } else {
             f64::NAN
         };
         let (mut aux, mut penalty) = (0.0f64, 0.0f64);
         if let Penalty::L1 { .. } = rules.penalty {
-            aux = sums[2] / b as f64;
+            aux = sums[slot::L1] / b as f64;
             penalty = l1_coef as f64 * aux;
         }
         if aux_active {
-            if let Some((value, gscale)) = super::auxk_terms([sums[3], sums[4]], b, alpha) {
+            if let Some((value, gscale)) =
+                super::auxk_terms([sums[slot::AUX_ERROR], sums[slot::AUX_VARIANCE]], b, alpha)
+            {
                 aux = value;
                 penalty = alpha as f64 * value;
                 let dev = &g.dev;
@@ -597,7 +626,7 @@ impl Trainer {
             let dev = &g.dev;
             let project_eps = match rules.decoder {
                 DecoderConstraint::UnitNorm { project_eps, .. } => project_eps,
-                DecoderConstraint::Free => -1.0,
+                DecoderConstraint::Free => NO_EPS,
             };
             let di = d as i64;
             launch!(
@@ -615,16 +644,16 @@ impl Trainer {
                 ]
             )?;
             let fi = f as i64;
-            let mut out = g.sums.slice_mut(5..6);
+            let mut out = g.sums.slice_mut(slot::GRAD_ROWS..slot::GRAD_ROWS + 1);
             launch!(dev, sum_f64, single_block(), [&g.row_sq_f, &fi, &mut out])?;
-            let mut out = g.sums.slice_mut(6..7);
+            let mut out = g.sums.slice_mut(slot::GRAD_B_ENC..slot::GRAD_B_ENC + 1);
             launch!(
                 dev,
                 sum_sq_f32,
                 single_block(),
                 [&g.grads.b_enc_f.data, &fi, &mut out]
             )?;
-            let mut out = g.sums.slice_mut(7..8);
+            let mut out = g.sums.slice_mut(slot::GRAD_B_DEC..slot::GRAD_B_DEC + 1);
             launch!(
                 dev,
                 sum_sq_f32,
@@ -632,7 +661,7 @@ impl Trainer {
                 [&g.grads.b_dec_d.data, &di, &mut out]
             )?;
             let s = dev.read(&g.sums)?;
-            (s[5] + s[6] + s[7]).sqrt()
+            (s[slot::GRAD_ROWS] + s[slot::GRAD_B_ENC] + s[slot::GRAD_B_DEC]).sqrt()
         };
         let grad_scale = super::clip_factor(rules.max_grad_norm, norm);
         if let Some(raw_grads) = raw_grads {
@@ -657,7 +686,7 @@ impl Trainer {
         {
             let renorm = match rules.decoder {
                 DecoderConstraint::UnitNorm { renorm_eps, .. } => renorm_eps,
-                DecoderConstraint::Free => -1.0,
+                DecoderConstraint::Free => NO_EPS,
             };
             let dev = &g.dev;
             let di = d as i64;
@@ -668,7 +697,7 @@ impl Trainer {
                     &mut m.w_enc_fd,
                     &mut v.w_enc_fd,
                     &gr.w_enc_fd,
-                    -1.0f32,
+                    NO_EPS,
                 ),
                 (
                     &mut p.w_dec_fd,
