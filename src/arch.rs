@@ -2,7 +2,85 @@
 //! architecture (and its training recipe) into independent behaviours, which the rest of the
 //! crate follows without asking which architecture it runs.
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::{Architecture, ReluVariant, SaeConfig, TrainConfig};
+
+/// The name of a sparsity rule, as flags, config files and reports spell it: an
+/// [`Architecture`] without its k.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchName {
+    /// ReLU with an L1 penalty.
+    Relu,
+    /// Per-row top-k.
+    Topk,
+    /// Batch-wide top-(k·B).
+    Batchtopk,
+}
+
+impl ArchName {
+    /// Every name, in the order help texts list them.
+    pub const ALL: [ArchName; 3] = [ArchName::Relu, ArchName::Topk, ArchName::Batchtopk];
+
+    /// The name as flags and files spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArchName::Relu => "relu",
+            ArchName::Topk => "topk",
+            ArchName::Batchtopk => "batchtopk",
+        }
+    }
+
+    /// One line for help texts.
+    pub fn description(self) -> &'static str {
+        match self {
+            ArchName::Relu => "ReLU with an L1 penalty",
+            ArchName::Topk => "The k largest codes of each row",
+            ArchName::Batchtopk => {
+                "The k·B largest codes of the batch; a learned threshold outside training"
+            }
+        }
+    }
+
+    /// The architecture of this name with `k` active codes per row (unused by ReLU).
+    pub fn with_k(self, k: usize) -> Architecture {
+        match self {
+            ArchName::Relu => Architecture::Relu,
+            ArchName::Topk => Architecture::TopK { k },
+            ArchName::Batchtopk => Architecture::BatchTopK { k },
+        }
+    }
+}
+
+impl std::fmt::Display for ArchName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ArchName {
+    type Err = String;
+
+    /// One of [`ArchName::ALL`]'s spellings.
+    fn from_str(s: &str) -> Result<Self, String> {
+        ArchName::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not an architecture (relu, topk or batchtopk)"))
+    }
+}
+
+impl Architecture {
+    /// This architecture's name.
+    pub fn name(&self) -> ArchName {
+        match self {
+            Architecture::Relu => ArchName::Relu,
+            Architecture::TopK { .. } => ArchName::Topk,
+            Architecture::BatchTopK { .. } => ArchName::Batchtopk,
+        }
+    }
+}
 
 /// How training selects the active codes from `post = ReLU(pre)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -129,5 +207,26 @@ impl Rules {
                 learn_threshold: true,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_is_spelled_alike_in_flags_files_and_architectures() {
+        for name in ArchName::ALL {
+            assert_eq!(name.as_str().parse::<ArchName>(), Ok(name));
+            assert_eq!(name.to_string(), name.as_str());
+            let json = serde_json::to_string(&name).unwrap();
+            assert_eq!(json, format!("\"{}\"", name.as_str()));
+            assert_eq!(name.with_k(7).name(), name);
+        }
+        assert_eq!(ArchName::Topk.with_k(7), Architecture::TopK { k: 7 });
+        assert_eq!(ArchName::Batchtopk.with_k(7).k(), Some(7));
+        assert_eq!(ArchName::Relu.with_k(7), Architecture::Relu);
+        let err = "TopK".parse::<ArchName>().unwrap_err();
+        assert!(err.contains("relu, topk or batchtopk"), "{err}");
     }
 }

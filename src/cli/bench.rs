@@ -24,18 +24,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use half::f16;
 use ndarray::{s, Array2, ArrayView2};
 use npyz::WriterBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
+use sparse_autoencoder::arch::ArchName;
 use sparse_autoencoder::backend::{huge_copy, zeros_huge, Backend, Cpu, Device};
 use sparse_autoencoder::data::{Batcher, LoaderConfig, NpyShards, Prefetcher};
 use sparse_autoencoder::dist::{agree, part, Collective, Traffic, World};
 use sparse_autoencoder::memory::{self, Estimate, Knob};
-use sparse_autoencoder::{Architecture, PhaseTimes, Sae, SaeConfig, TrainConfig, Trainer};
+use sparse_autoencoder::{PhaseTimes, Sae, SaeConfig, TrainConfig, Trainer};
 
 use super::{at_least_one, usage, UsageError};
 
@@ -57,8 +58,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 4096, value_parser = at_least_one, allow_negative_numbers = true)]
     batch: usize,
     /// Sparsity rule.
-    #[arg(long, value_enum, default_value_t = Arch::Batchtopk)]
-    arch: Arch,
+    #[arg(long, value_parser = super::arch_parser(), default_value = "batchtopk")]
+    arch: ArchName,
     /// Worker threads for the GEMMs and the rest of the step (as `sae train --threads`)
     /// [default: all cores].
     #[arg(long, value_parser = at_least_one, allow_negative_numbers = true)]
@@ -84,34 +85,6 @@ pub struct BenchArgs {
     max_memory: Option<sparse_autoencoder::memory::ByteSize>,
     #[command(flatten)]
     device: super::DeviceArgs,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Arch {
-    /// ReLU with an L1 penalty.
-    Relu,
-    /// The k largest codes of each row.
-    Topk,
-    /// The k·B largest codes of the batch.
-    Batchtopk,
-}
-
-impl Arch {
-    fn name(self) -> &'static str {
-        match self {
-            Arch::Relu => "relu",
-            Arch::Topk => "topk",
-            Arch::Batchtopk => "batchtopk",
-        }
-    }
-
-    fn architecture(self, k: usize) -> Architecture {
-        match self {
-            Arch::Relu => Architecture::Relu,
-            Arch::Topk => Architecture::TopK { k },
-            Arch::Batchtopk => Architecture::BatchTopK { k },
-        }
-    }
 }
 
 /// Batches in the `--data` file: enough for a few rounds between refills of the shuffle
@@ -267,7 +240,7 @@ impl Setup {
         let sae_config = SaeConfig {
             d_model: args.d,
             dict_size: args.f,
-            arch: args.arch.architecture(args.k),
+            arch: args.arch.with_k(args.k),
         };
         // Sizes are checked before anything is allocated: first that the arrays can be
         // addressed, then that they fit in the memory there is.
@@ -303,7 +276,7 @@ impl Setup {
                 .expect("B·D values");
         let local = part(args.batch, rank, size);
         let mut sae = Sae::new(sae_config, 0).map_err(usage)?;
-        if matches!(args.arch, Arch::Relu) {
+        if args.arch == ArchName::Relu {
             sae = relu_with_density(sae, x_bd.view(), args.k)?;
         }
         // The bare GEMM gets the huge-page memory the trainer's buffers get, so the ratio
@@ -737,7 +710,7 @@ impl Report {
             f: args.f,
             k: args.k,
             batch: args.batch,
-            arch: args.arch.name(),
+            arch: args.arch.as_str(),
             threads,
             backend,
             steps: args.steps,

@@ -11,6 +11,7 @@ pub mod train;
 
 use std::fmt;
 
+use sparse_autoencoder::arch::ArchName;
 use sparse_autoencoder::data::DataError;
 use sparse_autoencoder::dist::{agree, World};
 use sparse_autoencoder::memory::{ByteSize, Knob};
@@ -119,6 +120,13 @@ pub fn byte_size(s: &str) -> Result<ByteSize, String> {
 }
 
 /// Parses `--device` (cpu, cuda, cuda:N) for clap, whose error then names the option.
+/// `--arch`'s parser: the names [`ArchName`] spells, each with its line in `--help`.
+fn arch_parser() -> impl clap::builder::TypedValueParser<Value = ArchName> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    let names = ArchName::ALL.map(|a| PossibleValue::new(a.as_str()).help(a.description()));
+    PossibleValuesParser::new(names).map(|name| name.parse().expect("one of the possible values"))
+}
+
 fn parse_device(s: &str) -> Result<sparse_autoencoder::backend::Device, String> {
     s.parse()
         .map_err(|e: sparse_autoencoder::Error| e.to_string())

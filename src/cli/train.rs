@@ -130,8 +130,8 @@ struct DataArgs {
 #[command(next_help_heading = "Model")]
 struct ModelArgs {
     /// Sparsity rule [default: batchtopk].
-    #[arg(long, value_enum)]
-    arch: Option<Arch>,
+    #[arg(long, value_parser = super::arch_parser())]
+    arch: Option<ArchName>,
     /// Active latents per row (topk; batchtopk: on average); a list sweeps [default: 8 on
     /// synthetic data, 64 with --data].
     #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
@@ -227,16 +227,6 @@ struct RunArgs {
     /// about 20 lines a run].
     #[arg(long, value_parser = at_least_one_u64, allow_negative_numbers = true)]
     log_every: Option<u64>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Arch {
-    /// ReLU with an L1 penalty.
-    Relu,
-    /// The k largest codes of each row.
-    Topk,
-    /// The k·B largest codes of the batch; a learned threshold outside training.
-    Batchtopk,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -441,11 +431,7 @@ fn sweep(tables: &[SaeSpec], args: &TrainArgs) -> Vec<SaeSpec> {
     for table in tables {
         let mut base = table.clone();
         if let Some(arch) = m.arch {
-            base.arch = Some(match arch {
-                Arch::Relu => ArchName::Relu,
-                Arch::Topk => ArchName::Topk,
-                Arch::Batchtopk => ArchName::Batchtopk,
-            });
+            base.arch = Some(arch);
         }
         if let Some(variant) = m.relu_variant {
             base.relu_variant = Some(match variant {
@@ -492,11 +478,7 @@ fn sweep(tables: &[SaeSpec], args: &TrainArgs) -> Vec<SaeSpec> {
 
 /// The default name's architecture part, for names that need more than the default.
 fn arch_label(sae: &SaeSpec) -> String {
-    let arch = match sae.arch.unwrap_or(ArchName::Batchtopk) {
-        ArchName::Relu => "relu",
-        ArchName::Topk => "topk",
-        ArchName::Batchtopk => "batchtopk",
-    };
+    let arch = sae.arch.unwrap_or(ArchName::Batchtopk);
     format!(
         "{arch}{}{}{}",
         sae.k.map(|k| format!("-k{k}")).unwrap_or_default(),

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::arch::ArchName;
 use crate::config::{Architecture, ConfigError, ReluVariant, SaeConfig, TrainConfig};
 use crate::synth::SynthConfig;
 
@@ -127,18 +128,6 @@ impl ScheduleSpec {
     }
 }
 
-/// The name of a sparsity rule, as flags and config files spell it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ArchName {
-    /// ReLU with an L1 penalty.
-    Relu,
-    /// Per-row top-k.
-    Topk,
-    /// Batch-wide top-(k·B).
-    Batchtopk,
-}
-
 /// One SAE of a run. Unset fields take the defaults [`SaeSpec::resolve`] documents.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -205,11 +194,7 @@ impl SaeSpec {
         let defaults = TrainConfig::default();
         let arch_name = self.arch.unwrap_or(ArchName::Batchtopk);
         let k = self.k.unwrap_or(if cx.synthetic { 8 } else { 64 });
-        let arch = match arch_name {
-            ArchName::Relu => Architecture::Relu,
-            ArchName::Topk => Architecture::TopK { k },
-            ArchName::Batchtopk => Architecture::BatchTopK { k },
-        };
+        let arch = arch_name.with_k(k);
         let dict_size = match (self.dict_size, self.expansion) {
             (Some(_), Some(_)) => return Err(ConfigError::DictSizeAndExpansion),
             (Some(f), None) => f,
