@@ -93,6 +93,18 @@ pub enum Selection {
     BatchTopK(usize),
 }
 
+impl Selection {
+    /// How `arch` selects codes in training. Inference selects the same way, except that a
+    /// BatchTopK SAE with a learned θ keeps the codes above it.
+    pub fn of(arch: Architecture) -> Selection {
+        match arch {
+            Architecture::Relu => Selection::Relu,
+            Architecture::TopK { k } => Selection::TopK(k),
+            Architecture::BatchTopK { k } => Selection::BatchTopK(k),
+        }
+    }
+}
+
 /// The loss term added to the reconstruction MSE.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Penalty {
@@ -169,7 +181,7 @@ impl Rules {
                 match train.relu_variant {
                     // StandardTrainerAprilUpdate: clips, decoder free.
                     ReluVariant::DecoderNorm => Rules {
-                        selection: Selection::Relu,
+                        selection: Selection::of(sae.arch),
                         penalty: l1(true),
                         decoder: DecoderConstraint::Free,
                         max_grad_norm: Some(1.0),
@@ -178,7 +190,7 @@ impl Rules {
                     },
                     // StandardTrainer with ConstrainedAdam: exact unit norm, no clipping.
                     ReluVariant::UnitDecoder => Rules {
-                        selection: Selection::Relu,
+                        selection: Selection::of(sae.arch),
                         penalty: l1(false),
                         decoder: DecoderConstraint::UnitNorm {
                             project_eps: 0.0,
@@ -190,16 +202,16 @@ impl Rules {
                     },
                 }
             }
-            Architecture::TopK { k } => Rules {
-                selection: Selection::TopK(k),
+            Architecture::TopK { .. } => Rules {
+                selection: Selection::of(sae.arch),
                 penalty: auxk,
                 decoder: topk_decoder,
                 max_grad_norm: Some(1.0),
                 init_b_dec_from_median: true,
                 learn_threshold: false,
             },
-            Architecture::BatchTopK { k } => Rules {
-                selection: Selection::BatchTopK(k),
+            Architecture::BatchTopK { .. } => Rules {
+                selection: Selection::of(sae.arch),
                 penalty: auxk,
                 decoder: topk_decoder,
                 max_grad_norm: Some(1.0),

@@ -7,9 +7,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
-use crate::arch::{Rules, Selection};
+use crate::arch::Selection;
 use crate::backend::{sparse, Backend};
-use crate::config::{SaeConfig, TrainConfig};
+use crate::config::SaeConfig;
 use crate::dist::{Collective, SingleProcess};
 use crate::error::{check_shape, Error, Result};
 use crate::select::{Codes, PreActs, Selector};
@@ -198,8 +198,7 @@ impl Sae {
         let mut codes = Codes::empty(self.config.dict_size);
         let mut selector = Selector::default();
         // Inference differs from training only in BatchTopK's threshold.
-        let rules = Rules::for_config(&self.config, &TrainConfig::default());
-        match (rules.selection, self.threshold) {
+        match (Selection::of(self.config.arch), self.threshold) {
             (Selection::BatchTopK(_), Some(theta)) => selector.threshold(pre, theta, &mut codes),
             (selection, _) => {
                 select_into(&mut selector, selection, pre, &SingleProcess, &mut codes)
@@ -226,7 +225,7 @@ impl Sae {
                     self.w_enc_fd.view(),
                     self.b_enc_f.view(),
                     self.b_dec_d.view(),
-                    Rules::for_config(&self.config, &TrainConfig::default()).selection,
+                    Selection::of(self.config.arch),
                     self.threshold,
                 )?)),
             }),
