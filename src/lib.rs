@@ -12,6 +12,11 @@
 //! (Adam). [`arch`] is the one place that says how each architecture behaves; [`dist`] is the
 //! seam for data-parallel training.
 //!
+//! Arrays are named by their shape, as the reference does: `x_bd` is B×D, `w_enc_fd` F×D,
+//! `b_enc_f` F long. B is rows in a batch, D the activations' width (`d_model`), F latents
+//! (`dict_size`), K active codes per row, N rows of a dataset or evaluation set, G true
+//! features of the synthetic set.
+//!
 //! ```
 //! use ndarray::Array2;
 //! use sparse_autoencoder::{Architecture, Sae, SaeConfig, TrainConfig, Trainer};
