@@ -47,6 +47,7 @@ pub mod backend;
 pub mod config;
 pub mod data;
 pub mod dist;
+pub mod encode;
 pub mod error;
 pub mod eval;
 pub mod io;

@@ -7,12 +7,11 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
-use crate::arch::Selection;
-use crate::backend::{sparse, Backend};
+use crate::backend::Backend;
 use crate::config::SaeConfig;
-use crate::dist::{Collective, SingleProcess};
+use crate::dist::Collective;
 use crate::error::{check_shape, Error, Result};
-use crate::select::{Codes, PreActs, Selector};
+use crate::select::PreActs;
 
 /// A sparse autoencoder. Row `j` of `w_enc_fd` and of `w_dec_fd` belongs to latent `j`.
 ///
@@ -187,72 +186,6 @@ impl Sae {
         Ok(self.pre_acts(&gemm_bf).to_dense())
     }
 
-    /// Sparse codes of `x_bd` as used outside training: ReLU keeps every positive code, TopK
-    /// the k largest per row, BatchTopK those above θ (or, before θ is learned, the k·B largest
-    /// of this batch, the training rule).
-    pub fn encode(&self, backend: &dyn Backend, x_bd: ArrayView2<'_, f32>) -> Result<Codes> {
-        self.check_batch(x_bd)?;
-        let (mut xc_bd, mut gemm_bf) = (Array2::zeros((0, 0)), Array2::zeros((0, 0)));
-        self.pre_activations_into(backend, x_bd, &mut xc_bd, &mut gemm_bf);
-        let pre = self.pre_acts(&gemm_bf);
-        let mut codes = Codes::empty(self.config.dict_size);
-        let mut selector = Selector::default();
-        // Inference differs from training only in BatchTopK's threshold.
-        match (Selection::of(self.config.arch), self.threshold) {
-            (Selection::BatchTopK(_), Some(theta)) => selector.threshold(pre, theta, &mut codes),
-            (selection, _) => {
-                select_into(&mut selector, selection, pre, &SingleProcess, &mut codes)
-            }
-        }
-        Ok(codes)
-    }
-
-    /// An [`Encoder`] of this SAE on `device`: on a GPU the encoder's parameters are uploaded
-    /// once and every batch's GEMM and selection run there. Fails with
-    /// [`Error::Device`] when the device cannot run here.
-    pub fn encoder(&self, device: crate::backend::Device) -> Result<Encoder<'_>> {
-        match device {
-            crate::backend::Device::Cpu => Ok(Encoder {
-                sae: self,
-                #[cfg(feature = "cuda")]
-                gpu: None,
-            }),
-            #[cfg(feature = "cuda")]
-            crate::backend::Device::Cuda(gpu) => Ok(Encoder {
-                sae: self,
-                gpu: Some(Box::new(crate::backend::cuda_select::DeviceEncoder::new(
-                    gpu,
-                    self.w_enc_fd.view(),
-                    self.b_enc_f.view(),
-                    self.b_dec_d.view(),
-                    Selection::of(self.config.arch),
-                    self.threshold,
-                )?)),
-            }),
-            #[cfg(not(feature = "cuda"))]
-            crate::backend::Device::Cuda(_) => Err(device.check().unwrap_err()),
-        }
-    }
-
-    /// Reconstruction x̂ = codes·W_dec + b_dec.
-    pub fn decode(&self, codes: &Codes) -> Result<Array2<f32>> {
-        if codes.n_latents != self.config.dict_size {
-            return Err(Error::Shape {
-                what: "codes".into(),
-                expected: vec![codes.n_rows(), self.config.dict_size],
-                got: vec![codes.n_rows(), codes.n_latents],
-            });
-        }
-        let mut x_hat_bd = Array2::zeros((codes.n_rows(), self.config.d_model));
-        sparse::decode_into(
-            codes,
-            self.w_dec_fd.view(),
-            Some(self.b_dec_d.view()),
-            x_hat_bd.view_mut(),
-        );
-        Ok(x_hat_bd)
-    }
-
     /// Folds an input scale into the parameters: an SAE trained on c·x becomes one that takes
     /// raw x, as dictionary_learning's `scale_biases` after `normalize_activations`. b_enc,
     /// b_dec and θ are divided by c, so the codes of raw x are the trained codes of c·x divided
@@ -283,45 +216,6 @@ impl Sae {
                 });
         }
         Ok(())
-    }
-}
-
-/// [`Sae::encode`] for batch after batch on one device (see [`Sae::encoder`]).
-pub struct Encoder<'a> {
-    sae: &'a Sae,
-    #[cfg(feature = "cuda")]
-    gpu: Option<Box<crate::backend::cuda_select::DeviceEncoder>>,
-}
-
-impl Encoder<'_> {
-    /// The codes of `x_bd`, as [`Sae::encode`] gives them (on a GPU up to float rounding of the
-    /// GEMM, so a value on the edge of the selection may fall the other way).
-    pub fn encode(&mut self, x_bd: ArrayView2<'_, f32>) -> Result<Codes> {
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &mut self.gpu {
-            self.sae.check_batch(x_bd)?;
-            return gpu.encode(x_bd);
-        }
-        self.sae.encode(&crate::backend::Cpu, x_bd)
-    }
-}
-
-/// Applies a training-time [`Selection`] rule to the pre-activations (ReLU implied).
-pub(crate) fn select_into(
-    selector: &mut Selector,
-    selection: Selection,
-    pre: PreActs<'_>,
-    collective: &dyn Collective,
-    codes: &mut Codes,
-) {
-    match selection {
-        Selection::Relu => selector.relu(pre, codes),
-        Selection::TopK(k) => selector.topk(pre, k, codes),
-        Selection::BatchTopK(k) => {
-            let mut rows = [pre.n_rows() as u64];
-            collective.all_reduce_sum_u64(&mut rows);
-            selector.batch_topk(pre, k * rows[0] as usize, collective, codes)
-        }
     }
 }
 
@@ -389,6 +283,7 @@ mod tests {
     use super::*;
     use crate::backend::Cpu;
     use crate::config::Architecture;
+    use crate::dist::SingleProcess;
     use ndarray::array;
 
     fn cfg(arch: Architecture) -> SaeConfig {

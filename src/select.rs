@@ -5,6 +5,7 @@
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
+use crate::arch::Selection;
 use crate::dist::Collective;
 use crate::error::{check_shape, Error, Result};
 
@@ -555,6 +556,25 @@ fn find_rank(hist: &[u64], rank: u64) -> Option<(u32, u64)> {
         above += hist[h];
     }
     None
+}
+
+/// Applies a training-time [`Selection`] rule to the pre-activations (ReLU implied).
+pub(crate) fn select_into(
+    selector: &mut Selector,
+    selection: Selection,
+    pre: PreActs<'_>,
+    collective: &dyn Collective,
+    codes: &mut Codes,
+) {
+    match selection {
+        Selection::Relu => selector.relu(pre, codes),
+        Selection::TopK(k) => selector.topk(pre, k, codes),
+        Selection::BatchTopK(k) => {
+            let mut rows = [pre.n_rows() as u64];
+            collective.all_reduce_sum_u64(&mut rows);
+            selector.batch_topk(pre, k * rows[0] as usize, collective, codes)
+        }
+    }
 }
 
 #[cfg(test)]

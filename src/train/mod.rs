@@ -19,8 +19,8 @@ use crate::config::TrainConfig;
 use crate::dist::{Collective, SingleProcess};
 use crate::error::Result;
 use crate::optim::{lr_factor, sparsity_scale, sq, Adam, AdamConfig, Grads, ParamTensors, RowPrep};
-use crate::sae::{geometric_median, resize, select_into, Sae};
-use crate::select::{Codes, Selector};
+use crate::sae::{geometric_median, resize, Sae};
+use crate::select::{select_into, Codes, Selector};
 use shard::{Gathered, Shard};
 
 pub use crate::config::MAX_STEPS;

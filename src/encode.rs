@@ -1,0 +1,100 @@
+//! Inference: an SAE's codes for batches (the encoder GEMM, then the selection training uses,
+//! with BatchTopK's learned θ in place of its batch rule) on the CPU or a GPU, and the
+//! reconstruction from codes. The SAE itself ([`crate::sae`]) knows nothing of devices.
+
+use ndarray::{Array2, ArrayView2};
+
+use crate::arch::Selection;
+use crate::backend::{sparse, Backend, Device};
+use crate::dist::SingleProcess;
+use crate::error::{Error, Result};
+use crate::sae::Sae;
+use crate::select::{select_into, Codes, Selector};
+
+impl Sae {
+    /// Sparse codes of `x_bd` as used outside training: ReLU keeps every positive code, TopK
+    /// the k largest per row, BatchTopK those above θ (or, before θ is learned, the k·B largest
+    /// of this batch, the training rule).
+    pub fn encode(&self, backend: &dyn Backend, x_bd: ArrayView2<'_, f32>) -> Result<Codes> {
+        self.check_batch(x_bd)?;
+        let (mut xc_bd, mut gemm_bf) = (Array2::zeros((0, 0)), Array2::zeros((0, 0)));
+        self.pre_activations_into(backend, x_bd, &mut xc_bd, &mut gemm_bf);
+        let pre = self.pre_acts(&gemm_bf);
+        let mut codes = Codes::empty(self.config.dict_size);
+        let mut selector = Selector::default();
+        // Inference differs from training only in BatchTopK's threshold.
+        match (Selection::of(self.config.arch), self.threshold) {
+            (Selection::BatchTopK(_), Some(theta)) => selector.threshold(pre, theta, &mut codes),
+            (selection, _) => {
+                select_into(&mut selector, selection, pre, &SingleProcess, &mut codes)
+            }
+        }
+        Ok(codes)
+    }
+
+    /// An [`Encoder`] of this SAE on `device`: on a GPU the encoder's parameters are uploaded
+    /// once and every batch's GEMM and selection run there. Fails with
+    /// [`Error::Device`] when the device cannot run here.
+    pub fn encoder(&self, device: Device) -> Result<Encoder<'_>> {
+        match device {
+            Device::Cpu => Ok(Encoder {
+                sae: self,
+                #[cfg(feature = "cuda")]
+                gpu: None,
+            }),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(gpu) => Ok(Encoder {
+                sae: self,
+                gpu: Some(Box::new(crate::backend::cuda_select::DeviceEncoder::new(
+                    gpu,
+                    self.w_enc_fd.view(),
+                    self.b_enc_f.view(),
+                    self.b_dec_d.view(),
+                    Selection::of(self.config.arch),
+                    self.threshold,
+                )?)),
+            }),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(device.check().unwrap_err()),
+        }
+    }
+
+    /// Reconstruction x̂ = codes·W_dec + b_dec.
+    pub fn decode(&self, codes: &Codes) -> Result<Array2<f32>> {
+        if codes.n_latents != self.config.dict_size {
+            return Err(Error::Shape {
+                what: "codes".into(),
+                expected: vec![codes.n_rows(), self.config.dict_size],
+                got: vec![codes.n_rows(), codes.n_latents],
+            });
+        }
+        let mut x_hat_bd = Array2::zeros((codes.n_rows(), self.config.d_model));
+        sparse::decode_into(
+            codes,
+            self.w_dec_fd.view(),
+            Some(self.b_dec_d.view()),
+            x_hat_bd.view_mut(),
+        );
+        Ok(x_hat_bd)
+    }
+}
+
+/// [`Sae::encode`] for batch after batch on one device (see [`Sae::encoder`]).
+pub struct Encoder<'a> {
+    sae: &'a Sae,
+    #[cfg(feature = "cuda")]
+    gpu: Option<Box<crate::backend::cuda_select::DeviceEncoder>>,
+}
+
+impl Encoder<'_> {
+    /// The codes of `x_bd`, as [`Sae::encode`] gives them (on a GPU up to float rounding of the
+    /// GEMM, so a value on the edge of the selection may fall the other way).
+    pub fn encode(&mut self, x_bd: ArrayView2<'_, f32>) -> Result<Codes> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &mut self.gpu {
+            self.sae.check_batch(x_bd)?;
+            return gpu.encode(x_bd);
+        }
+        self.sae.encode(&crate::backend::Cpu, x_bd)
+    }
+}
