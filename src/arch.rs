@@ -71,7 +71,38 @@ impl std::str::FromStr for ArchName {
     }
 }
 
+impl TrainConfig {
+    /// The peak learning rate: `lr` if set, else 2e-4/√(F/2¹⁴) for TopK/BatchTopK (Gao et al.
+    /// 2024 scaling law, as dictionary_learning) and 5e-5 for ReLU (Anthropic April-2024 update).
+    pub fn learning_rate(&self, sae: &SaeConfig) -> f32 {
+        match (self.lr, sae.arch) {
+            (Some(lr), _) => lr,
+            (None, Architecture::Relu) => 5e-5,
+            (None, _) => (2e-4 / (sae.dict_size as f64 / 16384.0).sqrt()) as f32,
+        }
+    }
+}
+
 impl Architecture {
+    /// Whether folding an input scale into the SAE also makes its decoder rows unit-norm
+    /// (see [`crate::Sae::fold_input_scale`]): true for ReLU, whose codes scale with their
+    /// pre-activations so a row's norm can move into its encoder row and bias; TopK and
+    /// BatchTopK rows are unit-norm already, and rescaling their codes would change which are
+    /// selected.
+    pub fn folds_decoder_norms(&self) -> bool {
+        matches!(self, Architecture::Relu)
+    }
+
+    /// SAELens' name for this architecture's saved form: `standard` (ReLU), `topk`, or
+    /// `jumprelu` for BatchTopK, whose inference rule (codes above θ) is a threshold per latent.
+    pub fn saelens_name(&self) -> &'static str {
+        match self {
+            Architecture::Relu => "standard",
+            Architecture::TopK { .. } => "topk",
+            Architecture::BatchTopK { .. } => "jumprelu",
+        }
+    }
+
     /// This architecture's name.
     pub fn name(&self) -> ArchName {
         match self {
@@ -240,5 +271,21 @@ mod tests {
         assert_eq!(ArchName::Relu.with_k(7), Architecture::Relu);
         let err = "TopK".parse::<ArchName>().unwrap_err();
         assert!(err.contains("relu, topk or batchtopk"), "{err}");
+    }
+
+    #[test]
+    fn the_fold_rule_and_the_saelens_names_follow_the_architecture() {
+        let names: Vec<_> = ArchName::ALL
+            .map(|a| {
+                (
+                    a.with_k(4).folds_decoder_norms(),
+                    a.with_k(4).saelens_name(),
+                )
+            })
+            .into();
+        assert_eq!(
+            names,
+            [(true, "standard"), (false, "topk"), (false, "jumprelu")]
+        );
     }
 }

@@ -160,16 +160,6 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// The peak learning rate: `lr` if set, else 2e-4/√(F/2¹⁴) for TopK/BatchTopK (Gao et al.
-    /// 2024 scaling law, as dictionary_learning) and 5e-5 for ReLU (Anthropic April-2024 update).
-    pub fn learning_rate(&self, sae: &SaeConfig) -> f32 {
-        match (self.lr, sae.arch) {
-            (Some(lr), _) => lr,
-            (None, Architecture::Relu) => 5e-5,
-            (None, _) => (2e-4 / (sae.dict_size as f64 / 16384.0).sqrt()) as f32,
-        }
-    }
-
     /// Checks every field against itself and against the SAE it will train.
     pub fn validate(&self, sae: &SaeConfig) -> Result<(), ConfigError> {
         use ConfigError as E;

@@ -202,7 +202,7 @@ impl Sae {
         self.b_enc_f /= c;
         self.b_dec_d /= c;
         self.threshold = self.threshold.map(|theta| theta / c);
-        if self.config.arch == crate::Architecture::Relu {
+        if self.config.arch.folds_decoder_norms() {
             Zip::from(self.w_dec_fd.rows_mut())
                 .and(self.w_enc_fd.rows_mut())
                 .and(&mut self.b_enc_f)

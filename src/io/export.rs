@@ -64,10 +64,10 @@ fn write_json(dir: &Path, value: &serde_json::Value) -> Result<()> {
 /// already folded into the weights, so `normalize_activations` is `none`.
 pub fn export_saelens(sae: &Sae, dir: &Path, metadata: &ExportMetadata) -> Result<()> {
     let (f, d) = (sae.config().dict_size, sae.config().d_model);
-    let (architecture, extra) = match sae.config().arch {
-        Architecture::Relu => ("standard", None),
-        Architecture::TopK { k } => ("topk", Some(("k", json!(k)))),
-        Architecture::BatchTopK { .. } => ("jumprelu", None),
+    let architecture = sae.config().arch.saelens_name();
+    let extra = match sae.config().arch {
+        Architecture::TopK { k } => Some(("k", json!(k))),
+        Architecture::Relu | Architecture::BatchTopK { .. } => None,
     };
     let threshold_f = match (sae.config().arch, sae.threshold()) {
         (Architecture::BatchTopK { .. }, Some(theta)) => Some(ndarray::Array1::from_elem(f, theta)),
