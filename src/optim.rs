@@ -104,23 +104,10 @@ impl Grads {
     /// Readies the gradients for the step in one pass over the latent rows (see
     /// [`RowPrep`]); returns the global ‖g‖₂ over all four gradients when `prep.want_norm`.
     pub fn project_and_norm(&mut self, w_dec_fd: &Array2<f32>, prep: RowPrep) -> f64 {
-        let row_sq = self.project_latents(w_dec_fd, prep, 0..w_dec_fd.nrows());
-        self.global_norm(&row_sq)
-    }
-
-    /// [`RowPrep`] applied to the rows of the latents in `latents` only; returns their squared
-    /// norms (see [`RowPrep::apply`]).
-    pub fn project_latents(
-        &mut self,
-        w_dec_fd: &Array2<f32>,
-        prep: RowPrep,
-        latents: Range<usize>,
-    ) -> Vec<f64> {
-        let rows = s![latents.clone(), ..];
-        Zip::from(self.tensors.w_dec_fd.slice_mut(rows).rows_mut())
-            .and(self.tensors.w_enc_fd.slice(rows).rows())
-            .and(w_dec_fd.slice(rows).rows())
-            .and(&self.active_f[latents])
+        let row_sq = Zip::from(self.tensors.w_dec_fd.rows_mut())
+            .and(self.tensors.w_enc_fd.rows())
+            .and(w_dec_fd.rows())
+            .and(&self.active_f)
             .par_map_collect(|mut gd, ge, w, &active| {
                 if !active {
                     return 0.0;
@@ -131,9 +118,8 @@ impl Grads {
                     w.as_slice().unwrap(),
                 );
                 dispatch(|| prep.apply(gd, ge, w))
-            })
-            .into_raw_vec_and_offset()
-            .0
+            });
+        self.global_norm(row_sq.as_slice().expect("contiguous"))
     }
 
     /// ‖g‖₂ from the latent rows' squared norms (as [`RowPrep::apply`] returns them) and the

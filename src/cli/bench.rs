@@ -323,6 +323,14 @@ impl ExchangeTimes {
     fn get(&self) -> Duration {
         Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
     }
+
+    /// Runs `exchange`, adding its time.
+    fn add(&self, exchange: impl FnOnce()) {
+        let t = Instant::now();
+        exchange();
+        let nanos = t.elapsed().as_nanos() as u64;
+        self.nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
 }
 
 /// The world's collective, timing its f32 sums and gathers into [`ExchangeTimes`].
@@ -345,10 +353,7 @@ impl Collective for TimedExchanges {
         self.inner.all_reduce_sum_f64(buf)
     }
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) {
-        let t = Instant::now();
-        self.inner.all_reduce_sum_f32(buf);
-        let nanos = t.elapsed().as_nanos() as u64;
-        self.times.nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.times.add(|| self.inner.all_reduce_sum_f32(buf))
     }
     fn all_reduce_min_f32(&self, buf: &mut [f32]) {
         self.inner.all_reduce_min_f32(buf)
@@ -363,10 +368,7 @@ impl Collective for TimedExchanges {
         self.inner.gather_bytes(root, local)
     }
     fn all_gather_f32(&self, buf: &mut [f32], counts: &[usize]) {
-        let t = Instant::now();
-        self.inner.all_gather_f32(buf, counts);
-        let nanos = t.elapsed().as_nanos() as u64;
-        self.times.nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.times.add(|| self.inner.all_gather_f32(buf, counts))
     }
     fn all_gather_bytes(&self, local: &[u8]) -> Vec<Vec<u8>> {
         self.inner.all_gather_bytes(local)

@@ -268,7 +268,7 @@ impl Trainer {
     pub fn sync(&mut self) -> Result<()> {
         if self.moments_partial {
             let c = &*self.collective;
-            let shard = Shard::new(c, 0, self.sae.config.dict_size);
+            let shard = Shard::for_latents(c, self.sae.config.dict_size);
             for m in [&mut self.adam.m, &mut self.adam.v] {
                 shard.gather_latents(c, &mut m.w_enc_fd, &mut m.w_dec_fd, &mut m.b_enc_f);
             }
@@ -567,7 +567,6 @@ impl Trainer {
         };
         let fuse = !dense && !self.capture_on;
         let gather = fuse && distributed;
-        let all_latents = 0..self.sae.config.dict_size;
         let ctx = backward::Context {
             fused_prep: fuse.then_some(prep),
             sae: &self.sae,
@@ -583,7 +582,7 @@ impl Trainer {
             latents: if gather {
                 shard.latents()
             } else {
-                all_latents.clone()
+                0..self.sae.config.dict_size
             },
             collective: &*self.collective,
         };

@@ -31,13 +31,21 @@ impl Shard {
     /// The split of `n_latents` over `collective`'s processes, each holding the row counts
     /// they report (`n_local` here).
     pub fn new(collective: &dyn Collective, n_local: usize, n_latents: usize) -> Shard {
-        let (rank, world) = (collective.rank(), collective.world_size());
-        let mut rows = vec![0u64; world];
-        rows[rank] = n_local as u64;
+        let mut shard = Shard::for_latents(collective, n_latents);
+        let mut rows = vec![0u64; shard.latents_per_rank.len()];
+        rows[shard.rank] = n_local as u64;
         collective.all_reduce_sum_u64(&mut rows);
+        shard.rows_per_rank = rows.into_iter().map(|n| n as usize).collect();
+        shard
+    }
+
+    /// The split of `n_latents` alone, with no rows (no collective call): enough to gather
+    /// latent rows outside a step.
+    pub fn for_latents(collective: &dyn Collective, n_latents: usize) -> Shard {
+        let (rank, world) = (collective.rank(), collective.world_size());
         Shard {
             rank,
-            rows_per_rank: rows.into_iter().map(|n| n as usize).collect(),
+            rows_per_rank: Vec::new(),
             latents_per_rank: (0..world)
                 .map(|q| part(n_latents, q, world).len())
                 .collect(),
