@@ -148,12 +148,10 @@ pub enum Penalty {
         /// s(t) rises linearly from 0 to 1 over this many steps (0: always 1).
         warmup_steps: u64,
     },
-    /// α·AuxK over latents dead for `dead_tokens` tokens (Gao et al. 2024).
+    /// α·AuxK over the dead latents (Gao et al. 2024).
     AuxK {
         /// α.
         alpha: f32,
-        /// Tokens without firing after which a latent is dead.
-        dead_tokens: u64,
     },
 }
 
@@ -188,6 +186,9 @@ pub struct Rules {
     pub init_b_dec_from_median: bool,
     /// Track the inference threshold θ as an EMA of the smallest kept code.
     pub learn_threshold: bool,
+    /// Tokens without firing after which a latent is dead: AuxK's latents, and the dead
+    /// fraction every architecture reports.
+    pub dead_tokens: u64,
 }
 
 impl Rules {
@@ -195,7 +196,6 @@ impl Rules {
     pub fn for_config(sae: &SaeConfig, train: &TrainConfig) -> Rules {
         let auxk = Penalty::AuxK {
             alpha: train.auxk_alpha,
-            dead_tokens: train.dead_tokens,
         };
         // `set_decoder_norm_to_unit_norm` and `remove_gradient_parallel_to_decoder_directions`.
         let topk_decoder = DecoderConstraint::UnitNorm {
@@ -218,6 +218,7 @@ impl Rules {
                         max_grad_norm: Some(1.0),
                         init_b_dec_from_median: false,
                         learn_threshold: false,
+                        dead_tokens: train.dead_tokens,
                     },
                     // StandardTrainer with ConstrainedAdam: exact unit norm, no clipping.
                     ReluVariant::UnitDecoder => Rules {
@@ -230,6 +231,7 @@ impl Rules {
                         max_grad_norm: None,
                         init_b_dec_from_median: false,
                         learn_threshold: false,
+                        dead_tokens: train.dead_tokens,
                     },
                 }
             }
@@ -240,6 +242,7 @@ impl Rules {
                 max_grad_norm: Some(1.0),
                 init_b_dec_from_median: true,
                 learn_threshold: false,
+                dead_tokens: train.dead_tokens,
             },
             Architecture::BatchTopK { .. } => Rules {
                 selection: Selection::of(sae.arch),
@@ -248,6 +251,7 @@ impl Rules {
                 max_grad_norm: Some(1.0),
                 init_b_dec_from_median: true,
                 learn_threshold: true,
+                dead_tokens: train.dead_tokens,
             },
         }
     }

@@ -6,10 +6,10 @@
 
 use std::ops::Range;
 
-use ndarray::{s, Array1, ArrayView2, Axis, Zip};
+use ndarray::{s, Array1, Array2, ArrayView2, Axis, Zip};
 use rayon::prelude::*;
 
-use super::Workspace;
+use super::loss::column_sums_by;
 use crate::backend::simd::{dispatch, prefetch};
 use crate::backend::sparse::{axpy, dot, ByLatent};
 use crate::backend::Backend;
@@ -210,26 +210,27 @@ pub(super) fn sparse(
         .sum()
 }
 
-/// Dense backward for a ReLU SAE whose codes are the whole of (ReLU'd) `pre_bf`. Returns the local L1
-/// sum Σ f_bj·n_j.
+/// Dense backward for a ReLU SAE whose codes are the whole of (ReLU'd) `pre_bf`, with ∂L/∂x̂
+/// in `up_main_bd` and `g_pre_bf` a buffer for ∂L/∂pre. Returns the local L1 sum Σ f_bj·n_j.
 pub(super) fn dense_relu(
     ctx: &Context<'_>,
     backend: &dyn Backend,
-    ws: &mut Workspace,
+    batch: Batch<'_>,
+    pre_bf: ArrayView2<'_, f32>,
+    g_pre_bf: &mut Array2<f32>,
     grads: &mut Grads,
 ) -> f64 {
     let sae = ctx.sae;
-    let n_local = ws.xc_bd.nrows();
     let n_j = ctx.l1_weights();
-    let up_main = ws.upstream_bd.slice(ndarray::s![..n_local, ..]);
+    let (xc_bd, up_main) = (batch.xc_bd, batch.up_main_bd);
     let t = &mut grads.tensors;
 
     // ∂L/∂pre = (u·W_decᵀ + λs·n_j/B)·[post > 0].
-    resize(&mut ws.g_pre_bf, ws.pre_bf.dim());
-    backend.gemm(1.0, up_main, sae.w_dec_fd.t(), 0.0, ws.g_pre_bf.view_mut());
+    resize(g_pre_bf, pre_bf.dim());
+    backend.gemm(1.0, up_main, sae.w_dec_fd.t(), 0.0, g_pre_bf.view_mut());
     let per_row = ctx.l1_coef / ctx.n_global as f32;
-    Zip::from(ws.g_pre_bf.rows_mut())
-        .and(ws.pre_bf.rows())
+    Zip::from(g_pre_bf.rows_mut())
+        .and(pre_bf.rows())
         .par_for_each(|mut g, post| {
             Zip::from(&mut g)
                 .and(&post)
@@ -237,19 +238,13 @@ pub(super) fn dense_relu(
                 .for_each(|g, &p, &n| *g = if p > 0.0 { *g + per_row * n } else { 0.0 })
         });
 
-    backend.gemm(1.0, ws.pre_bf.t(), up_main, 0.0, t.w_dec_fd.view_mut());
-    let code_sums = column_sums_by(ws.pre_bf.view(), |v| v);
+    backend.gemm(1.0, pre_bf.t(), up_main, 0.0, t.w_dec_fd.view_mut());
+    let code_sums = column_sums_by(pre_bf, |v| v);
     Zip::indexed(t.w_dec_fd.rows_mut()).par_for_each(|j, mut gd| {
         ctx.add_l1_decoder_grad(j, code_sums[j], n_j[j], gd.as_slice_mut().unwrap());
     });
-    backend.gemm(
-        1.0,
-        ws.g_pre_bf.t(),
-        ws.xc_bd.view(),
-        0.0,
-        t.w_enc_fd.view_mut(),
-    );
-    t.b_enc_f = Array1::from(column_sums_by(ws.g_pre_bf.view(), |g| g));
+    backend.gemm(1.0, g_pre_bf.t(), xc_bd, 0.0, t.w_enc_fd.view_mut());
+    t.b_enc_f = Array1::from(column_sums_by(g_pre_bf.view(), |g| g));
     grads.active_f.fill(true);
 
     bias_grads(ctx, up_main, grads);
@@ -293,13 +288,4 @@ fn bias_grads(ctx: &Context<'_>, up_main: ArrayView2<'_, f32>, grads: &mut Grads
         }
     }
     grads.tensors.b_dec_d = g;
-}
-
-/// Σ_b map(a\[b, j\]) for every column j, in a fixed order (see [`super::sum_over_rows`]).
-pub(super) fn column_sums_by(a: ArrayView2<'_, f32>, map: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    super::sum_over_rows(a.nrows(), a.ncols(), |b, acc: &mut [f32]| {
-        for (s, &v) in acc.iter_mut().zip(a.row(b)) {
-            *s += map(v);
-        }
-    })
 }

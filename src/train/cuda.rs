@@ -1,20 +1,21 @@
-//! The training step on a GPU (feature `cuda`): [`DeviceStep`] keeps the parameters, Adam's
-//! moments, the dead-latent counters and every step buffer in GPU memory and runs the step the
-//! CPU trainer runs (same rules, same order of floating-point sums where it matters), reading
-//! back only the scalars a step reports.
+//! The step's phases on a GPU (feature `cuda`): [`CudaStep`] keeps the parameters, Adam's
+//! moments, the dead-latent counters and every step buffer in GPU memory and runs each phase
+//! as the CPU does (same order of floating-point sums where it matters), queued on one stream
+//! and reading back only the scalars the trainer asks for.
 
 use cudarc::driver::CudaSlice;
-use ndarray::{Array1, Array2, ArrayView2};
+use ndarray::{Array1, Array2};
 
-use super::{Captured, StepStats, Trainer};
-use crate::arch::{DecoderConstraint, Penalty};
+use super::phases::{BackwardArgs, Captured, Firing, LossSums, Phases, State, Step};
+use crate::arch::{DecoderConstraint, Selection};
 use crate::backend::cuda::{
     elementwise, launch, rows, single_block, warps, CudaDevice, DeviceMatrix, Uploader,
 };
 use crate::backend::cuda_select::{select_codes, CodeBuffers, DeviceRule, MAX_ROWS};
 use crate::backend::Gpu;
+use crate::dist::Collective;
 use crate::error::{Error, Result};
-use crate::optim::{sparsity_scale, ParamTensors};
+use crate::optim::ParamTensors;
 
 /// The step's f64 scalars on the GPU, by name: where each batch-wide sum lands in
 /// `DeviceStep::sums`, read back in one transfer.
@@ -131,7 +132,7 @@ impl BatchBuffers {
 }
 
 /// A trainer's state and workspaces in GPU memory.
-pub(crate) struct DeviceStep {
+pub(crate) struct CudaStep {
     dev: CudaDevice,
     params: DeviceParams,
     m: DeviceParams,
@@ -152,13 +153,22 @@ pub(crate) struct DeviceStep {
     batch: Option<BatchBuffers>,
     /// How batches reach the GPU.
     upload: Uploader,
+    /// Whether the host's copy of the state lags behind this one.
+    stale: bool,
+    /// This step: its dead latents, whether AuxK contributes, its backward's arguments, the
+    /// raw gradients when captured, and the sums as last read back.
+    n_dead: usize,
+    aux_active: bool,
+    args: Option<BackwardArgs>,
+    raw_grads: Option<ParamTensors>,
+    sums_read: Vec<f64>,
 }
 
-impl DeviceStep {
-    /// Moves a trainer's whole state to `gpu`.
-    pub(crate) fn new(trainer: &Trainer, gpu: Gpu) -> Result<Self> {
+impl CudaStep {
+    /// A copy of a trainer's whole state on `gpu`.
+    pub(crate) fn new(state: &State, gpu: Gpu) -> Result<Self> {
         let dev = CudaDevice::open(gpu)?;
-        let sae = &trainer.sae;
+        let sae = &state.sae;
         let (f, d) = (sae.config.dict_size, sae.config.d_model);
         let params = DeviceParams::upload(
             &dev,
@@ -170,12 +180,12 @@ impl DeviceStep {
             },
         )?;
         let mut since_f: CudaSlice<u64> = dev.alloc(f)?;
-        dev.write(&trainer.tokens_since_fired_f, &mut since_f)?;
+        dev.write(&state.tokens_since_fired_f, &mut since_f)?;
         let mut n_f = dev.alloc(f)?;
         dev.write(&vec![1.0f32; f], &mut n_f)?;
-        Ok(DeviceStep {
-            m: DeviceParams::upload(&dev, &trainer.adam.m)?,
-            v: DeviceParams::upload(&dev, &trainer.adam.v)?,
+        Ok(CudaStep {
+            m: DeviceParams::upload(&dev, &state.adam.m)?,
+            v: DeviceParams::upload(&dev, &state.adam.v)?,
             grads: DeviceParams::zeros(&dev, f, d)?,
             params,
             active_f: dev.alloc(f)?,
@@ -191,26 +201,13 @@ impl DeviceStep {
             batch: None,
             upload: dev.uploader()?,
             dev,
+            stale: false,
+            n_dead: 0,
+            aux_active: false,
+            args: None,
+            raw_grads: None,
+            sums_read: vec![0.0; slot::COUNT],
         })
-    }
-
-    /// The GPU's name.
-    pub(crate) fn device_name(&self) -> String {
-        self.dev.name()
-    }
-
-    /// Copies parameters, moments and counters into the trainer's host copies.
-    pub(crate) fn download_into(&self, trainer: &mut Trainer) -> Result<()> {
-        let p = self.params.download(&self.dev)?;
-        let sae = &mut trainer.sae;
-        sae.w_enc_fd = p.w_enc_fd;
-        sae.b_enc_f = p.b_enc_f;
-        sae.w_dec_fd = p.w_dec_fd;
-        sae.b_dec_d = p.b_dec_d;
-        trainer.adam.m = self.m.download(&self.dev)?;
-        trainer.adam.v = self.v.download(&self.dev)?;
-        trainer.tokens_since_fired_f = self.dev.read(&self.since_f)?;
-        Ok(())
     }
 
     /// Column means of x, or of x − x̂ with `minus_x_hat`, into `mean_d`.
@@ -277,133 +274,165 @@ impl DeviceStep {
     }
 }
 
-impl Trainer {
-    /// [`Trainer::step`] on the GPU.
-    pub(super) fn step_on_device(&mut self, x_bd: ArrayView2<'_, f32>) -> Result<StepStats> {
-        let mut gpu = self.gpu.take().expect("a device trainer");
-        let result = self.device_step(&mut gpu, x_bd);
-        self.gpu = Some(gpu);
-        result
+impl CudaStep {
+    fn args(&self) -> BackwardArgs {
+        self.args.expect("grad_norm and captured follow backward")
     }
 
-    fn device_step(&mut self, g: &mut DeviceStep, x_bd: ArrayView2<'_, f32>) -> Result<StepStats> {
-        let rules = self.rules;
-        let timing = self.time_device_phases;
-        let mut times = super::PhaseTimes::default();
-        let mut clock = std::time::Instant::now();
-        let mut lap = |dev: &CudaDevice| -> Result<std::time::Duration> {
-            if !timing {
-                return Ok(std::time::Duration::ZERO);
+    /// The gradients as a dense framework holds them (inactive rows zero).
+    fn download_grads(&self) -> Result<ParamTensors> {
+        let mut t = self.grads.download(&self.dev)?;
+        let active = self.dev.read(&self.active_f)?;
+        for (j, &a) in active.iter().enumerate().take(t.w_enc_fd.nrows()) {
+            if a == 0 {
+                t.w_enc_fd.row_mut(j).fill(0.0);
+                t.w_dec_fd.row_mut(j).fill(0.0);
             }
-            dev.synchronize()?;
-            let now = std::time::Instant::now();
-            Ok(std::mem::replace(&mut clock, now).elapsed())
-        };
-        let (f, d) = (self.sae.config.dict_size, self.sae.config.d_model);
-        let b = x_bd.nrows();
-        if b > MAX_ROWS {
+        }
+        Ok(t)
+    }
+}
+
+impl Phases for CudaStep {
+    fn device_name(&self) -> String {
+        self.dev.name()
+    }
+
+    fn queues(&self) -> bool {
+        true
+    }
+
+    fn wait(&self) -> Result<()> {
+        self.dev.synchronize()
+    }
+
+    fn read_back(&mut self, state: &mut State, _collective: &dyn Collective) -> Result<()> {
+        if !self.stale {
+            return Ok(());
+        }
+        let p = self.params.download(&self.dev)?;
+        let sae = &mut state.sae;
+        sae.w_enc_fd = p.w_enc_fd;
+        sae.b_enc_f = p.b_enc_f;
+        sae.w_dec_fd = p.w_dec_fd;
+        sae.b_dec_d = p.b_dec_d;
+        state.adam.m = self.m.download(&self.dev)?;
+        state.adam.v = self.v.download(&self.dev)?;
+        state.tokens_since_fired_f = self.dev.read(&self.since_f)?;
+        self.stale = false;
+        Ok(())
+    }
+
+    fn begin(&mut self, rows: usize) -> Result<()> {
+        if rows > MAX_ROWS {
             return Err(Error::OutOfRange {
                 what: "batch size on a GPU".into(),
-                value: b as f64,
+                value: rows as f64,
                 range: format!("[1, {MAX_ROWS}]"),
             });
         }
-        if self.step == 0 && rules.init_b_dec_from_median {
-            let median = crate::sae::geometric_median(x_bd, &*self.collective, 100, 1e-5);
-            let dev = &g.dev;
-            dev.write(median.as_slice().unwrap(), &mut g.params.b_dec_d.data)?;
-            self.sae.b_dec_d = median;
+        if self.batch.as_ref().map(|bb| bb.b) != Some(rows) {
+            let (f, d) = (self.params.w_enc_fd.rows, self.params.w_enc_fd.cols);
+            self.batch = None;
+            self.batch = Some(BatchBuffers::new(&self.dev, rows, d, f)?);
         }
-        if g.batch.as_ref().map(|bb| bb.b) != Some(b) {
-            g.batch = None;
-            g.batch = Some(BatchBuffers::new(&g.dev, b, d, f)?);
-        }
+        Ok(())
+    }
 
-        // Encode: upload overlapped with x − b_dec and the encoder GEMM (b_enc is added by every
-        // reader).
-        {
-            let dev = &g.dev;
-            let bb = g.batch.as_mut().unwrap();
-            let x = x_bd.as_standard_layout();
-            dev.upload_encode(
-                &mut g.upload,
-                x.as_slice().expect("standard layout"),
-                &g.params.b_dec_d.data,
-                &g.params.w_enc_fd,
-                &mut bb.x_bd,
-                &mut bb.xc_bd,
-                &mut bb.pre_bf,
-            )?;
-        }
-        times.encode = lap(&g.dev)?;
+    fn set_b_dec(&mut self, state: &mut State, b_dec_d: Array1<f32>) -> Result<()> {
+        let data = b_dec_d.as_slice().expect("a new vector is contiguous");
+        self.dev.write(data, &mut self.params.b_dec_d.data)?;
+        state.sae.b_dec_d = b_dec_d;
+        Ok(())
+    }
 
-        // Select.
-        {
-            let bb = g.batch.as_mut().unwrap();
-            select_codes(
-                &g.dev,
-                DeviceRule::training(rules.selection),
-                &bb.pre_bf,
-                &g.params.b_enc_f,
-                &mut g.batch_state,
-                &mut g.hist,
-                &mut bb.gt_b,
-                &mut bb.eq_b,
-                &mut bb.codes,
-            )?;
-        }
-        times.select = lap(&g.dev)?;
+    fn encode(&mut self, _state: &State, step: &Step<'_>) -> Result<()> {
+        // The upload overlaps x − b_dec and the encoder GEMM (b_enc is added by every reader).
+        let g = self;
+        let bb = g.batch.as_mut().expect("begin allocates the batch buffers");
+        g.dev.upload_encode(
+            &mut g.upload,
+            step.x_bd.as_slice().expect("standard layout"),
+            &g.params.b_dec_d.data,
+            &g.params.w_enc_fd,
+            &mut bb.x_bd,
+            &mut bb.xc_bd,
+            &mut bb.pre_bf,
+        )
+    }
 
-        // Who fired, who is dead, θ.
-        let (n_dead, min_bits) = {
-            let dev = &g.dev;
-            let bb = g.batch.as_mut().unwrap();
-            bb.codes.by_latent(dev, b, f)?;
-            dev.write(&[0u32, 0x7f80_0000], &mut g.flags)?;
-            let dead_tokens = match rules.penalty {
-                Penalty::AuxK { dead_tokens, .. } => dead_tokens,
-                Penalty::L1 { .. } => self.config.dead_tokens,
-            };
-            let (rows_u, fi) = (b as u64, f as i64);
-            let mut n_dead_slot = g.flags.slice_mut(0..1);
+    fn select(&mut self, _state: &State, _step: &Step<'_>, selection: Selection) -> Result<()> {
+        let g = self;
+        let bb = g.batch.as_mut().expect("begin allocates the batch buffers");
+        select_codes(
+            &g.dev,
+            DeviceRule::training(selection),
+            &bb.pre_bf,
+            &g.params.b_enc_f,
+            &mut g.batch_state,
+            &mut g.hist,
+            &mut bb.gt_b,
+            &mut bb.eq_b,
+            &mut bb.codes,
+        )
+    }
+
+    fn mark_fired(
+        &mut self,
+        _state: &mut State,
+        _step: &Step<'_>,
+        dead_tokens: u64,
+        _want_min_code: bool,
+    ) -> Result<Firing> {
+        let g = self;
+        let (f, dev) = (g.params.w_enc_fd.rows, &g.dev);
+        let bb = g.batch.as_mut().expect("begin allocates the batch buffers");
+        let b = bb.b;
+        bb.codes.by_latent(dev, b, f)?;
+        dev.write(&[0u32, 0x7f80_0000], &mut g.flags)?;
+        let (rows_u, fi) = (b as u64, f as i64);
+        let mut n_dead_slot = g.flags.slice_mut(0..1);
+        launch!(
+            dev,
+            update_dead,
+            elementwise(f),
+            [
+                &bb.codes.count_f,
+                &mut g.since_f,
+                &rows_u,
+                &dead_tokens,
+                &fi,
+                &mut g.dead_f,
+                &mut n_dead_slot
+            ]
+        )?;
+        let nnz = bb.codes.nnz as i64;
+        if nnz > 0 {
+            let mut min_slot = g.flags.slice_mut(1..2);
             launch!(
                 dev,
-                update_dead,
-                elementwise(f),
-                [
-                    &bb.codes.count_f,
-                    &mut g.since_f,
-                    &rows_u,
-                    &dead_tokens,
-                    &fi,
-                    &mut g.dead_f,
-                    &mut n_dead_slot
-                ]
+                min_value,
+                elementwise(bb.codes.nnz),
+                [&bb.codes.codes.values, &nnz, &mut min_slot]
             )?;
-            let nnz = bb.codes.nnz as i64;
-            if nnz > 0 {
-                let mut min_slot = g.flags.slice_mut(1..2);
-                launch!(
-                    dev,
-                    min_value,
-                    elementwise(bb.codes.nnz),
-                    [&bb.codes.codes.values, &nnz, &mut min_slot]
-                )?;
-            }
-            let flags = dev.read(&g.flags)?;
-            (flags[0] as usize, flags[1])
-        };
-        if rules.learn_threshold && self.step > self.config.threshold_start_step {
-            let beta = self.config.threshold_beta;
-            let min = f32::from_bits(min_bits); // +∞ when no code was kept
-            self.sae.threshold = Some(super::threshold_ema(beta, self.sae.threshold, min));
         }
+        let flags = dev.read(&g.flags)?;
+        g.n_dead = flags[0] as usize;
+        Ok(Firing {
+            nnz: bb.codes.nnz as u64,
+            n_dead: g.n_dead,
+            min_code: f32::from_bits(flags[1]), // +∞ when no code was kept
+        })
+    }
 
-        // Decode, the MSE, its upstream gradient, the FVE.
-        let scale = -2.0 / b as f32;
+    fn decode(&mut self, _state: &State, _step: &Step<'_>) -> Result<()> {
+        // The reconstruction, the MSE's upstream gradient, its sum and the variance's.
         {
+            let g = &mut *self;
             let dev = &g.dev;
-            let bb = g.batch.as_mut().unwrap();
+            let bb = g.batch.as_mut().expect("begin allocates the batch buffers");
+            let (b, d) = (bb.b, bb.x_bd.cols);
+            let scale = -2.0 / b as f32;
             dev.decode(
                 &bb.codes.codes,
                 &g.params.w_dec_fd,
@@ -426,365 +455,336 @@ impl Trainer {
                 ]
             )?;
         }
-        g.sq_sum(true, false, false, slot::SQ_ERROR)?;
-        g.column_means(false)?;
-        g.sq_sum(false, false, true, slot::VARIANCE)?;
+        self.sq_sum(true, false, false, slot::SQ_ERROR)?;
+        self.column_means(false)?;
+        self.sq_sum(false, false, true, slot::VARIANCE)
+    }
 
-        // The penalty.
-        let mut l1_coef = 0.0f32;
-        let mut aux_active = false;
-        let mut alpha = 0.0f32;
-        let weight_by_norm = matches!(
-            rules.penalty,
-            Penalty::L1 {
-                weight_by_decoder_norm: true,
-                ..
-            }
-        );
-        match rules.penalty {
-            Penalty::L1 {
-                coefficient,
-                warmup_steps,
-                ..
-            } => {
-                l1_coef = coefficient * sparsity_scale(self.step, warmup_steps);
-                let dev = &g.dev;
-                let bb = g.batch.as_mut().unwrap();
-                if weight_by_norm {
-                    let (fi, di) = (f as i64, d as i64);
-                    launch!(
-                        dev,
-                        row_norms,
-                        warps(f),
-                        [&g.params.w_dec_fd.data, &fi, &di, &mut g.n_f]
-                    )?;
-                }
-                let bi = b as i64;
-                launch!(
-                    dev,
-                    l1_rows,
-                    elementwise(b),
-                    [
-                        &bb.codes.codes.indptr,
-                        &bb.codes.codes.indices,
-                        &bb.codes.codes.values,
-                        &g.n_f,
-                        &bi,
-                        &mut bb.row_f64_b
-                    ]
-                )?;
-                let mut out = g.sums.slice_mut(slot::L1..slot::L1 + 1);
-                launch!(dev, sum_f64, single_block(), [&bb.row_f64_b, &bi, &mut out])?;
-            }
-            Penalty::AuxK { alpha: a, .. } if n_dead > 0 => {
-                alpha = a;
-                let k_aux = (d / 2).min(n_dead);
-                {
-                    let bb = g.batch.as_mut().unwrap();
-                    select_codes(
-                        &g.dev,
-                        DeviceRule::TopK {
-                            k: k_aux,
-                            among: Some(&g.dead_f),
-                        },
-                        &bb.pre_bf,
-                        &g.params.b_enc_f,
-                        &mut g.batch_state,
-                        &mut g.hist,
-                        &mut bb.gt_b,
-                        &mut bb.eq_b,
-                        &mut bb.aux,
-                    )?;
-                    let dev = &g.dev;
-                    dev.decode(&bb.aux.codes, &g.params.w_dec_fd, None, &mut bb.aux_hat_bd)?;
-                }
-                // e − ê, and e − mean_b(e), with e = x − x̂ held constant.
-                g.column_means(true)?;
-                g.sq_sum(true, true, false, slot::AUX_ERROR)?;
-                g.sq_sum(true, false, true, slot::AUX_VARIANCE)?;
-                aux_active = true;
-            }
-            Penalty::AuxK { .. } => {}
-        }
-        let sums = g.dev.read(&g.sums)?;
-        let (mse, var) = (sums[slot::SQ_ERROR] / b as f64, sums[slot::VARIANCE]);
-        let fve = if var > 0.0 {
-            1.0 - sums[slot::SQ_ERROR] / var
-        } else {
-            f64::NAN
-        };
-        let (mut aux, mut penalty) = (0.0f64, 0.0f64);
-        if let Penalty::L1 { .. } = rules.penalty {
-            aux = sums[slot::L1] / b as f64;
-            penalty = l1_coef as f64 * aux;
-        }
-        if aux_active {
-            if let Some((value, gscale)) =
-                super::auxk_terms([sums[slot::AUX_ERROR], sums[slot::AUX_VARIANCE]], b, alpha)
-            {
-                aux = value;
-                penalty = alpha as f64 * value;
-                let dev = &g.dev;
-                let bb = g.batch.as_mut().unwrap();
-                let (n, has_aux) = ((b * d) as i64, 1i32);
-                launch!(
-                    dev,
-                    residual_grad,
-                    elementwise(b * d),
-                    [
-                        &bb.x_bd.data,
-                        &bb.x_hat_bd.data,
-                        &bb.aux_hat_bd.data,
-                        &has_aux,
-                        &gscale,
-                        &mut bb.aux_up_bd.data,
-                        &n
-                    ]
-                )?;
-            } else {
-                aux_active = false;
-            }
-        }
-
-        times.decode_loss = lap(&g.dev)?;
-
-        // Backward.
+    fn aux_residual(&mut self, _state: &State, _step: &Step<'_>, k_aux: usize) -> Result<[f64; 2]> {
         {
-            let dev = &g.dev;
-            let bb = g.batch.as_mut().unwrap();
-            let l1_per_row = l1_coef / b as f32;
-            bb.codes
-                .entry_grads(dev, &bb.up_bd, &g.params.w_dec_fd, &g.n_f, l1_per_row)?;
-            if aux_active {
-                bb.aux.by_latent(dev, b, f)?;
-                bb.aux
-                    .entry_grads(dev, &bb.aux_up_bd, &g.params.w_dec_fd, &g.n_f, 0.0)?;
-            } else {
-                bb.aux.nnz = 0;
+            let g = &mut *self;
+            let bb = g.batch.as_mut().expect("begin allocates the batch buffers");
+            select_codes(
+                &g.dev,
+                DeviceRule::TopK {
+                    k: k_aux,
+                    among: Some(&g.dead_f),
+                },
+                &bb.pre_bf,
+                &g.params.b_enc_f,
+                &mut g.batch_state,
+                &mut g.hist,
+                &mut bb.gt_b,
+                &mut bb.eq_b,
+                &mut bb.aux,
+            )?;
+            g.dev
+                .decode(&bb.aux.codes, &g.params.w_dec_fd, None, &mut bb.aux_hat_bd)?;
+        }
+        // e − ê, and e − mean_b(e), with e = x − x̂ held constant.
+        self.column_means(true)?;
+        self.sq_sum(true, true, false, slot::AUX_ERROR)?;
+        self.sq_sum(true, false, true, slot::AUX_VARIANCE)?;
+        self.sums_read = self.dev.read(&self.sums)?;
+        Ok([
+            self.sums_read[slot::AUX_ERROR],
+            self.sums_read[slot::AUX_VARIANCE],
+        ])
+    }
+
+    fn set_aux_upstream(&mut self, _step: &Step<'_>, g_aux: Option<f32>) -> Result<()> {
+        self.aux_active = g_aux.is_some();
+        let Some(gscale) = g_aux else {
+            return Ok(());
+        };
+        let g = self;
+        let dev = &g.dev;
+        let bb = g.batch.as_mut().expect("begin allocates the batch buffers");
+        let (n, has_aux) = ((bb.b * bb.x_bd.cols) as i64, 1i32);
+        launch!(
+            dev,
+            residual_grad,
+            elementwise(bb.b * bb.x_bd.cols),
+            [
+                &bb.x_bd.data,
+                &bb.x_hat_bd.data,
+                &bb.aux_hat_bd.data,
+                &has_aux,
+                &gscale,
+                &mut bb.aux_up_bd.data,
+                &n
+            ]
+        )
+    }
+
+    fn backward(&mut self, _state: &State, _step: &Step<'_>, args: BackwardArgs) -> Result<()> {
+        let g = &mut *self;
+        let (f, d) = (g.params.w_enc_fd.rows, g.params.w_enc_fd.cols);
+        let dev = &g.dev;
+        let bb = g.batch.as_mut().expect("begin allocates the batch buffers");
+        let b = bb.b;
+        let (l1_coef, weight_by_norm) = args.l1.unwrap_or((0.0, false));
+        if args.l1.is_some() {
+            // ReLU's L1 sum Σ f_bj·n_j, with n_j the decoder rows' norms when they weigh it.
+            if weight_by_norm {
+                let (fi, di) = (f as i64, d as i64);
+                launch!(
+                    dev,
+                    row_norms,
+                    warps(f),
+                    [&g.params.w_dec_fd.data, &fi, &di, &mut g.n_f]
+                )?;
             }
-            let (has_aux, weight, di) = (aux_active as i32, weight_by_norm as i32, d as i64);
-            let (c, a) = (&bb.codes, &bb.aux);
+            let bi = b as i64;
             launch!(
                 dev,
-                latent_grads,
-                rows(f),
+                l1_rows,
+                elementwise(b),
                 [
-                    &c.offsets_f,
-                    &c.entry_sorted,
-                    &c.row_sorted,
-                    &c.codes.values,
-                    &c.g_e,
-                    &a.offsets_f,
-                    &a.entry_sorted,
-                    &a.row_sorted,
-                    &a.codes.values,
-                    &a.g_e,
-                    &has_aux,
-                    &bb.up_bd.data,
-                    &bb.aux_up_bd.data,
-                    &bb.xc_bd.data,
-                    &g.params.w_dec_fd.data,
+                    &bb.codes.codes.indptr,
+                    &bb.codes.codes.indices,
+                    &bb.codes.codes.values,
                     &g.n_f,
-                    &l1_per_row,
-                    &weight,
-                    &di,
-                    &mut g.grads.w_dec_fd.data,
-                    &mut g.grads.w_enc_fd.data,
-                    &mut g.grads.b_enc_f.data,
-                    &mut g.active_f
+                    &bi,
+                    &mut bb.row_f64_b
                 ]
             )?;
-            // ∂b_dec = Σ_b ∂L/∂x̂_b − Σ_j ∂b_enc[j]·W_enc[j].
-            dev.gemm(
-                1.0,
-                &bb.ones_b,
-                false,
-                &bb.up_bd,
-                false,
-                0.0,
-                &mut g.grads.b_dec_d,
-            )?;
-            dev.gemm(
-                -1.0,
-                &g.grads.b_enc_f,
-                false,
-                &g.params.w_enc_fd,
-                false,
-                1.0,
-                &mut g.grads.b_dec_d,
-            )?;
+            let mut out = g.sums.slice_mut(slot::L1..slot::L1 + 1);
+            launch!(dev, sum_f64, single_block(), [&bb.row_f64_b, &bi, &mut out])?;
         }
-        times.backward = lap(&g.dev)?;
-        let raw_grads = if self.capture_on {
-            Some(self.download_grads(g)?)
+        let l1_per_row = l1_coef / b as f32;
+        bb.codes
+            .entry_grads(dev, &bb.up_bd, &g.params.w_dec_fd, &g.n_f, l1_per_row)?;
+        if g.aux_active {
+            bb.aux.by_latent(dev, b, f)?;
+            bb.aux
+                .entry_grads(dev, &bb.aux_up_bd, &g.params.w_dec_fd, &g.n_f, 0.0)?;
+        } else {
+            bb.aux.nnz = 0;
+        }
+        let (has_aux, weight, di) = (g.aux_active as i32, weight_by_norm as i32, d as i64);
+        let (c, a) = (&bb.codes, &bb.aux);
+        launch!(
+            dev,
+            latent_grads,
+            rows(f),
+            [
+                &c.offsets_f,
+                &c.entry_sorted,
+                &c.row_sorted,
+                &c.codes.values,
+                &c.g_e,
+                &a.offsets_f,
+                &a.entry_sorted,
+                &a.row_sorted,
+                &a.codes.values,
+                &a.g_e,
+                &has_aux,
+                &bb.up_bd.data,
+                &bb.aux_up_bd.data,
+                &bb.xc_bd.data,
+                &g.params.w_dec_fd.data,
+                &g.n_f,
+                &l1_per_row,
+                &weight,
+                &di,
+                &mut g.grads.w_dec_fd.data,
+                &mut g.grads.w_enc_fd.data,
+                &mut g.grads.b_enc_f.data,
+                &mut g.active_f
+            ]
+        )?;
+        // ∂b_dec = Σ_b ∂L/∂x̂_b − Σ_j ∂b_enc[j]·W_enc[j].
+        dev.gemm(
+            1.0,
+            &bb.ones_b,
+            false,
+            &bb.up_bd,
+            false,
+            0.0,
+            &mut g.grads.b_dec_d,
+        )?;
+        dev.gemm(
+            -1.0,
+            &g.grads.b_enc_f,
+            false,
+            &g.params.w_enc_fd,
+            false,
+            1.0,
+            &mut g.grads.b_dec_d,
+        )?;
+        self.args = Some(args);
+        self.raw_grads = if args.capture {
+            Some(self.download_grads()?)
         } else {
             None
         };
+        Ok(())
+    }
 
-        // Update: projection, the global norm, clipping, Adam.
-        let norm = {
-            let dev = &g.dev;
-            let project_eps = match rules.decoder {
-                DecoderConstraint::UnitNorm { project_eps, .. } => project_eps,
-                DecoderConstraint::Free => NO_EPS,
-            };
-            let di = d as i64;
-            launch!(
-                dev,
-                prep_rows,
-                rows(f),
-                [
-                    &mut g.grads.w_dec_fd.data,
-                    &g.grads.w_enc_fd.data,
-                    &g.params.w_dec_fd.data,
-                    &g.active_f,
-                    &di,
-                    &project_eps,
-                    &mut g.row_sq_f
-                ]
-            )?;
-            let fi = f as i64;
-            let mut out = g.sums.slice_mut(slot::GRAD_ROWS..slot::GRAD_ROWS + 1);
-            launch!(dev, sum_f64, single_block(), [&g.row_sq_f, &fi, &mut out])?;
-            let mut out = g.sums.slice_mut(slot::GRAD_B_ENC..slot::GRAD_B_ENC + 1);
-            launch!(
-                dev,
-                sum_sq_f32,
-                single_block(),
-                [&g.grads.b_enc_f.data, &fi, &mut out]
-            )?;
-            let mut out = g.sums.slice_mut(slot::GRAD_B_DEC..slot::GRAD_B_DEC + 1);
-            launch!(
-                dev,
-                sum_sq_f32,
-                single_block(),
-                [&g.grads.b_dec_d.data, &di, &mut out]
-            )?;
-            let s = dev.read(&g.sums)?;
-            (s[slot::GRAD_ROWS] + s[slot::GRAD_B_ENC] + s[slot::GRAD_B_DEC]).sqrt()
-        };
-        let grad_scale = super::clip_factor(rules.max_grad_norm, norm);
-        if let Some(raw_grads) = raw_grads {
-            let mut update_grads = self.download_grads(g)?;
-            update_grads.scale(grad_scale);
-            let bb = g.batch.as_ref().unwrap();
-            self.capture = Some(Captured {
-                params: g.params.download(&g.dev)?,
-                codes_bf: bb.codes.download(&g.dev)?.to_dense(),
-                aux_codes_bf: if aux_active {
-                    bb.aux.download(&g.dev)?.to_dense()
-                } else {
-                    Array2::zeros((b, f))
-                },
-                x_hat_bd: g.dev.download(&bb.x_hat_bd)?,
-                raw_grads,
-                update_grads,
-            });
-        }
-        let lr = self.current_lr();
-        let s = self.adam.next_step(lr, grad_scale);
-        {
-            let renorm = match rules.decoder {
-                DecoderConstraint::UnitNorm { renorm_eps, .. } => renorm_eps,
-                DecoderConstraint::Free => NO_EPS,
-            };
-            let dev = &g.dev;
-            let di = d as i64;
-            let (p, m, v, gr) = (&mut g.params, &mut g.m, &mut g.v, &g.grads);
-            let matrices = [
-                (
-                    &mut p.w_enc_fd,
-                    &mut m.w_enc_fd,
-                    &mut v.w_enc_fd,
-                    &gr.w_enc_fd,
-                    NO_EPS,
-                ),
-                (
-                    &mut p.w_dec_fd,
-                    &mut m.w_dec_fd,
-                    &mut v.w_dec_fd,
-                    &gr.w_dec_fd,
-                    renorm,
-                ),
-            ];
-            for (pw, mw, vw, gw, renorm_eps) in matrices {
-                launch!(
-                    dev,
-                    adam_rows,
-                    rows(f),
-                    [
-                        &mut pw.data,
-                        &mut mw.data,
-                        &mut vw.data,
-                        &gw.data,
-                        &g.active_f,
-                        &di,
-                        &s.grad_scale,
-                        &s.one_minus_beta1,
-                        &s.beta2,
-                        &s.one_minus_beta2,
-                        &s.step_size,
-                        &s.bias_correction2_sqrt,
-                        &s.eps,
-                        &renorm_eps
-                    ]
-                )?;
-            }
-            let biases = [
-                (&mut p.b_enc_f, &mut m.b_enc_f, &mut v.b_enc_f, &gr.b_enc_f),
-                (&mut p.b_dec_d, &mut m.b_dec_d, &mut v.b_dec_d, &gr.b_dec_d),
-            ];
-            for (pb, mb, vb, gb) in biases {
-                let n = pb.cols as i64;
-                launch!(
-                    dev,
-                    adam_vec,
-                    elementwise(pb.cols),
-                    [
-                        &mut pb.data,
-                        &mut mb.data,
-                        &mut vb.data,
-                        &gb.data,
-                        &n,
-                        &s.grad_scale,
-                        &s.one_minus_beta1,
-                        &s.beta2,
-                        &s.one_minus_beta2,
-                        &s.step_size,
-                        &s.bias_correction2_sqrt,
-                        &s.eps
-                    ]
-                )?;
-            }
-        }
-        times.update = lap(&g.dev)?;
-        self.times = times;
-        self.step += 1;
-        self.host_stale = true;
-        let nnz = g.batch.as_ref().unwrap().codes.nnz;
-        Ok(StepStats {
-            loss: (mse + penalty) as f32,
-            mse: mse as f32,
-            penalty: penalty as f32,
-            aux: aux as f32,
-            fve: fve as f32,
-            l0: nnz as f32 / b as f32,
-            dead_fraction: n_dead as f32 / f as f32,
-            lr: lr as f32,
-            threshold: self.sae.threshold,
+    fn grad_norm(&mut self, _state: &State, _step: &Step<'_>) -> Result<f64> {
+        let project_eps = self.args().prep.project_eps.unwrap_or(NO_EPS);
+        let g = &mut *self;
+        let (f, d) = (g.params.w_enc_fd.rows, g.params.w_enc_fd.cols);
+        let dev = &g.dev;
+        let (fi, di) = (f as i64, d as i64);
+        launch!(
+            dev,
+            prep_rows,
+            rows(f),
+            [
+                &mut g.grads.w_dec_fd.data,
+                &g.grads.w_enc_fd.data,
+                &g.params.w_dec_fd.data,
+                &g.active_f,
+                &di,
+                &project_eps,
+                &mut g.row_sq_f
+            ]
+        )?;
+        let mut out = g.sums.slice_mut(slot::GRAD_ROWS..slot::GRAD_ROWS + 1);
+        launch!(dev, sum_f64, single_block(), [&g.row_sq_f, &fi, &mut out])?;
+        let mut out = g.sums.slice_mut(slot::GRAD_B_ENC..slot::GRAD_B_ENC + 1);
+        launch!(
+            dev,
+            sum_sq_f32,
+            single_block(),
+            [&g.grads.b_enc_f.data, &fi, &mut out]
+        )?;
+        let mut out = g.sums.slice_mut(slot::GRAD_B_DEC..slot::GRAD_B_DEC + 1);
+        launch!(
+            dev,
+            sum_sq_f32,
+            single_block(),
+            [&g.grads.b_dec_d.data, &di, &mut out]
+        )?;
+        g.sums_read = dev.read(&g.sums)?;
+        let s = &g.sums_read;
+        Ok((s[slot::GRAD_ROWS] + s[slot::GRAD_B_ENC] + s[slot::GRAD_B_DEC]).sqrt())
+    }
+
+    fn captured(&mut self, _state: &State, grad_scale: f32) -> Result<Captured> {
+        let mut update_grads = self.download_grads()?;
+        update_grads.scale(grad_scale);
+        let f = self.params.w_enc_fd.rows;
+        let bb = self
+            .batch
+            .as_ref()
+            .expect("begin allocates the batch buffers");
+        Ok(Captured {
+            params: self.params.download(&self.dev)?,
+            codes_bf: bb.codes.download(&self.dev)?.to_dense(),
+            aux_codes_bf: if self.aux_active {
+                bb.aux.download(&self.dev)?.to_dense()
+            } else {
+                Array2::zeros((bb.b, f))
+            },
+            x_hat_bd: self.dev.download(&bb.x_hat_bd)?,
+            raw_grads: self
+                .raw_grads
+                .take()
+                .expect("captured follows a capturing backward"),
+            update_grads,
         })
     }
 
-    /// The gradients as a dense framework holds them (inactive rows zero).
-    fn download_grads(&self, g: &DeviceStep) -> Result<ParamTensors> {
-        let mut t = g.grads.download(&g.dev)?;
-        let active = g.dev.read(&g.active_f)?;
-        for (j, &a) in active.iter().enumerate().take(t.w_enc_fd.nrows()) {
-            if a == 0 {
-                t.w_enc_fd.row_mut(j).fill(0.0);
-                t.w_dec_fd.row_mut(j).fill(0.0);
-            }
+    fn update(
+        &mut self,
+        state: &mut State,
+        _step: &Step<'_>,
+        lr: f64,
+        grad_scale: f32,
+        decoder: DecoderConstraint,
+    ) -> Result<()> {
+        let s = state.adam.next_step(lr, grad_scale);
+        let renorm = match decoder {
+            DecoderConstraint::UnitNorm { renorm_eps, .. } => renorm_eps,
+            DecoderConstraint::Free => NO_EPS,
+        };
+        let g = &mut *self;
+        let (f, d) = (g.params.w_enc_fd.rows, g.params.w_enc_fd.cols);
+        let dev = &g.dev;
+        let di = d as i64;
+        let (p, m, v, gr) = (&mut g.params, &mut g.m, &mut g.v, &g.grads);
+        let matrices = [
+            (
+                &mut p.w_enc_fd,
+                &mut m.w_enc_fd,
+                &mut v.w_enc_fd,
+                &gr.w_enc_fd,
+                NO_EPS,
+            ),
+            (
+                &mut p.w_dec_fd,
+                &mut m.w_dec_fd,
+                &mut v.w_dec_fd,
+                &gr.w_dec_fd,
+                renorm,
+            ),
+        ];
+        for (pw, mw, vw, gw, renorm_eps) in matrices {
+            launch!(
+                dev,
+                adam_rows,
+                rows(f),
+                [
+                    &mut pw.data,
+                    &mut mw.data,
+                    &mut vw.data,
+                    &gw.data,
+                    &g.active_f,
+                    &di,
+                    &s.grad_scale,
+                    &s.one_minus_beta1,
+                    &s.beta2,
+                    &s.one_minus_beta2,
+                    &s.step_size,
+                    &s.bias_correction2_sqrt,
+                    &s.eps,
+                    &renorm_eps
+                ]
+            )?;
         }
-        Ok(t)
+        let biases = [
+            (&mut p.b_enc_f, &mut m.b_enc_f, &mut v.b_enc_f, &gr.b_enc_f),
+            (&mut p.b_dec_d, &mut m.b_dec_d, &mut v.b_dec_d, &gr.b_dec_d),
+        ];
+        for (pb, mb, vb, gb) in biases {
+            let n = pb.cols as i64;
+            launch!(
+                dev,
+                adam_vec,
+                elementwise(pb.cols),
+                [
+                    &mut pb.data,
+                    &mut mb.data,
+                    &mut vb.data,
+                    &gb.data,
+                    &n,
+                    &s.grad_scale,
+                    &s.one_minus_beta1,
+                    &s.beta2,
+                    &s.one_minus_beta2,
+                    &s.step_size,
+                    &s.bias_correction2_sqrt,
+                    &s.eps
+                ]
+            )?;
+        }
+        g.stale = true;
+        Ok(())
+    }
+
+    fn loss_sums(&mut self) -> Result<LossSums> {
+        let s = &self.sums_read;
+        Ok(LossSums {
+            sq_error: s[slot::SQ_ERROR],
+            variance: s[slot::VARIANCE],
+            l1: if self.args().l1.is_some() {
+                s[slot::L1]
+            } else {
+                0.0
+            },
+        })
     }
 }

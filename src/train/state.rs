@@ -1,15 +1,14 @@
 //! A trainer's whole state as plain data ([`TrainerState`]): what a checkpoint saves and
-//! what [`Trainer::from_state`] resumes from.
+//! what [`Trainer::from_state`](super::Trainer::from_state) resumes from.
 
-use super::Trainer;
-use crate::config::{TrainConfig, MAX_STEPS};
+use crate::config::MAX_STEPS;
 use crate::error::{check_shape, Error, Result};
 use crate::optim::ParamTensors;
 use crate::sae::Sae;
 
-/// Everything a [`Trainer`] carries from one step to the next: the SAE (θ included), Adam's
+/// Everything a [`Trainer`](super::Trainer) carries from one step to the next: the SAE (θ included), Adam's
 /// moments and step count, the steps taken and the dead-latent counters. The rest of a
-/// trainer (learning rate, rules, workspaces) is derived from its [`TrainConfig`], so a trainer
+/// trainer (learning rate, rules, workspaces) is derived from its [`TrainConfig`](crate::config::TrainConfig), so a trainer
 /// rebuilt from this state and the same config takes exactly the steps the original would
 /// have taken.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,42 +78,5 @@ impl TrainerState {
             });
         }
         Ok(())
-    }
-}
-
-impl Trainer {
-    /// A copy of the trainer's state, for a checkpoint (on a GPU, and for Adam's moments
-    /// across processes, as of the last [`Trainer::sync`]).
-    pub fn state(&self) -> TrainerState {
-        TrainerState {
-            sae: self.sae.clone(),
-            adam_m: self.adam.m.clone(),
-            adam_v: self.adam.v.clone(),
-            adam_t: self.adam.t,
-            step: self.step,
-            tokens_since_fired_f: self.tokens_since_fired_f.clone(),
-        }
-    }
-
-    /// A trainer (CPU, single process) that continues from `state`: its next step is the one
-    /// the trainer that produced `state` would have taken, given the same `config` and
-    /// batches. Fails if `config` does not fit the SAE or the state's arrays are misshapen.
-    pub fn from_state(state: TrainerState, config: TrainConfig) -> Result<Trainer> {
-        state.validate()?;
-        let TrainerState {
-            sae,
-            adam_m,
-            adam_v,
-            adam_t,
-            step,
-            tokens_since_fired_f,
-        } = state;
-        let mut trainer = Trainer::new(sae, config)?;
-        trainer.adam.m = adam_m;
-        trainer.adam.v = adam_v;
-        trainer.adam.t = adam_t;
-        trainer.step = step;
-        trainer.tokens_since_fired_f = tokens_since_fired_f;
-        Ok(trainer)
     }
 }

@@ -1,0 +1,468 @@
+//! The step's phases on the CPU ([`CpuStep`]): its buffers, the dense-ReLU switch, the
+//! backward pass with the update's row preparation fused in, and, across processes, the
+//! gathering of batch rows and updated latents that lets each process step only its own.
+
+use std::sync::Arc;
+
+use ndarray::{Array1, Array2, Zip};
+
+use super::backward::{self, Batch};
+use super::loss::{aux_sq_sum, column_sums_by, residual_sum, row_sq_sum, total_variance_times_n};
+use super::phases::{BackwardArgs, Captured, Firing, LossSums, Phases, State, Step};
+use super::shard::{Gathered, Shard};
+use crate::arch::{DecoderConstraint, Selection};
+use crate::backend::{sparse, Backend};
+use crate::dist::Collective;
+use crate::error::Result;
+use crate::optim::{sq, Grads, ParamTensors};
+use crate::sae::resize;
+use crate::select::{select_into, Codes, Selector};
+
+/// The CPU's step: the dense GEMMs' backend, the gradients, the step-sized buffers and what
+/// one phase leaves for the next.
+pub(crate) struct CpuStep {
+    gemm: Arc<dyn Backend>,
+    /// ReLU: code density above which the decoder and backward use dense GEMMs.
+    dense_threshold: f32,
+    grads: Grads,
+    buf: Buffers,
+    /// This step: whether it runs on dense codes, whether AuxK contributes, the loss sums.
+    dense: bool,
+    aux_active: bool,
+    sums: LossSums,
+    /// This step's backward: its arguments, whether the update's row preparation ran inside
+    /// it, whether it gathered the batch (each process then holds its own latents' gradients),
+    /// and the raw gradients when captured.
+    args: Option<BackwardArgs>,
+    fused: bool,
+    gathered_batch: bool,
+    raw_grads: Option<ParamTensors>,
+    /// Across processes: each updates only its own latents' moments, so the others' rows of
+    /// the state's Adam moments are stale until [`Phases::read_back`] gathers them.
+    moments_partial: bool,
+}
+
+/// Step-sized buffers, reused across steps (reallocated only when the batch size changes).
+#[derive(Default)]
+struct Buffers {
+    xc_bd: Array2<f32>,
+    /// The encoder GEMM's output xc·W_encᵀ, B×F (readers add b_enc); on the dense ReLU path it
+    /// is turned into the codes ReLU(pre) in place.
+    pre_bf: Array2<f32>,
+    codes: Codes,
+    aux_codes: Codes,
+    selector: Selector,
+    /// Rows 0..B: ∂L/∂x̂; rows B..2B: ∂L/∂ê (AuxK's reconstruction of the residual).
+    upstream_bd: Array2<f32>,
+    x_hat_bd: Array2<f32>,
+    aux_hat_bd: Array2<f32>,
+    scratch: backward::Scratch,
+    /// Every process's rows, for the backward pass of a distributed step.
+    gathered: Gathered,
+    /// Dense ReLU path only: ∂L/∂pre, B×F.
+    g_pre_bf: Array2<f32>,
+    fired_f: Vec<u64>,
+    dead_f: Vec<u32>,
+}
+
+impl CpuStep {
+    /// A CPU step for an SAE of `f` latents of width `d`, running its dense GEMMs on `gemm`.
+    pub fn new(gemm: Arc<dyn Backend>, dense_threshold: f32, f: usize, d: usize) -> Self {
+        CpuStep {
+            gemm,
+            dense_threshold,
+            grads: Grads::zeros(f, d),
+            buf: Buffers::default(),
+            dense: false,
+            aux_active: false,
+            sums: LossSums::default(),
+            args: None,
+            fused: false,
+            gathered_batch: false,
+            raw_grads: None,
+            moments_partial: false,
+        }
+    }
+
+    /// See [`super::Trainer::set_dense_threshold`].
+    pub fn set_dense_threshold(&mut self, density: f32) {
+        self.dense_threshold = density;
+    }
+
+    fn args(&self) -> BackwardArgs {
+        self.args.expect("grad_norm and captured follow backward")
+    }
+}
+
+impl Phases for CpuStep {
+    fn device_name(&self) -> String {
+        "cpu".to_string()
+    }
+
+    fn queues(&self) -> bool {
+        false
+    }
+
+    fn wait(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn read_back(&mut self, state: &mut State, collective: &dyn Collective) -> Result<()> {
+        if self.moments_partial {
+            let shard = Shard::for_latents(collective, state.sae.config.dict_size);
+            for m in [&mut state.adam.m, &mut state.adam.v] {
+                shard.gather_latents(collective, &mut m.w_enc_fd, &mut m.w_dec_fd, &mut m.b_enc_f);
+            }
+            self.moments_partial = false;
+        }
+        Ok(())
+    }
+
+    fn begin(&mut self, _rows: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn set_b_dec(&mut self, state: &mut State, b_dec_d: Array1<f32>) -> Result<()> {
+        state.sae.b_dec_d = b_dec_d;
+        Ok(())
+    }
+
+    fn encode(&mut self, state: &State, step: &Step<'_>) -> Result<()> {
+        state.sae.pre_activations_into(
+            &*self.gemm,
+            step.x_bd,
+            &mut self.buf.xc_bd,
+            &mut self.buf.pre_bf,
+        );
+        Ok(())
+    }
+
+    fn select(&mut self, state: &State, step: &Step<'_>, selection: Selection) -> Result<()> {
+        // Every process takes the same path, chosen on the global batch's density.
+        self.dense = selection == Selection::Relu && {
+            let pre = state.sae.pre_acts(&self.buf.pre_bf);
+            let mut counts = [
+                pre.positive_count() as u64,
+                (step.x_bd.nrows() * pre.n_latents()) as u64,
+            ];
+            step.collective.all_reduce_sum_u64(&mut counts);
+            counts[0] as f32 / counts[1].max(1) as f32 > self.dense_threshold
+        };
+        if self.dense {
+            // The dense path multiplies the codes matrix itself: make it ReLU(pre).
+            let b_enc = &state.sae.b_enc_f;
+            Zip::from(self.buf.pre_bf.rows_mut()).par_for_each(|mut row| {
+                Zip::from(&mut row)
+                    .and(b_enc)
+                    .for_each(|v, &b| *v = (*v + b).max(0.0))
+            });
+        } else {
+            select_into(
+                &mut self.buf.selector,
+                selection,
+                state.sae.pre_acts(&self.buf.pre_bf),
+                step.collective,
+                &mut self.buf.codes,
+            );
+        }
+        Ok(())
+    }
+
+    fn mark_fired(
+        &mut self,
+        state: &mut State,
+        step: &Step<'_>,
+        dead_tokens: u64,
+        want_min_code: bool,
+    ) -> Result<Firing> {
+        let fired_f = &mut self.buf.fired_f;
+        fired_f.clear();
+        fired_f.resize(state.sae.config.dict_size, 0);
+        if self.dense {
+            let counts = column_sums_by(self.buf.pre_bf.view(), |v| (v > 0.0) as u8 as f32);
+            for (fired, c) in fired_f.iter_mut().zip(counts) {
+                *fired = c as u64;
+            }
+        } else {
+            for &j in &self.buf.codes.indices {
+                fired_f[j as usize] += 1;
+            }
+        }
+        step.collective.all_reduce_sum_u64(fired_f);
+        let n_global = step.shard.n_global() as u64;
+        for (since, &fired) in state.tokens_since_fired_f.iter_mut().zip(fired_f.iter()) {
+            *since = if fired > 0 {
+                0
+            } else {
+                // Saturating: a counter only needs to say "more than dead_tokens".
+                since.saturating_add(n_global)
+            };
+        }
+        self.buf.dead_f.clear();
+        self.buf.dead_f.extend(
+            state
+                .tokens_since_fired_f
+                .iter()
+                .enumerate()
+                .filter(|(_, &t)| t >= dead_tokens)
+                .map(|(j, _)| j as u32),
+        );
+        let mut min = [f32::INFINITY];
+        if want_min_code {
+            min[0] = self.buf.codes.values.iter().copied().fold(min[0], f32::min);
+            step.collective.all_reduce_min_f32(&mut min);
+        }
+        Ok(Firing {
+            nnz: fired_f.iter().sum(),
+            n_dead: self.buf.dead_f.len(),
+            min_code: min[0],
+        })
+    }
+
+    fn decode(&mut self, state: &State, step: &Step<'_>) -> Result<()> {
+        let sae = &state.sae;
+        let (x_bd, n_local, d) = (step.x_bd, step.x_bd.nrows(), sae.config.d_model);
+        resize(&mut self.buf.upstream_bd, (2 * n_local, d));
+        resize(&mut self.buf.x_hat_bd, (n_local, d));
+        if self.dense {
+            self.buf.x_hat_bd.assign(&sae.b_dec_d);
+            self.gemm.gemm(
+                1.0,
+                self.buf.pre_bf.view(),
+                sae.w_dec_fd.view(),
+                1.0,
+                self.buf.x_hat_bd.view_mut(),
+            );
+        } else {
+            sparse::decode_into(
+                &self.buf.codes,
+                sae.w_dec_fd.view(),
+                Some(sae.b_dec_d.view()),
+                self.buf.x_hat_bd.view_mut(),
+            );
+        }
+        let scale = -2.0 / step.shard.n_global() as f32;
+        let up_main = self.buf.upstream_bd.slice_mut(ndarray::s![..n_local, ..]);
+        Zip::from(up_main)
+            .and(&x_bd)
+            .and(&self.buf.x_hat_bd)
+            .par_for_each(|u, &x, &xh| *u = scale * (x - xh));
+        // Residuals e = x − x̂ are −u·B/2; the batch sums use e directly.
+        let mut sq_error = [row_sq_sum(x_bd, &self.buf.x_hat_bd, None)];
+        let variance = total_variance_times_n(x_bd, step.collective);
+        step.collective.all_reduce_sum_f64(&mut sq_error);
+        self.sums = LossSums {
+            sq_error: sq_error[0],
+            variance,
+            l1: 0.0,
+        };
+        Ok(())
+    }
+
+    fn aux_residual(&mut self, state: &State, step: &Step<'_>, k_aux: usize) -> Result<[f64; 2]> {
+        let sae = &state.sae;
+        let x_bd = step.x_bd;
+        self.buf.selector.topk_among(
+            sae.pre_acts(&self.buf.pre_bf),
+            &self.buf.dead_f,
+            k_aux,
+            &mut self.buf.aux_codes,
+        );
+        resize(&mut self.buf.aux_hat_bd, (x_bd.nrows(), sae.config.d_model));
+        sparse::decode_into(
+            &self.buf.aux_codes,
+            sae.w_dec_fd.view(),
+            None,
+            self.buf.aux_hat_bd.view_mut(),
+        );
+        // e − ê, and e − mean_b(e), with e = x − x̂ held constant.
+        let mut e_sum = residual_sum(x_bd, &self.buf.x_hat_bd);
+        step.collective.all_reduce_sum_f64(&mut e_sum);
+        let n_global = step.shard.n_global() as f64;
+        let e_mean: Vec<f64> = e_sum.iter().map(|s| s / n_global).collect();
+        let mut parts = [
+            aux_sq_sum(x_bd, &self.buf.x_hat_bd, &self.buf.aux_hat_bd),
+            row_sq_sum(x_bd, &self.buf.x_hat_bd, Some(&e_mean)),
+        ];
+        step.collective.all_reduce_sum_f64(&mut parts);
+        Ok(parts)
+    }
+
+    fn set_aux_upstream(&mut self, step: &Step<'_>, g: Option<f32>) -> Result<()> {
+        let n_local = step.x_bd.nrows();
+        let up_aux = self.buf.upstream_bd.slice_mut(ndarray::s![n_local.., ..]);
+        self.aux_active = g.is_some();
+        match g {
+            Some(g) => Zip::from(up_aux)
+                .and(&step.x_bd)
+                .and(&self.buf.x_hat_bd)
+                .and(&self.buf.aux_hat_bd)
+                .par_for_each(|u, &x, &xh, &ah| *u = g * ((x - xh) - ah)),
+            None => {
+                let mut up_aux = up_aux;
+                up_aux.fill(0.0);
+                self.buf.aux_codes = Codes::empty(self.grads.active_f.len());
+                self.buf.aux_codes.indptr.resize(n_local + 1, 0);
+            }
+        }
+        Ok(())
+    }
+
+    fn backward(&mut self, state: &State, step: &Step<'_>, args: BackwardArgs) -> Result<()> {
+        // Unless the raw gradients are wanted, the update's per-row work is done by the
+        // backward pass itself. Across processes, the sparse path gathers every process's rows
+        // and takes the whole batch's gradients of this process's latents (see `shard`); the
+        // others sum the gradients of each process's rows.
+        let (l1_coef, weight_by_decoder_norm) = args.l1.unwrap_or((0.0, false));
+        let fuse = !self.dense && !args.capture;
+        let gather = fuse && step.distributed();
+        let ctx = backward::Context {
+            fused_prep: fuse.then_some(args.prep),
+            sae: &state.sae,
+            n_global: step.shard.n_global(),
+            l1_coef,
+            weight_by_decoder_norm,
+            latents: if gather {
+                step.shard.latents()
+            } else {
+                step.all_latents()
+            },
+            collective: step.collective,
+        };
+        let local = Batch::of(
+            self.buf.xc_bd.view(),
+            self.buf.upstream_bd.view(),
+            &self.buf.codes,
+            &self.buf.aux_codes,
+        );
+        let l1 = if self.dense {
+            backward::dense_relu(
+                &ctx,
+                &*self.gemm,
+                local,
+                self.buf.pre_bf.view(),
+                &mut self.buf.g_pre_bf,
+                &mut self.grads,
+            )
+        } else if gather {
+            let g = &mut self.buf.gathered;
+            g.gather(
+                step.collective,
+                step.shard,
+                local.xc_bd,
+                self.buf.upstream_bd.view(),
+                self.aux_active,
+                &self.buf.codes,
+                &self.buf.aux_codes,
+            );
+            let batch = Batch::of(g.xc_bd.view(), g.upstream_bd.view(), &g.codes, &g.aux_codes);
+            backward::sparse(&ctx, batch, &mut self.buf.scratch, &mut self.grads)
+        } else {
+            backward::sparse(&ctx, local, &mut self.buf.scratch, &mut self.grads)
+        };
+        let mut l1_sum = [l1];
+        if args.l1.is_some() && !gather {
+            step.collective.all_reduce_sum_f64(&mut l1_sum);
+        }
+        self.sums.l1 = l1_sum[0];
+        if step.distributed() && !gather {
+            all_reduce_grads(&mut self.grads, step.collective);
+        }
+        self.raw_grads = args.capture.then(|| self.grads.to_dense());
+        (self.args, self.fused, self.gathered_batch) = (Some(args), fuse, gather);
+        Ok(())
+    }
+
+    fn grad_norm(&mut self, state: &State, step: &Step<'_>) -> Result<f64> {
+        let prep = self.args().prep;
+        Ok(if self.gathered_batch {
+            // Rows and b_enc entries are each held by one process; b_dec by all.
+            let own = step.shard.latents();
+            let rows = &self.buf.scratch.row_sq_f[own.clone()];
+            let b_enc = &self.grads.tensors.b_enc_f.as_slice().expect("contiguous")[own];
+            let mut parts = [rows.iter().sum::<f64>() + sq(b_enc)];
+            if prep.want_norm {
+                step.collective.all_reduce_sum_f64(&mut parts);
+            }
+            (parts[0] + sq(self.grads.tensors.b_dec_d.as_slice().expect("contiguous"))).sqrt()
+        } else if self.fused {
+            self.grads.global_norm(&self.buf.scratch.row_sq_f)
+        } else {
+            self.grads.project_and_norm(&state.sae.w_dec_fd, prep)
+        })
+    }
+
+    fn captured(&mut self, state: &State, grad_scale: f32) -> Result<Captured> {
+        let sae = &state.sae;
+        let mut update_grads = self.grads.to_dense();
+        update_grads.scale(grad_scale);
+        Ok(Captured {
+            params: ParamTensors {
+                w_enc_fd: sae.w_enc_fd.clone(),
+                b_enc_f: sae.b_enc_f.clone(),
+                w_dec_fd: sae.w_dec_fd.clone(),
+                b_dec_d: sae.b_dec_d.clone(),
+            },
+            codes_bf: if self.dense {
+                self.buf.pre_bf.clone()
+            } else {
+                self.buf.codes.to_dense()
+            },
+            aux_codes_bf: self.buf.aux_codes.to_dense(),
+            x_hat_bd: self.buf.x_hat_bd.clone(),
+            raw_grads: self
+                .raw_grads
+                .take()
+                .expect("captured follows a capturing backward"),
+            update_grads,
+        })
+    }
+
+    fn update(
+        &mut self,
+        state: &mut State,
+        step: &Step<'_>,
+        lr: f64,
+        grad_scale: f32,
+        decoder: DecoderConstraint,
+    ) -> Result<()> {
+        // Across processes each steps its own latents, then gathers the others'.
+        let sae = &mut state.sae;
+        state.adam.step_latents(
+            sae.params_mut(),
+            &self.grads,
+            lr,
+            grad_scale,
+            decoder,
+            step.shard.latents(),
+        );
+        if step.distributed() {
+            step.shard.gather_latents(
+                step.collective,
+                &mut sae.w_enc_fd,
+                &mut sae.w_dec_fd,
+                &mut sae.b_enc_f,
+            );
+            self.moments_partial = true;
+        }
+        Ok(())
+    }
+
+    fn loss_sums(&mut self) -> Result<LossSums> {
+        Ok(self.sums)
+    }
+}
+
+/// Sums every process's gradients (inactive rows zeroed first, then all rows active).
+fn all_reduce_grads(grads: &mut Grads, collective: &dyn Collective) {
+    let dense = grads.to_dense();
+    grads.tensors = dense;
+    let t = &mut grads.tensors;
+    for a in [&mut t.w_enc_fd, &mut t.w_dec_fd] {
+        collective.all_reduce_sum_f32(a.as_slice_mut().expect("standard layout"));
+    }
+    for a in [&mut t.b_enc_f, &mut t.b_dec_d] {
+        collective.all_reduce_sum_f32(a.as_slice_mut().expect("standard layout"));
+    }
+    grads.active_f.fill(true);
+}
