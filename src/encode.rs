@@ -5,6 +5,7 @@
 use ndarray::{Array2, ArrayView2};
 
 use crate::arch::Selection;
+use crate::backend::cuda_select::DeviceEncoder;
 use crate::backend::{sparse, Backend, Device};
 use crate::dist::SingleProcess;
 use crate::error::{Error, Result};
@@ -39,13 +40,11 @@ impl Sae {
         match device {
             Device::Cpu => Ok(Encoder {
                 sae: self,
-                #[cfg(feature = "cuda")]
                 gpu: None,
             }),
-            #[cfg(feature = "cuda")]
             Device::Cuda(gpu) => Ok(Encoder {
                 sae: self,
-                gpu: Some(Box::new(crate::backend::cuda_select::DeviceEncoder::new(
+                gpu: Some(Box::new(DeviceEncoder::new(
                     gpu,
                     self.w_enc_fd.view(),
                     self.b_enc_f.view(),
@@ -54,8 +53,6 @@ impl Sae {
                     self.threshold,
                 )?)),
             }),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(device.check().unwrap_err()),
         }
     }
 
@@ -82,15 +79,13 @@ impl Sae {
 /// [`Sae::encode`] for batch after batch on one device (see [`Sae::encoder`]).
 pub struct Encoder<'a> {
     sae: &'a Sae,
-    #[cfg(feature = "cuda")]
-    gpu: Option<Box<crate::backend::cuda_select::DeviceEncoder>>,
+    gpu: Option<Box<DeviceEncoder>>,
 }
 
 impl Encoder<'_> {
     /// The codes of `x_bd`, as [`Sae::encode`] gives them (on a GPU up to float rounding of the
     /// GEMM, so a value on the edge of the selection may fall the other way).
     pub fn encode(&mut self, x_bd: ArrayView2<'_, f32>) -> Result<Codes> {
-        #[cfg(feature = "cuda")]
         if let Some(gpu) = &mut self.gpu {
             self.sae.check_batch(x_bd)?;
             return gpu.encode(x_bd);

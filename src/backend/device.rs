@@ -91,15 +91,7 @@ impl Device {
     pub fn check(&self) -> Result<String> {
         match *self {
             Device::Cpu => Ok("cpu".to_string()),
-            #[cfg(feature = "cuda")]
             Device::Cuda(gpu) => super::cuda::CudaDevice::open(gpu).map(|d| d.name()),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(Error::Device {
-                device: self.to_string(),
-                reason: "this build has no CUDA support; rebuild with \
-                         `cargo build --release --features cuda`"
-                    .to_string(),
-            }),
         }
     }
 }

@@ -1,10 +1,18 @@
 //! The dense-GEMM seam: the few operations whose speed decides a step, behind one trait so
 //! the rest of the crate never knows which library (or device) runs them.
 
+// The one place that picks the GPU's device code or its stand-in (whose `CudaDevice::open`
+// says how to build with CUDA, and which also stands in for `cuda_select`), so no other module
+// needs a `cfg` for it.
 #[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
 pub mod cuda;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda_select;
+#[cfg(not(feature = "cuda"))]
+pub(crate) use cuda as cuda_select;
 mod device;
 pub mod simd;
 pub mod sparse;

@@ -390,7 +390,6 @@ enum EncoderGemm {
         w_enc_fd: Array2<f32>,
         gemm_bf: Array2<f32>,
     },
-    #[cfg(feature = "cuda")]
     Cuda {
         dev: Box<sparse_autoencoder::backend::cuda::CudaDevice>,
         x_bd: sparse_autoencoder::backend::cuda::DeviceMatrix,
@@ -407,7 +406,6 @@ impl EncoderGemm {
                 w_enc_fd: huge_copy(sae.w_enc_fd()),
                 gemm_bf: zeros_huge(x_bd.nrows(), sae.config().dict_size),
             }),
-            #[cfg(feature = "cuda")]
             Device::Cuda(gpu) => {
                 let dev =
                     sparse_autoencoder::backend::cuda::CudaDevice::open(gpu).map_err(usage)?;
@@ -420,8 +418,6 @@ impl EncoderGemm {
                     dev: Box::new(dev),
                 })
             }
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(usage(device.check().unwrap_err())),
         }
     }
 
@@ -434,7 +430,6 @@ impl EncoderGemm {
                 w_enc_fd,
                 gemm_bf,
             } => Cpu.gemm(1.0, x_bd.view(), w_enc_fd.t(), 0.0, gemm_bf.view_mut()),
-            #[cfg(feature = "cuda")]
             EncoderGemm::Cuda {
                 dev,
                 x_bd,
