@@ -7,10 +7,10 @@
 //! semantics of the reference Python library dictionary_learning.
 //!
 //! Data flows through the modules in this order: [`data`] (shuffled batches from `.npy`
-//! shards) → a batch `x_bd` → [`sae`] (encoder GEMM on a
-//! [`backend`]) → [`select`] (sparsify) → decode → loss → backward ([`train`]) → [`optim`]
-//! (Adam). [`arch`] is the one place that says how each architecture behaves; [`dist`] is the
-//! seam for data-parallel training.
+//! shards) → a batch `x_bd` → [`train`]'s step, whose phases run on the CPU or a GPU: encode
+//! ([`sae`]'s encoder GEMM on a [`backend`]) → [`select`] (sparsify) → decode → loss →
+//! backward → update ([`optim`]'s Adam). [`arch`] is the one place that says how each
+//! architecture behaves; [`dist`] is the seam for data-parallel training.
 //!
 //! Arrays are named by their shape, as the reference does: `x_bd` is B×D, `w_enc_fd` F×D,
 //! `b_enc_f` F long. B is rows in a batch, D the activations' width (`d_model`), F latents
