@@ -1,5 +1,5 @@
-//! Which device runs the numbers: the parsed `cpu` / `cuda` / `cuda:N` choice, and the one
-//! error a missing GPU, driver or library (or a build without CUDA) becomes.
+//! Which device runs the numbers: the parsed `cpu` / `cuda` / `cuda:N` choice (whether it can
+//! run here is [`Device::check`]'s, next to the GPU code in the backend).
 
 use std::fmt;
 use std::str::FromStr;
@@ -80,18 +80,6 @@ impl FromStr for Device {
                     .map_err(|_| bad("the GPU number is not a non-negative integer")),
                 None => Err(bad("unknown device")),
             },
-        }
-    }
-}
-
-impl Device {
-    /// Checks that this device can run here: always for the CPU; for a GPU, that this build has
-    /// CUDA, that the driver, cuBLAS and NVRTC load, and that the GPU exists. Returns the
-    /// device's name (`"cpu"`, or the GPU's model).
-    pub fn check(&self) -> Result<String> {
-        match *self {
-            Device::Cpu => Ok("cpu".to_string()),
-            Device::Cuda(gpu) => super::cuda::CudaDevice::open(gpu).map(|d| d.name()),
         }
     }
 }

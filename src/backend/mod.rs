@@ -21,6 +21,20 @@ pub use device::{Device, Gpu};
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
+use crate::error::Result;
+
+impl Device {
+    /// Checks that this device can run here: always for the CPU; for a GPU, that this build has
+    /// CUDA, that the driver, cuBLAS and NVRTC load, and that the GPU exists. Returns the
+    /// device's name (`"cpu"`, or the GPU's model).
+    pub fn check(&self) -> Result<String> {
+        match *self {
+            Device::Cpu => Ok("cpu".to_string()),
+            Device::Cuda(gpu) => cuda::CudaDevice::open(gpu).map(|d| d.name()),
+        }
+    }
+}
+
 /// Dense linear algebra used by the SAE. Implementations must be deterministic: the same inputs
 /// and thread count give bit-identical outputs.
 pub trait Backend: Send + Sync {
