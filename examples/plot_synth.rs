@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("sae-plot-demo"));
     let arch = match args.next().as_deref().unwrap_or("batchtopk") {
-        "relu" => Architecture::Relu,
+        "relu" => Architecture::RELU,
         "topk" => Architecture::TopK { k: 8 },
         "batchtopk" => Architecture::BatchTopK { k: 8 },
         other => anyhow::bail!("unknown architecture {other:?}; pass relu, topk or batchtopk"),

@@ -46,7 +46,7 @@ impl ArchName {
     /// The architecture of this name with `k` active codes per row (unused by ReLU).
     pub fn with_k(self, k: usize) -> Architecture {
         match self {
-            ArchName::Relu => Architecture::Relu,
+            ArchName::Relu => Architecture::RELU,
             ArchName::Topk => Architecture::TopK { k },
             ArchName::Batchtopk => Architecture::BatchTopK { k },
         }
@@ -77,7 +77,7 @@ impl TrainConfig {
     pub fn learning_rate(&self, sae: &SaeConfig) -> f32 {
         match (self.lr, sae.arch) {
             (Some(lr), _) => lr,
-            (None, Architecture::Relu) => 5e-5,
+            (None, Architecture::Relu { .. }) => 5e-5,
             (None, _) => (2e-4 / (sae.dict_size as f64 / 16384.0).sqrt()) as f32,
         }
     }
@@ -90,14 +90,14 @@ impl Architecture {
     /// BatchTopK rows are unit-norm already, and rescaling their codes would change which are
     /// selected.
     pub fn folds_decoder_norms(&self) -> bool {
-        matches!(self, Architecture::Relu)
+        matches!(self, Architecture::Relu { .. })
     }
 
     /// SAELens' name for this architecture's saved form: `standard` (ReLU), `topk`, or
     /// `jumprelu` for BatchTopK, whose inference rule (codes above θ) is a threshold per latent.
     pub fn saelens_name(&self) -> &'static str {
         match self {
-            Architecture::Relu => "standard",
+            Architecture::Relu { .. } => "standard",
             Architecture::TopK { .. } => "topk",
             Architecture::BatchTopK { .. } => "jumprelu",
         }
@@ -106,7 +106,7 @@ impl Architecture {
     /// This architecture's name.
     pub fn name(&self) -> ArchName {
         match self {
-            Architecture::Relu => ArchName::Relu,
+            Architecture::Relu { .. } => ArchName::Relu,
             Architecture::TopK { .. } => ArchName::Topk,
             Architecture::BatchTopK { .. } => ArchName::Batchtopk,
         }
@@ -129,7 +129,7 @@ impl Selection {
     /// BatchTopK SAE with a learned θ keeps the codes above it.
     pub fn of(arch: Architecture) -> Selection {
         match arch {
-            Architecture::Relu => Selection::Relu,
+            Architecture::Relu { .. } => Selection::Relu,
             Architecture::TopK { k } => Selection::TopK(k),
             Architecture::BatchTopK { k } => Selection::BatchTopK(k),
         }
@@ -203,13 +203,13 @@ impl Rules {
             renorm_eps: f32::EPSILON,
         };
         match sae.arch {
-            Architecture::Relu => {
+            Architecture::Relu { variant } => {
                 let l1 = |weight_by_decoder_norm| Penalty::L1 {
                     coefficient: train.l1_coefficient,
                     weight_by_decoder_norm,
                     warmup_steps: train.sparsity_warmup_steps,
                 };
-                match train.relu_variant {
+                match variant {
                     // StandardTrainerAprilUpdate: clips, decoder free.
                     ReluVariant::DecoderNorm => Rules {
                         selection: Selection::of(sae.arch),
@@ -272,7 +272,7 @@ mod tests {
         }
         assert_eq!(ArchName::Topk.with_k(7), Architecture::TopK { k: 7 });
         assert_eq!(ArchName::Batchtopk.with_k(7).k(), Some(7));
-        assert_eq!(ArchName::Relu.with_k(7), Architecture::Relu);
+        assert_eq!(ArchName::Relu.with_k(7), Architecture::RELU);
         let err = "TopK".parse::<ArchName>().unwrap_err();
         assert!(err.contains("relu, topk or batchtopk"), "{err}");
     }

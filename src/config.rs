@@ -7,8 +7,14 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "arch", rename_all = "lowercase")]
 pub enum Architecture {
-    /// ReLU with an L1 penalty (dictionary_learning's `StandardTrainer` family).
-    Relu,
+    /// ReLU with an L1 penalty (dictionary_learning's `StandardTrainer` family), in one of its
+    /// formulations.
+    Relu {
+        /// Which L1 formulation (files spell it `relu_variant`; absent means the default,
+        /// `decoder_norm`).
+        #[serde(default, rename = "relu_variant")]
+        variant: ReluVariant,
+    },
     /// Keep the `k` largest codes of every row (Gao et al. 2024, `TopKTrainer`).
     #[serde(rename = "topk")]
     TopK {
@@ -25,10 +31,15 @@ pub enum Architecture {
 }
 
 impl Architecture {
+    /// ReLU in its default formulation, Anthropic's April-2024 update.
+    pub const RELU: Architecture = Architecture::Relu {
+        variant: ReluVariant::DecoderNorm,
+    };
+
     /// The k of TopK/BatchTopK; `None` for ReLU.
     pub fn k(&self) -> Option<usize> {
         match *self {
-            Architecture::Relu => None,
+            Architecture::Relu { .. } => None,
             Architecture::TopK { k } | Architecture::BatchTopK { k } => Some(k),
         }
     }
@@ -123,8 +134,6 @@ pub struct TrainConfig {
     /// ReLU only: L1 coefficient λ (default 5.0, Anthropic April-2024 update, which assumes
     /// activations normalized to E‖x‖ = √D).
     pub l1_coefficient: f32,
-    /// ReLU only: which L1 formulation (default `decoder_norm`).
-    pub relu_variant: ReluVariant,
     /// ReLU only: λ rises linearly from 0 over this many steps (default 2000; 0 disables).
     pub sparsity_warmup_steps: u64,
     /// TopK/BatchTopK: weight α of the AuxK loss (default 1/32, Gao et al. 2024 A.2).
@@ -149,7 +158,6 @@ impl Default for TrainConfig {
             adam_beta2: 0.999,
             adam_eps: 1e-8,
             l1_coefficient: 5.0,
-            relu_variant: ReluVariant::DecoderNorm,
             sparsity_warmup_steps: 2000,
             auxk_alpha: 1.0 / 32.0,
             dead_tokens: 10_000_000,
@@ -202,7 +210,7 @@ impl TrainConfig {
                 total_steps: self.total_steps,
             });
         }
-        let relu = sae.arch == Architecture::Relu;
+        let relu = matches!(sae.arch, Architecture::Relu { .. });
         if relu && self.sparsity_warmup_steps >= self.total_steps {
             return Err(E::SparsityWarmupNotBeforeEnd {
                 sparsity_warmup_steps: self.sparsity_warmup_steps,
@@ -388,7 +396,7 @@ mod tests {
 
     #[test]
     fn defaults_are_valid_for_every_architecture() {
-        for arch in [Architecture::Relu, TOPK, Architecture::BatchTopK { k: 4 }] {
+        for arch in [Architecture::RELU, TOPK, Architecture::BatchTopK { k: 4 }] {
             assert_eq!(check(sae(arch), |_| {}), Ok(()));
         }
     }
@@ -489,11 +497,11 @@ mod tests {
             Err(ConfigError::AdamEps(_))
         ));
         assert!(matches!(
-            check(sae(Architecture::Relu), |c| c.l1_coefficient = -1.0),
+            check(sae(Architecture::RELU), |c| c.l1_coefficient = -1.0),
             Err(ConfigError::L1Coefficient(_))
         ));
         assert!(matches!(
-            check(sae(Architecture::Relu), |c| c.l1_coefficient = f32::NAN),
+            check(sae(Architecture::RELU), |c| c.l1_coefficient = f32::NAN),
             Err(ConfigError::L1Coefficient(_))
         ));
         assert!(matches!(
@@ -532,13 +540,13 @@ mod tests {
             Err(ConfigError::DecayNotBeforeEnd { .. })
         ));
         assert!(matches!(
-            check(sae(Architecture::Relu), |c| c.decay_start = Some(1500)),
+            check(sae(Architecture::RELU), |c| c.decay_start = Some(1500)),
             Err(ConfigError::DecayNotAfterSparsityWarmup { .. })
         ));
         // The sparsity warm-up only constrains ReLU runs.
         assert_eq!(check(sae(TOPK), |c| c.decay_start = Some(1500)), Ok(()));
         assert!(matches!(
-            check(sae(Architecture::Relu), |c| {
+            check(sae(Architecture::RELU), |c| {
                 c.total_steps = 1500;
                 c.decay_start = None
             }),
@@ -561,5 +569,24 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains("\"arch\":\"batchtopk\""), "{json}");
         assert_eq!(serde_json::from_str::<SaeConfig>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn a_relu_sae_records_its_variant_and_files_without_it_mean_the_default() {
+        let unit = sae(Architecture::Relu {
+            variant: ReluVariant::UnitDecoder,
+        });
+        let json = serde_json::to_string(&unit).unwrap();
+        assert!(
+            json.contains("\"arch\":\"relu\"")
+                && json.contains("\"relu_variant\":\"unit_decoder\""),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<SaeConfig>(&json).unwrap(), unit);
+        let old = json.replace(",\"relu_variant\":\"unit_decoder\"", "");
+        assert_eq!(
+            serde_json::from_str::<SaeConfig>(&old).unwrap(),
+            sae(Architecture::RELU)
+        );
     }
 }

@@ -508,7 +508,7 @@ mod tests {
         let config = SaeConfig {
             d_model: 4,
             dict_size: 8,
-            arch: Architecture::Relu,
+            arch: Architecture::RELU,
         };
         let sae = Sae::new(config, 0).unwrap();
         let mut x_nd = Array2::<f32>::ones((10, 4));
@@ -531,7 +531,7 @@ mod tests {
         let config = SaeConfig {
             d_model: 2,
             dict_size: 4,
-            arch: Architecture::Relu,
+            arch: Architecture::RELU,
         };
         let w_enc_fd = ndarray::array![[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]];
         let w_dec_fd = ndarray::array![[0.5, 0.0], [1.0, 1.0], [0.0, 0.0], [3.0, 0.0]];

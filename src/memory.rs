@@ -117,7 +117,7 @@ impl Estimate {
         let (nnz, dense_extra, aux_nnz) = match sae.arch {
             // The sparse path keeps at most 5% of the codes (`dense_threshold_default`);
             // above that the dense path adds ∂L/∂pre, B×F.
-            Architecture::Relu => (mul(&[b, f]) / 20, mul(&[4, b, f]), 0),
+            Architecture::Relu { .. } => (mul(&[b, f]) / 20, mul(&[4, b, f]), 0),
             Architecture::TopK { k } | Architecture::BatchTopK { k } => {
                 (mul(&[b, u(k)]), 0, mul(&[b, (d / 2).min(f)]))
             }

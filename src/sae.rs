@@ -311,7 +311,7 @@ mod tests {
     #[test]
     fn from_parts_rejects_wrong_shapes() {
         let err = Sae::from_parts(
-            cfg(Architecture::Relu),
+            cfg(Architecture::RELU),
             Array2::zeros((20, 5)),
             Array1::zeros(20),
             Array2::zeros((20, 6)),

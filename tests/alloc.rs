@@ -57,7 +57,7 @@ fn steady_state_steps_allocate_no_batch_by_latent_or_latent_by_width_buffer() {
     for arch in [
         Architecture::TopK { k: 16 },
         Architecture::BatchTopK { k: 16 },
-        Architecture::Relu,
+        Architecture::RELU,
     ] {
         let config = SaeConfig {
             d_model: d,

@@ -102,7 +102,7 @@ fn encode_force_replaces_codes_of_another_layout() {
     let x = synthetic_batch(40, 6, 2);
     write_npy(&data, "<f4", &[40, 6], &f32_bytes(x.as_slice().unwrap()));
     let (relu, topk) = (dir.join("relu"), dir.join("topk"));
-    random_sae(Architecture::Relu, 6, 20, 1)
+    random_sae(Architecture::RELU, 6, 20, 1)
         .save(&relu)
         .unwrap();
     random_sae(Architecture::TopK { k: 3 }, 6, 20, 1)

@@ -285,7 +285,7 @@ mod inputs {
 
     const ARCHS: [(&str, Architecture); 3] = [
         ("topk", Architecture::TopK { k: 2 }),
-        ("relu", Architecture::Relu),
+        ("relu", Architecture::RELU),
         ("batchtopk", Architecture::BatchTopK { k: 2 }),
     ];
 

@@ -191,7 +191,7 @@ fn gemm_rejects_mismatched_shapes() {
 }
 
 /// A trainer for `arch` at a small shape, with AuxK's dead latents reached within a few steps.
-fn trainer_for(arch: Architecture, d: usize, f: usize, relu_variant: ReluVariant) -> Trainer {
+fn trainer_for(arch: Architecture, d: usize, f: usize) -> Trainer {
     let config = SaeConfig {
         d_model: d,
         dict_size: f,
@@ -203,7 +203,6 @@ fn trainer_for(arch: Architecture, d: usize, f: usize, relu_variant: ReluVariant
         sparsity_warmup_steps: 2,
         lr: Some(1e-3),
         dead_tokens: 512,
-        relu_variant,
         l1_coefficient: 0.05,
         threshold_start_step: 1,
         ..TrainConfig::default()
@@ -219,44 +218,21 @@ fn trainer_for(arch: Architecture, d: usize, f: usize, relu_variant: ReluVariant
 #[test]
 #[ignore = "needs an NVIDIA GPU: SAE_TEST_CUDA=1 cargo test --features cuda -- --ignored"]
 fn device_training_matches_the_cpu() {
+    let unit_decoder = Architecture::Relu {
+        variant: ReluVariant::UnitDecoder,
+    };
     let cases = [
-        (
-            Architecture::TopK { k: 8 },
-            48,
-            1536,
-            512,
-            ReluVariant::DecoderNorm,
-        ),
-        (
-            Architecture::BatchTopK { k: 8 },
-            48,
-            1536,
-            512,
-            ReluVariant::DecoderNorm,
-        ),
-        (
-            Architecture::TopK { k: 16 },
-            32,
-            64,
-            2048,
-            ReluVariant::DecoderNorm,
-        ),
-        (
-            Architecture::BatchTopK { k: 16 },
-            32,
-            64,
-            2100,
-            ReluVariant::DecoderNorm,
-        ),
-        (Architecture::Relu, 48, 1536, 512, ReluVariant::DecoderNorm),
-        (Architecture::Relu, 48, 1536, 512, ReluVariant::UnitDecoder),
+        (Architecture::TopK { k: 8 }, 48, 1536, 512),
+        (Architecture::BatchTopK { k: 8 }, 48, 1536, 512),
+        (Architecture::TopK { k: 16 }, 32, 64, 2048),
+        (Architecture::BatchTopK { k: 16 }, 32, 64, 2100),
+        (Architecture::RELU, 48, 1536, 512),
+        (unit_decoder, 48, 1536, 512),
     ];
-    for (arch, d, f, b, variant) in cases {
-        let what = format!("{arch:?} {variant:?} D={d} F={f} B={b}");
-        let mut cpu = trainer_for(arch, d, f, variant);
-        let mut gpu = trainer_for(arch, d, f, variant)
-            .to_device(Device::cuda(0))
-            .unwrap();
+    for (arch, d, f, b) in cases {
+        let what = format!("{arch:?} D={d} F={f} B={b}");
+        let mut cpu = trainer_for(arch, d, f);
+        let mut gpu = trainer_for(arch, d, f).to_device(Device::cuda(0)).unwrap();
         let (mut cpu_loss, mut gpu_loss) = (vec![], vec![]);
         let mut saw_dead = false;
         for step in 0..6 {
@@ -271,7 +247,7 @@ fn device_training_matches_the_cpu() {
             }
             saw_dead |= c.dead_fraction > 0.0;
         }
-        if arch != Architecture::Relu && f == 1536 {
+        if !matches!(arch, Architecture::Relu { .. }) && f == 1536 {
             assert!(saw_dead, "{what}: AuxK must be exercised");
         }
         assert_close(
@@ -320,9 +296,9 @@ fn device_training_matches_the_cpu() {
 #[test]
 #[ignore = "needs an NVIDIA GPU: SAE_TEST_CUDA=1 cargo test --features cuda -- --ignored"]
 fn device_training_is_deterministic() {
-    for arch in [Architecture::BatchTopK { k: 16 }, Architecture::Relu] {
+    for arch in [Architecture::BatchTopK { k: 16 }, Architecture::RELU] {
         let run = || {
-            let mut t = trainer_for(arch, 32, 64, ReluVariant::DecoderNorm)
+            let mut t = trainer_for(arch, 32, 64)
                 .to_device(Device::cuda(0))
                 .unwrap();
             for step in 0..4 {
@@ -344,11 +320,11 @@ fn device_encoding_matches_the_cpu() {
     // 2500 rows: three upload chunks, the last one partial.
     let (d, f, b) = (48, 1536, 2500);
     for arch in [
-        Architecture::Relu,
+        Architecture::RELU,
         Architecture::TopK { k: 12 },
         Architecture::BatchTopK { k: 12 },
     ] {
-        let mut t = trainer_for(arch, d, f, ReluVariant::DecoderNorm);
+        let mut t = trainer_for(arch, d, f);
         for step in 0..3 {
             t.step(common::synthetic_batch(512, d, step).view())
                 .unwrap();

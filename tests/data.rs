@@ -340,7 +340,7 @@ fn a_folded_sae_on_raw_x_matches_the_trained_sae_on_scaled_x() {
     );
     let scaled_bd = &x_bd * c;
     for arch in [
-        Architecture::Relu,
+        Architecture::RELU,
         Architecture::TopK { k: 4 },
         Architecture::BatchTopK { k: 4 },
     ] {
@@ -379,7 +379,7 @@ fn a_folded_sae_on_raw_x_matches_the_trained_sae_on_scaled_x() {
             .rows()
             .into_iter()
             .map(|r| {
-                if arch == Architecture::Relu {
+                if matches!(arch, Architecture::Relu { .. }) {
                     r.dot(&r).sqrt()
                 } else {
                     1.0
@@ -408,7 +408,7 @@ fn a_folded_sae_on_raw_x_matches_the_trained_sae_on_scaled_x() {
         if arch == (Architecture::BatchTopK { k: 4 }) {
             assert_eq!(folded.threshold(), trained.threshold().map(|t| t / c));
         }
-        if arch == Architecture::Relu {
+        if matches!(arch, Architecture::Relu { .. }) {
             for row in folded.w_dec_fd().rows() {
                 assert!((row.dot(&row).sqrt() - 1.0).abs() < 1e-5);
             }

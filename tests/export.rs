@@ -39,7 +39,7 @@ fn saelens_export_holds_the_transposed_encoder_and_the_threshold() {
     let dir = temp_dir("export-saelens");
     let s = |p: &Path| p.to_str().unwrap().to_string();
     for (name, arch, architecture) in [
-        ("relu", Architecture::Relu, "standard"),
+        ("relu", Architecture::RELU, "standard"),
         ("topk", Architecture::TopK { k: 3 }, "topk"),
         ("batchtopk", Architecture::BatchTopK { k: 3 }, "jumprelu"),
     ] {
@@ -135,7 +135,7 @@ fn sparsify_export_is_topk_and_refuses_relu() {
     assert_eq!(tensor(&weights, "b_dec").1, sae_.b_dec_d().to_vec());
 
     let relu = dir.join("relu");
-    saved(&relu, Architecture::Relu, false);
+    saved(&relu, Architecture::RELU, false);
     usage_error_line(
         &sae(&[
             "export",
@@ -165,7 +165,7 @@ fn encoded_files_hold_the_codes_of_every_row_in_order() {
     write_npy(&dir.join("a.npy"), "<f4", &[100, 6], &bytes(0..100));
     write_npy(&dir.join("b.npy"), "<f4", &[150, 6], &bytes(100..250));
     for (name, arch) in [
-        ("relu", Architecture::Relu),
+        ("relu", Architecture::RELU),
         ("topk", Architecture::TopK { k: 3 }),
         ("batchtopk", Architecture::BatchTopK { k: 3 }),
     ] {

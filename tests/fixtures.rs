@@ -83,7 +83,12 @@ impl Case {
 
     fn arch(&self) -> Architecture {
         match self.config["arch"].as_str().unwrap() {
-            "relu" => Architecture::Relu,
+            "relu" => Architecture::Relu {
+                variant: match self.config["relu_variant"].as_str() {
+                    Some("unit_decoder") => ReluVariant::UnitDecoder,
+                    _ => ReluVariant::DecoderNorm,
+                },
+            },
             "topk" => Architecture::TopK { k: self.usize("k") },
             "batchtopk" => Architecture::BatchTopK { k: self.usize("k") },
             other => panic!("unknown arch {other}"),
@@ -99,10 +104,6 @@ impl Case {
             decay_start: self.config["decay_start"].as_u64(),
             sparsity_warmup_steps: self.u64_or("sparsity_warmup_steps", 0),
             l1_coefficient: self.f32_or("l1", defaults.l1_coefficient),
-            relu_variant: match self.config["relu_variant"].as_str() {
-                Some("unit_decoder") => ReluVariant::UnitDecoder,
-                _ => ReluVariant::DecoderNorm,
-            },
             auxk_alpha: self.f32_or("auxk_alpha", defaults.auxk_alpha),
             dead_tokens: self.u64_or("dead_tokens", defaults.dead_tokens),
             threshold_start_step: self.u64_or("threshold_start_step", 0),
@@ -137,7 +138,7 @@ impl Case {
     }
 
     fn is_topk_family(&self) -> bool {
-        self.arch() != Architecture::Relu
+        !matches!(self.arch(), Architecture::Relu { .. })
     }
 }
 

@@ -200,20 +200,19 @@ fn relu_decoder_norm_gradients_match_finite_differences_sparse_and_dense() {
         coef: 0.5,
         weighted: true,
     };
-    check(Architecture::Relu, config(), penalty, Some(2.0));
-    check(Architecture::Relu, config(), penalty, Some(0.0));
+    check(Architecture::RELU, config(), penalty, Some(2.0));
+    check(Architecture::RELU, config(), penalty, Some(0.0));
 }
 
 #[test]
 fn relu_unit_decoder_gradients_match_finite_differences_sparse_and_dense() {
-    let cfg = TrainConfig {
-        relu_variant: ReluVariant::UnitDecoder,
-        ..config()
+    let arch = Architecture::Relu {
+        variant: ReluVariant::UnitDecoder,
     };
     let penalty = Penalty::L1 {
         coef: 0.5,
         weighted: false,
     };
-    check(Architecture::Relu, cfg.clone(), penalty, Some(2.0));
-    check(Architecture::Relu, cfg, penalty, Some(0.0));
+    check(arch, config(), penalty, Some(2.0));
+    check(arch, config(), penalty, Some(0.0));
 }

@@ -24,7 +24,7 @@ use sparse_autoencoder::train::TrainerState;
 use sparse_autoencoder::{Architecture, Error, Sae, SaeConfig, TrainConfig, Trainer};
 
 const ARCHS: [Architecture; 3] = [
-    Architecture::Relu,
+    Architecture::RELU,
     Architecture::TopK { k: 4 },
     Architecture::BatchTopK { k: 4 },
 ];
@@ -230,7 +230,7 @@ fn a_checkpoint_halfway_resumes_to_the_bits_of_the_uninterrupted_run() {
         // A wide dictionary with a small k, so some latents stay silent for several batches
         // and whether they count as dead depends on the counters carried over.
         let arch = match arch {
-            Architecture::Relu => arch,
+            Architecture::Relu { .. } => arch,
             Architecture::TopK { .. } => Architecture::TopK { k: 2 },
             Architecture::BatchTopK { .. } => Architecture::BatchTopK { k: 2 },
         };
@@ -266,7 +266,7 @@ fn a_checkpoint_halfway_resumes_to_the_bits_of_the_uninterrupted_run() {
         // The state that matters did move: TopK latents died (AuxK ran), BatchTopK learned θ,
         // and a resume that forgot Adam's moments ends elsewhere.
         let state = straight.state();
-        if arch != Architecture::Relu {
+        if !matches!(arch, Architecture::Relu { .. }) {
             assert!(
                 state.tokens_since_fired_f.iter().any(|&t| t >= 96),
                 "{arch:?}: no latent died, so AuxK never ran"
@@ -513,7 +513,7 @@ fn npy_arrays_read_back_with_npyz() {
 fn codes_written_batch_by_batch_read_back_as_the_codes() {
     let dir = temp_dir("io-codes");
     for (arch, layout) in [
-        (Architecture::Relu, CodesLayout::Csr),
+        (Architecture::RELU, CodesLayout::Csr),
         (Architecture::TopK { k: 4 }, CodesLayout::TopK { k: 4 }),
     ] {
         let sae = random_sae(arch, 8, 32, 5);
@@ -560,7 +560,7 @@ fn codes_written_batch_by_batch_read_back_as_the_codes() {
     // Replacing the CSR codes above with TopK ones: until the new set is finished no
     // codes.json vouches for the files, a short set is refused, and the finished set leaves
     // no indptr.npy of the old one behind.
-    let out = dir.join("Relu");
+    let out = dir.join(format!("{:?}", Architecture::RELU));
     let sae = random_sae(Architecture::TopK { k: 4 }, 8, 32, 5);
     let codes = sae.encode(&Cpu, synthetic_batch(5, 8, 0).view()).unwrap();
     let mut writer = CodesWriter::new(&out, CodesLayout::TopK { k: 4 }, 32, 6).unwrap();
@@ -580,7 +580,7 @@ fn codes_written_batch_by_batch_read_back_as_the_codes() {
     let out = dir.join("mismatch");
     fs::create_dir_all(&out).unwrap();
     let mut writer = CodesWriter::new(&out, CodesLayout::Csr, 16, 1).unwrap();
-    let codes = random_sae(Architecture::Relu, 8, 32, 5)
+    let codes = random_sae(Architecture::RELU, 8, 32, 5)
         .encode(&Cpu, synthetic_batch(1, 8, 0).view())
         .unwrap();
     assert!(matches!(writer.push(&codes), Err(Error::Shape { .. })));
@@ -603,7 +603,7 @@ fn exports_hold_the_tensors_and_config_the_python_libraries_read() {
     let batchtopk = trainer.into_sae();
     let theta = batchtopk.threshold().unwrap();
     for sae in [
-        random_sae(Architecture::Relu, 8, 32, 1),
+        random_sae(Architecture::RELU, 8, 32, 1),
         random_sae(Architecture::TopK { k: 4 }, 8, 32, 1),
         batchtopk,
     ] {
@@ -612,7 +612,7 @@ fn exports_hold_the_tensors_and_config_the_python_libraries_read() {
         export_saelens(&sae, &out, &meta).unwrap();
         let cfg = json(&out.join("cfg.json"));
         let expected = match arch {
-            Architecture::Relu => "standard",
+            Architecture::Relu { .. } => "standard",
             Architecture::TopK { .. } => "topk",
             Architecture::BatchTopK { .. } => "jumprelu",
         };
@@ -656,7 +656,7 @@ fn exports_hold_the_tensors_and_config_the_python_libraries_read() {
         }
 
         let out = dir.join(format!("{arch:?}-sparsify"));
-        if arch == Architecture::Relu {
+        if matches!(arch, Architecture::Relu { .. }) {
             let err = export_sparsify(&sae, &out).unwrap_err();
             assert!(err.to_string().contains("--format saelens"), "{err}");
             continue;

@@ -12,7 +12,7 @@ use sparse_autoencoder::run::{
     ArchName, Observer, Outcome, Progress, ResumeOptions, Run, RunSpec, SaeSpec, ScheduleSpec,
 };
 use sparse_autoencoder::synth::SynthConfig;
-use sparse_autoencoder::Sae;
+use sparse_autoencoder::{Architecture, ReluVariant, Sae};
 
 /// Stops the run after `stop_at` steps, and records which step the checkpoint on disk held at
 /// each step.
@@ -328,6 +328,44 @@ fn an_edited_config_toml_is_one_error_naming_the_key() {
         run.train(&mut (), &no_stop()).unwrap(),
         Outcome::Finished(_)
     ));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A checkpoint written before the SAE's configuration recorded the ReLU variant (format 1)
+/// resumes with config.toml's variant: unit-norm decoder rows to the end.
+#[test]
+fn a_format_1_checkpoint_resumes_with_the_relu_variant_of_config_toml() {
+    let dir = temp_dir("run-format-1-relu");
+    let mut spec = tiny(6);
+    spec.sae[0] = SaeSpec {
+        arch: Some(ArchName::Relu),
+        relu_variant: Some(ReluVariant::UnitDecoder),
+        dict_size: Some(32),
+        ..SaeSpec::default()
+    };
+    interrupted(&dir, &spec);
+    let path = dir.join("checkpoint/0/checkpoint.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(json["sae"]["relu_variant"], "unit_decoder");
+    json["format"] = 1.into();
+    json["sae"].as_object_mut().unwrap().remove("relu_variant");
+    std::fs::write(&path, json.to_string()).unwrap();
+    let mut run = Run::resume(&dir, &ResumeOptions::default(), &no_stop()).unwrap();
+    assert!(matches!(
+        run.train(&mut (), &no_stop()).unwrap(),
+        Outcome::Finished(_)
+    ));
+    // One SAE: the run directory is its directory.
+    let sae = Sae::load(&dir).unwrap();
+    let unit = Architecture::Relu {
+        variant: ReluVariant::UnitDecoder,
+    };
+    assert_eq!(sae.config().arch, unit);
+    for row in sae.w_dec_fd().rows() {
+        let norm = row.dot(&row).sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "a decoder row of norm {norm}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -56,7 +56,7 @@ fn all_finite(sae: &Sae) -> bool {
 }
 
 const ARCHS: [Architecture; 3] = [
-    Architecture::Relu,
+    Architecture::RELU,
     Architecture::TopK { k: 4 },
     Architecture::BatchTopK { k: 4 },
 ];
@@ -123,7 +123,7 @@ fn non_contiguous_batches_are_accepted() {
 fn relu_dense_and_sparse_paths_agree() {
     let run = |threshold: f32| {
         let mut trainer = Trainer::new(
-            Sae::new(sae_config(Architecture::Relu, 16, 64), 5).unwrap(),
+            Sae::new(sae_config(Architecture::RELU, 16, 64), 5).unwrap(),
             short_run(),
         )
         .unwrap();
@@ -268,7 +268,7 @@ fn all_zero_rows_d1_f1_and_single_rows_train_without_nan() {
         // D = 1 (AuxK's k_aux = D/2 = 0) and F = 1.
         for (d, f) in [(1, 8), (8, 1), (1, 1)] {
             let arch = match arch {
-                Architecture::Relu => arch,
+                Architecture::Relu { .. } => arch,
                 Architecture::TopK { .. } => Architecture::TopK { k: 1 },
                 Architecture::BatchTopK { .. } => Architecture::BatchTopK { k: 1 },
             };
@@ -285,7 +285,7 @@ fn all_zero_rows_d1_f1_and_single_rows_train_without_nan() {
         assert!(all_finite(trainer.sae()), "{arch:?}");
         // A single row has no variance to explain.
         assert!(stats.fve.is_nan(), "{arch:?}: fve {}", stats.fve);
-        if arch != Architecture::Relu {
+        if !matches!(arch, Architecture::Relu { .. }) {
             assert!(stats.dead_fraction > 0.0);
             assert_eq!(stats.aux, 0.0, "{stats:?}");
         }
@@ -411,43 +411,20 @@ fn assert_states_close(what: &str, a: &TrainerState, reference: &TrainerState, t
 /// summed); every process ends with the same bits, and so does a repeat.
 #[test]
 fn processes_sharing_each_batch_train_what_one_process_trains() {
-    let cases: [(&str, Architecture, ReluVariant, f32); 5] = [
-        (
-            "relu dense",
-            Architecture::Relu,
-            ReluVariant::DecoderNorm,
-            0.05,
-        ),
-        (
-            "relu sparse",
-            Architecture::Relu,
-            ReluVariant::DecoderNorm,
-            1.0,
-        ),
-        (
-            "relu unit-norm",
-            Architecture::Relu,
-            ReluVariant::UnitDecoder,
-            1.0,
-        ),
-        (
-            "topk",
-            Architecture::TopK { k: 4 },
-            ReluVariant::DecoderNorm,
-            0.05,
-        ),
-        (
-            "batchtopk",
-            Architecture::BatchTopK { k: 4 },
-            ReluVariant::DecoderNorm,
-            0.05,
-        ),
+    let unit_decoder = Architecture::Relu {
+        variant: ReluVariant::UnitDecoder,
+    };
+    let cases: [(&str, Architecture, f32); 5] = [
+        ("relu dense", Architecture::RELU, 0.05),
+        ("relu sparse", Architecture::RELU, 1.0),
+        ("relu unit-norm", unit_decoder, 1.0),
+        ("topk", Architecture::TopK { k: 4 }, 0.05),
+        ("batchtopk", Architecture::BatchTopK { k: 4 }, 0.05),
     ];
-    for (what, arch, relu_variant, dense_threshold) in cases {
+    for (what, arch, dense_threshold) in cases {
         let config = TrainConfig {
             // Dead latents within the run, so AuxK's terms are exchanged too.
             dead_tokens: 48,
-            relu_variant,
             ..short_run()
         };
         let sae = Sae::new(sae_config(arch, 16, 64), 4).unwrap();

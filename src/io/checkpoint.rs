@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::tensors::{standard, TensorsIn, TensorsOut};
 use super::{create_dir, sync_dir, write_atomic};
-use crate::config::SaeConfig;
+use crate::config::{Architecture, ReluVariant, SaeConfig};
 use crate::error::{io_error, Error, Result};
 use crate::train::TrainerState;
 use crate::Sae;
@@ -29,7 +29,10 @@ pub const CHECKPOINT_WEIGHTS_FILE: &str = "checkpoint.safetensors";
 /// A checkpoint's configuration, scalars and caller state.
 pub const CHECKPOINT_CONFIG_FILE: &str = "checkpoint.json";
 /// Bumped when the layout changes, so an older checkpoint is refused with a clear message.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
+/// The format before a ReLU SAE's configuration recorded its variant (`relu_variant`, then in
+/// the training recipe): read when the variant comes from elsewhere (the run's config.toml).
+const FORMAT_WITHOUT_RELU_VARIANT: u32 = 1;
 /// What to do about a damaged checkpoint.
 const DAMAGED: &str = "the checkpoint is damaged or from another version of sae; resume from \
                        another checkpoint or start again";
@@ -146,7 +149,7 @@ impl Checkpoint {
             if !d.join(CHECKPOINT_CONFIG_FILE).is_file() {
                 continue;
             }
-            let read = Checkpoint::read_files(d);
+            let read = Checkpoint::read_files(d, None);
             newest = match (newest, read) {
                 (Some(Ok(best)), Ok(c)) if c.state.step <= best.state.step => Some(Ok(best)),
                 (Some(Ok(best)), Err(_)) => Some(Ok(best)),
@@ -164,8 +167,10 @@ impl Checkpoint {
         })
     }
 
-    /// Reads the two files [`Checkpoint::write_files`] wrote into `from`.
-    pub(crate) fn read_files(from: &Path) -> Result<Checkpoint> {
+    /// Reads the two files [`Checkpoint::write_files`] wrote into `from`. A ReLU SAE of a
+    /// format-1 checkpoint, which did not record its variant, gets `relu_variant`; without
+    /// one, such a checkpoint is refused.
+    pub(crate) fn read_files(from: &Path, relu_variant: Option<ReluVariant>) -> Result<Checkpoint> {
         let config_path = from.join(CHECKPOINT_CONFIG_FILE);
         let bad = |problem: String| Error::RunFile {
             path: config_path.clone(),
@@ -177,11 +182,28 @@ impl Checkpoint {
             // serde quotes unknown fields and variants as the file spells them.
             bad(crate::error::escape_controls(&format!("malformed ({err})")))
         })?;
-        if file.format != FORMAT {
-            return Err(bad(format!(
-                "format {} is not {FORMAT}, the one this version of sae reads",
-                file.format
-            )));
+        let mut file = file;
+        match (file.format, file.sae.arch, relu_variant) {
+            (FORMAT, ..) => {}
+            (FORMAT_WITHOUT_RELU_VARIANT, Architecture::Relu { .. }, Some(variant)) => {
+                file.sae.arch = Architecture::Relu { variant };
+            }
+            (FORMAT_WITHOUT_RELU_VARIANT, Architecture::Relu { .. }, None) => {
+                return Err(Error::RunFile {
+                    path: config_path.clone(),
+                    problem: "format 1 does not record which ReLU variant the SAE trains with"
+                        .into(),
+                    fix: "resume the run with `sae train --resume`, which reads the variant \
+                          from its config.toml"
+                        .into(),
+                })
+            }
+            (FORMAT_WITHOUT_RELU_VARIANT, ..) => {}
+            (format, ..) => {
+                return Err(bad(format!(
+                    "format {format} is not {FORMAT}, the one this version of sae reads"
+                )))
+            }
         }
         file.sae
             .validate()
@@ -301,14 +323,19 @@ mod tests {
     use crate::{Architecture, SaeConfig, TrainConfig, Trainer};
 
     fn at_step(step: u64) -> Checkpoint {
+        of(Architecture::TopK { k: 2 }, step)
+    }
+
+    fn of(arch: Architecture, step: u64) -> Checkpoint {
         let config = SaeConfig {
             d_model: 4,
             dict_size: 8,
-            arch: Architecture::TopK { k: 2 },
+            arch,
         };
         let train = TrainConfig {
             total_steps: 10,
             warmup_steps: 1,
+            sparsity_warmup_steps: 1,
             ..TrainConfig::default()
         };
         let mut state = Trainer::new(Sae::new(config, 0).unwrap(), train)
@@ -338,6 +365,45 @@ mod tests {
         assert_eq!(Checkpoint::load(&dir).unwrap().state.step, 3);
         at_step(4).save(&dir).unwrap();
         assert_eq!(Checkpoint::load(&dir).unwrap().state.step, 4);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn the_relu_variant_is_recorded_and_a_format_1_checkpoint_needs_it_from_elsewhere() {
+        let root = std::env::temp_dir().join(format!("sae-io-ckpt-variant-{}", std::process::id()));
+        let unit = Architecture::Relu {
+            variant: ReluVariant::UnitDecoder,
+        };
+        for (i, arch) in [unit, Architecture::TopK { k: 2 }].into_iter().enumerate() {
+            let dir = root.join(i.to_string());
+            of(arch, 0).save(&dir).unwrap();
+            assert_eq!(
+                Checkpoint::load(&dir).unwrap().state.sae.config().arch,
+                arch
+            );
+            // What this version's predecessor wrote: format 1, no variant.
+            let path = dir.join(CHECKPOINT_CONFIG_FILE);
+            let mut json: serde_json::Value =
+                serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+            json["format"] = 1.into();
+            json["sae"].as_object_mut().unwrap().remove("relu_variant");
+            fs::write(&path, json.to_string()).unwrap();
+            let given = Checkpoint::read_files(&dir, Some(ReluVariant::UnitDecoder)).unwrap();
+            assert_eq!(given.state.sae.config().arch, arch);
+            match arch {
+                Architecture::Relu { .. } => {
+                    let err = Checkpoint::load(&dir).unwrap_err().to_string();
+                    assert!(
+                        err.contains("format 1") && err.contains("sae train --resume"),
+                        "{err}"
+                    );
+                }
+                _ => assert_eq!(
+                    Checkpoint::load(&dir).unwrap().state.sae.config().arch,
+                    arch
+                ),
+            }
+        }
         fs::remove_dir_all(root).unwrap();
     }
 }

@@ -67,7 +67,7 @@ pub fn export_saelens(sae: &Sae, dir: &Path, metadata: &ExportMetadata) -> Resul
     let architecture = sae.config().arch.saelens_name();
     let extra = match sae.config().arch {
         Architecture::TopK { k } => Some(("k", json!(k))),
-        Architecture::Relu | Architecture::BatchTopK { .. } => None,
+        Architecture::Relu { .. } | Architecture::BatchTopK { .. } => None,
     };
     let threshold_f = match (sae.config().arch, sae.threshold()) {
         (Architecture::BatchTopK { .. }, Some(theta)) => Some(ndarray::Array1::from_elem(f, theta)),
@@ -133,7 +133,7 @@ pub fn export_sparsify(sae: &Sae, dir: &Path) -> Result<()> {
     let (f, d) = (sae.config().dict_size, sae.config().d_model);
     let k = match sae.config().arch {
         Architecture::TopK { k } | Architecture::BatchTopK { k } => k,
-        Architecture::Relu => {
+        Architecture::Relu { .. } => {
             return Err(refuse(
                 dir,
                 "sparsify only has TopK SAEs and this one is relu; export it with --format \

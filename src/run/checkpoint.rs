@@ -189,7 +189,10 @@ fn load_from(dir: &Path, run: &Resolved) -> Result<(RunState, Vec<Trainer>)> {
     }
     let mut trainers = Vec::with_capacity(names.len());
     for (i, sae_spec) in run.spec.sae.iter().enumerate() {
-        let checkpoint = Checkpoint::read_files(&dir.join(i.to_string()))?;
+        // A checkpoint from before the SAE's configuration held the ReLU variant gets
+        // config.toml's, which the comparison below would otherwise find missing.
+        let variant = sae_spec.relu_variant.unwrap_or_default();
+        let checkpoint = Checkpoint::read_files(&dir.join(i.to_string()), Some(variant))?;
         let state = checkpoint.state;
         let cx = super::Context {
             d_model: state.sae.config().d_model,

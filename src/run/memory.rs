@@ -33,7 +33,7 @@ impl Estimate {
         for sae in &spec.sae {
             let f = sae.dict_size.unwrap_or(0);
             let arch = match (sae.arch, sae.k) {
-                (Some(crate::run::ArchName::Relu), _) => Architecture::Relu,
+                (Some(crate::run::ArchName::Relu), _) => Architecture::RELU,
                 (_, k) => Architecture::TopK { k: k.unwrap_or(0) },
             };
             let config = SaeConfig {

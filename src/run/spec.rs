@@ -194,7 +194,12 @@ impl SaeSpec {
         let defaults = TrainConfig::default();
         let arch_name = self.arch.unwrap_or(ArchName::Batchtopk);
         let k = self.k.unwrap_or(if cx.synthetic { 8 } else { 64 });
-        let arch = arch_name.with_k(k);
+        let arch = match arch_name.with_k(k) {
+            Architecture::Relu { .. } => Architecture::Relu {
+                variant: self.relu_variant.unwrap_or_default(),
+            },
+            arch => arch,
+        };
         let dict_size = match (self.dict_size, self.expansion) {
             (Some(_), Some(_)) => return Err(ConfigError::DictSizeAndExpansion),
             (Some(f), None) => f,
@@ -247,7 +252,6 @@ impl SaeSpec {
             warmup_steps,
             decay_start,
             l1_coefficient,
-            relu_variant: self.relu_variant.unwrap_or(defaults.relu_variant),
             sparsity_warmup_steps,
             auxk_alpha: self.auxk_alpha.unwrap_or(defaults.auxk_alpha),
             dead_tokens,
@@ -272,7 +276,10 @@ impl SaeSpec {
             expansion: None,
             lr: train.lr,
             l1: relu.then_some(l1_coefficient),
-            relu_variant: relu.then_some(train.relu_variant),
+            relu_variant: match arch {
+                Architecture::Relu { variant } => Some(variant),
+                _ => None,
+            },
             warmup_steps: Some(warmup_steps),
             decay_start,
             auxk_alpha: (!relu).then_some(train.auxk_alpha),
@@ -285,7 +292,7 @@ impl SaeSpec {
 /// `batchtopk-k64-f16384`, `relu-l1_5-f4096`: what tells the SAEs of a sweep apart.
 fn default_name(sae: &SaeConfig, train: &TrainConfig) -> String {
     match sae.arch {
-        Architecture::Relu => format!("relu-l1_{}-f{}", train.l1_coefficient, sae.dict_size),
+        Architecture::Relu { .. } => format!("relu-l1_{}-f{}", train.l1_coefficient, sae.dict_size),
         Architecture::TopK { k } => format!("topk-k{k}-f{}", sae.dict_size),
         Architecture::BatchTopK { k } => format!("batchtopk-k{k}-f{}", sae.dict_size),
     }
