@@ -319,6 +319,18 @@ pub enum ConfigError {
         /// Given run length.
         total_steps: u64,
     },
+    /// A threshold start set so late that θ never updates: its updates come on the steps
+    /// after it, and the last step is `total_steps − 1`.
+    #[error(
+        "threshold_start_step ({threshold_start_step}) must be less than total_steps − 1 \
+         ({total_steps} − 1), or θ is never learned"
+    )]
+    ThresholdStartNotBeforeEnd {
+        /// Given start.
+        threshold_start_step: u64,
+        /// Given run length.
+        total_steps: u64,
+    },
     /// Decay would start during warm-up.
     #[error("decay_start ({decay_start}) must be greater than warmup_steps ({warmup_steps})")]
     DecayNotAfterWarmup {

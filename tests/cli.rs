@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{f16_bytes, sae, synthetic_batch, temp_dir, text, write_npy};
+use common::{f16_bytes, ok, sae, synthetic_batch, temp_dir, text, write_npy};
 
 #[test]
 fn short_synthetic_run_prints_progress_and_recovery() {
@@ -83,6 +83,15 @@ fn invalid_options_exit_with_status_2_and_name_the_option() {
             vec!["--steps", "100", "--decay-start", "100"],
             "--decay-start",
         ),
+        (vec!["--auxk-alpha", "-1"], "--auxk-alpha"),
+        (vec!["--auxk-alpha", "inf"], "--auxk-alpha"),
+        (vec!["--dead-tokens", "0"], "--dead-tokens"),
+        (vec!["--threshold-beta", "1"], "--threshold-beta"),
+        (vec!["--threshold-beta", "nan"], "--threshold-beta"),
+        (
+            vec!["--steps", "100", "--threshold-start-step", "99"],
+            "--threshold-start-step",
+        ),
         // Rejected while parsing.
         (vec!["--k", "-3"], "--k"),
         (vec!["--seed", "-1"], "--seed"),
@@ -92,6 +101,7 @@ fn invalid_options_exit_with_status_2_and_name_the_option() {
         (vec!["--arch", "gated"], "--arch"),
         (vec!["--relu-variant", "both"], "--relu-variant"),
         (vec!["--steps", "many"], "--steps"),
+        (vec!["--dead-tokens", "-5"], "--dead-tokens"),
         // Combinations and relations the parser or the resolution rejects.
         (vec!["--k", "600"], "--k"),
         (vec!["--dict-size", "64", "--expansion", "2"], "--expansion"),
@@ -116,6 +126,50 @@ fn invalid_options_exit_with_status_2_and_name_the_option() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         assert!(out.stdout.is_empty(), "{args:?}: {}", text(&out.stdout));
     }
+}
+
+/// θ's start and β, AuxK's α and the dead threshold given as flags are the run's, recorded
+/// in its config.toml.
+#[test]
+fn the_threshold_and_dead_latent_knobs_are_flags_saved_with_the_run() {
+    let dir = temp_dir("cli-knobs");
+    let out = dir.join("run");
+    let args = [
+        "train",
+        "--steps",
+        "12",
+        "--batch-size",
+        "64",
+        "--dict-size",
+        "64",
+        "--auxk-alpha",
+        "0.5",
+        "--dead-tokens",
+        "640",
+        "--threshold-start-step",
+        "3",
+        "--threshold-beta",
+        "0.9",
+        "--out",
+    ];
+    ok(&sae(&[&args[..], &[out.to_str().unwrap()]].concat()));
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    for line in [
+        "auxk_alpha = 0.5",
+        "dead_tokens = 640",
+        "threshold_start_step = 3",
+        "threshold_beta = 0.9",
+    ] {
+        assert!(
+            config.lines().any(|l| l == line),
+            "{line:?} not in {config}"
+        );
+    }
+    let sae_json = std::fs::read_to_string(out.join("sae.json")).unwrap();
+    // Steps 4 to 11 update θ, so the SAE is saved with one.
+    let json: serde_json::Value = serde_json::from_str(&sae_json).unwrap();
+    assert!(json["threshold"].as_f64().is_some(), "{sae_json}");
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// Where no GPU can run (CI: no driver; or a build without `cuda`), `--device cuda` is one

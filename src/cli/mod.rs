@@ -78,6 +78,13 @@ fn option_for(err: &ConfigError) -> Option<&'static str> {
         E::ZeroTotalSteps | E::TooManySteps(_) => "--steps",
         E::LearningRate(_) => "--lr",
         E::L1Coefficient(_) => "--l1",
+        E::AuxkAlpha(_) => "--auxk-alpha",
+        E::ZeroDeadTokens => "--dead-tokens",
+        E::ThresholdStartNotBeforeEnd { .. } => "--threshold-start-step",
+        E::Beta {
+            name: "threshold_beta",
+            ..
+        } => "--threshold-beta",
         E::WarmupNotBeforeEnd { .. } => "--warmup-steps",
         E::ZeroBatchSize
         | E::TooLarge {
@@ -119,7 +126,6 @@ pub fn byte_size(s: &str) -> Result<ByteSize, String> {
     s.parse()
 }
 
-/// Parses `--device` (cpu, cuda, cuda:N) for clap, whose error then names the option.
 /// `--arch`'s parser: the names [`ArchName`] spells, each with its line in `--help`.
 fn arch_parser() -> impl clap::builder::TypedValueParser<Value = ArchName> {
     use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
@@ -127,6 +133,7 @@ fn arch_parser() -> impl clap::builder::TypedValueParser<Value = ArchName> {
     PossibleValuesParser::new(names).map(|name| name.parse().expect("one of the possible values"))
 }
 
+/// Parses `--device` (cpu, cuda, cuda:N) for clap, whose error then names the option.
 fn parse_device(s: &str) -> Result<sparse_autoencoder::backend::Device, String> {
     s.parse()
         .map_err(|e: sparse_autoencoder::Error| e.to_string())

@@ -181,6 +181,20 @@ struct OptimArgs {
     /// Step from which the learning rate decays linearly to 0 [default: 80% of steps].
     #[arg(long, allow_negative_numbers = true)]
     decay_start: Option<u64>,
+    /// topk and batchtopk: weight α of the AuxK loss on dead latents [default: 1/32].
+    #[arg(long, allow_negative_numbers = true)]
+    auxk_alpha: Option<f32>,
+    /// Tokens without firing after which a latent counts as dead (AuxK's latents, and the dead
+    /// fraction reported) [default: 20 batches on synthetic data, 10M with --data].
+    #[arg(long, allow_negative_numbers = true)]
+    dead_tokens: Option<u64>,
+    /// batchtopk: θ's moving average updates on the steps after this one [default:
+    /// min(1000, steps/2)].
+    #[arg(long, allow_negative_numbers = true)]
+    threshold_start_step: Option<u64>,
+    /// batchtopk: weight β of the old θ in its moving average, in [0, 1) [default: 0.999].
+    #[arg(long, allow_negative_numbers = true)]
+    threshold_beta: Option<f64>,
     /// Seed of the SAE's initialisation, the batch order and the synthetic data [default: 0].
     #[arg(long, allow_negative_numbers = true)]
     seed: Option<u64>,
@@ -203,7 +217,8 @@ struct RunArgs {
         conflicts_with_all = ["config", "data", "eval_data", "eval_fraction", "normalize",
             "buffer_rows", "arch", "k", "dict_size", "expansion",
             "relu_variant", "batch_size", "steps", "tokens", "lr", "l1", "warmup_steps",
-            "decay_start", "seed", "out", "force", "checkpoint_every", "metrics_every",
+            "decay_start", "auxk_alpha", "dead_tokens", "threshold_start_step",
+            "threshold_beta", "seed", "out", "force", "checkpoint_every", "metrics_every",
             "max_memory"]
     )]
     resume: Option<PathBuf>,
@@ -441,6 +456,10 @@ fn sweep(tables: &[SaeSpec], args: &TrainArgs) -> Vec<SaeSpec> {
         }
         base.warmup_steps = o.warmup_steps.or(base.warmup_steps);
         base.decay_start = o.decay_start.or(base.decay_start);
+        base.auxk_alpha = o.auxk_alpha.or(base.auxk_alpha);
+        base.dead_tokens = o.dead_tokens.or(base.dead_tokens);
+        base.threshold_start_step = o.threshold_start_step.or(base.threshold_start_step);
+        base.threshold_beta = o.threshold_beta.or(base.threshold_beta);
         let sizes: Vec<(Option<usize>, Option<usize>)> = if !m.dict_size.is_empty() {
             m.dict_size.iter().map(|&f| (Some(f), None)).collect()
         } else if !m.expansion.is_empty() {

@@ -160,6 +160,11 @@ pub struct SaeSpec {
     /// Tokens without firing after which a latent is dead (default 10M on data, 20 batches
     /// on the synthetic set).
     pub dead_tokens: Option<u64>,
+    /// BatchTopK: θ's moving average updates on the steps after this one (default
+    /// min(1000, steps/2)).
+    pub threshold_start_step: Option<u64>,
+    /// BatchTopK: the weight β of the old θ in its moving average (default 0.999).
+    pub threshold_beta: Option<f64>,
 }
 
 /// Peak learning rate on the synthetic data.
@@ -233,6 +238,8 @@ impl SaeSpec {
         });
         let lr = self.lr.or(cx.synthetic.then_some(SYNTH_LR));
         let relu = arch_name == ArchName::Relu;
+        // θ's knobs mean nothing to relu and topk, which learn no threshold.
+        let batchtopk = arch_name == ArchName::Batchtopk;
         // λ means nothing to topk and batchtopk: they keep the library's value, so a resolved
         // spec (which omits it) resolves to the same recipe.
         let l1_coefficient = match self.l1 {
@@ -255,10 +262,22 @@ impl SaeSpec {
             sparsity_warmup_steps,
             auxk_alpha: self.auxk_alpha.unwrap_or(defaults.auxk_alpha),
             dead_tokens,
-            threshold_start_step: defaults.threshold_start_step.min(steps / 2),
+            threshold_start_step: self
+                .threshold_start_step
+                .unwrap_or(defaults.threshold_start_step.min(steps / 2)),
+            threshold_beta: self.threshold_beta.unwrap_or(defaults.threshold_beta),
             ..defaults
         };
         train.validate(&sae)?;
+        if let Some(start) = self.threshold_start_step.filter(|_| batchtopk) {
+            // The default shrinks to fit any run; a value set by hand must fit this one.
+            if start.saturating_add(1) >= steps {
+                return Err(ConfigError::ThresholdStartNotBeforeEnd {
+                    threshold_start_step: start,
+                    total_steps: steps,
+                });
+            }
+        }
         // Recorded as a number, so config.toml says what the run used.
         let train = TrainConfig {
             lr: Some(train.learning_rate(&sae)),
@@ -284,6 +303,8 @@ impl SaeSpec {
             decay_start,
             auxk_alpha: (!relu).then_some(train.auxk_alpha),
             dead_tokens: Some(dead_tokens),
+            threshold_start_step: batchtopk.then_some(train.threshold_start_step),
+            threshold_beta: batchtopk.then_some(train.threshold_beta),
         };
         Ok((resolved, sae, train))
     }
@@ -369,6 +390,68 @@ mod tests {
             late_warmup.resolve(cx(true)).unwrap_err(),
             ConfigError::WarmupNotBeforeEnd { .. }
         ));
+    }
+
+    #[test]
+    fn the_threshold_knobs_reach_the_recipe_and_are_recorded_for_batchtopk_only() {
+        let knobs = |arch| SaeSpec {
+            arch: Some(arch),
+            auxk_alpha: Some(0.25),
+            dead_tokens: Some(777),
+            threshold_start_step: Some(10),
+            threshold_beta: Some(0.9),
+            ..SaeSpec::default()
+        };
+        let (resolved, _, train) = knobs(ArchName::Batchtopk).resolve(cx(false)).unwrap();
+        assert_eq!(
+            (train.auxk_alpha, train.dead_tokens),
+            (0.25, 777),
+            "{train:?}"
+        );
+        assert_eq!(
+            (train.threshold_start_step, train.threshold_beta),
+            (10, 0.9)
+        );
+        assert_eq!(resolved.threshold_start_step, Some(10));
+        assert_eq!(resolved.threshold_beta, Some(0.9));
+        // The resolved spec resolves to the same recipe, as config.toml repeats a run.
+        assert_eq!(resolved.resolve(cx(false)).unwrap().2, train);
+        let (resolved, _, _) = knobs(ArchName::Topk).resolve(cx(false)).unwrap();
+        assert_eq!(
+            (resolved.threshold_start_step, resolved.threshold_beta),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn invalid_threshold_knobs_are_errors_naming_the_field() {
+        let spec = |start, beta| SaeSpec {
+            threshold_start_step: start,
+            threshold_beta: beta,
+            ..SaeSpec::default()
+        };
+        // cx's run has 3000 steps: θ's last update is at step 2999, after a start of 2998.
+        assert!(spec(Some(2998), None).resolve(cx(false)).is_ok());
+        assert_eq!(
+            spec(Some(2999), None).resolve(cx(false)).unwrap_err(),
+            ConfigError::ThresholdStartNotBeforeEnd {
+                threshold_start_step: 2999,
+                total_steps: 3000
+            }
+        );
+        assert!(matches!(
+            spec(None, Some(1.0)).resolve(cx(false)).unwrap_err(),
+            ConfigError::Beta {
+                name: "threshold_beta",
+                ..
+            }
+        ));
+        // TopK learns no θ: its start is not checked against the run.
+        let topk = SaeSpec {
+            arch: Some(ArchName::Topk),
+            ..spec(Some(2999), None)
+        };
+        assert!(topk.resolve(cx(false)).is_ok());
     }
 
     #[test]
