@@ -17,11 +17,18 @@ pub enum ArchName {
     Topk,
     /// Batch-wide top-(k·B).
     Batchtopk,
+    /// A learned threshold per latent.
+    Jumprelu,
 }
 
 impl ArchName {
     /// Every name, in the order help texts list them.
-    pub const ALL: [ArchName; 3] = [ArchName::Relu, ArchName::Topk, ArchName::Batchtopk];
+    pub const ALL: [ArchName; 4] = [
+        ArchName::Relu,
+        ArchName::Topk,
+        ArchName::Batchtopk,
+        ArchName::Jumprelu,
+    ];
 
     /// The name as flags and files spell it.
     pub fn as_str(self) -> &'static str {
@@ -29,6 +36,7 @@ impl ArchName {
             ArchName::Relu => "relu",
             ArchName::Topk => "topk",
             ArchName::Batchtopk => "batchtopk",
+            ArchName::Jumprelu => "jumprelu",
         }
     }
 
@@ -40,15 +48,18 @@ impl ArchName {
             ArchName::Batchtopk => {
                 "The k·B largest codes of the batch; a learned threshold outside training"
             }
+            ArchName::Jumprelu => "Codes above a threshold learned per latent, an L0 penalty",
         }
     }
 
-    /// The architecture of this name with `k` active codes per row (unused by ReLU).
+    /// The architecture of this name with `k` active codes per row (unused by ReLU and
+    /// JumpReLU, whose sparsity comes from their penalties).
     pub fn with_k(self, k: usize) -> Architecture {
         match self {
             ArchName::Relu => Architecture::RELU,
             ArchName::Topk => Architecture::TopK { k },
             ArchName::Batchtopk => Architecture::BatchTopK { k },
+            ArchName::Jumprelu => Architecture::JumpRelu,
         }
     }
 }
@@ -67,18 +78,32 @@ impl std::str::FromStr for ArchName {
         ArchName::ALL
             .into_iter()
             .find(|a| a.as_str() == s)
-            .ok_or_else(|| format!("{s:?} is not an architecture (relu, topk or batchtopk)"))
+            .ok_or_else(|| {
+                format!("{s:?} is not an architecture (relu, topk, batchtopk or jumprelu)")
+            })
     }
 }
 
 impl TrainConfig {
     /// The peak learning rate: `lr` if set, else 2e-4/√(F/2¹⁴) for TopK/BatchTopK (Gao et al.
-    /// 2024 scaling law, as dictionary_learning) and 5e-5 for ReLU (Anthropic April-2024 update).
+    /// 2024 scaling law, as dictionary_learning), 5e-5 for ReLU (Anthropic April-2024 update)
+    /// and 7e-5 for JumpReLU (dictionary_learning's `JumpReluTrainer`).
     pub fn learning_rate(&self, sae: &SaeConfig) -> f32 {
         match (self.lr, sae.arch) {
             (Some(lr), _) => lr,
             (None, Architecture::Relu { .. }) => 5e-5,
+            (None, Architecture::JumpRelu) => 7e-5,
             (None, _) => (2e-4 / (sae.dict_size as f64 / 16384.0).sqrt()) as f32,
+        }
+    }
+
+    /// Adam's β1: `adam_beta1` if set, else 0.9 (torch), or 0 for JumpReLU (Gemma Scope's
+    /// β = (0, 0.999), as dictionary_learning's `JumpReluTrainer`).
+    pub fn adam_beta1(&self, sae: &SaeConfig) -> f64 {
+        match (self.adam_beta1, sae.arch) {
+            (Some(beta1), _) => beta1,
+            (None, Architecture::JumpRelu) => 0.0,
+            (None, _) => 0.9,
         }
     }
 }
@@ -94,12 +119,13 @@ impl Architecture {
     }
 
     /// SAELens' name for this architecture's saved form: `standard` (ReLU), `topk`, or
-    /// `jumprelu` for BatchTopK, whose inference rule (codes above θ) is a threshold per latent.
+    /// `jumprelu` for JumpReLU and for BatchTopK, whose inference rule (codes above θ) is a
+    /// threshold per latent.
     pub fn saelens_name(&self) -> &'static str {
         match self {
             Architecture::Relu { .. } => "standard",
             Architecture::TopK { .. } => "topk",
-            Architecture::BatchTopK { .. } => "jumprelu",
+            Architecture::BatchTopK { .. } | Architecture::JumpRelu => "jumprelu",
         }
     }
 
@@ -109,7 +135,36 @@ impl Architecture {
             Architecture::Relu { .. } => ArchName::Relu,
             Architecture::TopK { .. } => ArchName::Topk,
             Architecture::BatchTopK { .. } => ArchName::Batchtopk,
+            Architecture::JumpRelu => ArchName::Jumprelu,
         }
+    }
+
+    /// Whether the encoder sees x − b_dec (every architecture but JumpReLU, whose reference
+    /// encodes x itself: pre = x·W_encᵀ + b_enc).
+    pub fn centres_input(&self) -> bool {
+        !matches!(self, Architecture::JumpRelu)
+    }
+
+    /// Whether the GPU path has kernels for this architecture: all but JumpReLU, whose
+    /// thresholds' kernels wait for a GPU to test them on.
+    pub fn runs_on_gpu(&self) -> bool {
+        !matches!(self, Architecture::JumpRelu)
+    }
+
+    /// The error for this architecture asked to run on `device`, a GPU without its kernels.
+    pub fn not_on_gpu(&self, device: String) -> crate::Error {
+        crate::Error::Device {
+            device,
+            reason: format!(
+                "{} runs on the CPU only in this version; drop --device",
+                self.name()
+            ),
+        }
+    }
+
+    /// Whether each latent has a learned threshold θ_j (JumpReLU), a fifth parameter.
+    pub fn has_latent_thresholds(&self) -> bool {
+        matches!(self, Architecture::JumpRelu)
     }
 }
 
@@ -122,6 +177,9 @@ pub enum Selection {
     TopK(usize),
     /// The k·B largest of the batch.
     BatchTopK(usize),
+    /// The entries above their latent's threshold θ_j (the SAE's); training also lists the
+    /// entries within half a bandwidth below θ_j, where the thresholds' pseudo-gradient lives.
+    JumpRelu,
 }
 
 impl Selection {
@@ -132,6 +190,7 @@ impl Selection {
             Architecture::Relu { .. } => Selection::Relu,
             Architecture::TopK { k } => Selection::TopK(k),
             Architecture::BatchTopK { k } => Selection::BatchTopK(k),
+            Architecture::JumpRelu => Selection::JumpRelu,
         }
     }
 }
@@ -152,6 +211,20 @@ pub enum Penalty {
     AuxK {
         /// α.
         alpha: f32,
+    },
+    /// JumpReLU's c·s(t)·(L0/target − 1)², L0 = mean_b Σ_j H(f_bj − θ_j), differentiated with
+    /// respect to θ through the rectangle kernel of width ε (dictionary_learning's
+    /// `JumpReluTrainer`; the reference takes the step function of the code f, not of pre).
+    L0 {
+        /// c.
+        coefficient: f32,
+        /// The target L0.
+        target_l0: f32,
+        /// ε, the kernel's bandwidth (also the straight-through estimator's for the
+        /// reconstruction's gradient of θ).
+        bandwidth: f32,
+        /// s(t) rises linearly from 0 to 1 over this many steps (0: always 1).
+        warmup_steps: u64,
     },
 }
 
@@ -253,6 +326,21 @@ impl Rules {
                 learn_threshold: true,
                 dead_tokens: train.dead_tokens,
             },
+            // JumpReluTrainer: unit-norm decoder as TopK, clipped, no AuxK, b_dec from zero.
+            Architecture::JumpRelu => Rules {
+                selection: Selection::of(sae.arch),
+                penalty: Penalty::L0 {
+                    coefficient: train.l0_coefficient,
+                    target_l0: train.target_l0,
+                    bandwidth: train.jumprelu_bandwidth,
+                    warmup_steps: train.sparsity_warmup_steps,
+                },
+                decoder: topk_decoder,
+                max_grad_norm: Some(1.0),
+                init_b_dec_from_median: false,
+                learn_threshold: false,
+                dead_tokens: train.dead_tokens,
+            },
         }
     }
 }
@@ -269,12 +357,17 @@ mod tests {
             let json = serde_json::to_string(&name).unwrap();
             assert_eq!(json, format!("\"{}\"", name.as_str()));
             assert_eq!(name.with_k(7).name(), name);
+            // Only JumpReLU encodes x itself and learns a threshold per latent.
+            let jump = name == ArchName::Jumprelu;
+            assert_eq!(name.with_k(7).centres_input(), !jump);
+            assert_eq!(name.with_k(7).has_latent_thresholds(), jump);
         }
         assert_eq!(ArchName::Topk.with_k(7), Architecture::TopK { k: 7 });
         assert_eq!(ArchName::Batchtopk.with_k(7).k(), Some(7));
         assert_eq!(ArchName::Relu.with_k(7), Architecture::RELU);
         let err = "TopK".parse::<ArchName>().unwrap_err();
-        assert!(err.contains("relu, topk or batchtopk"), "{err}");
+        assert!(err.contains("relu, topk, batchtopk or jumprelu"), "{err}");
+        assert_eq!(ArchName::Jumprelu.with_k(7), Architecture::JumpRelu);
     }
 
     #[test]
@@ -289,7 +382,12 @@ mod tests {
             .into();
         assert_eq!(
             names,
-            [(true, "standard"), (false, "topk"), (false, "jumprelu")]
+            [
+                (true, "standard"),
+                (false, "topk"),
+                (false, "jumprelu"),
+                (false, "jumprelu")
+            ]
         );
     }
 }

@@ -28,6 +28,12 @@ pub enum Architecture {
         /// Mean active latents per row.
         k: usize,
     },
+    /// Keep the codes above a threshold learned per latent (Rajamanoharan et al. 2024,
+    /// `JumpReluTrainer`): f_j = pre_j·[pre_j > θ_j], with pre = x·W_encᵀ + b_enc (the
+    /// reference does not subtract b_dec before encoding). Trained with the straight-through
+    /// estimator and an L0 penalty.
+    #[serde(rename = "jumprelu")]
+    JumpRelu,
 }
 
 impl Architecture {
@@ -36,10 +42,10 @@ impl Architecture {
         variant: ReluVariant::DecoderNorm,
     };
 
-    /// The k of TopK/BatchTopK; `None` for ReLU.
+    /// The k of TopK/BatchTopK; `None` for ReLU and JumpReLU.
     pub fn k(&self) -> Option<usize> {
         match *self {
-            Architecture::Relu { .. } => None,
+            Architecture::Relu { .. } | Architecture::JumpRelu => None,
             Architecture::TopK { k } | Architecture::BatchTopK { k } => Some(k),
         }
     }
@@ -124,9 +130,11 @@ pub struct TrainConfig {
     pub warmup_steps: u64,
     /// Step from which the learning rate decays linearly to 0 at `total_steps` (default none).
     pub decay_start: Option<u64>,
-    /// Adam β1 (default 0.9, torch). The β's are f64 because the reference computes 1 − β in
-    /// double precision: from an f32 0.999, 1 − β would be off by 1.3e-5.
-    pub adam_beta1: f64,
+    /// Adam β1; `None` picks [`TrainConfig::adam_beta1`]'s default (0.9, torch; 0 for
+    /// JumpReLU, as Gemma Scope and dictionary_learning). The β's are f64 because the
+    /// reference computes 1 − β in double precision: from an f32 0.999, 1 − β would be off by
+    /// 1.3e-5.
+    pub adam_beta1: Option<f64>,
     /// Adam β2 (default 0.999, torch).
     pub adam_beta2: f64,
     /// Adam ε (default 1e-8, torch).
@@ -134,8 +142,18 @@ pub struct TrainConfig {
     /// ReLU only: L1 coefficient λ (default 5.0, Anthropic April-2024 update, which assumes
     /// activations normalized to E‖x‖ = √D).
     pub l1_coefficient: f32,
-    /// ReLU only: λ rises linearly from 0 over this many steps (default 2000; 0 disables).
+    /// ReLU and JumpReLU: the sparsity penalty's coefficient rises linearly from 0 over this
+    /// many steps (default 2000, both reference trainers; 0 disables).
     pub sparsity_warmup_steps: u64,
+    /// JumpReLU: bandwidth ε of the rectangle kernel whose pseudo-derivative trains the
+    /// thresholds (default 0.001, Rajamanoharan et al. 2024 and dictionary_learning).
+    pub jumprelu_bandwidth: f32,
+    /// JumpReLU: the L0 penalty's coefficient (default 1.0, dictionary_learning's
+    /// `sparsity_penalty`).
+    pub l0_coefficient: f32,
+    /// JumpReLU: the L0 the penalty aims at, c·(L0/target − 1)² (default 20,
+    /// dictionary_learning's `target_l0`).
+    pub target_l0: f32,
     /// TopK/BatchTopK: weight α of the AuxK loss (default 1/32, Gao et al. 2024 A.2).
     pub auxk_alpha: f32,
     /// TopK/BatchTopK: a latent is dead after this many tokens without firing (default 10M).
@@ -154,11 +172,14 @@ impl Default for TrainConfig {
             lr: None,
             warmup_steps: 1000,
             decay_start: None,
-            adam_beta1: 0.9,
+            adam_beta1: None,
             adam_beta2: 0.999,
             adam_eps: 1e-8,
             l1_coefficient: 5.0,
             sparsity_warmup_steps: 2000,
+            jumprelu_bandwidth: 0.001,
+            l0_coefficient: 1.0,
+            target_l0: 20.0,
             auxk_alpha: 1.0 / 32.0,
             dead_tokens: 10_000_000,
             threshold_start_step: 1000,
@@ -184,7 +205,7 @@ impl TrainConfig {
             }
         }
         for (name, value) in [
-            ("adam_beta1", self.adam_beta1),
+            ("adam_beta1", self.adam_beta1(sae)),
             ("adam_beta2", self.adam_beta2),
             ("threshold_beta", self.threshold_beta),
         ] {
@@ -210,7 +231,17 @@ impl TrainConfig {
                 total_steps: self.total_steps,
             });
         }
-        let relu = matches!(sae.arch, Architecture::Relu { .. });
+        if !(self.jumprelu_bandwidth.is_finite() && self.jumprelu_bandwidth > 0.0) {
+            return Err(E::Bandwidth(self.jumprelu_bandwidth));
+        }
+        if !(self.l0_coefficient.is_finite() && self.l0_coefficient >= 0.0) {
+            return Err(E::L0Coefficient(self.l0_coefficient));
+        }
+        if !(self.target_l0.is_finite() && self.target_l0 > 0.0) {
+            return Err(E::TargetL0(self.target_l0));
+        }
+        // The architectures whose penalty warms up.
+        let relu = matches!(sae.arch, Architecture::Relu { .. } | Architecture::JumpRelu);
         if relu && self.sparsity_warmup_steps >= self.total_steps {
             return Err(E::SparsityWarmupNotBeforeEnd {
                 sparsity_warmup_steps: self.sparsity_warmup_steps,
@@ -297,6 +328,15 @@ pub enum ConfigError {
     /// λ negative or not finite.
     #[error("l1_coefficient must be a finite number >= 0, got {0}")]
     L1Coefficient(f32),
+    /// JumpReLU's bandwidth ε not a finite positive number.
+    #[error("jumprelu_bandwidth must be a finite number > 0, got {0}")]
+    Bandwidth(f32),
+    /// JumpReLU's L0 coefficient negative or not finite.
+    #[error("l0_coefficient must be a finite number >= 0, got {0}")]
+    L0Coefficient(f32),
+    /// JumpReLU's target L0 not a finite positive number.
+    #[error("target_l0 must be a finite number > 0, got {0}")]
+    TargetL0(f32),
     /// α negative or not finite.
     #[error("auxk_alpha must be a finite number >= 0, got {0}")]
     AuxkAlpha(f32),
@@ -408,7 +448,12 @@ mod tests {
 
     #[test]
     fn defaults_are_valid_for_every_architecture() {
-        for arch in [Architecture::RELU, TOPK, Architecture::BatchTopK { k: 4 }] {
+        for arch in [
+            Architecture::RELU,
+            TOPK,
+            Architecture::BatchTopK { k: 4 },
+            Architecture::JumpRelu,
+        ] {
             assert_eq!(check(sae(arch), |_| {}), Ok(()));
         }
     }
@@ -479,7 +524,7 @@ mod tests {
     fn betas_must_lie_in_unit_interval() {
         for bad in [-0.1, 1.0, 1.5, f64::NAN] {
             assert!(matches!(
-                check(sae(TOPK), |c| c.adam_beta1 = bad),
+                check(sae(TOPK), |c| c.adam_beta1 = Some(bad)),
                 Err(ConfigError::Beta {
                     name: "adam_beta1",
                     ..
@@ -520,6 +565,24 @@ mod tests {
             check(sae(TOPK), |c| c.auxk_alpha = -0.5),
             Err(ConfigError::AuxkAlpha(_))
         ));
+        let jump = sae(Architecture::JumpRelu);
+        for bad in [0.0, -1e-3, f32::NAN, f32::INFINITY] {
+            assert_eq!(
+                check(jump, |c| c.jumprelu_bandwidth = bad).map_err(|e| e.to_string()),
+                Err(ConfigError::Bandwidth(bad).to_string())
+            );
+            assert_eq!(
+                check(jump, |c| c.target_l0 = bad).map_err(|e| e.to_string()),
+                Err(ConfigError::TargetL0(bad).to_string())
+            );
+        }
+        for bad in [-1.0, f32::NAN] {
+            assert!(matches!(
+                check(jump, |c| c.l0_coefficient = bad),
+                Err(ConfigError::L0Coefficient(_))
+            ));
+        }
+        assert_eq!(check(jump, |c| c.l0_coefficient = 0.0), Ok(()));
         assert_eq!(
             check(sae(TOPK), |c| c.dead_tokens = 0),
             Err(ConfigError::ZeroDeadTokens)
@@ -564,6 +627,27 @@ mod tests {
             }),
             Err(ConfigError::SparsityWarmupNotBeforeEnd { .. })
         ));
+        // JumpReLU's L0 penalty warms up too.
+        assert!(matches!(
+            check(sae(Architecture::JumpRelu), |c| c.total_steps = 1500),
+            Err(ConfigError::SparsityWarmupNotBeforeEnd { .. })
+        ));
+    }
+
+    #[test]
+    fn jumprelu_defaults_are_the_reference_trainers() {
+        let (t, jump) = (TrainConfig::default(), sae(Architecture::JumpRelu));
+        assert_eq!(t.adam_beta1(&jump), 0.0);
+        assert_eq!(t.adam_beta1(&sae(TOPK)), 0.9);
+        assert_eq!(t.learning_rate(&jump), 7e-5);
+        let set = TrainConfig {
+            adam_beta1: Some(0.5),
+            ..t
+        };
+        assert_eq!(set.adam_beta1(&jump), 0.5);
+        let json = serde_json::to_string(&jump).unwrap();
+        assert!(json.contains("\"arch\":\"jumprelu\""), "{json}");
+        assert_eq!(serde_json::from_str::<SaeConfig>(&json).unwrap(), jump);
     }
 
     #[test]

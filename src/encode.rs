@@ -27,7 +27,15 @@ impl Sae {
         match (Selection::of(self.config.arch), self.threshold) {
             (Selection::BatchTopK(_), Some(theta)) => selector.threshold(pre, theta, &mut codes),
             (selection, _) => {
-                select_into(&mut selector, selection, pre, &SingleProcess, &mut codes)
+                let threshold_f = self.threshold_f.as_slice().expect("contiguous");
+                select_into(
+                    &mut selector,
+                    selection,
+                    pre,
+                    threshold_f,
+                    &SingleProcess,
+                    &mut codes,
+                )
             }
         }
         Ok(codes)
@@ -42,6 +50,9 @@ impl Sae {
                 sae: self,
                 gpu: None,
             }),
+            Device::Cuda(_) if !self.config.arch.runs_on_gpu() => {
+                Err(self.config.arch.not_on_gpu(device.to_string()))
+            }
             Device::Cuda(gpu) => Ok(Encoder {
                 sae: self,
                 gpu: Some(Box::new(DeviceEncoder::new(

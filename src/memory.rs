@@ -121,6 +121,8 @@ impl Estimate {
             Architecture::TopK { k } | Architecture::BatchTopK { k } => {
                 (mul(&[b, u(k)]), 0, mul(&[b, (d / 2).min(f)]))
             }
+            // JumpReLU starts with θ_j = 0.001, where about half the pre-activations pass.
+            Architecture::JumpRelu => (mul(&[b, f]) / 2, 0, 0),
         };
         let codes =
             mul(&[24, nnz.saturating_add(aux_nnz)]).saturating_add(mul(&[32, b.saturating_add(f)]));

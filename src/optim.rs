@@ -9,6 +9,7 @@ use ndarray::{s, Array1, Array2, ArrayView1, ArrayViewMut1, Zip};
 use crate::arch::DecoderConstraint;
 use crate::backend::simd::dispatch;
 use crate::backend::sparse::dot;
+use crate::config::SaeConfig;
 
 /// The reference's learning-rate factor at 0-based `step` (dictionary_learning
 /// `get_lr_schedule`): linear warm-up from 0, constant, then linear decay to 0 at
@@ -34,7 +35,7 @@ pub fn sparsity_scale(step: u64, warmup_steps: u64) -> f32 {
     }
 }
 
-/// Four arrays shaped like an SAE's parameters: used for gradients and Adam's moments.
+/// Arrays shaped like an SAE's parameters: used for gradients and Adam's moments.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamTensors {
     /// Shaped like W_enc, F×D.
@@ -45,26 +46,42 @@ pub struct ParamTensors {
     pub w_dec_fd: Array2<f32>,
     /// Shaped like b_dec, D.
     pub b_dec_d: Array1<f32>,
+    /// Shaped like JumpReLU's thresholds θ_j: F values, or none for the other architectures.
+    pub threshold_f: Array1<f32>,
 }
 
 impl ParamTensors {
-    /// Multiplies all four arrays by `s`.
+    /// Multiplies every array by `s`.
     pub fn scale(&mut self, s: f32) {
         for a in [&mut self.w_enc_fd, &mut self.w_dec_fd] {
             a.mapv_inplace(|v| v * s);
         }
-        for a in [&mut self.b_enc_f, &mut self.b_dec_d] {
+        for a in [&mut self.b_enc_f, &mut self.b_dec_d, &mut self.threshold_f] {
             a.mapv_inplace(|v| v * s);
         }
     }
 
-    /// All zeros, for an SAE with `f` latents of width `d`.
+    /// All zeros, for an SAE with `f` latents of width `d` and no per-latent thresholds.
     pub fn zeros(f: usize, d: usize) -> Self {
         ParamTensors {
             w_enc_fd: crate::backend::zeros_huge(f, d),
             b_enc_f: Array1::zeros(f),
             w_dec_fd: crate::backend::zeros_huge(f, d),
             b_dec_d: Array1::zeros(d),
+            threshold_f: Array1::zeros(0),
+        }
+    }
+
+    /// All zeros, shaped like the parameters of an SAE of `config` (with θ_j for JumpReLU).
+    pub fn zeros_for(config: &SaeConfig) -> Self {
+        let (f, d) = (config.dict_size, config.d_model);
+        ParamTensors {
+            threshold_f: Array1::zeros(if config.arch.has_latent_thresholds() {
+                f
+            } else {
+                0
+            }),
+            ..ParamTensors::zeros(f, d)
         }
     }
 }
@@ -81,11 +98,19 @@ pub struct Grads {
 }
 
 impl Grads {
-    /// Zero gradients for `f` latents of width `d`.
+    /// Zero gradients for `f` latents of width `d` (no per-latent thresholds).
     pub fn zeros(f: usize, d: usize) -> Self {
         Grads {
             tensors: ParamTensors::zeros(f, d),
             active_f: vec![false; f],
+        }
+    }
+
+    /// Zero gradients for the parameters of an SAE of `config`.
+    pub fn zeros_for(config: &SaeConfig) -> Self {
+        Grads {
+            tensors: ParamTensors::zeros_for(config),
+            active_f: vec![false; config.dict_size],
         }
     }
 
@@ -122,11 +147,12 @@ impl Grads {
         self.global_norm(row_sq.as_slice().expect("contiguous"))
     }
 
-    /// ‖g‖₂ from the latent rows' squared norms (as [`RowPrep::apply`] returns them) and the
-    /// biases, summed in f64 in a fixed order.
+    /// ‖g‖₂ from the latent rows' squared norms (as [`RowPrep::apply`] returns them), the
+    /// biases and the thresholds, summed in f64 in a fixed order.
     pub fn global_norm(&self, row_sq_f: &[f64]) -> f64 {
         let biases = sq(self.tensors.b_enc_f.as_slice().unwrap())
-            + sq(self.tensors.b_dec_d.as_slice().unwrap());
+            + sq(self.tensors.b_dec_d.as_slice().unwrap())
+            + sq(self.tensors.threshold_f.as_slice().unwrap());
         (row_sq_f.iter().sum::<f64>() + biases).sqrt()
     }
 }
@@ -186,7 +212,7 @@ impl RowPrep {
     }
 }
 
-/// An SAE's four parameters, borrowed for an update (see [`crate::Sae::params_mut`]).
+/// An SAE's parameters, borrowed for an update (see [`crate::Sae::params_mut`]).
 pub struct ParamsMut<'a> {
     /// W_enc, F×D.
     pub w_enc_fd: &'a mut Array2<f32>,
@@ -196,6 +222,8 @@ pub struct ParamsMut<'a> {
     pub w_dec_fd: &'a mut Array2<f32>,
     /// b_dec, D.
     pub b_dec_d: &'a mut Array1<f32>,
+    /// JumpReLU's θ_j, F (empty for the other architectures).
+    pub threshold_f: &'a mut Array1<f32>,
 }
 
 /// Adam's hyperparameters (torch defaults: β = (0.9, 0.999), ε = 1e-8).
@@ -311,12 +339,12 @@ impl Adam {
         }
     }
 
-    /// Zero moments for an SAE with `f` latents of width `d`.
-    pub fn new(config: AdamConfig, f: usize, d: usize) -> Self {
+    /// Zero moments for the parameters of an SAE of `sae`.
+    pub fn new(config: AdamConfig, sae: &SaeConfig) -> Self {
         Adam {
             config,
-            m: ParamTensors::zeros(f, d),
-            v: ParamTensors::zeros(f, d),
+            m: ParamTensors::zeros_for(sae),
+            v: ParamTensors::zeros_for(sae),
             t: 0,
         }
     }
@@ -337,7 +365,7 @@ impl Adam {
         self.step_latents(params, grads, lr, grad_scale, decoder, all);
     }
 
-    /// [`Adam::step`] on the rows of the latents in `latents` and on b_dec only: the share of
+    /// [`Adam::step`] on the rows (and θ_j) of the latents in `latents` and on b_dec only: the share of
     /// one process of a distributed run, which owns those latents' moments. Every other
     /// parameter and moment is left as it is.
     pub fn step_latents(
@@ -393,6 +421,14 @@ impl Adam {
             self.v.b_dec_d.view_mut(),
             g.b_dec_d.view(),
         );
+        if !params.threshold_f.is_empty() {
+            s.update_vec(
+                params.threshold_f.slice_mut(latents),
+                self.m.threshold_f.slice_mut(latents),
+                self.v.threshold_f.slice_mut(latents),
+                g.threshold_f.slice(latents),
+            );
+        }
     }
 }
 

@@ -25,6 +25,23 @@ pub struct Sae {
     pub(crate) b_dec_d: Array1<f32>,
     /// BatchTopK's inference threshold θ; `None` until training sets it.
     pub(crate) threshold: Option<f32>,
+    /// JumpReLU's thresholds θ_j, F values (a parameter trained with the others); empty for
+    /// every other architecture.
+    pub(crate) threshold_f: Array1<f32>,
+}
+
+/// JumpReLU's initial θ_j (Rajamanoharan et al. 2024, appendix I; dictionary_learning's
+/// `JumpReluAutoEncoder`).
+pub const JUMPRELU_INITIAL_THRESHOLD: f32 = 0.001;
+
+/// The thresholds an SAE of `config` starts with: [`JUMPRELU_INITIAL_THRESHOLD`] per latent for
+/// JumpReLU, none otherwise.
+fn initial_thresholds(config: &SaeConfig) -> Array1<f32> {
+    if config.arch.has_latent_thresholds() {
+        Array1::from_elem(config.dict_size, JUMPRELU_INITIAL_THRESHOLD)
+    } else {
+        Array1::zeros(0)
+    }
 }
 
 impl Sae {
@@ -48,10 +65,12 @@ impl Sae {
             w_dec_fd,
             b_dec_d: Array1::zeros(d),
             threshold: None,
+            threshold_f: initial_thresholds(&config),
         })
     }
 
-    /// An SAE from given parameters (shapes checked against `config`).
+    /// An SAE from given parameters (shapes checked against `config`); a JumpReLU SAE starts
+    /// with its initial thresholds (see [`Sae::set_latent_thresholds`]).
     pub fn from_parts(
         config: SaeConfig,
         w_enc_fd: Array2<f32>,
@@ -73,20 +92,37 @@ impl Sae {
             w_dec_fd: w_dec_fd.as_standard_layout().into_owned(),
             b_dec_d,
             threshold: None,
+            threshold_f: initial_thresholds(&config),
         })
+    }
+
+    /// Sets JumpReLU's thresholds θ_j (F finite values). Fails with [`Error::Shape`] for a
+    /// length other than F, or for an SAE of another architecture (none), and with
+    /// [`Error::NonFinite`] when one is NaN or ±Inf.
+    pub fn set_latent_thresholds(&mut self, threshold_f: Array1<f32>) -> Result<()> {
+        check_shape("threshold_f", threshold_f.shape(), self.threshold_f.shape())?;
+        if let Some(j) = threshold_f.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                what: "threshold_f, latent".into(),
+                row: j,
+            });
+        }
+        self.threshold_f = threshold_f;
+        Ok(())
     }
 
     /// Shape and architecture.
     pub fn config(&self) -> &SaeConfig {
         &self.config
     }
-    /// The four parameters, borrowed mutably for an optimiser's update.
+    /// The parameters, borrowed mutably for an optimiser's update.
     pub fn params_mut(&mut self) -> crate::optim::ParamsMut<'_> {
         crate::optim::ParamsMut {
             w_enc_fd: &mut self.w_enc_fd,
             b_enc_f: &mut self.b_enc_f,
             w_dec_fd: &mut self.w_dec_fd,
             b_dec_d: &mut self.b_dec_d,
+            threshold_f: &mut self.threshold_f,
         }
     }
 
@@ -109,6 +145,10 @@ impl Sae {
     /// BatchTopK's learned inference threshold θ, if training has set it.
     pub fn threshold(&self) -> Option<f32> {
         self.threshold
+    }
+    /// JumpReLU's thresholds θ_j, F values; empty for the other architectures.
+    pub fn latent_thresholds(&self) -> ArrayView1<'_, f32> {
+        self.threshold_f.view()
     }
 
     /// Checks that `x_bd` is a non-empty, finite batch of D-wide rows.
@@ -137,7 +177,8 @@ impl Sae {
         Ok(())
     }
 
-    /// The encoder up to the sparsifier: `xc_bd ← x − b_dec` and `gemm_bf ← xc·W_encᵀ`; with
+    /// The encoder up to the sparsifier: `xc_bd ← x − b_dec` (x itself for an architecture that
+    /// does not centre its input) and `gemm_bf ← xc·W_encᵀ`; with
     /// b_enc ([`Sae::pre_acts`]) that makes the pre-activations. Bias and ReLU are left to the
     /// selection, which reads each entry once anyway. Outputs are resized only if the batch
     /// size changed.
@@ -151,13 +192,18 @@ impl Sae {
         let b = x_bd.nrows();
         resize(xc_bd, (b, self.config.d_model));
         resize(gemm_bf, (b, self.config.dict_size));
+        let centre = self.config.arch.centres_input();
         Zip::from(xc_bd.rows_mut())
             .and(x_bd.rows())
             .par_for_each(|mut xc, x| {
-                Zip::from(&mut xc)
-                    .and(&x)
-                    .and(&self.b_dec_d)
-                    .for_each(|c, &x, &bd| *c = x - bd)
+                if centre {
+                    Zip::from(&mut xc)
+                        .and(&x)
+                        .and(&self.b_dec_d)
+                        .for_each(|c, &x, &bd| *c = x - bd)
+                } else {
+                    xc.assign(&x)
+                }
             });
         backend.gemm(
             1.0,
@@ -174,7 +220,8 @@ impl Sae {
             .expect("encoder output matches the SAE")
     }
 
-    /// Pre-activations (x − b_dec)·W_encᵀ + b_enc, before ReLU, as a dense B×F matrix.
+    /// Pre-activations (x − b_dec)·W_encᵀ + b_enc (JumpReLU: x·W_encᵀ + b_enc), before ReLU,
+    /// as a dense B×F matrix.
     pub fn pre_activations(
         &self,
         backend: &dyn Backend,
@@ -188,7 +235,7 @@ impl Sae {
 
     /// Folds an input scale into the parameters: an SAE trained on c·x becomes one that takes
     /// raw x, as dictionary_learning's `scale_biases` after `normalize_activations`. b_enc,
-    /// b_dec and θ are divided by c, so the codes of raw x are the trained codes of c·x divided
+    /// b_dec and θ (BatchTopK's, or JumpReLU's θ_j) are divided by c, so the codes of raw x are the trained codes of c·x divided
     /// by c, and so is the reconstruction.
     ///
     /// A ReLU SAE's decoder rows are also made unit-norm, each norm moved into its encoder row
@@ -202,6 +249,7 @@ impl Sae {
         self.b_enc_f /= c;
         self.b_dec_d /= c;
         self.threshold = self.threshold.map(|theta| theta / c);
+        self.threshold_f /= c;
         if self.config.arch.folds_decoder_norms() {
             Zip::from(self.w_dec_fd.rows_mut())
                 .and(self.w_enc_fd.rows_mut())

@@ -330,6 +330,58 @@ impl Selector {
         });
     }
 
+    /// Entries above their latent's threshold, `post_j > threshold_f[j]` (JumpReLU; ReLU implied,
+    /// so a negative θ_j keeps only positive entries).
+    pub fn jump(&mut self, pre: PreActs<'_>, threshold_f: &[f32], out: &mut Codes) {
+        let threshold_f = &threshold_f[..pre.n_latents()];
+        self.build(pre.n_rows(), pre.n_latents(), out, |b, buf| {
+            for (j, ((&g, &bias), &t)) in pre
+                .row(b)
+                .iter()
+                .zip(pre.bias_f)
+                .zip(threshold_f)
+                .enumerate()
+            {
+                let v = g + bias;
+                if v > t && v > 0.0 {
+                    buf.indices.push(j as u32);
+                    buf.values.push(v);
+                }
+            }
+        });
+    }
+
+    /// The entries within the rectangle kernel of width `bandwidth` around their latent's
+    /// threshold, |pre − θ_j|/ε < ½, that [`Selector::jump`] does not select (those at or just
+    /// below θ_j), with their pre-activations. The thresholds' pseudo-gradient lives here and on the
+    /// selected entries within ½ε above θ_j.
+    pub fn below_threshold(
+        &mut self,
+        pre: PreActs<'_>,
+        threshold_f: &[f32],
+        bandwidth: f32,
+        out: &mut Codes,
+    ) {
+        let threshold_f = &threshold_f[..pre.n_latents()];
+        self.build(pre.n_rows(), pre.n_latents(), out, |b, buf| {
+            for (j, ((&g, &bias), &t)) in pre
+                .row(b)
+                .iter()
+                .zip(pre.bias_f)
+                .zip(threshold_f)
+                .enumerate()
+            {
+                let v = g + bias;
+                // The comparisons torch's RectangleFunction makes, in the same f32 arithmetic.
+                let x = (v - t) / bandwidth;
+                if x > -0.5 && x < 0.5 && !(v > t && v > 0.0) {
+                    buf.indices.push(j as u32);
+                    buf.values.push(v);
+                }
+            }
+        });
+    }
+
     /// The `k` largest positive entries of each row (TopK). Rows with fewer than `k` positive
     /// entries keep all of them: a zero code is no code.
     pub fn topk(&mut self, pre: PreActs<'_>, k: usize, out: &mut Codes) {
@@ -558,16 +610,19 @@ fn find_rank(hist: &[u64], rank: u64) -> Option<(u32, u64)> {
     None
 }
 
-/// Applies a training-time [`Selection`] rule to the pre-activations (ReLU implied).
+/// Applies a training-time [`Selection`] rule to the pre-activations (ReLU implied), with
+/// JumpReLU's thresholds `threshold_f` (empty for the other architectures).
 pub(crate) fn select_into(
     selector: &mut Selector,
     selection: Selection,
     pre: PreActs<'_>,
+    threshold_f: &[f32],
     collective: &dyn Collective,
     codes: &mut Codes,
 ) {
     match selection {
         Selection::Relu => selector.relu(pre, codes),
+        Selection::JumpRelu => selector.jump(pre, threshold_f, codes),
         Selection::TopK(k) => selector.topk(pre, k, codes),
         Selection::BatchTopK(k) => {
             let mut rows = [pre.n_rows() as u64];
@@ -742,6 +797,26 @@ mod tests {
             codes.to_dense(),
             array![[0.0f32, 0.0, 0.0, 0.5], [0.7, 0.0, 0.0, 0.0]]
         );
+    }
+
+    #[test]
+    fn jump_keeps_entries_above_each_latents_threshold_and_lists_those_just_below() {
+        let pre = array![[0.5f32, 0.2, -0.1, 0.31], [0.0, 0.25, 0.3, 0.29]];
+        let theta = [0.4f32, 0.2, -0.5, 0.3];
+        let mut sel = Selector::default();
+        let mut codes = Codes::default();
+        sel.jump(unbiased(&pre), &theta, &mut codes);
+        // 0.2 is not above 0.2; -0.1 is above its θ but not positive.
+        assert_eq!(
+            codes.to_dense(),
+            array![[0.5f32, 0.0, 0.0, 0.31], [0.0, 0.25, 0.3, 0.0]]
+        );
+        let mut near = Codes::default();
+        sel.below_threshold(unbiased(&pre), &theta, 0.1, &mut near);
+        // Unselected and within ½ε = 0.05 of θ_j: (0, 1) at θ and (1, 3) 0.01 below. (0, 2) is
+        // unselected but 0.4 above its θ, outside the kernel.
+        assert_eq!(near.row(0), (&[1u32][..], &[0.2f32][..]));
+        assert_eq!(near.row(1), (&[3u32][..], &[0.29f32][..]));
     }
 
     #[test]

@@ -61,11 +61,18 @@ impl Case {
     }
 
     fn params(&self, prefix: &str) -> ParamTensors {
+        // JumpReLU's thresholds are a fifth parameter.
+        let jump = self.arch() == Architecture::JumpRelu;
         ParamTensors {
             w_enc_fd: self.matrix(&format!("{prefix}w_enc")),
             b_enc_f: self.vector(&format!("{prefix}b_enc")),
             w_dec_fd: self.matrix(&format!("{prefix}w_dec")),
             b_dec_d: self.vector(&format!("{prefix}b_dec")),
+            threshold_f: if jump {
+                self.vector(&format!("{prefix}threshold"))
+            } else {
+                Array1::zeros(0)
+            },
         }
     }
 
@@ -91,6 +98,7 @@ impl Case {
             },
             "topk" => Architecture::TopK { k: self.usize("k") },
             "batchtopk" => Architecture::BatchTopK { k: self.usize("k") },
+            "jumprelu" => Architecture::JumpRelu,
             other => panic!("unknown arch {other}"),
         }
     }
@@ -110,6 +118,9 @@ impl Case {
             threshold_beta: self.config["threshold_beta"]
                 .as_f64()
                 .unwrap_or(defaults.threshold_beta),
+            jumprelu_bandwidth: self.f32_or("bandwidth", defaults.jumprelu_bandwidth),
+            l0_coefficient: self.f32_or("l0_coefficient", defaults.l0_coefficient),
+            target_l0: self.f32_or("target_l0", defaults.target_l0),
             ..defaults
         };
         let sae_config = SaeConfig {
@@ -118,7 +129,7 @@ impl Case {
             arch: self.arch(),
         };
         let init = self.params("init_");
-        let sae = Sae::from_parts(
+        let mut sae = Sae::from_parts(
             sae_config,
             init.w_enc_fd,
             init.b_enc_f,
@@ -126,6 +137,9 @@ impl Case {
             init.b_dec_d,
         )
         .unwrap();
+        if sae_config.arch == Architecture::JumpRelu {
+            sae.set_latent_thresholds(init.threshold_f).unwrap();
+        }
         common::on_test_device(Trainer::new(sae, config).unwrap())
     }
 
@@ -138,7 +152,10 @@ impl Case {
     }
 
     fn is_topk_family(&self) -> bool {
-        !matches!(self.arch(), Architecture::Relu { .. })
+        matches!(
+            self.arch(),
+            Architecture::TopK { .. } | Architecture::BatchTopK { .. }
+        )
     }
 }
 
@@ -167,6 +184,19 @@ fn assert_params(what: &str, ours: &ParamTensors, reference: &ParamTensors, tol:
         &reference.b_dec_d,
         tol,
     );
+    assert_eq!(
+        ours.threshold_f.len(),
+        reference.threshold_f.len(),
+        "{what} θ"
+    );
+    if !reference.threshold_f.is_empty() {
+        assert_close(
+            &format!("{what} θ"),
+            &ours.threshold_f,
+            &reference.threshold_f,
+            tol,
+        );
+    }
 }
 
 fn sae_params(sae: &Sae) -> ParamTensors {
@@ -175,6 +205,7 @@ fn sae_params(sae: &Sae) -> ParamTensors {
         b_enc_f: sae.b_enc_f().to_owned(),
         w_dec_fd: sae.w_dec_fd().to_owned(),
         b_dec_d: sae.b_dec_d().to_owned(),
+        threshold_f: sae.latent_thresholds().to_owned(),
     }
 }
 
@@ -210,10 +241,12 @@ fn one_step(name: &str) {
             "dead latents"
         );
         assert_scalar("AuxK", stats.aux, case.scalar("loss_aux"), one_step);
+    } else if case.arch() == Architecture::JumpRelu {
+        assert_scalar("L0", stats.l0, case.scalar("l0"), one_step);
     } else {
         assert_scalar("L1 term", stats.aux, case.scalar("loss_l1"), one_step);
     }
-    let at_step = Sae::from_parts(
+    let mut at_step = Sae::from_parts(
         *trainer.sae().config(),
         cap.params.w_enc_fd.clone(),
         cap.params.b_enc_f.clone(),
@@ -221,6 +254,11 @@ fn one_step(name: &str) {
         cap.params.b_dec_d.clone(),
     )
     .unwrap();
+    if case.arch() == Architecture::JumpRelu {
+        at_step
+            .set_latent_thresholds(cap.params.threshold_f.clone())
+            .unwrap();
+    }
     let pre = at_step.pre_activations(&Cpu, x.view()).unwrap();
     assert_close("pre-activations", &pre, &case.matrix("pre"), one_step);
     assert_close("codes", &cap.codes_bf, &case.matrix("codes"), one_step);
@@ -375,4 +413,24 @@ fn topk_25_steps() {
 #[test]
 fn batchtopk_25_steps() {
     many_steps("batchtopk_run25");
+}
+
+#[test]
+fn jumprelu_one_step() {
+    one_step("jumprelu_step1");
+}
+
+#[test]
+fn jumprelu_25_steps() {
+    let case = Case::open("jumprelu_run25");
+    many_steps("jumprelu_run25");
+    // The run moves every kind of θ: the fixture is only worth something if it does.
+    let (init, last) = (
+        case.vector("init_threshold"),
+        case.vector("final_threshold"),
+    );
+    assert!(
+        init.iter().zip(&last).filter(|(a, b)| a != b).count() > 100,
+        "θ barely moved"
+    );
 }

@@ -18,6 +18,8 @@ struct Params64 {
     b_enc: Array1<f64>,
     w_dec: Array2<f64>,
     b_dec: Array1<f64>,
+    /// JumpReLU's θ (empty otherwise).
+    theta: Array1<f64>,
 }
 
 impl Params64 {
@@ -27,6 +29,7 @@ impl Params64 {
             b_enc: p.b_enc_f.mapv(f64::from),
             w_dec: p.w_dec_fd.mapv(f64::from),
             b_dec: p.b_dec_d.mapv(f64::from),
+            theta: p.threshold_f.mapv(f64::from),
         }
     }
 
@@ -35,19 +38,43 @@ impl Params64 {
             0 => self.w_enc.as_slice_mut().unwrap(),
             1 => self.b_enc.as_slice_mut().unwrap(),
             2 => self.w_dec.as_slice_mut().unwrap(),
-            _ => self.b_dec.as_slice_mut().unwrap(),
+            3 => self.b_dec.as_slice_mut().unwrap(),
+            _ => self.theta.as_slice_mut().unwrap(),
         }
     }
 }
 
 #[derive(Clone, Copy)]
 enum Penalty {
-    AuxK { alpha: f64 },
-    L1 { coef: f64, weighted: bool },
+    AuxK {
+        alpha: f64,
+    },
+    L1 {
+        coef: f64,
+        weighted: bool,
+    },
+    /// JumpReLU: c·(L0/target − 1)², θ trained by the straight-through estimator of width ε.
+    L0 {
+        coef: f64,
+        target: f64,
+        eps: f64,
+    },
+}
+
+/// The rectangle kernel: 1 on (−½, ½).
+fn rect(u: f64) -> f64 {
+    if u > -0.5 && u < 0.5 {
+        1.0
+    } else {
+        0.0
+    }
 }
 
 /// The loss with the codes restricted to `mask` (and AuxK's codes to `aux_mask`), and AuxK's
-/// residual `e0` held constant, as the reference detaches it.
+/// residual `e0` held constant, as the reference detaches it. For JumpReLU, `base` is the
+/// step's (pre, θ): the kernel terms are frozen there, so that the derivative in θ at the base
+/// point is the straight-through estimator's −(θ/ε)·rect((pre − θ)/ε) per code and
+/// −(1/ε)·rect((f − θ)/ε) per step function.
 fn loss64(
     p: &Params64,
     x: &Array2<f64>,
@@ -55,8 +82,14 @@ fn loss64(
     aux_mask: &Array2<bool>,
     e0: &Array2<f64>,
     penalty: Penalty,
+    base: Option<(&Array2<f64>, &Array1<f64>)>,
 ) -> f64 {
-    let pre = (x - &p.b_dec).dot(&p.w_enc.t()) + &p.b_enc;
+    let centred = if let Penalty::L0 { .. } = penalty {
+        x.clone()
+    } else {
+        x - &p.b_dec
+    };
+    let pre = centred.dot(&p.w_enc.t()) + &p.b_enc;
     let keep = |m: &Array2<bool>| {
         let mut f = pre.clone();
         Zip::from(&mut f).and(m).for_each(|v, &k| {
@@ -66,7 +99,16 @@ fn loss64(
         });
         f
     };
-    let f = keep(mask);
+    let mut f = keep(mask);
+    let mut l0 = mask.iter().filter(|&&m| m).count() as f64;
+    if let (Penalty::L0 { eps, .. }, Some((pre0, theta0))) = (penalty, base) {
+        for ((b, j), v) in f.indexed_iter_mut() {
+            let (t, t0) = (p.theta[j], theta0[j]);
+            *v += -(t * t - t0 * t0) / (2.0 * eps) * rect((pre0[[b, j]] - t0) / eps);
+            let f0 = if mask[[b, j]] { pre0[[b, j]] } else { 0.0 };
+            l0 += -(t - t0) / eps * rect((f0 - t0) / eps);
+        }
+    }
     let x_hat = f.dot(&p.w_dec) + &p.b_dec;
     let n = x.nrows() as f64;
     let mse = (x - &x_hat).mapv(|v| v * v).sum() / n;
@@ -87,12 +129,18 @@ fn loss64(
                 .collect();
             mse + coef * (f.dot(&norms)).sum() / n
         }
+        Penalty::L0 { coef, target, .. } => mse + coef * (l0 / n / target - 1.0).powi(2),
     }
 }
 
 /// Runs one step with capture on, then compares each raw gradient with central differences.
 fn check(arch: Architecture, config: TrainConfig, penalty: Penalty, dense_threshold: Option<f32>) {
-    let sae = random_sae(arch, D, F, 3);
+    let mut sae = random_sae(arch, D, F, 3);
+    if arch == Architecture::JumpRelu {
+        // Thresholds on both sides of ε/2, so the unselected entries' L0 term shows too.
+        let theta = Array1::from_shape_fn(F, |j| 0.05 + 0.3 * (j as f32 * 0.37).fract());
+        sae.set_latent_thresholds(theta).unwrap();
+    }
     let x = synthetic_batch(B, D, 4);
     let mut trainer = common::on_test_device(Trainer::new(sae, config).unwrap());
     if let Some(t) = dense_threshold {
@@ -113,14 +161,19 @@ fn check(arch: Architecture, config: TrainConfig, penalty: Penalty, dense_thresh
         );
     }
     let e0 = &x64 - &(cap.codes_bf.mapv(f64::from).dot(&base.w_dec) + &base.b_dec);
+    let pre0 = x64.dot(&base.w_enc.t()) + &base.b_enc;
+    let jump_base = matches!(penalty, Penalty::L0 { .. }).then_some((&pre0, &base.theta));
 
-    let analytic = [
+    let mut analytic = vec![
         cap.raw_grads.w_enc_fd.as_slice().unwrap().to_vec(),
         cap.raw_grads.b_enc_f.to_vec(),
         cap.raw_grads.w_dec_fd.as_slice().unwrap().to_vec(),
         cap.raw_grads.b_dec_d.to_vec(),
     ];
-    let names = ["W_enc", "b_enc", "W_dec", "b_dec"];
+    if jump_base.is_some() {
+        analytic.push(cap.raw_grads.threshold_f.to_vec());
+    }
+    let names = ["W_enc", "b_enc", "W_dec", "b_dec", "θ"];
     let h = 1e-6;
     for (which, grad) in analytic.iter().enumerate() {
         let mut fd = vec![0.0f64; grad.len()];
@@ -129,8 +182,8 @@ fn check(arch: Architecture, config: TrainConfig, penalty: Penalty, dense_thresh
             plus.tensor_mut(which)[i] += h;
             let mut minus = base.clone();
             minus.tensor_mut(which)[i] -= h;
-            *fd_i = (loss64(&plus, &x64, &mask, &aux_mask, &e0, penalty)
-                - loss64(&minus, &x64, &mask, &aux_mask, &e0, penalty))
+            *fd_i = (loss64(&plus, &x64, &mask, &aux_mask, &e0, penalty, jump_base)
+                - loss64(&minus, &x64, &mask, &aux_mask, &e0, penalty, jump_base))
                 / (2.0 * h);
         }
         let scale = fd.iter().fold(0.0f64, |m, v| m.max(v.abs()));
@@ -215,4 +268,20 @@ fn relu_unit_decoder_gradients_match_finite_differences_sparse_and_dense() {
     };
     check(arch, config(), penalty, Some(2.0));
     check(arch, config(), penalty, Some(0.0));
+}
+
+#[test]
+fn jumprelu_gradients_match_the_straight_through_estimator() {
+    let cfg = TrainConfig {
+        jumprelu_bandwidth: 0.2,
+        target_l0: 4.0,
+        l0_coefficient: 0.5,
+        ..config()
+    };
+    let penalty = Penalty::L0 {
+        coef: 0.5,
+        target: 4.0,
+        eps: 0.2,
+    };
+    check(Architecture::JumpRelu, cfg, penalty, None);
 }

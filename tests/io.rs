@@ -23,10 +23,11 @@ use sparse_autoencoder::optim::ParamTensors;
 use sparse_autoencoder::train::TrainerState;
 use sparse_autoencoder::{Architecture, Error, Sae, SaeConfig, TrainConfig, Trainer};
 
-const ARCHS: [Architecture; 3] = [
+const ARCHS: [Architecture; 4] = [
     Architecture::RELU,
     Architecture::TopK { k: 4 },
     Architecture::BatchTopK { k: 4 },
+    Architecture::JumpRelu,
 ];
 
 /// Bit patterns, so that -0.0 ≠ 0.0 and NaN = NaN: "exact" means exact.
@@ -230,7 +231,7 @@ fn a_checkpoint_halfway_resumes_to_the_bits_of_the_uninterrupted_run() {
         // A wide dictionary with a small k, so some latents stay silent for several batches
         // and whether they count as dead depends on the counters carried over.
         let arch = match arch {
-            Architecture::Relu { .. } => arch,
+            Architecture::Relu { .. } | Architecture::JumpRelu => arch,
             Architecture::TopK { .. } => Architecture::TopK { k: 2 },
             Architecture::BatchTopK { .. } => Architecture::BatchTopK { k: 2 },
         };
@@ -266,7 +267,7 @@ fn a_checkpoint_halfway_resumes_to_the_bits_of_the_uninterrupted_run() {
         // The state that matters did move: TopK latents died (AuxK ran), BatchTopK learned θ,
         // and a resume that forgot Adam's moments ends elsewhere.
         let state = straight.state();
-        if !matches!(arch, Architecture::Relu { .. }) {
+        if arch.k().is_some() {
             assert!(
                 state.tokens_since_fired_f.iter().any(|&t| t >= 96),
                 "{arch:?}: no latent died, so AuxK never ran"
@@ -277,7 +278,8 @@ fn a_checkpoint_halfway_resumes_to_the_bits_of_the_uninterrupted_run() {
             matches!(arch, Architecture::BatchTopK { .. })
         );
         let mut forgetful_state = loaded.state;
-        forgetful_state.adam_m = ParamTensors::zeros(128, 8);
+        let shape = *forgetful_state.sae.config();
+        forgetful_state.adam_m = ParamTensors::zeros_for(&shape);
         let mut forgetful = Trainer::from_state(forgetful_state, recipe()).unwrap();
         run(&mut forgetful, 6..12);
         assert_ne!(bits(forgetful.sae().w_dec_fd()), bits(state.sae.w_dec_fd()));
@@ -602,10 +604,18 @@ fn exports_hold_the_tensors_and_config_the_python_libraries_read() {
     run(&mut trainer, 0..4);
     let batchtopk = trainer.into_sae();
     let theta = batchtopk.threshold().unwrap();
+    let mut trainer = Trainer::new(
+        Sae::new(sae_config(Architecture::JumpRelu, 8, 32), 0).unwrap(),
+        recipe(),
+    )
+    .unwrap();
+    run(&mut trainer, 0..4);
+    let jumprelu = trainer.into_sae();
     for sae in [
         random_sae(Architecture::RELU, 8, 32, 1),
         random_sae(Architecture::TopK { k: 4 }, 8, 32, 1),
         batchtopk,
+        jumprelu,
     ] {
         let arch = sae.config().arch;
         let out = dir.join(format!("{arch:?}-saelens"));
@@ -614,7 +624,7 @@ fn exports_hold_the_tensors_and_config_the_python_libraries_read() {
         let expected = match arch {
             Architecture::Relu { .. } => "standard",
             Architecture::TopK { .. } => "topk",
-            Architecture::BatchTopK { .. } => "jumprelu",
+            Architecture::BatchTopK { .. } | Architecture::JumpRelu => "jumprelu",
         };
         assert_eq!(cfg["architecture"], expected);
         assert_eq!(
@@ -622,7 +632,8 @@ fn exports_hold_the_tensors_and_config_the_python_libraries_read() {
             (Some(8), Some(32))
         );
         assert_eq!(cfg["dtype"], "float32");
-        assert_eq!(cfg["apply_b_dec_to_input"], true);
+        // JumpReLU encodes x itself.
+        assert_eq!(cfg["apply_b_dec_to_input"], arch != Architecture::JumpRelu);
         assert_eq!(cfg["normalize_activations"], "none");
         // Without a version >= 6 here SAELens reads the pre-6 layout and drops the metadata.
         assert!(cfg["metadata"]["sae_lens_version"]
@@ -649,16 +660,23 @@ fn exports_hold_the_tensors_and_config_the_python_libraries_read() {
         if expected == "jumprelu" {
             let (shape, threshold) = tensor(&weights, "threshold");
             assert_eq!(shape, [32]);
-            assert!(threshold.iter().all(|t| t.to_bits() == theta.to_bits()));
+            if arch == Architecture::JumpRelu {
+                assert_eq!(bits(&threshold), bits(sae.latent_thresholds()));
+                // Trained: the thresholds moved apart from their common start.
+                assert!(threshold.iter().any(|&t| t != threshold[0]));
+            } else {
+                assert!(threshold.iter().all(|t| t.to_bits() == theta.to_bits()));
+            }
             assert_eq!(names, 5);
         } else {
             assert_eq!(names, 4, "SAELens loads its state dict strictly");
         }
 
         let out = dir.join(format!("{arch:?}-sparsify"));
-        if matches!(arch, Architecture::Relu { .. }) {
+        if arch.k().is_none() {
             let err = export_sparsify(&sae, &out).unwrap_err();
             assert!(err.to_string().contains("--format saelens"), "{err}");
+            assert!(err.to_string().contains(arch.name().as_str()), "{err}");
             continue;
         }
         export_sparsify(&sae, &out).unwrap();

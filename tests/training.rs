@@ -55,10 +55,11 @@ fn all_finite(sae: &Sae) -> bool {
         .all(|v| v.is_finite())
 }
 
-const ARCHS: [Architecture; 3] = [
+const ARCHS: [Architecture; 4] = [
     Architecture::RELU,
     Architecture::TopK { k: 4 },
     Architecture::BatchTopK { k: 4 },
+    Architecture::JumpRelu,
 ];
 
 #[test]
@@ -268,7 +269,7 @@ fn all_zero_rows_d1_f1_and_single_rows_train_without_nan() {
         // D = 1 (AuxK's k_aux = D/2 = 0) and F = 1.
         for (d, f) in [(1, 8), (8, 1), (1, 1)] {
             let arch = match arch {
-                Architecture::Relu { .. } => arch,
+                Architecture::Relu { .. } | Architecture::JumpRelu => arch,
                 Architecture::TopK { .. } => Architecture::TopK { k: 1 },
                 Architecture::BatchTopK { .. } => Architecture::BatchTopK { k: 1 },
             };
@@ -285,7 +286,7 @@ fn all_zero_rows_d1_f1_and_single_rows_train_without_nan() {
         assert!(all_finite(trainer.sae()), "{arch:?}");
         // A single row has no variance to explain.
         assert!(stats.fve.is_nan(), "{arch:?}: fve {}", stats.fve);
-        if !matches!(arch, Architecture::Relu { .. }) {
+        if arch.k().is_some() {
             assert!(stats.dead_fraction > 0.0);
             assert_eq!(stats.aux, 0.0, "{stats:?}");
         }
@@ -414,12 +415,13 @@ fn processes_sharing_each_batch_train_what_one_process_trains() {
     let unit_decoder = Architecture::Relu {
         variant: ReluVariant::UnitDecoder,
     };
-    let cases: [(&str, Architecture, f32); 5] = [
+    let cases: [(&str, Architecture, f32); 6] = [
         ("relu dense", Architecture::RELU, 0.05),
         ("relu sparse", Architecture::RELU, 1.0),
         ("relu unit-norm", unit_decoder, 1.0),
         ("topk", Architecture::TopK { k: 4 }, 0.05),
         ("batchtopk", Architecture::BatchTopK { k: 4 }, 0.05),
+        ("jumprelu", Architecture::JumpRelu, 0.05),
     ];
     for (what, arch, dense_threshold) in cases {
         let config = TrainConfig {

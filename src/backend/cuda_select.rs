@@ -245,6 +245,9 @@ impl DeviceRule<'_> {
             Selection::Relu => DeviceRule::Threshold(0.0),
             Selection::TopK(k) => DeviceRule::TopK { k, among: None },
             Selection::BatchTopK(k) => DeviceRule::BatchTopK(k),
+            Selection::JumpRelu => {
+                unreachable!("JumpReLU SAEs are refused before a GPU step or encoder is made")
+            }
         }
     }
 }

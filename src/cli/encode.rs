@@ -171,7 +171,9 @@ fn open<'a>(
         .map_err(|err| UsageError(format!("invalid --out {}: {err}", args.out.display())))?;
     let layout = match sae.config().arch {
         Architecture::TopK { k } => CodesLayout::TopK { k },
-        Architecture::Relu { .. } | Architecture::BatchTopK { .. } => CodesLayout::Csr,
+        Architecture::Relu { .. } | Architecture::BatchTopK { .. } | Architecture::JumpRelu => {
+            CodesLayout::Csr
+        }
     };
     if matches!(sae.config().arch, Architecture::BatchTopK { .. }) && sae.threshold().is_none() {
         println!(

@@ -116,6 +116,9 @@ impl Checkpoint {
         tensors.f32("b_enc_f", &[f], standard(&sae.b_enc_f));
         tensors.f32("w_dec_fd", &[f, d], standard(&sae.w_dec_fd));
         tensors.f32("b_dec_d", &[d], standard(&sae.b_dec_d));
+        if !sae.threshold_f.is_empty() {
+            tensors.f32("threshold_f", &[f], standard(&sae.threshold_f));
+        }
         tensors.params("adam_m.", &state.adam_m);
         tensors.params("adam_v.", &state.adam_v);
         tensors.u64("tokens_since_fired_f", &[f], &state.tokens_since_fired_f);
@@ -221,9 +224,10 @@ impl Checkpoint {
                 file.step
             )));
         }
-        let (f, d) = (file.sae.dict_size, file.sae.d_model);
-        let p = tensors.params("", f, d)?;
+        let f = file.sae.dict_size;
+        let p = tensors.params("", &file.sae)?;
         let mut sae = Sae::from_parts(file.sae, p.w_enc_fd, p.b_enc_f, p.w_dec_fd, p.b_dec_d)?;
+        sae.threshold_f = p.threshold_f;
         sae.threshold = if tensors.has("threshold") {
             Some(tensors.f32("threshold", &[])?[0])
         } else {
@@ -231,8 +235,8 @@ impl Checkpoint {
         };
         let state = TrainerState {
             sae,
-            adam_m: tensors.params("adam_m.", f, d)?,
-            adam_v: tensors.params("adam_v.", f, d)?,
+            adam_m: tensors.params("adam_m.", &file.sae)?,
+            adam_v: tensors.params("adam_v.", &file.sae)?,
             adam_t: file.adam_t,
             step: file.step,
             tokens_since_fired_f: tensors.u64("tokens_since_fired_f", &[f])?,

@@ -59,17 +59,19 @@ fn write_json(dir: &Path, value: &serde_json::Value) -> Result<()> {
 
 /// Writes `sae` as SAELens loads it (`SAE.load_from_disk(dir)`): `cfg.json` and
 /// `sae_weights.safetensors` with `W_enc` [d_in, d_sae], `b_enc`, `W_dec` [d_sae, d_in],
-/// `b_dec`. ReLU SAEs are `standard`, TopK `topk` with its k, and BatchTopK `jumprelu` with
-/// θ as every latent's `threshold` (its inference rule: codes above θ). Any normalisation is
+/// `b_dec`. ReLU SAEs are `standard`, TopK `topk` with its k, JumpReLU `jumprelu` with its
+/// learned `threshold` (and `apply_b_dec_to_input` false: it encodes x itself), and BatchTopK
+/// `jumprelu` with θ as every latent's `threshold` (its inference rule: codes above θ). Any normalisation is
 /// already folded into the weights, so `normalize_activations` is `none`.
 pub fn export_saelens(sae: &Sae, dir: &Path, metadata: &ExportMetadata) -> Result<()> {
     let (f, d) = (sae.config().dict_size, sae.config().d_model);
     let architecture = sae.config().arch.saelens_name();
     let extra = match sae.config().arch {
         Architecture::TopK { k } => Some(("k", json!(k))),
-        Architecture::Relu { .. } | Architecture::BatchTopK { .. } => None,
+        Architecture::Relu { .. } | Architecture::BatchTopK { .. } | Architecture::JumpRelu => None,
     };
     let threshold_f = match (sae.config().arch, sae.threshold()) {
+        (Architecture::JumpRelu, _) => Some(sae.latent_thresholds().to_owned()),
         (Architecture::BatchTopK { .. }, Some(theta)) => Some(ndarray::Array1::from_elem(f, theta)),
         (Architecture::BatchTopK { .. }, None) => {
             return Err(refuse(
@@ -104,7 +106,7 @@ pub fn export_saelens(sae: &Sae, dir: &Path, metadata: &ExportMetadata) -> Resul
         "d_sae": f,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": true,
+        "apply_b_dec_to_input": sae.config().arch.centres_input(),
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
@@ -133,12 +135,14 @@ pub fn export_sparsify(sae: &Sae, dir: &Path) -> Result<()> {
     let (f, d) = (sae.config().dict_size, sae.config().d_model);
     let k = match sae.config().arch {
         Architecture::TopK { k } | Architecture::BatchTopK { k } => k,
-        Architecture::Relu { .. } => {
+        arch @ (Architecture::Relu { .. } | Architecture::JumpRelu) => {
             return Err(refuse(
                 dir,
-                "sparsify only has TopK SAEs and this one is relu; export it with --format \
-                 saelens instead"
-                    .into(),
+                format!(
+                    "sparsify only has TopK SAEs and this one is {}; export it with --format \
+                     saelens instead",
+                    arch.name()
+                ),
             ))
         }
     };

@@ -40,8 +40,8 @@ struct SaeFile {
 
 impl Sae {
     /// Saves the SAE into `dir` (created if needed): `sae.safetensors` with f32 tensors
-    /// `w_enc_fd` F×D, `b_enc_f` F, `w_dec_fd` F×D, `b_dec_d` D and, once BatchTopK has learned
-    /// it, the scalar `threshold`; and `sae.json` (format, shape, architecture, θ). Each file is
+    /// `w_enc_fd` F×D, `b_enc_f` F, `w_dec_fd` F×D, `b_dec_d` D, JumpReLU's `threshold_f` F
+    /// and, once BatchTopK has learned it, the scalar `threshold`; and `sae.json` (format, shape, architecture, θ). Each file is
     /// written atomically, the JSON last. [`Sae::load`] gives back an identical SAE, bit for
     /// bit.
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -55,6 +55,9 @@ impl Sae {
         tensors.f32("b_dec_d", &[d], standard(&self.b_dec_d));
         if let Some(theta) = &threshold {
             tensors.f32("threshold", &[], theta);
+        }
+        if !self.threshold_f.is_empty() {
+            tensors.f32("threshold_f", &[f], standard(&self.threshold_f));
         }
         let weights = dir.join(WEIGHTS_FILE);
         write_atomic(&weights, &tensors.serialize(&weights, None)?)?;
@@ -81,11 +84,24 @@ impl Sae {
             RESAVE,
         )?;
         let (f, d) = (file.config.dict_size, file.config.d_model);
-        let names = ["w_enc_fd", "b_enc_f", "w_dec_fd", "b_dec_d", "threshold"];
-        weights.only(&names)?;
-        let shapes: [&[usize]; 5] = [&[f, d], &[f], &[f, d], &[d], &[]];
+        let jump = file.config.arch.has_latent_thresholds();
+        let names = [
+            "w_enc_fd",
+            "b_enc_f",
+            "w_dec_fd",
+            "b_dec_d",
+            "threshold",
+            "threshold_f",
+        ];
+        weights.only(&names[..if jump { 6 } else { 5 }])?;
+        let shapes: [&[usize]; 6] = [&[f, d], &[f], &[f, d], &[d], &[], &[f]];
         for (name, shape) in names.iter().zip(shapes) {
-            if *name != "threshold" || weights.has(name) {
+            let required = match *name {
+                "threshold" => weights.has(name),
+                "threshold_f" => jump,
+                _ => true,
+            };
+            if required {
                 weights.check(name, Dtype::F32, shape)?;
             }
         }
@@ -97,6 +113,9 @@ impl Sae {
             Array2::from_shape_vec((f, d), weights.f32("w_dec_fd", &[f, d])?).expect(shaped),
             Array1::from(weights.f32("b_dec_d", &[d])?),
         )?;
+        if jump {
+            sae.threshold_f = Array1::from(weights.f32("threshold_f", &[f])?);
+        }
         sae.threshold = if weights.has("threshold") {
             let theta = weights.f32("threshold", &[])?[0];
             if theta < 0.0 {

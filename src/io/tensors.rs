@@ -12,6 +12,7 @@ use ndarray::{Array1, Array2};
 use safetensors::tensor::{Dtype, Metadata, TensorView};
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
+use crate::config::SaeConfig;
 use crate::error::{io_error, Error, Result};
 use crate::optim::ParamTensors;
 
@@ -32,13 +33,21 @@ impl<'a> TensorsOut<'a> {
         self.push(name.into(), Dtype::U64, shape, bytemuck::cast_slice(data));
     }
 
-    /// Adds the four parameter-shaped arrays as `{prefix}w_enc_fd`, `{prefix}b_enc_f`, ...
+    /// Adds the parameter-shaped arrays as `{prefix}w_enc_fd`, `{prefix}b_enc_f`, ... (and
+    /// `{prefix}threshold_f` where the SAE has per-latent thresholds).
     pub(crate) fn params(&mut self, prefix: &str, p: &'a ParamTensors) {
         let (f, d) = p.w_enc_fd.dim();
         self.f32(format!("{prefix}w_enc_fd"), &[f, d], standard(&p.w_enc_fd));
         self.f32(format!("{prefix}b_enc_f"), &[f], standard(&p.b_enc_f));
         self.f32(format!("{prefix}w_dec_fd"), &[f, d], standard(&p.w_dec_fd));
         self.f32(format!("{prefix}b_dec_d"), &[d], standard(&p.b_dec_d));
+        if !p.threshold_f.is_empty() {
+            self.f32(
+                format!("{prefix}threshold_f"),
+                &[f],
+                standard(&p.threshold_f),
+            );
+        }
     }
 
     fn push(&mut self, name: String, dtype: Dtype, shape: &[usize], data: &'a [u8]) {
@@ -306,10 +315,16 @@ impl TensorsIn {
         self.read_tensor(name, Dtype::U64, shape, u64::from_le)
     }
 
-    /// The four parameter-shaped tensors `{prefix}w_enc_fd`, ... of an SAE with `f` latents
-    /// of width `d`.
-    pub(crate) fn params(&self, prefix: &str, f: usize, d: usize) -> Result<ParamTensors> {
+    /// The parameter-shaped tensors `{prefix}w_enc_fd`, ... of an SAE of `config` (with
+    /// `{prefix}threshold_f` for JumpReLU).
+    pub(crate) fn params(&self, prefix: &str, config: &SaeConfig) -> Result<ParamTensors> {
+        let (f, d) = (config.dict_size, config.d_model);
         let shaped = "the shape was checked";
+        let threshold_f = if config.arch.has_latent_thresholds() {
+            Array1::from(self.f32(&format!("{prefix}threshold_f"), &[f])?)
+        } else {
+            Array1::zeros(0)
+        };
         Ok(ParamTensors {
             w_enc_fd: Array2::from_shape_vec(
                 (f, d),
@@ -323,6 +338,7 @@ impl TensorsIn {
             )
             .expect(shaped),
             b_dec_d: Array1::from(self.f32(&format!("{prefix}b_dec_d"), &[d])?),
+            threshold_f,
         })
     }
 }

@@ -316,6 +316,7 @@ fn default_name(sae: &SaeConfig, train: &TrainConfig) -> String {
         Architecture::Relu { .. } => format!("relu-l1_{}-f{}", train.l1_coefficient, sae.dict_size),
         Architecture::TopK { k } => format!("topk-k{k}-f{}", sae.dict_size),
         Architecture::BatchTopK { k } => format!("batchtopk-k{k}-f{}", sae.dict_size),
+        Architecture::JumpRelu => format!("jumprelu-l0_{}-f{}", train.target_l0, sae.dict_size),
     }
 }
 

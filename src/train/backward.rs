@@ -1,5 +1,5 @@
 //! The analytic backward pass: from the upstream gradients (∂L/∂x̂ and AuxK's ∂L/∂ê) to the
-//! gradients of W_enc, b_enc, W_dec and b_dec. The sparse path touches only active latents,
+//! gradients of W_enc, b_enc, W_dec, b_dec and JumpReLU's thresholds. The sparse path touches only active latents,
 //! O(active codes · D); the dense path (ReLU with dense codes) uses three GEMMs. Either may
 //! compute only some latents' rows: in a distributed step each process owns a part of the
 //! dictionary and takes its rows' gradients over the whole gathered batch.
@@ -10,6 +10,7 @@ use ndarray::{s, Array1, Array2, ArrayView2, Axis, Zip};
 use rayon::prelude::*;
 
 use super::loss::column_sums_by;
+use super::phases::JumpArgs;
 use crate::backend::simd::{dispatch, prefetch};
 use crate::backend::sparse::{axpy, dot, ByLatent};
 use crate::backend::Backend;
@@ -37,6 +38,8 @@ pub(super) struct Context<'a> {
     pub l1_coef: f32,
     /// Whether the L1 term weighs each code by its decoder row's norm.
     pub weight_by_decoder_norm: bool,
+    /// JumpReLU's thresholds' kernel and L0 slope (`None` for the other architectures).
+    pub jump: Option<JumpArgs>,
     /// The update's per-row preparation, done here while the rows are in cache; `None` when
     /// the trainer does it in a separate pass.
     pub fused_prep: Option<RowPrep>,
@@ -61,6 +64,9 @@ pub(super) struct Batch<'a> {
     pub codes: &'a Codes,
     /// AuxK's codes, B rows (no entries when AuxK is off).
     pub aux_codes: &'a Codes,
+    /// JumpReLU: the unselected entries within the thresholds' kernel, B rows (none
+    /// otherwise).
+    pub near_codes: &'a Codes,
 }
 
 impl<'a> Batch<'a> {
@@ -71,6 +77,7 @@ impl<'a> Batch<'a> {
         upstream_bd: ArrayView2<'a, f32>,
         codes: &'a Codes,
         aux_codes: &'a Codes,
+        near_codes: &'a Codes,
     ) -> Self {
         let (up_main_bd, up_aux_bd) = upstream_bd.split_at(Axis(0), xc_bd.nrows());
         Batch {
@@ -79,6 +86,7 @@ impl<'a> Batch<'a> {
             up_aux_bd,
             codes,
             aux_codes,
+            near_codes,
         }
     }
 }
@@ -89,6 +97,7 @@ impl<'a> Batch<'a> {
 pub(super) struct Scratch {
     pub by_latent: ByLatent,
     pub aux_by_latent: ByLatent,
+    pub near_by_latent: ByLatent,
     /// ‖∂W_dec\[j\]‖² + ‖∂W_enc\[j\]‖² per latent (rows of `Context::latents` only).
     pub row_sq_f: Vec<f64>,
 }
@@ -136,6 +145,7 @@ pub(super) fn sparse(
         up_aux_bd: up_aux,
         codes,
         aux_codes,
+        near_codes,
     } = batch;
 
     scratch.by_latent.rebuild(codes);
@@ -201,6 +211,10 @@ pub(super) fn sparse(
             }
         });
 
+    if let Some(jump) = ctx.jump {
+        scratch.near_by_latent.rebuild(near_codes);
+        threshold_grads(ctx, jump, up_main, codes, scratch, grads);
+    }
     bias_grads(ctx, up_main, grads);
     codes
         .values
@@ -255,9 +269,81 @@ pub(super) fn dense_relu(
         .sum()
 }
 
-/// ∂L/∂b_dec = Σ_b ∂L/∂x̂_b − Σ_j ∂L/∂b_enc\[j\]·W_enc\[j\] (b_dec enters x̂ directly and the
-/// encoder through x − b_dec). Uses `grads.tensors.b_enc_f` and `active_f`, already filled.
+/// JumpReLU's ∂L/∂θ_j over the batch's entries in the rectangle kernel |pre − θ_j| < ε/2
+/// (dictionary_learning's `JumpReLUFunction` and `StepFunction` backward): the reconstruction's
+/// −(θ_j/ε)·∂L/∂f_bj on entries on either side of θ_j, and the L0 penalty's −(1/ε)·∂P/∂L0/B on
+/// the selected ones (the reference's step function reads the code f, which is pre there). The
+/// unselected entries' L0 term, where f = 0, is [`threshold_grad_of_inactive`]'s.
+fn threshold_grads(
+    ctx: &Context<'_>,
+    jump: JumpArgs,
+    up_main: ArrayView2<'_, f32>,
+    codes: &Codes,
+    scratch: &Scratch,
+    grads: &mut Grads,
+) {
+    let sae = ctx.sae;
+    let eps = jump.bandwidth;
+    let l0_upstream = jump.d_penalty_d_l0 / ctx.n_global as f32;
+    let own = s![ctx.latents.clone()];
+    let (by_latent, near_by_latent) = (&scratch.by_latent, &scratch.near_by_latent);
+    Zip::indexed(grads.tensors.threshold_f.slice_mut(own)).par_for_each(|i, g_theta| {
+        let j = ctx.latents.start + i;
+        let theta = sae.threshold_f[j];
+        let w = sae.w_dec_fd.row(j);
+        let w = w.as_slice().unwrap();
+        let d_f = |b: u32| dot(up_main.row(b as usize).as_slice().unwrap(), w);
+        let mut g = 0.0f32;
+        let (main_e, main_b) = by_latent.latent(j);
+        for (&e, &b) in main_e.iter().zip(main_b) {
+            let x = (codes.values[e as usize] - theta) / eps;
+            if x > -0.5 && x < 0.5 {
+                g += -(theta / eps) * d_f(b) + -(1.0 / eps) * l0_upstream;
+            }
+        }
+        let (_, near_b) = near_by_latent.latent(j);
+        for &b in near_b {
+            g += -(theta / eps) * d_f(b);
+        }
+        *g_theta = g;
+    });
+}
+
+/// The L0 penalty's ∂/∂θ_j from the entries JumpReLU does not select, where f = 0: each is in
+/// the kernel when |θ_j| < ε/2, and there are B − (latent j's active codes) of them. Added
+/// once, after the gradients of every process's rows are summed; `fired_f` counts the global
+/// batch's active codes per latent.
+pub(super) fn threshold_grad_of_inactive(
+    sae: &Sae,
+    jump: JumpArgs,
+    fired_f: &[u64],
+    n_global: usize,
+    grads: &mut Grads,
+) {
+    let eps = jump.bandwidth;
+    let l0_upstream = jump.d_penalty_d_l0 / n_global as f32;
+    for ((g, &theta), &fired) in grads
+        .tensors
+        .threshold_f
+        .iter_mut()
+        .zip(&sae.threshold_f)
+        .zip(fired_f)
+    {
+        let x = (0.0 - theta) / eps;
+        if x > -0.5 && x < 0.5 {
+            *g += (n_global as u64 - fired) as f32 * (-(1.0 / eps) * l0_upstream);
+        }
+    }
+}
+
+/// ∂L/∂b_dec = Σ_b ∂L/∂x̂_b − Σ_j ∂L/∂b_enc\[j\]·W_enc\[j\] (b_dec enters x̂ directly and, unless
+/// the architecture encodes x itself, the encoder through x − b_dec). Uses
+/// `grads.tensors.b_enc_f` and `active_f`, already filled.
 fn bias_grads(ctx: &Context<'_>, up_main: ArrayView2<'_, f32>, grads: &mut Grads) {
+    if !ctx.sae.config.arch.centres_input() {
+        grads.tensors.b_dec_d = Array1::from(column_sums_by(up_main, |u| u));
+        return;
+    }
     let w_enc = &ctx.sae.w_enc_fd;
     let (b_enc, active) = (&grads.tensors.b_enc_f, &grads.active_f);
     let (lo, hi) = (ctx.latents.start, ctx.latents.end);

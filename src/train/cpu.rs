@@ -12,6 +12,7 @@ use super::phases::{BackwardArgs, Captured, Firing, LossSums, Phases, State, Ste
 use super::shard::{Gathered, Shard};
 use crate::arch::{DecoderConstraint, Selection};
 use crate::backend::{sparse, Backend};
+use crate::config::SaeConfig;
 use crate::dist::Collective;
 use crate::error::Result;
 use crate::optim::{sq, Grads, ParamTensors};
@@ -51,6 +52,8 @@ struct Buffers {
     pre_bf: Array2<f32>,
     codes: Codes,
     aux_codes: Codes,
+    /// JumpReLU: the unselected entries within the thresholds' kernel.
+    near_codes: Codes,
     selector: Selector,
     /// Rows 0..B: ∂L/∂x̂; rows B..2B: ∂L/∂ê (AuxK's reconstruction of the residual).
     upstream_bd: Array2<f32>,
@@ -66,12 +69,12 @@ struct Buffers {
 }
 
 impl CpuStep {
-    /// A CPU step for an SAE of `f` latents of width `d`, running its dense GEMMs on `gemm`.
-    pub fn new(gemm: Arc<dyn Backend>, dense_threshold: f32, f: usize, d: usize) -> Self {
+    /// A CPU step for an SAE of `config`, running its dense GEMMs on `gemm`.
+    pub fn new(gemm: Arc<dyn Backend>, dense_threshold: f32, config: &SaeConfig) -> Self {
         CpuStep {
             gemm,
             dense_threshold,
-            grads: Grads::zeros(f, d),
+            grads: Grads::zeros_for(config),
             buf: Buffers::default(),
             dense: false,
             aux_active: false,
@@ -111,7 +114,13 @@ impl Phases for CpuStep {
         if self.moments_partial {
             let shard = Shard::for_latents(collective, state.sae.config.dict_size);
             for m in [&mut state.adam.m, &mut state.adam.v] {
-                shard.gather_latents(collective, &mut m.w_enc_fd, &mut m.w_dec_fd, &mut m.b_enc_f);
+                shard.gather_latents(
+                    collective,
+                    &mut m.w_enc_fd,
+                    &mut m.w_dec_fd,
+                    &mut m.b_enc_f,
+                    &mut m.threshold_f,
+                );
             }
             self.moments_partial = false;
         }
@@ -161,6 +170,7 @@ impl Phases for CpuStep {
                 &mut self.buf.selector,
                 selection,
                 state.sae.pre_acts(&self.buf.pre_bf),
+                state.sae.threshold_f.as_slice().expect("contiguous"),
                 step.collective,
                 &mut self.buf.codes,
             );
@@ -314,14 +324,26 @@ impl Phases for CpuStep {
         // and takes the whole batch's gradients of this process's latents (see `shard`); the
         // others sum the gradients of each process's rows.
         let (l1_coef, weight_by_decoder_norm) = args.l1.unwrap_or((0.0, false));
-        let fuse = !self.dense && !args.capture;
+        // JumpReLU's thresholds sum their gradient over every process's rows instead, so its
+        // distributed steps take the summing path, which prepares rows after the sum.
+        let sums_thresholds = step.distributed() && args.jump.is_some();
+        let fuse = !(self.dense || args.capture || sums_thresholds);
         let gather = fuse && step.distributed();
+        if let Some(jump) = args.jump {
+            self.buf.selector.below_threshold(
+                state.sae.pre_acts(&self.buf.pre_bf),
+                state.sae.threshold_f.as_slice().expect("contiguous"),
+                jump.bandwidth,
+                &mut self.buf.near_codes,
+            );
+        }
         let ctx = backward::Context {
             fused_prep: fuse.then_some(args.prep),
             sae: &state.sae,
             n_global: step.shard.n_global(),
             l1_coef,
             weight_by_decoder_norm,
+            jump: args.jump,
             latents: if gather {
                 step.shard.latents()
             } else {
@@ -334,6 +356,7 @@ impl Phases for CpuStep {
             self.buf.upstream_bd.view(),
             &self.buf.codes,
             &self.buf.aux_codes,
+            &self.buf.near_codes,
         );
         let l1 = if self.dense {
             backward::dense_relu(
@@ -355,7 +378,13 @@ impl Phases for CpuStep {
                 &self.buf.codes,
                 &self.buf.aux_codes,
             );
-            let batch = Batch::of(g.xc_bd.view(), g.upstream_bd.view(), &g.codes, &g.aux_codes);
+            let batch = Batch::of(
+                g.xc_bd.view(),
+                g.upstream_bd.view(),
+                &g.codes,
+                &g.aux_codes,
+                &self.buf.near_codes,
+            );
             backward::sparse(&ctx, batch, &mut self.buf.scratch, &mut self.grads)
         } else {
             backward::sparse(&ctx, local, &mut self.buf.scratch, &mut self.grads)
@@ -367,6 +396,16 @@ impl Phases for CpuStep {
         self.sums.l1 = l1_sum[0];
         if step.distributed() && !gather {
             all_reduce_grads(&mut self.grads, step.collective);
+        }
+        if let Some(jump) = args.jump {
+            // After the sum across processes: a term of the whole batch, counted once.
+            backward::threshold_grad_of_inactive(
+                &state.sae,
+                jump,
+                &self.buf.fired_f,
+                step.shard.n_global(),
+                &mut self.grads,
+            );
         }
         self.raw_grads = args.capture.then(|| self.grads.to_dense());
         (self.args, self.fused, self.gathered_batch) = (Some(args), fuse, gather);
@@ -402,6 +441,7 @@ impl Phases for CpuStep {
                 b_enc_f: sae.b_enc_f.clone(),
                 w_dec_fd: sae.w_dec_fd.clone(),
                 b_dec_d: sae.b_dec_d.clone(),
+                threshold_f: sae.threshold_f.clone(),
             },
             codes_bf: if self.dense {
                 self.buf.pre_bf.clone()
@@ -442,6 +482,7 @@ impl Phases for CpuStep {
                 &mut sae.w_enc_fd,
                 &mut sae.w_dec_fd,
                 &mut sae.b_enc_f,
+                &mut sae.threshold_f,
             );
             self.moments_partial = true;
         }
@@ -461,8 +502,10 @@ fn all_reduce_grads(grads: &mut Grads, collective: &dyn Collective) {
     for a in [&mut t.w_enc_fd, &mut t.w_dec_fd] {
         collective.all_reduce_sum_f32(a.as_slice_mut().expect("standard layout"));
     }
-    for a in [&mut t.b_enc_f, &mut t.b_dec_d] {
-        collective.all_reduce_sum_f32(a.as_slice_mut().expect("standard layout"));
+    for a in [&mut t.b_enc_f, &mut t.b_dec_d, &mut t.threshold_f] {
+        if !a.is_empty() {
+            collective.all_reduce_sum_f32(a.as_slice_mut().expect("standard layout"));
+        }
     }
     grads.active_f.fill(true);
 }

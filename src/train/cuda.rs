@@ -12,7 +12,7 @@ use crate::backend::cuda::{
     elementwise, launch, rows, single_block, warps, CudaDevice, DeviceMatrix, Uploader,
 };
 use crate::backend::cuda_select::{select_codes, CodeBuffers, DeviceRule, MAX_ROWS};
-use crate::backend::Gpu;
+use crate::backend::{Device, Gpu};
 use crate::dist::Collective;
 use crate::error::{Error, Result};
 use crate::optim::ParamTensors;
@@ -86,6 +86,7 @@ impl DeviceParams {
             b_enc_f: vec(&self.b_enc_f)?,
             w_dec_fd: dev.download(&self.w_dec_fd)?,
             b_dec_d: vec(&self.b_dec_d)?,
+            threshold_f: Array1::zeros(0),
         })
     }
 }
@@ -167,8 +168,11 @@ pub(crate) struct CudaStep {
 impl CudaStep {
     /// A copy of a trainer's whole state on `gpu`.
     pub(crate) fn new(state: &State, gpu: Gpu) -> Result<Self> {
-        let dev = CudaDevice::open(gpu)?;
         let sae = &state.sae;
+        if !sae.config.arch.runs_on_gpu() {
+            return Err(sae.config.arch.not_on_gpu(Device::Cuda(gpu).to_string()));
+        }
+        let dev = CudaDevice::open(gpu)?;
         let (f, d) = (sae.config.dict_size, sae.config.d_model);
         let params = DeviceParams::upload(
             &dev,
@@ -177,6 +181,7 @@ impl CudaStep {
                 b_enc_f: sae.b_enc_f.clone(),
                 w_dec_fd: sae.w_dec_fd.clone(),
                 b_dec_d: sae.b_dec_d.clone(),
+                threshold_f: Array1::zeros(0),
             },
         )?;
         let mut since_f: CudaSlice<u64> = dev.alloc(f)?;

@@ -33,7 +33,7 @@ use crate::sae::{geometric_median, Sae};
 use cpu::CpuStep;
 use cuda::CudaStep;
 use engine::Engine;
-use phases::{BackwardArgs, Phases, State, Step};
+use phases::{BackwardArgs, JumpArgs, Phases, State, Step};
 use shard::Shard;
 
 pub use crate::config::MAX_STEPS;
@@ -48,9 +48,11 @@ pub struct StepStats {
     pub loss: f32,
     /// mean_b ‖x − x̂‖².
     pub mse: f32,
-    /// The architecture's extra term as added to the loss: α·AuxK, or λ·s(t)·L1.
+    /// The architecture's extra term as added to the loss: α·AuxK, λ·s(t)·L1, or JumpReLU's
+    /// c·s(t)·(L0/target − 1)².
     pub penalty: f32,
-    /// The unweighted extra term: the normalised AuxK loss, or mean_b Σ_j f_bj·n_j.
+    /// The unweighted extra term: the normalised AuxK loss, mean_b Σ_j f_bj·n_j, or
+    /// (L0/target − 1)².
     pub aux: f32,
     /// Fraction of variance explained, 1 − mse / mean_b ‖x − x̄‖²; NaN when the batch has no
     /// variance (a single row, or identical rows).
@@ -124,15 +126,15 @@ impl Trainer {
         for w in [&mut sae.w_enc_fd, &mut sae.w_dec_fd] {
             *w = crate::backend::huge_copy(w.view());
         }
-        let (f, d) = (sae.config().dict_size, sae.config().d_model);
+        let sae_config = *sae.config();
+        let f = sae_config.dict_size;
         let adam = Adam::new(
             AdamConfig {
-                beta1: config.adam_beta1,
+                beta1: config.adam_beta1(sae.config()),
                 beta2: config.adam_beta2,
                 eps: config.adam_eps,
             },
-            f,
-            d,
+            sae.config(),
         );
         let gemm: Arc<dyn Backend> = Arc::from(backend);
         let dense_threshold = dense_threshold_default();
@@ -146,7 +148,11 @@ impl Trainer {
             },
             config,
             step: 0,
-            engine: Engine::Cpu(Box::new(CpuStep::new(gemm.clone(), dense_threshold, f, d))),
+            engine: Engine::Cpu(Box::new(CpuStep::new(
+                gemm.clone(),
+                dense_threshold,
+                &sae_config,
+            ))),
             gemm,
             dense_threshold,
             collective,
@@ -181,20 +187,18 @@ impl Trainer {
     /// across processes; the trainer is then left where it was.
     pub fn set_device(&mut self, device: Device) -> Result<()> {
         self.sync()?;
-        let (f, d) = (
-            self.state.sae.config.dict_size,
-            self.state.sae.config.d_model,
-        );
         self.engine = match device {
             Device::Cpu if !self.engine.is_gpu() => return Ok(()),
             Device::Cpu => Engine::Cpu(Box::new(CpuStep::new(
                 self.gemm.clone(),
                 self.dense_threshold,
-                f,
-                d,
+                &self.state.sae.config,
             ))),
             Device::Cuda(_) if self.collective.world_size() > 1 => {
                 return Err(one_process_on_gpu(device.to_string()))
+            }
+            Device::Cuda(_) if !self.state.sae.config.arch.runs_on_gpu() => {
+                return Err(self.state.sae.config.arch.not_on_gpu(device.to_string()))
             }
             Device::Cuda(gpu) => Engine::Cuda(Box::new(CudaStep::new(&self.state, gpu)?)),
         };
@@ -322,7 +326,7 @@ impl Trainer {
         // Decode, and the penalty: λ·s(t) for ReLU's L1 term (whose sum comes with the
         // backward pass); AuxK's value and α·value once some latents are dead.
         engine.decode(state, &step)?;
-        let (mut l1, mut auxk, mut aux_g) = (None, None, None);
+        let (mut l1, mut auxk, mut aux_g, mut jump) = (None, None, None, None);
         match rules.penalty {
             Penalty::L1 {
                 coefficient,
@@ -340,6 +344,22 @@ impl Trainer {
                 }
             }
             Penalty::AuxK { .. } => {}
+            Penalty::L0 {
+                coefficient,
+                target_l0,
+                bandwidth,
+                warmup_steps,
+            } => {
+                // c·s(t)·(L0/target − 1)²: its value, and its slope in L0 for θ's gradient.
+                let c = (coefficient * sparsity_scale(self.step, warmup_steps)) as f64;
+                let l0 = firing.nnz as f64 / n as f64;
+                let miss = l0 / target_l0 as f64 - 1.0;
+                auxk = Some((miss * miss, c * miss * miss));
+                jump = Some(JumpArgs {
+                    bandwidth,
+                    d_penalty_d_l0: (2.0 * c * miss / target_l0 as f64) as f32,
+                });
+            }
         }
         engine.set_aux_upstream(&step, aux_g)?;
         times.decode_loss = clock.lap(engine)?;
@@ -352,7 +372,13 @@ impl Trainer {
             want_norm: rules.max_grad_norm.is_some(),
         };
         let capture = self.capture_on;
-        engine.backward(state, &step, BackwardArgs { l1, prep, capture })?;
+        let args = BackwardArgs {
+            l1,
+            jump,
+            prep,
+            capture,
+        };
+        engine.backward(state, &step, args)?;
         times.backward = clock.lap(engine)?;
 
         // Update: projection and norm, clipping, Adam.

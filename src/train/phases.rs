@@ -69,11 +69,23 @@ pub(crate) struct LossSums {
     pub l1: f64,
 }
 
+/// JumpReLU's thresholds' gradient: the straight-through estimator's kernel width and the
+/// L0 penalty's slope.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct JumpArgs {
+    /// ε, the rectangle kernel's bandwidth.
+    pub bandwidth: f32,
+    /// ∂(penalty)/∂L0, with L0 the batch's mean active codes per row.
+    pub d_penalty_d_l0: f32,
+}
+
 /// How the backward pass treats the penalty and the update's per-row preparation.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BackwardArgs {
     /// ReLU's L1 term: λ·s(t), and whether n_j is the decoder row's norm; `None` otherwise.
     pub l1: Option<(f32, bool)>,
+    /// JumpReLU's thresholds; `None` for the other architectures.
+    pub jump: Option<JumpArgs>,
     /// Projection of the decoder gradient and the gradient norm, as the architecture asks.
     pub prep: RowPrep,
     /// Keep the raw gradients for [`Phases::captured`].
@@ -154,7 +166,7 @@ pub(crate) trait Phases {
     /// ∂L/∂ê = g·(e − ê), or no AuxK term in this step when `g` is `None`.
     fn set_aux_upstream(&mut self, step: &Step<'_>, g: Option<f32>) -> Result<()>;
 
-    /// The gradients of the four parameters.
+    /// The gradients of the parameters.
     fn backward(&mut self, state: &State, step: &Step<'_>, args: BackwardArgs) -> Result<()>;
 
     /// Applies the projection of [`BackwardArgs::prep`] and returns the global gradient norm.

@@ -63,14 +63,22 @@ impl Shard {
     }
 
     /// Fills the other processes' latent rows of W_enc and W_dec (F×D) and entries of b_enc
-    /// (F) from their owners: parameters, or moments, shaped like them.
+    /// and JumpReLU's θ (F; none for the other architectures) from their owners: parameters,
+    /// or moments, shaped like them.
     pub fn gather_latents(
         &self,
         collective: &dyn Collective,
         w_enc_fd: &mut Array2<f32>,
         w_dec_fd: &mut Array2<f32>,
         b_enc_f: &mut Array1<f32>,
+        threshold_f: &mut Array1<f32>,
     ) {
+        if !threshold_f.is_empty() {
+            collective.all_gather_f32(
+                threshold_f.as_slice_mut().expect("standard layout"),
+                &self.latents_per_rank,
+            );
+        }
         let d = w_enc_fd.ncols();
         let counts: Vec<usize> = self.latents_per_rank.iter().map(|&n| n * d).collect();
         for w_fd in [w_enc_fd, w_dec_fd] {

@@ -46,6 +46,11 @@ impl TrainerState {
                 &[f, d],
             )?;
             check_shape(&format!("{what} b_dec_d"), moment.b_dec_d.shape(), &[d])?;
+            check_shape(
+                &format!("{what} threshold_f"),
+                moment.threshold_f.shape(),
+                self.sae.latent_thresholds().shape(),
+            )?;
         }
         check_shape(
             "tokens_since_fired_f",
@@ -69,6 +74,7 @@ impl TrainerState {
             .flat_map(|v_fd| v_fd.iter())
             .chain(self.adam_v.b_enc_f.iter())
             .chain(self.adam_v.b_dec_d.iter())
+            .chain(self.adam_v.threshold_f.iter())
             .find(|v| v.is_nan() || **v < 0.0)
         {
             return Err(Error::OutOfRange {
