@@ -10,7 +10,7 @@ use common::{f16_bytes, ok, sae, synthetic_batch, temp_dir, text, write_npy};
 #[test]
 fn short_synthetic_run_prints_progress_and_recovery() {
     let dir = temp_dir("cli-synthetic");
-    for arch in ["batchtopk", "topk", "relu"] {
+    for arch in ["batchtopk", "topk", "relu", "jumprelu"] {
         let out_dir = dir.join(arch);
         let out = sae(&[
             "train",

@@ -196,7 +196,7 @@ fn ctrl_c_checkpoints_and_resume_matches_the_uninterrupted_run() {
     let dir = temp_dir("run-resume");
     let data = dir.join("acts.npy");
     write_shard(&data, 4000, 16);
-    for arch in ["batchtopk", "relu"] {
+    for arch in ["batchtopk", "relu", "jumprelu"] {
         let straight = dir.join(format!("{arch}-straight"));
         let resumed = dir.join(format!("{arch}-resumed"));
         let args = |out: &Path| {
@@ -250,6 +250,7 @@ fn ctrl_c_checkpoints_and_resume_matches_the_uninterrupted_run() {
         assert_eq!(a.b_enc_f(), b.b_enc_f(), "{arch}");
         assert_eq!(a.b_dec_d(), b.b_dec_d(), "{arch}");
         assert_eq!(a.threshold(), b.threshold(), "{arch}");
+        assert_eq!(a.latent_thresholds(), b.latent_thresholds(), "{arch}");
         // The metrics read as one run: every step once, in order.
         let steps: Vec<u64> = metrics(&resumed).iter().map(|r| r.step).collect();
         assert_eq!(steps, (1..=800).collect::<Vec<_>>(), "{arch}");

@@ -132,8 +132,8 @@ struct ModelArgs {
     /// Sparsity rule [default: batchtopk].
     #[arg(long, value_parser = super::arch_parser())]
     arch: Option<ArchName>,
-    /// Active latents per row (topk; batchtopk: on average); a list sweeps [default: 8 on
-    /// synthetic data, 64 with --data].
+    /// Active latents per row (topk; batchtopk: on average; jumprelu: the L0 its penalty aims
+    /// at); a list sweeps [default: 8 on synthetic data, 64 with --data].
     #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     k: Vec<usize>,
     /// Number of latents F; a list sweeps [default: 512 on synthetic data, 8·d_model with

@@ -136,8 +136,8 @@ pub struct SaeSpec {
     pub name: Option<String>,
     /// Sparsity rule (default batchtopk).
     pub arch: Option<ArchName>,
-    /// Active latents per row for topk and batchtopk (default 8 on the synthetic set, 64 on
-    /// data).
+    /// Active latents per row for topk and batchtopk, and the target L0 of jumprelu's penalty
+    /// (default 8 on the synthetic set, 64 on data).
     pub k: Option<usize>,
     /// F, the number of latents (default 512 on the synthetic set, 8·D on data).
     pub dict_size: Option<usize>,
@@ -266,6 +266,13 @@ impl SaeSpec {
                 .threshold_start_step
                 .unwrap_or(defaults.threshold_start_step.min(steps / 2)),
             threshold_beta: self.threshold_beta.unwrap_or(defaults.threshold_beta),
+            // JumpReLU's penalty aims at k active latents per row, the budget the other
+            // architectures select.
+            target_l0: if arch_name == ArchName::Jumprelu {
+                k as f32
+            } else {
+                defaults.target_l0
+            },
             ..defaults
         };
         train.validate(&sae)?;
