@@ -75,7 +75,7 @@ def main():
         sae("synth", "--out", f"{tmp}/data", "--rows", "2000", "--seed", "9")
         x = np.load(f"{tmp}/data/activations.npy")
         xt = torch.from_numpy(x)
-        for arch in ["relu", "topk", "batchtopk"]:
+        for arch in ["relu", "topk", "batchtopk", "jumprelu"]:
             run = f"{tmp}/{arch}"
             sae("train", "--arch", arch, "--steps", "600", "--out", run)
             sae("encode", run, "--data", f"{tmp}/data/activations.npy", "--out", f"{run}-codes")
@@ -92,7 +92,7 @@ def main():
                 print(f"{arch} → SAELens lost the model and hook names: {names}")
                 ok = False
 
-            if arch != "relu":
+            if arch in ("topk", "batchtopk"):
                 sae("export", run, "--format", "sparsify", "--out", f"{run}-sparsify")
                 sp = Sparsify.load_from_disk(f"{run}-sparsify", device="cpu")
                 with torch.no_grad():
