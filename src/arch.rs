@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Architecture, ReluVariant, SaeConfig, TrainConfig};
+use crate::config::{Architecture, ConfigError, ReluVariant, SaeConfig, TrainConfig};
 
 /// The name of a sparsity rule, as flags, config files and reports spell it: an
 /// [`Architecture`] without its k.
@@ -19,15 +19,18 @@ pub enum ArchName {
     Batchtopk,
     /// A learned threshold per latent.
     Jumprelu,
+    /// Batch-wide top-(k·B) with nested prefixes.
+    Matryoshka,
 }
 
 impl ArchName {
     /// Every name, in the order help texts list them.
-    pub const ALL: [ArchName; 4] = [
+    pub const ALL: [ArchName; 5] = [
         ArchName::Relu,
         ArchName::Topk,
         ArchName::Batchtopk,
         ArchName::Jumprelu,
+        ArchName::Matryoshka,
     ];
 
     /// The name as flags and files spell it.
@@ -37,6 +40,7 @@ impl ArchName {
             ArchName::Topk => "topk",
             ArchName::Batchtopk => "batchtopk",
             ArchName::Jumprelu => "jumprelu",
+            ArchName::Matryoshka => "matryoshka",
         }
     }
 
@@ -49,6 +53,9 @@ impl ArchName {
                 "The k·B largest codes of the batch; a learned threshold outside training"
             }
             ArchName::Jumprelu => "Codes above a threshold learned per latent, an L0 penalty",
+            ArchName::Matryoshka => {
+                "BatchTopK whose nested prefixes of the dictionary each reconstruct the input"
+            }
         }
     }
 
@@ -60,6 +67,7 @@ impl ArchName {
             ArchName::Topk => Architecture::TopK { k },
             ArchName::Batchtopk => Architecture::BatchTopK { k },
             ArchName::Jumprelu => Architecture::JumpRelu,
+            ArchName::Matryoshka => Architecture::Matryoshka { k },
         }
     }
 }
@@ -79,7 +87,9 @@ impl std::str::FromStr for ArchName {
             .into_iter()
             .find(|a| a.as_str() == s)
             .ok_or_else(|| {
-                format!("{s:?} is not an architecture (relu, topk, batchtopk or jumprelu)")
+                format!(
+                    "{s:?} is not an architecture (relu, topk, batchtopk, jumprelu or matryoshka)"
+                )
             })
     }
 }
@@ -125,7 +135,9 @@ impl Architecture {
         match self {
             Architecture::Relu { .. } => "standard",
             Architecture::TopK { .. } => "topk",
-            Architecture::BatchTopK { .. } | Architecture::JumpRelu => "jumprelu",
+            Architecture::BatchTopK { .. }
+            | Architecture::JumpRelu
+            | Architecture::Matryoshka { .. } => "jumprelu",
         }
     }
 
@@ -136,6 +148,7 @@ impl Architecture {
             Architecture::TopK { .. } => ArchName::Topk,
             Architecture::BatchTopK { .. } => ArchName::Batchtopk,
             Architecture::JumpRelu => ArchName::Jumprelu,
+            Architecture::Matryoshka { .. } => ArchName::Matryoshka,
         }
     }
 
@@ -145,10 +158,13 @@ impl Architecture {
         !matches!(self, Architecture::JumpRelu)
     }
 
-    /// Whether the GPU path has kernels for this architecture: all but JumpReLU, whose
-    /// thresholds' kernels wait for a GPU to test them on.
+    /// Whether the GPU path has kernels for this architecture: all but JumpReLU and
+    /// Matryoshka, whose kernels (thresholds, prefix losses) wait for a GPU to test them on.
     pub fn runs_on_gpu(&self) -> bool {
-        !matches!(self, Architecture::JumpRelu)
+        !matches!(
+            self,
+            Architecture::JumpRelu | Architecture::Matryoshka { .. }
+        )
     }
 
     /// The error for this architecture asked to run on `device`, a GPU without its kernels.
@@ -189,9 +205,112 @@ impl Selection {
         match arch {
             Architecture::Relu { .. } => Selection::Relu,
             Architecture::TopK { k } => Selection::TopK(k),
-            Architecture::BatchTopK { k } => Selection::BatchTopK(k),
+            Architecture::BatchTopK { k } | Architecture::Matryoshka { k } => {
+                Selection::BatchTopK(k)
+            }
             Architecture::JumpRelu => Selection::JumpRelu,
         }
+    }
+}
+
+/// One of the nested reconstructions a step's loss weighs: x̂ from latents `0..end`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Prefix {
+    /// One past the prefix's last latent.
+    pub end: usize,
+    /// Its weight c in the loss Σ c·MSE(prefix).
+    pub weight: f32,
+}
+
+impl TrainConfig {
+    /// Matryoshka's group sizes for an SAE of `sae`: `group_sizes`, or from `group_fractions`
+    /// as the reference trainer splits them. Fails naming the field when they are not
+    /// positive sizes summing to F, or the weights do not match them.
+    pub fn groups(&self, sae: &SaeConfig) -> Result<Vec<usize>, ConfigError> {
+        let f = sae.dict_size;
+        let bad = |field, problem: String| ConfigError::Groups { field, problem };
+        let sizes = if self.group_sizes.is_empty() {
+            let fractions = &self.group_fractions;
+            if fractions.is_empty() {
+                return Err(bad("group_fractions", "give at least one fraction".into()));
+            }
+            if let Some(v) = fractions.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+                return Err(bad("group_fractions", format!("{v} is not a fraction > 0")));
+            }
+            let sum: f64 = fractions.iter().sum();
+            // math.isclose's default tolerance, as the reference asserts.
+            if (sum - 1.0).abs() > 1e-9 {
+                return Err(bad("group_fractions", format!("they sum to {sum}, not 1")));
+            }
+            let mut sizes: Vec<usize> = fractions[..fractions.len() - 1]
+                .iter()
+                .map(|v| (v * f as f64) as usize)
+                .collect();
+            let taken: usize = sizes.iter().sum();
+            sizes.push(f.saturating_sub(taken));
+            if sizes.contains(&0) {
+                return Err(bad(
+                    "group_fractions",
+                    format!(
+                        "with dict_size {f} they make an empty group ({sizes:?}); give larger \
+                         fractions or group_sizes"
+                    ),
+                ));
+            }
+            sizes
+        } else {
+            let sizes = self.group_sizes.clone();
+            let sum: usize = sizes.iter().sum();
+            if sizes.contains(&0) || sum != f {
+                return Err(bad(
+                    "group_sizes",
+                    format!("{sizes:?} must be sizes of at least 1 summing to dict_size ({f})"),
+                ));
+            }
+            sizes
+        };
+        let weights = &self.group_weights;
+        if !weights.is_empty() && weights.len() != sizes.len() {
+            return Err(bad(
+                "group_weights",
+                format!("{} weights for {} groups", weights.len(), sizes.len()),
+            ));
+        }
+        if let Some(w) = weights.iter().find(|w| !(w.is_finite() && **w >= 0.0)) {
+            return Err(bad("group_weights", format!("{w} is not a weight >= 0")));
+        }
+        Ok(sizes)
+    }
+
+    /// The reconstructions a step's loss weighs: for Matryoshka each prefix of its groups with
+    /// weight w_i/G (the reference takes the mean over prefixes of w_i·MSE_i), for every other
+    /// architecture the whole dictionary with weight 1. Fails as [`TrainConfig::groups`].
+    pub fn prefixes(&self, sae: &SaeConfig) -> Result<Vec<Prefix>, ConfigError> {
+        if !matches!(sae.arch, Architecture::Matryoshka { .. }) {
+            return Ok(vec![Prefix {
+                end: sae.dict_size,
+                weight: 1.0,
+            }]);
+        }
+        let sizes = self.groups(sae)?;
+        let g = sizes.len();
+        let mut end = 0;
+        Ok(sizes
+            .iter()
+            .enumerate()
+            .map(|(i, size)| {
+                end += size;
+                // The reference's default weight is 1/G, so each prefix counts 1/G².
+                let w = self
+                    .group_weights
+                    .get(i)
+                    .map_or(1.0 / g as f64, |&w| w as f64);
+                Prefix {
+                    end,
+                    weight: (w / g as f64) as f32,
+                }
+            })
+            .collect())
     }
 }
 
@@ -317,7 +436,8 @@ impl Rules {
                 learn_threshold: false,
                 dead_tokens: train.dead_tokens,
             },
-            Architecture::BatchTopK { .. } => Rules {
+            // MatryoshkaBatchTopKTrainer is BatchTopKTrainer but for the loss.
+            Architecture::BatchTopK { .. } | Architecture::Matryoshka { .. } => Rules {
                 selection: Selection::of(sae.arch),
                 penalty: auxk,
                 decoder: topk_decoder,
@@ -366,7 +486,11 @@ mod tests {
         assert_eq!(ArchName::Batchtopk.with_k(7).k(), Some(7));
         assert_eq!(ArchName::Relu.with_k(7), Architecture::RELU);
         let err = "TopK".parse::<ArchName>().unwrap_err();
-        assert!(err.contains("relu, topk, batchtopk or jumprelu"), "{err}");
+        assert!(
+            err.contains("relu, topk, batchtopk, jumprelu or matryoshka"),
+            "{err}"
+        );
+        assert_eq!(ArchName::Matryoshka.with_k(7).k(), Some(7));
         assert_eq!(ArchName::Jumprelu.with_k(7), Architecture::JumpRelu);
     }
 
@@ -385,6 +509,7 @@ mod tests {
             [
                 (true, "standard"),
                 (false, "topk"),
+                (false, "jumprelu"),
                 (false, "jumprelu"),
                 (false, "jumprelu")
             ]

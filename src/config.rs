@@ -34,6 +34,15 @@ pub enum Architecture {
     /// estimator and an L0 penalty.
     #[serde(rename = "jumprelu")]
     JumpRelu,
+    /// BatchTopK whose nested prefixes of the dictionary each reconstruct the input
+    /// (Bussmann, Nabeshima, Karvonen, Nanda 2025, `MatryoshkaBatchTopKTrainer`): the loss
+    /// weighs the reconstruction error of every prefix ([`TrainConfig::group_sizes`]).
+    /// Selection and inference are BatchTopK's.
+    #[serde(rename = "matryoshka")]
+    Matryoshka {
+        /// Mean active latents per row.
+        k: usize,
+    },
 }
 
 impl Architecture {
@@ -42,11 +51,13 @@ impl Architecture {
         variant: ReluVariant::DecoderNorm,
     };
 
-    /// The k of TopK/BatchTopK; `None` for ReLU and JumpReLU.
+    /// The k of TopK, BatchTopK and Matryoshka; `None` for ReLU and JumpReLU.
     pub fn k(&self) -> Option<usize> {
         match *self {
             Architecture::Relu { .. } | Architecture::JumpRelu => None,
-            Architecture::TopK { k } | Architecture::BatchTopK { k } => Some(k),
+            Architecture::TopK { k }
+            | Architecture::BatchTopK { k }
+            | Architecture::Matryoshka { k } => Some(k),
         }
     }
 }
@@ -154,6 +165,17 @@ pub struct TrainConfig {
     /// JumpReLU: the L0 the penalty aims at, c·(L0/target − 1)² (default 20,
     /// dictionary_learning's `target_l0`).
     pub target_l0: f32,
+    /// Matryoshka: the fraction of the dictionary in each nested group, summing to 1; group i
+    /// gets ⌊fraction·F⌋ latents and the last the rest, as the reference trainer splits them
+    /// (default 1/32, 1/16, 1/8, 1/4, 1/2 + 1/32: dictionary_learning_demo's
+    /// `MatryoshkaBatchTopKTrainerConfig`). Ignored when `group_sizes` is given.
+    pub group_fractions: Vec<f64>,
+    /// Matryoshka: the groups' sizes in latents, summing to F; empty (the default) takes them
+    /// from `group_fractions`.
+    pub group_sizes: Vec<usize>,
+    /// Matryoshka: each prefix's weight in the loss, which is the mean over prefixes of
+    /// weight·MSE (the reference's); empty (the default) weighs every prefix 1/G.
+    pub group_weights: Vec<f32>,
     /// TopK/BatchTopK: weight α of the AuxK loss (default 1/32, Gao et al. 2024 A.2).
     pub auxk_alpha: f32,
     /// TopK/BatchTopK: a latent is dead after this many tokens without firing (default 10M).
@@ -180,6 +202,15 @@ impl Default for TrainConfig {
             jumprelu_bandwidth: 0.001,
             l0_coefficient: 1.0,
             target_l0: 20.0,
+            group_fractions: vec![
+                1.0 / 32.0,
+                1.0 / 16.0,
+                1.0 / 8.0,
+                1.0 / 4.0,
+                0.5 + 1.0 / 32.0,
+            ],
+            group_sizes: Vec::new(),
+            group_weights: Vec::new(),
             auxk_alpha: 1.0 / 32.0,
             dead_tokens: 10_000_000,
             threshold_start_step: 1000,
@@ -239,6 +270,9 @@ impl TrainConfig {
         }
         if !(self.target_l0.is_finite() && self.target_l0 > 0.0) {
             return Err(E::TargetL0(self.target_l0));
+        }
+        if matches!(sae.arch, Architecture::Matryoshka { .. }) {
+            self.groups(sae)?;
         }
         // The architectures whose penalty warms up.
         let relu = matches!(sae.arch, Architecture::Relu { .. } | Architecture::JumpRelu);
@@ -328,6 +362,14 @@ pub enum ConfigError {
     /// λ negative or not finite.
     #[error("l1_coefficient must be a finite number >= 0, got {0}")]
     L1Coefficient(f32),
+    /// Matryoshka's groups given wrongly.
+    #[error("{field}: {problem}")]
+    Groups {
+        /// `group_sizes`, `group_fractions` or `group_weights`.
+        field: &'static str,
+        /// What is wrong, and what to give instead.
+        problem: String,
+    },
     /// JumpReLU's bandwidth ε not a finite positive number.
     #[error("jumprelu_bandwidth must be a finite number > 0, got {0}")]
     Bandwidth(f32),
@@ -632,6 +674,59 @@ mod tests {
             check(sae(Architecture::JumpRelu), |c| c.total_steps = 1500),
             Err(ConfigError::SparsityWarmupNotBeforeEnd { .. })
         ));
+    }
+
+    #[test]
+    fn matryoshka_groups_are_the_reference_split_and_each_mistake_names_its_field() {
+        let m = sae(Architecture::Matryoshka { k: 4 });
+        let big = SaeConfig {
+            dict_size: 128,
+            ..m
+        };
+        let t = TrainConfig::default();
+        // ⌊f·128⌋ for all but the last, which takes the rest; each prefix weighs (1/5)/5.
+        assert_eq!(t.groups(&big), Ok(vec![4, 8, 16, 32, 68]));
+        let prefixes = t.prefixes(&big).unwrap();
+        assert_eq!(
+            prefixes.iter().map(|p| p.end).collect::<Vec<_>>(),
+            [4, 12, 28, 60, 128]
+        );
+        assert!(prefixes.iter().all(|p| p.weight == (0.2f64 / 5.0) as f32));
+        // Other architectures weigh the one reconstruction by 1.
+        let one = t.prefixes(&sae(TOPK)).unwrap();
+        assert_eq!((one.len(), one[0].end, one[0].weight), (1, 32, 1.0));
+        let field = |edit: fn(&mut TrainConfig)| match check(m, edit) {
+            Err(ConfigError::Groups { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        // 32 latents: 1/32 of them is one, 1/16 two... fine; but no fraction may be 0.
+        assert_eq!(check(m, |_| {}), Ok(()));
+        assert_eq!(
+            field(|c| c.group_fractions = vec![0.5, 0.25]),
+            "group_fractions"
+        );
+        assert_eq!(field(|c| c.group_fractions = vec![]), "group_fractions");
+        assert_eq!(
+            field(|c| c.group_fractions = vec![1.5, -0.5]),
+            "group_fractions"
+        );
+        assert_eq!(
+            field(|c| c.group_fractions = vec![0.01, 0.99]),
+            "group_fractions"
+        );
+        assert_eq!(field(|c| c.group_sizes = vec![16, 8]), "group_sizes");
+        assert_eq!(field(|c| c.group_sizes = vec![32, 0]), "group_sizes");
+        assert_eq!(field(|c| c.group_weights = vec![1.0, 2.0]), "group_weights");
+        assert_eq!(
+            field(|c| {
+                c.group_sizes = vec![16, 16];
+                c.group_weights = vec![1.0, f32::NAN]
+            }),
+            "group_weights"
+        );
+        assert_eq!(check(m, |c| c.group_sizes = vec![8, 24]), Ok(()));
+        // The groups mean nothing to the other architectures.
+        assert_eq!(check(sae(TOPK), |c| c.group_sizes = vec![1]), Ok(()));
     }
 
     #[test]

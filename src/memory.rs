@@ -121,6 +121,10 @@ impl Estimate {
             Architecture::TopK { k } | Architecture::BatchTopK { k } => {
                 (mul(&[b, u(k)]), 0, mul(&[b, (d / 2).min(f)]))
             }
+            // And one B×D reconstruction and upstream per prefix (at most a few).
+            Architecture::Matryoshka { k } => {
+                (mul(&[b, u(k)]), mul(&[64, b, d]), mul(&[b, (d / 2).min(f)]))
+            }
             // JumpReLU starts with θ_j = 0.001, where about half the pre-activations pass.
             Architecture::JumpRelu => (mul(&[b, f]) / 2, 0, 0),
         };

@@ -10,7 +10,7 @@ use common::{f16_bytes, ok, sae, synthetic_batch, temp_dir, text, write_npy};
 #[test]
 fn short_synthetic_run_prints_progress_and_recovery() {
     let dir = temp_dir("cli-synthetic");
-    for arch in ["batchtopk", "topk", "relu", "jumprelu"] {
+    for arch in ["batchtopk", "topk", "relu", "jumprelu", "matryoshka"] {
         let out_dir = dir.join(arch);
         let out = sae(&[
             "train",
@@ -87,6 +87,27 @@ fn invalid_options_exit_with_status_2_and_name_the_option() {
         (vec!["--auxk-alpha", "inf"], "--auxk-alpha"),
         (vec!["--dead-tokens", "0"], "--dead-tokens"),
         (vec!["--threshold-beta", "1"], "--threshold-beta"),
+        (
+            vec!["--arch", "matryoshka", "--group-sizes", "1,2"],
+            "--group-sizes",
+        ),
+        (
+            vec!["--arch", "matryoshka", "--group-fractions", "0.5,0.2"],
+            "--group-fractions",
+        ),
+        (
+            vec!["--arch", "matryoshka", "--group-weights", "1"],
+            "--group-weights",
+        ),
+        (vec!["--arch", "jumprelu", "--k", "0"], "--k"),
+        (
+            vec!["--arch", "jumprelu", "--l0-coefficient", "-1"],
+            "--l0-coefficient",
+        ),
+        (
+            vec!["--arch", "jumprelu", "--jumprelu-bandwidth", "0"],
+            "--jumprelu-bandwidth",
+        ),
         (vec!["--threshold-beta", "nan"], "--threshold-beta"),
         (
             vec!["--steps", "100", "--threshold-start-step", "99"],

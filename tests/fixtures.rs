@@ -99,6 +99,7 @@ impl Case {
             "topk" => Architecture::TopK { k: self.usize("k") },
             "batchtopk" => Architecture::BatchTopK { k: self.usize("k") },
             "jumprelu" => Architecture::JumpRelu,
+            "matryoshka" => Architecture::Matryoshka { k: self.usize("k") },
             other => panic!("unknown arch {other}"),
         }
     }
@@ -121,6 +122,11 @@ impl Case {
             jumprelu_bandwidth: self.f32_or("bandwidth", defaults.jumprelu_bandwidth),
             l0_coefficient: self.f32_or("l0_coefficient", defaults.l0_coefficient),
             target_l0: self.f32_or("target_l0", defaults.target_l0),
+            group_sizes: self.config["group_sizes"]
+                .as_array()
+                .map_or(vec![], |sizes| {
+                    sizes.iter().map(|v| v.as_u64().unwrap() as usize).collect()
+                }),
             ..defaults
         };
         let sae_config = SaeConfig {
@@ -154,7 +160,9 @@ impl Case {
     fn is_topk_family(&self) -> bool {
         matches!(
             self.arch(),
-            Architecture::TopK { .. } | Architecture::BatchTopK { .. }
+            Architecture::TopK { .. }
+                | Architecture::BatchTopK { .. }
+                | Architecture::Matryoshka { .. }
         )
     }
 }
@@ -342,7 +350,10 @@ fn many_steps(name: &str) {
             "tokens since fired"
         );
     }
-    if matches!(case.arch(), Architecture::BatchTopK { .. }) {
+    if matches!(
+        case.arch(),
+        Architecture::BatchTopK { .. } | Architecture::Matryoshka { .. }
+    ) {
         let reference = case.vector("threshold_steps");
         assert!(
             reference.iter().any(|&t| t > 0.0),
@@ -413,6 +424,16 @@ fn topk_25_steps() {
 #[test]
 fn batchtopk_25_steps() {
     many_steps("batchtopk_run25");
+}
+
+#[test]
+fn matryoshka_one_step() {
+    one_step("matryoshka_step1");
+}
+
+#[test]
+fn matryoshka_25_steps() {
+    many_steps("matryoshka_run25");
 }
 
 #[test]

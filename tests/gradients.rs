@@ -59,6 +59,11 @@ enum Penalty {
         target: f64,
         eps: f64,
     },
+    /// Matryoshka: Σ_i c_i·MSE(x̂ from latents below end_i), and AuxK on the full residual.
+    Prefixes {
+        alpha: f64,
+        prefixes: [(usize, f64); 3],
+    },
 }
 
 /// The rectangle kernel: 1 on (−½, ½).
@@ -113,6 +118,20 @@ fn loss64(
     let n = x.nrows() as f64;
     let mse = (x - &x_hat).mapv(|v| v * v).sum() / n;
     match penalty {
+        Penalty::Prefixes { alpha, prefixes } => {
+            let e_hat = keep(aux_mask).dot(&p.w_dec);
+            let num = (e0 - &e_hat).mapv(|v| v * v).sum() / n;
+            let mean = e0.mean_axis(ndarray::Axis(0)).unwrap();
+            let den = (e0 - &mean).mapv(|v| v * v).sum() / n;
+            let mut total = alpha * num / den;
+            for (end, c) in prefixes {
+                let mut f_i = f.clone();
+                f_i.slice_mut(ndarray::s![.., end..]).fill(0.0);
+                let x_hat_i = f_i.dot(&p.w_dec) + &p.b_dec;
+                total += c * (x - &x_hat_i).mapv(|v| v * v).sum() / n;
+            }
+            total
+        }
         Penalty::AuxK { alpha } => {
             let e_hat = keep(aux_mask).dot(&p.w_dec);
             let num = (e0 - &e_hat).mapv(|v| v * v).sum() / n;
@@ -154,7 +173,7 @@ fn check(arch: Architecture, config: TrainConfig, penalty: Penalty, dense_thresh
     let x64 = x.mapv(f64::from);
     let mask = cap.codes_bf.mapv(|v| v != 0.0);
     let aux_mask = cap.aux_codes_bf.mapv(|v| v != 0.0);
-    if let Penalty::AuxK { .. } = penalty {
+    if let Penalty::AuxK { .. } | Penalty::Prefixes { .. } = penalty {
         assert!(
             aux_mask.iter().any(|&m| m),
             "AuxK must be active for this check"
@@ -284,4 +303,19 @@ fn jumprelu_gradients_match_the_straight_through_estimator() {
         eps: 0.2,
     };
     check(Architecture::JumpRelu, cfg, penalty, None);
+}
+
+#[test]
+fn matryoshka_gradients_match_finite_differences() {
+    let cfg = TrainConfig {
+        group_sizes: vec![4, 8, 12],
+        group_weights: vec![0.5, 1.0, 2.0],
+        ..config()
+    };
+    // The loss is the mean over the 3 prefixes of w_i·MSE_i.
+    let penalty = Penalty::Prefixes {
+        alpha: 1.0 / 32.0,
+        prefixes: [(4, 0.5 / 3.0), (12, 1.0 / 3.0), (24, 2.0 / 3.0)],
+    };
+    check(Architecture::Matryoshka { k: 3 }, cfg, penalty, None);
 }

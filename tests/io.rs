@@ -23,11 +23,12 @@ use sparse_autoencoder::optim::ParamTensors;
 use sparse_autoencoder::train::TrainerState;
 use sparse_autoencoder::{Architecture, Error, Sae, SaeConfig, TrainConfig, Trainer};
 
-const ARCHS: [Architecture; 4] = [
+const ARCHS: [Architecture; 5] = [
     Architecture::RELU,
     Architecture::TopK { k: 4 },
     Architecture::BatchTopK { k: 4 },
     Architecture::JumpRelu,
+    Architecture::Matryoshka { k: 4 },
 ];
 
 /// Bit patterns, so that -0.0 ≠ 0.0 and NaN = NaN: "exact" means exact.
@@ -234,6 +235,7 @@ fn a_checkpoint_halfway_resumes_to_the_bits_of_the_uninterrupted_run() {
             Architecture::Relu { .. } | Architecture::JumpRelu => arch,
             Architecture::TopK { .. } => Architecture::TopK { k: 2 },
             Architecture::BatchTopK { .. } => Architecture::BatchTopK { k: 2 },
+            Architecture::Matryoshka { .. } => Architecture::Matryoshka { k: 2 },
         };
         let config = SaeConfig {
             d_model: 8,
@@ -275,7 +277,10 @@ fn a_checkpoint_halfway_resumes_to_the_bits_of_the_uninterrupted_run() {
         }
         assert_eq!(
             state.sae.threshold().is_some(),
-            matches!(arch, Architecture::BatchTopK { .. })
+            matches!(
+                arch,
+                Architecture::BatchTopK { .. } | Architecture::Matryoshka { .. }
+            )
         );
         let mut forgetful_state = loaded.state;
         let shape = *forgetful_state.sae.config();
@@ -624,7 +629,9 @@ fn exports_hold_the_tensors_and_config_the_python_libraries_read() {
         let expected = match arch {
             Architecture::Relu { .. } => "standard",
             Architecture::TopK { .. } => "topk",
-            Architecture::BatchTopK { .. } | Architecture::JumpRelu => "jumprelu",
+            Architecture::BatchTopK { .. }
+            | Architecture::JumpRelu
+            | Architecture::Matryoshka { .. } => "jumprelu",
         };
         assert_eq!(cfg["architecture"], expected);
         assert_eq!(

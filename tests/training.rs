@@ -55,11 +55,12 @@ fn all_finite(sae: &Sae) -> bool {
         .all(|v| v.is_finite())
 }
 
-const ARCHS: [Architecture; 4] = [
+const ARCHS: [Architecture; 5] = [
     Architecture::RELU,
     Architecture::TopK { k: 4 },
     Architecture::BatchTopK { k: 4 },
     Architecture::JumpRelu,
+    Architecture::Matryoshka { k: 4 },
 ];
 
 #[test]
@@ -272,8 +273,14 @@ fn all_zero_rows_d1_f1_and_single_rows_train_without_nan() {
                 Architecture::Relu { .. } | Architecture::JumpRelu => arch,
                 Architecture::TopK { .. } => Architecture::TopK { k: 1 },
                 Architecture::BatchTopK { .. } => Architecture::BatchTopK { k: 1 },
+                Architecture::Matryoshka { .. } => Architecture::Matryoshka { k: 1 },
             };
-            let (trainer, _) = train(arch, d, f, 8, 12, short_run());
+            // Matryoshka's default fractions leave empty groups in a dictionary this small.
+            let groups = TrainConfig {
+                group_sizes: if f > 1 { vec![1, f - 1] } else { vec![1] },
+                ..short_run()
+            };
+            let (trainer, _) = train(arch, d, f, 8, 12, groups);
             assert!(all_finite(trainer.sae()), "{arch:?} d={d} f={f}");
         }
 
@@ -415,13 +422,14 @@ fn processes_sharing_each_batch_train_what_one_process_trains() {
     let unit_decoder = Architecture::Relu {
         variant: ReluVariant::UnitDecoder,
     };
-    let cases: [(&str, Architecture, f32); 6] = [
+    let cases: [(&str, Architecture, f32); 7] = [
         ("relu dense", Architecture::RELU, 0.05),
         ("relu sparse", Architecture::RELU, 1.0),
         ("relu unit-norm", unit_decoder, 1.0),
         ("topk", Architecture::TopK { k: 4 }, 0.05),
         ("batchtopk", Architecture::BatchTopK { k: 4 }, 0.05),
         ("jumprelu", Architecture::JumpRelu, 0.05),
+        ("matryoshka", Architecture::Matryoshka { k: 4 }, 0.05),
     ];
     for (what, arch, dense_threshold) in cases {
         let config = TrainConfig {

@@ -70,6 +70,62 @@ pub fn decode_into(
         });
 }
 
+/// Nested reconstructions: block g of `out_gbd` (rows g·B..(g+1)·B) ← the codes of latents
+/// below `ends[g]` times `w_fd`, plus `bias_d`, for ascending `ends`. One pass over each row's
+/// codes (ascending latents), each prefix continuing the one before, so G prefixes cost one
+/// decode plus G row copies.
+pub fn decode_prefixes_into(
+    codes: &Codes,
+    w_fd: ArrayView2<'_, f32>,
+    bias_d: ArrayView1<'_, f32>,
+    ends: &[usize],
+    out_gbd: ArrayViewMut2<'_, f32>,
+) {
+    let (n, d) = (codes.n_rows(), w_fd.ncols());
+    debug_assert_eq!(out_gbd.nrows(), ends.len() * n);
+    let mut out_gbd = out_gbd
+        .into_shape_with_order((ends.len(), n, d))
+        .expect("G·B rows in standard layout");
+    let mut blocks: Vec<ArrayViewMut2<'_, f32>> = out_gbd.outer_iter_mut().collect();
+    let mut rows_gb: Vec<Vec<&mut [f32]>> = blocks
+        .iter_mut()
+        .map(|block| {
+            block
+                .as_slice_mut()
+                .expect("standard layout")
+                .chunks_mut(d)
+                .collect()
+        })
+        .collect();
+    // Row b's outputs in every block, for one task per row.
+    let mut per_row: Vec<Vec<&mut [f32]>> =
+        (0..n).map(|_| Vec::with_capacity(ends.len())).collect();
+    for rows_b in rows_gb.iter_mut() {
+        for (b, row) in rows_b.drain(..).enumerate() {
+            per_row[b].push(row);
+        }
+    }
+    let bias = bias_d.as_slice().expect("contiguous bias");
+    per_row
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(b, mut outs)| {
+            let (idx, val) = codes.row(b);
+            let mut acc = bias.to_vec();
+            let mut e = 0;
+            dispatch(|| {
+                for (g, out) in outs.iter_mut().enumerate() {
+                    while e < idx.len() && (idx[e] as usize) < ends[g] {
+                        let w = w_fd.row(idx[e] as usize);
+                        axpy(val[e], w.as_slice().expect("contiguous row"), &mut acc);
+                        e += 1;
+                    }
+                    out.copy_from_slice(&acc);
+                }
+            })
+        });
+}
+
 /// Codes transposed to latent-major order (CSC): latent `j`'s entries are
 /// `entry[indptr[j]..indptr[j + 1]]`, each the position of that entry in the row-major
 /// [`Codes`] arrays, in ascending row order. Lets per-latent gradients be summed by one task each.

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+use sparse_autoencoder::arch::Selection;
 use sparse_autoencoder::data::{NpyShards, Source};
 use sparse_autoencoder::dist::{agree, World};
 use sparse_autoencoder::encode::Encoder;
@@ -169,15 +170,15 @@ fn open<'a>(
     }
     std::fs::create_dir_all(&args.out)
         .map_err(|err| UsageError(format!("invalid --out {}: {err}", args.out.display())))?;
+    // Only TopK has k codes in every row.
     let layout = match sae.config().arch {
         Architecture::TopK { k } => CodesLayout::TopK { k },
-        Architecture::Relu { .. } | Architecture::BatchTopK { .. } | Architecture::JumpRelu => {
-            CodesLayout::Csr
-        }
+        _ => CodesLayout::Csr,
     };
-    if matches!(sae.config().arch, Architecture::BatchTopK { .. }) && sae.threshold().is_none() {
+    let batch_rule = matches!(Selection::of(sae.config().arch), Selection::BatchTopK(_));
+    if batch_rule && sae.threshold().is_none() {
         println!(
-            "note: this BatchTopK SAE has no threshold θ yet; each batch keeps its own top k·B \
+            "note: this SAE has no threshold θ yet; each batch keeps its own top k·B \
              codes, so codes depend on --batch-size"
         );
     }

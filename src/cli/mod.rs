@@ -86,6 +86,21 @@ fn option_for(err: &ConfigError) -> Option<&'static str> {
             ..
         } => "--threshold-beta",
         E::WarmupNotBeforeEnd { .. } => "--warmup-steps",
+        E::TargetL0(_) => "--k",
+        E::L0Coefficient(_) => "--l0-coefficient",
+        E::Bandwidth(_) => "--jumprelu-bandwidth",
+        E::Groups {
+            field: "group_sizes",
+            ..
+        } => "--group-sizes",
+        E::Groups {
+            field: "group_fractions",
+            ..
+        } => "--group-fractions",
+        E::Groups {
+            field: "group_weights",
+            ..
+        } => "--group-weights",
         E::ZeroBatchSize
         | E::TooLarge {
             field: "batch_size",

@@ -195,6 +195,28 @@ struct OptimArgs {
     /// batchtopk: weight β of the old θ in its moving average, in [0, 1) [default: 0.999].
     #[arg(long, allow_negative_numbers = true)]
     threshold_beta: Option<f64>,
+    /// jumprelu: coefficient c of the penalty c·(L0/k − 1)² [default: 1].
+    #[arg(long, allow_negative_numbers = true)]
+    l0_coefficient: Option<f32>,
+    /// jumprelu: bandwidth ε of the thresholds' straight-through estimator [default: 0.001].
+    #[arg(long, allow_negative_numbers = true)]
+    jumprelu_bandwidth: Option<f32>,
+    /// matryoshka: the nested groups' sizes in latents, summing to --dict-size (one list, not
+    /// a sweep) [default: from --group-fractions].
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_negative_numbers = true,
+        conflicts_with = "group_fractions"
+    )]
+    group_sizes: Vec<usize>,
+    /// matryoshka: the fraction of the dictionary in each group, summing to 1 [default:
+    /// 1/32,1/16,1/8,1/4,17/32].
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    group_fractions: Vec<f64>,
+    /// matryoshka: each prefix's weight in the loss, one per group [default: 1/G each].
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    group_weights: Vec<f32>,
     /// Seed of the SAE's initialisation, the batch order and the synthetic data [default: 0].
     #[arg(long, allow_negative_numbers = true)]
     seed: Option<u64>,
@@ -218,7 +240,8 @@ struct RunArgs {
             "buffer_rows", "arch", "k", "dict_size", "expansion",
             "relu_variant", "batch_size", "steps", "tokens", "lr", "l1", "warmup_steps",
             "decay_start", "auxk_alpha", "dead_tokens", "threshold_start_step",
-            "threshold_beta", "seed", "out", "force", "checkpoint_every", "metrics_every",
+            "threshold_beta", "l0_coefficient", "jumprelu_bandwidth", "group_sizes", "group_fractions", "group_weights", "seed", "out",
+            "force", "checkpoint_every", "metrics_every",
             "max_memory"]
     )]
     resume: Option<PathBuf>,
@@ -460,6 +483,17 @@ fn sweep(tables: &[SaeSpec], args: &TrainArgs) -> Vec<SaeSpec> {
         base.dead_tokens = o.dead_tokens.or(base.dead_tokens);
         base.threshold_start_step = o.threshold_start_step.or(base.threshold_start_step);
         base.threshold_beta = o.threshold_beta.or(base.threshold_beta);
+        base.l0_coefficient = o.l0_coefficient.or(base.l0_coefficient);
+        base.jumprelu_bandwidth = o.jumprelu_bandwidth.or(base.jumprelu_bandwidth);
+        if !o.group_sizes.is_empty() || !o.group_fractions.is_empty() {
+            // One way of giving the groups replaces the other.
+            base.group_sizes = (!o.group_sizes.is_empty()).then(|| o.group_sizes.clone());
+            base.group_fractions =
+                (!o.group_fractions.is_empty()).then(|| o.group_fractions.clone());
+        }
+        if !o.group_weights.is_empty() {
+            base.group_weights = Some(o.group_weights.clone());
+        }
         let sizes: Vec<(Option<usize>, Option<usize>)> = if !m.dict_size.is_empty() {
             m.dict_size.iter().map(|&f| (Some(f), None)).collect()
         } else if !m.expansion.is_empty() {

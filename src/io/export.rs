@@ -68,15 +68,20 @@ pub fn export_saelens(sae: &Sae, dir: &Path, metadata: &ExportMetadata) -> Resul
     let architecture = sae.config().arch.saelens_name();
     let extra = match sae.config().arch {
         Architecture::TopK { k } => Some(("k", json!(k))),
-        Architecture::Relu { .. } | Architecture::BatchTopK { .. } | Architecture::JumpRelu => None,
+        Architecture::Relu { .. }
+        | Architecture::BatchTopK { .. }
+        | Architecture::JumpRelu
+        | Architecture::Matryoshka { .. } => None,
     };
     let threshold_f = match (sae.config().arch, sae.threshold()) {
         (Architecture::JumpRelu, _) => Some(sae.latent_thresholds().to_owned()),
-        (Architecture::BatchTopK { .. }, Some(theta)) => Some(ndarray::Array1::from_elem(f, theta)),
-        (Architecture::BatchTopK { .. }, None) => {
+        (Architecture::BatchTopK { .. } | Architecture::Matryoshka { .. }, Some(theta)) => {
+            Some(ndarray::Array1::from_elem(f, theta))
+        }
+        (Architecture::BatchTopK { .. } | Architecture::Matryoshka { .. }, None) => {
             return Err(refuse(
                 dir,
-                "this BatchTopK SAE has no threshold θ yet (training stopped before \
+                "this SAE has no threshold θ yet (training stopped before \
                  threshold_start_step), so it has no fixed encoding to export; train longer"
                     .into(),
             ))
@@ -134,7 +139,9 @@ pub fn export_saelens(sae: &Sae, dir: &Path, metadata: &ExportMetadata) -> Resul
 pub fn export_sparsify(sae: &Sae, dir: &Path) -> Result<()> {
     let (f, d) = (sae.config().dict_size, sae.config().d_model);
     let k = match sae.config().arch {
-        Architecture::TopK { k } | Architecture::BatchTopK { k } => k,
+        Architecture::TopK { k }
+        | Architecture::BatchTopK { k }
+        | Architecture::Matryoshka { k } => k,
         arch @ (Architecture::Relu { .. } | Architecture::JumpRelu) => {
             return Err(refuse(
                 dir,

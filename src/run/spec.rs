@@ -165,6 +165,16 @@ pub struct SaeSpec {
     pub threshold_start_step: Option<u64>,
     /// BatchTopK: the weight β of the old θ in its moving average (default 0.999).
     pub threshold_beta: Option<f64>,
+    /// JumpReLU: the L0 penalty's coefficient c (default 1).
+    pub l0_coefficient: Option<f32>,
+    /// JumpReLU: the bandwidth ε of the thresholds' straight-through estimator (default 0.001).
+    pub jumprelu_bandwidth: Option<f32>,
+    /// Matryoshka: the nested groups' sizes, summing to F (default: from `group_fractions`).
+    pub group_sizes: Option<Vec<usize>>,
+    /// Matryoshka: the fraction of F in each group (default 1/32, 1/16, 1/8, 1/4, 17/32).
+    pub group_fractions: Option<Vec<f64>>,
+    /// Matryoshka: each prefix's weight in the loss (default 1/G each, the reference's).
+    pub group_weights: Option<Vec<f32>>,
 }
 
 /// Peak learning rate on the synthetic data.
@@ -238,8 +248,10 @@ impl SaeSpec {
         });
         let lr = self.lr.or(cx.synthetic.then_some(SYNTH_LR));
         let relu = arch_name == ArchName::Relu;
-        // θ's knobs mean nothing to relu and topk, which learn no threshold.
-        let batchtopk = arch_name == ArchName::Batchtopk;
+        // θ's knobs mean nothing to the architectures that learn no batch threshold.
+        let batchtopk = matches!(arch_name, ArchName::Batchtopk | ArchName::Matryoshka);
+        let matryoshka = arch_name == ArchName::Matryoshka;
+        let jumprelu = arch_name == ArchName::Jumprelu;
         // λ means nothing to topk and batchtopk: they keep the library's value, so a resolved
         // spec (which omits it) resolves to the same recipe.
         let l1_coefficient = match self.l1 {
@@ -268,11 +280,21 @@ impl SaeSpec {
             threshold_beta: self.threshold_beta.unwrap_or(defaults.threshold_beta),
             // JumpReLU's penalty aims at k active latents per row, the budget the other
             // architectures select.
-            target_l0: if arch_name == ArchName::Jumprelu {
+            target_l0: if jumprelu {
                 k as f32
             } else {
                 defaults.target_l0
             },
+            l0_coefficient: self.l0_coefficient.unwrap_or(defaults.l0_coefficient),
+            jumprelu_bandwidth: self
+                .jumprelu_bandwidth
+                .unwrap_or(defaults.jumprelu_bandwidth),
+            group_sizes: self.group_sizes.clone().unwrap_or_default(),
+            group_fractions: self
+                .group_fractions
+                .clone()
+                .unwrap_or(defaults.group_fractions),
+            group_weights: self.group_weights.clone().unwrap_or_default(),
             ..defaults
         };
         train.validate(&sae)?;
@@ -285,9 +307,16 @@ impl SaeSpec {
                 });
             }
         }
-        // Recorded as a number, so config.toml says what the run used.
+        // Recorded as a number (and Matryoshka's groups as sizes), so config.toml says what
+        // the run used and resolves to the same recipe.
+        let group_sizes = if matryoshka {
+            train.groups(&sae)?
+        } else {
+            train.group_sizes.clone()
+        };
         let train = TrainConfig {
             lr: Some(train.learning_rate(&sae)),
+            group_sizes,
             ..train
         };
         let resolved = SaeSpec {
@@ -312,6 +341,13 @@ impl SaeSpec {
             dead_tokens: Some(dead_tokens),
             threshold_start_step: batchtopk.then_some(train.threshold_start_step),
             threshold_beta: batchtopk.then_some(train.threshold_beta),
+            l0_coefficient: jumprelu.then_some(train.l0_coefficient),
+            jumprelu_bandwidth: jumprelu.then_some(train.jumprelu_bandwidth),
+            // The sizes the fractions gave, so config.toml says what the run used.
+            group_sizes: matryoshka.then(|| train.group_sizes.clone()),
+            group_fractions: None,
+            group_weights: (matryoshka && !train.group_weights.is_empty())
+                .then(|| train.group_weights.clone()),
         };
         Ok((resolved, sae, train))
     }
@@ -324,6 +360,7 @@ fn default_name(sae: &SaeConfig, train: &TrainConfig) -> String {
         Architecture::TopK { k } => format!("topk-k{k}-f{}", sae.dict_size),
         Architecture::BatchTopK { k } => format!("batchtopk-k{k}-f{}", sae.dict_size),
         Architecture::JumpRelu => format!("jumprelu-l0_{}-f{}", train.target_l0, sae.dict_size),
+        Architecture::Matryoshka { k } => format!("matryoshka-k{k}-f{}", sae.dict_size),
     }
 }
 
@@ -357,7 +394,7 @@ mod tests {
 
     #[test]
     fn the_resolved_spec_resolves_to_the_same_configs() {
-        for arch in [ArchName::Relu, ArchName::Topk, ArchName::Batchtopk] {
+        for arch in ArchName::ALL {
             let spec = SaeSpec {
                 arch: Some(arch),
                 expansion: Some(4),
@@ -368,6 +405,37 @@ mod tests {
             let (again, sae2, train2) = resolved.resolve(cx(false)).unwrap();
             assert_eq!((again, sae2, train2), (resolved, sae, train));
         }
+    }
+
+    #[test]
+    fn matryoshka_records_its_groups_and_jumprelu_its_penalty() {
+        let spec = SaeSpec {
+            arch: Some(ArchName::Matryoshka),
+            group_fractions: Some(vec![0.25, 0.75]),
+            group_weights: Some(vec![1.0, 3.0]),
+            ..SaeSpec::default()
+        };
+        let (resolved, _, train) = spec.resolve(cx(false)).unwrap();
+        // F = 8·64: the fractions become sizes, which is what config.toml records.
+        assert_eq!(resolved.group_sizes, Some(vec![128, 384]));
+        assert_eq!(resolved.group_fractions, None);
+        assert_eq!(resolved.group_weights, Some(vec![1.0, 3.0]));
+        assert_eq!(train.group_weights, vec![1.0, 3.0]);
+        assert!(resolved.threshold_beta.is_some());
+        let spec = SaeSpec {
+            arch: Some(ArchName::Jumprelu),
+            k: Some(24),
+            l0_coefficient: Some(0.5),
+            ..SaeSpec::default()
+        };
+        let (resolved, _, train) = spec.resolve(cx(false)).unwrap();
+        assert_eq!((train.target_l0, train.l0_coefficient), (24.0, 0.5));
+        assert_eq!(resolved.l0_coefficient, Some(0.5));
+        assert_eq!(resolved.jumprelu_bandwidth, Some(0.001));
+        assert_eq!(
+            (resolved.group_sizes, resolved.threshold_beta),
+            (None, None)
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::loss::column_sums_by;
 use super::phases::JumpArgs;
+use crate::arch::Prefix;
 use crate::backend::simd::{dispatch, prefetch};
 use crate::backend::sparse::{axpy, dot, ByLatent};
 use crate::backend::Backend;
@@ -40,6 +41,9 @@ pub(super) struct Context<'a> {
     pub weight_by_decoder_norm: bool,
     /// JumpReLU's thresholds' kernel and L0 slope (`None` for the other architectures).
     pub jump: Option<JumpArgs>,
+    /// The reconstructions the loss weighs (one but for Matryoshka): latent j's upstream is
+    /// the block of the first prefix that holds it.
+    pub prefixes: &'a [Prefix],
     /// The update's per-row preparation, done here while the rows are in cache; `None` when
     /// the trainer does it in a separate pass.
     pub fused_prep: Option<RowPrep>,
@@ -56,7 +60,9 @@ pub(super) struct Context<'a> {
 pub(super) struct Batch<'a> {
     /// x − b_dec, B×D.
     pub xc_bd: ArrayView2<'a, f32>,
-    /// ∂L/∂x̂, B×D.
+    /// ∂L/∂x̂, B×D; with nested prefixes, one B×D block per prefix g holding the upstream of
+    /// the latents of group g, Σ_{i ≥ g} ∂L/∂x̂_i (block 0 is then ∂L/∂x̂ summed over every
+    /// reconstruction, what b_dec receives).
     pub up_main_bd: ArrayView2<'a, f32>,
     /// ∂L/∂ê (AuxK), B×D.
     pub up_aux_bd: ArrayView2<'a, f32>,
@@ -70,16 +76,17 @@ pub(super) struct Batch<'a> {
 }
 
 impl<'a> Batch<'a> {
-    /// The batch of `xc_bd`'s B rows, with `upstream_bd` holding ∂L/∂x̂ in its first B rows
-    /// and ∂L/∂ê in the next B.
+    /// The batch of `xc_bd`'s B rows, with `upstream_bd` holding ∂L/∂x̂ in its first
+    /// `blocks`·B rows (one block per prefix) and ∂L/∂ê in the next B.
     pub fn of(
         xc_bd: ArrayView2<'a, f32>,
         upstream_bd: ArrayView2<'a, f32>,
+        blocks: usize,
         codes: &'a Codes,
         aux_codes: &'a Codes,
         near_codes: &'a Codes,
     ) -> Self {
-        let (up_main_bd, up_aux_bd) = upstream_bd.split_at(Axis(0), xc_bd.nrows());
+        let (up_main_bd, up_aux_bd) = upstream_bd.split_at(Axis(0), blocks * xc_bd.nrows());
         Batch {
             xc_bd,
             up_main_bd,
@@ -162,6 +169,7 @@ pub(super) fn sparse(
     scratch.row_sq_f.resize(sae.config.dict_size, 0.0);
     let (lo, rows) = (ctx.latents.start, s![ctx.latents.clone(), ..]);
     let own = s![ctx.latents.clone()];
+    let n_rows = xc_bd.nrows();
     Zip::indexed(t.w_dec_fd.slice_mut(rows).rows_mut())
         .and(t.w_enc_fd.slice_mut(rows).rows_mut())
         .and(t.b_enc_f.slice_mut(own))
@@ -169,6 +177,8 @@ pub(super) fn sparse(
         .and(&mut scratch.row_sq_f[ctx.latents.clone()])
         .par_for_each(|i, mut gd, mut ge, gb, active, row_sq| {
             let j = lo + i;
+            let block = ctx.prefixes.partition_point(|p| p.end <= j);
+            let up_main = up_main.slice(s![block * n_rows..(block + 1) * n_rows, ..]);
             let (main_e, main_b) = by_latent.latent(j);
             let (aux_e, aux_b) = aux_by_latent.latent(j);
             *active = !(main_e.is_empty() && aux_e.is_empty());
@@ -211,11 +221,13 @@ pub(super) fn sparse(
             }
         });
 
+    // Block 0: every reconstruction's upstream, summed.
+    let up_all = up_main.slice(s![..n_rows, ..]);
     if let Some(jump) = ctx.jump {
         scratch.near_by_latent.rebuild(near_codes);
-        threshold_grads(ctx, jump, up_main, codes, scratch, grads);
+        threshold_grads(ctx, jump, up_all, codes, scratch, grads);
     }
-    bias_grads(ctx, up_main, grads);
+    bias_grads(ctx, up_all, grads);
     codes
         .values
         .iter()

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use ndarray::{Array1, Array2, Zip};
+use ndarray::{Array1, Array2, Axis, Zip};
 
 use super::backward::{self, Batch};
 use super::loss::{aux_sq_sum, column_sums_by, residual_sum, row_sq_sum, total_variance_times_n};
@@ -55,9 +55,12 @@ struct Buffers {
     /// JumpReLU: the unselected entries within the thresholds' kernel.
     near_codes: Codes,
     selector: Selector,
-    /// Rows 0..B: ∂L/∂x̂; rows B..2B: ∂L/∂ê (AuxK's reconstruction of the residual).
+    /// Rows 0..G·B: ∂L/∂x̂, a block per prefix (see `backward::Batch`); the next B rows:
+    /// ∂L/∂ê (AuxK's reconstruction of the residual).
     upstream_bd: Array2<f32>,
     x_hat_bd: Array2<f32>,
+    /// Matryoshka: each prefix's reconstruction, one B×D block per prefix.
+    prefix_hat_bd: Array2<f32>,
     aux_hat_bd: Array2<f32>,
     scratch: backward::Scratch,
     /// Every process's rows, for the backward pass of a distributed step.
@@ -232,8 +235,12 @@ impl Phases for CpuStep {
     fn decode(&mut self, state: &State, step: &Step<'_>) -> Result<()> {
         let sae = &state.sae;
         let (x_bd, n_local, d) = (step.x_bd, step.x_bd.nrows(), sae.config.d_model);
-        resize(&mut self.buf.upstream_bd, (2 * n_local, d));
+        let blocks = step.prefixes.len();
+        resize(&mut self.buf.upstream_bd, ((blocks + 1) * n_local, d));
         resize(&mut self.buf.x_hat_bd, (n_local, d));
+        if blocks > 1 {
+            return self.decode_prefixes(state, step);
+        }
         if self.dense {
             self.buf.x_hat_bd.assign(&sae.b_dec_d);
             self.gemm.gemm(
@@ -263,6 +270,7 @@ impl Phases for CpuStep {
         step.collective.all_reduce_sum_f64(&mut sq_error);
         self.sums = LossSums {
             sq_error: sq_error[0],
+            reconstruction: sq_error[0],
             variance,
             l1: 0.0,
         };
@@ -300,7 +308,8 @@ impl Phases for CpuStep {
 
     fn set_aux_upstream(&mut self, step: &Step<'_>, g: Option<f32>) -> Result<()> {
         let n_local = step.x_bd.nrows();
-        let up_aux = self.buf.upstream_bd.slice_mut(ndarray::s![n_local.., ..]);
+        let main_rows = step.prefixes.len() * n_local;
+        let up_aux = self.buf.upstream_bd.slice_mut(ndarray::s![main_rows.., ..]);
         self.aux_active = g.is_some();
         match g {
             Some(g) => Zip::from(up_aux)
@@ -326,7 +335,8 @@ impl Phases for CpuStep {
         let (l1_coef, weight_by_decoder_norm) = args.l1.unwrap_or((0.0, false));
         // JumpReLU's thresholds sum their gradient over every process's rows instead, so its
         // distributed steps take the summing path, which prepares rows after the sum.
-        let sums_thresholds = step.distributed() && args.jump.is_some();
+        let blocks = step.prefixes.len();
+        let sums_thresholds = step.distributed() && (args.jump.is_some() || blocks > 1);
         let fuse = !(self.dense || args.capture || sums_thresholds);
         let gather = fuse && step.distributed();
         if let Some(jump) = args.jump {
@@ -344,6 +354,7 @@ impl Phases for CpuStep {
             l1_coef,
             weight_by_decoder_norm,
             jump: args.jump,
+            prefixes: step.prefixes,
             latents: if gather {
                 step.shard.latents()
             } else {
@@ -354,6 +365,7 @@ impl Phases for CpuStep {
         let local = Batch::of(
             self.buf.xc_bd.view(),
             self.buf.upstream_bd.view(),
+            blocks,
             &self.buf.codes,
             &self.buf.aux_codes,
             &self.buf.near_codes,
@@ -381,6 +393,7 @@ impl Phases for CpuStep {
             let batch = Batch::of(
                 g.xc_bd.view(),
                 g.upstream_bd.view(),
+                1,
                 &g.codes,
                 &g.aux_codes,
                 &self.buf.near_codes,
@@ -491,6 +504,67 @@ impl Phases for CpuStep {
 
     fn loss_sums(&mut self) -> Result<LossSums> {
         Ok(self.sums)
+    }
+}
+
+impl CpuStep {
+    /// [`Phases::decode`] for Matryoshka's nested prefixes: every prefix's reconstruction (x̂
+    /// is the last), the upstream blocks Σ_{i ≥ g} c_i·∂MSE_i/∂x̂_i, and the weighted sum.
+    fn decode_prefixes(&mut self, state: &State, step: &Step<'_>) -> Result<()> {
+        let sae = &state.sae;
+        let (x_bd, n_local, d) = (step.x_bd, step.x_bd.nrows(), sae.config.d_model);
+        let blocks = step.prefixes.len();
+        let ends: Vec<usize> = step.prefixes.iter().map(|p| p.end).collect();
+        resize(&mut self.buf.prefix_hat_bd, (blocks * n_local, d));
+        sparse::decode_prefixes_into(
+            &self.buf.codes,
+            sae.w_dec_fd.view(),
+            sae.b_dec_d.view(),
+            &ends,
+            self.buf.prefix_hat_bd.view_mut(),
+        );
+        let block = |g: usize| ndarray::s![g * n_local..(g + 1) * n_local, ..];
+        self.buf
+            .x_hat_bd
+            .assign(&self.buf.prefix_hat_bd.slice(block(blocks - 1)));
+        // From the last prefix down, each block adding its own term to the one above it.
+        let scale = -2.0 / step.shard.n_global() as f32;
+        let mut sums = vec![0.0f64; blocks + 1];
+        for (g, prefix) in step.prefixes.iter().enumerate().rev() {
+            let (above, this) = self
+                .buf
+                .upstream_bd
+                .view_mut()
+                .split_at(Axis(0), (g + 1) * n_local);
+            let mut up_g = above.slice_move(ndarray::s![g * n_local.., ..]);
+            let hat_g = self.buf.prefix_hat_bd.slice(block(g));
+            let c = scale * prefix.weight;
+            if g + 1 < blocks {
+                let next = this.slice_move(ndarray::s![..n_local, ..]);
+                Zip::from(&mut up_g)
+                    .and(&x_bd)
+                    .and(&hat_g)
+                    .and(&next)
+                    .par_for_each(|u, &x, &xh, &n| *u = c * (x - xh) + n);
+            } else {
+                Zip::from(&mut up_g)
+                    .and(&x_bd)
+                    .and(&hat_g)
+                    .par_for_each(|u, &x, &xh| *u = c * (x - xh));
+            }
+            let hat_g = hat_g.to_owned();
+            sums[g] = prefix.weight as f64 * row_sq_sum(x_bd, &hat_g, None);
+        }
+        sums[blocks] = row_sq_sum(x_bd, &self.buf.x_hat_bd, None);
+        let variance = total_variance_times_n(x_bd, step.collective);
+        step.collective.all_reduce_sum_f64(&mut sums);
+        self.sums = LossSums {
+            sq_error: sums[blocks],
+            reconstruction: sums[..blocks].iter().sum(),
+            variance,
+            l1: 0.0,
+        };
+        Ok(())
     }
 }
 

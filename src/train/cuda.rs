@@ -784,6 +784,7 @@ impl Phases for CudaStep {
         let s = &self.sums_read;
         Ok(LossSums {
             sq_error: s[slot::SQ_ERROR],
+            reconstruction: s[slot::SQ_ERROR],
             variance: s[slot::VARIANCE],
             l1: if self.args().l1.is_some() {
                 s[slot::L1]

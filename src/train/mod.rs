@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use ndarray::ArrayView2;
 
-use crate::arch::{DecoderConstraint, Penalty, Rules};
+use crate::arch::{DecoderConstraint, Penalty, Prefix, Rules};
 use crate::backend::{Backend, Cpu, Device};
 use crate::config::TrainConfig;
 use crate::dist::{Collective, SingleProcess};
@@ -44,7 +44,8 @@ pub use state::TrainerState;
 /// What one step measured. Losses are means over the batch's rows.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepStats {
-    /// The optimised loss: `mse + penalty`.
+    /// The optimised loss: `mse + penalty` (Matryoshka: its prefixes' weighted MSEs +
+    /// penalty).
     pub loss: f32,
     /// mean_b ‖x − x̂‖².
     pub mse: f32,
@@ -93,6 +94,8 @@ pub struct Trainer {
     state: State,
     config: TrainConfig,
     rules: Rules,
+    /// The reconstructions the loss weighs.
+    prefixes: Vec<Prefix>,
     lr: f32,
     step: u64,
     /// The backend running the phases.
@@ -140,6 +143,7 @@ impl Trainer {
         let dense_threshold = dense_threshold_default();
         Ok(Trainer {
             rules: Rules::for_config(sae.config(), &config),
+            prefixes: config.prefixes(sae.config())?,
             lr: config.learning_rate(sae.config()),
             state: State {
                 sae,
@@ -295,6 +299,7 @@ impl Trainer {
             self.state.sae.config.d_model,
         );
         let (engine, state, collective) = (&mut self.engine, &mut self.state, &*self.collective);
+        let prefixes = &self.prefixes;
         engine.begin(x_bd.nrows())?;
         if self.step == 0 && rules.init_b_dec_from_median {
             engine.set_b_dec(state, geometric_median(x_bd.view(), collective, 100, 1e-5))?;
@@ -305,6 +310,7 @@ impl Trainer {
             x_bd: x_bd.view(),
             shard: &shard,
             collective,
+            prefixes,
         };
         let mut clock = PhaseClock::start(!engine.queues() || self.time_device_phases);
         let mut times = PhaseTimes::default();
@@ -405,7 +411,7 @@ impl Trainer {
             (None, None) => (0.0, 0.0),
         };
         Ok(StepStats {
-            loss: (mse + penalty) as f32,
+            loss: (sums.reconstruction / n as f64 + penalty) as f32,
             mse: mse as f32,
             penalty: penalty as f32,
             aux: aux as f32,

@@ -9,7 +9,7 @@ use std::ops::Range;
 use ndarray::{Array1, Array2, ArrayView2};
 
 use super::shard::Shard;
-use crate::arch::{DecoderConstraint, Selection};
+use crate::arch::{DecoderConstraint, Prefix, Selection};
 use crate::dist::Collective;
 use crate::error::Result;
 use crate::optim::{Adam, ParamTensors, RowPrep};
@@ -33,6 +33,8 @@ pub(crate) struct Step<'a> {
     pub shard: &'a Shard,
     /// The processes sharing the step.
     pub collective: &'a dyn Collective,
+    /// The reconstructions the loss weighs: the whole dictionary, or Matryoshka's prefixes.
+    pub prefixes: &'a [Prefix],
 }
 
 impl Step<'_> {
@@ -63,6 +65,9 @@ pub(crate) struct Firing {
 pub(crate) struct LossSums {
     /// Σ_b ‖x_b − x̂_b‖².
     pub sq_error: f64,
+    /// The reconstruction term's sum Σ_i c_i·Σ_b ‖x_b − x̂_{i,b}‖² over the prefixes the loss
+    /// weighs (`sq_error` when there is one, of weight 1).
+    pub reconstruction: f64,
     /// Σ_b ‖x_b − x̄‖² (x̄ the batch mean).
     pub variance: f64,
     /// ReLU's Σ_b Σ_j f_bj·n_j (0 for the other architectures).
