@@ -386,7 +386,7 @@ impl SynthConfig {
         }
         if self.n_factors > roots.unwrap_or(0) {
             return Err(ConfigError::Synth(
-                "n_factors must not exceed the number of root features",
+                "n_factors must not exceed the roots (n_features minus the children)",
             ));
         }
         match self.magnitude {
