@@ -41,7 +41,7 @@ mod firing;
 mod matching;
 mod sampler;
 
-pub use firing::{firing, score, Firing};
+pub use firing::{firing, firing_by_feature, score, FeatureFiring, Firing};
 
 /// A named starting point for [`SynthConfig`]: `sae synth --preset`, `sae train
 /// --synth-preset` and `preset = "…"` in a `[synthetic]` table pick one, and every field given
@@ -775,12 +775,12 @@ pub fn recovery(
     true_features_gd: ArrayView2<'_, f32>,
     w_dec_fd: ArrayView2<'_, f32>,
 ) -> Result<Recovery> {
-    matched_recovery(true_features_gd, w_dec_fd).map(|(score, _)| score)
+    recovery_with_matching(true_features_gd, w_dec_fd).map(|(score, _)| score)
 }
 
 /// [`recovery`] and its optimal matching: the decoder row matched to each true feature
-/// (`None` for the features left over when F < G).
-pub(crate) fn matched_recovery(
+/// (`None` for the features left over when F < G), as [`firing`] takes it.
+pub fn recovery_with_matching(
     true_features_gd: ArrayView2<'_, f32>,
     w_dec_fd: ArrayView2<'_, f32>,
 ) -> Result<(Recovery, Vec<Option<usize>>)> {
@@ -1401,6 +1401,33 @@ mod tests {
         assert!((f.mean_recall - 0.5 / 3.0).abs() < 1e-6, "{f:?}");
         assert!((f.mean_f1 - 0.5 / 3.0).abs() < 1e-6, "{f:?}");
         assert!((f.fraction_f1_above_0_5 - 1.0 / 3.0).abs() < 1e-6, "{f:?}");
+        let by_feature = firing_by_feature(&latent_of_g, &active, &codes).unwrap();
+        let counts: Vec<(u64, u64, u64)> = by_feature
+            .iter()
+            .map(|c| (c.fires, c.latent_fires, c.both))
+            .collect();
+        assert_eq!(counts, vec![(2, 2, 1), (1, 1, 0), (1, 0, 0)]);
+        assert_eq!(
+            (by_feature[0].precision(), by_feature[0].recall()),
+            (0.5, 0.5)
+        );
+        assert_eq!(by_feature[2].f1(), 0.0);
+        // The matching behind it: feature g ↔ the decoder row that is g.
+        let synth = Synth::new(small()).unwrap();
+        let flipped = synth
+            .true_features()
+            .slice(ndarray::s![..;-1, ..])
+            .to_owned();
+        let (_, matched) = recovery_with_matching(synth.true_features(), flipped.view()).unwrap();
+        assert!(
+            matched.iter().enumerate().all(|(g, &j)| j == Some(47 - g)),
+            "{matched:?}"
+        );
+        let (_, partial) =
+            recovery_with_matching(synth.true_features(), flipped.slice(ndarray::s![..8, ..]))
+                .unwrap();
+        assert_eq!(partial.iter().filter(|j| j.is_some()).count(), 8);
+        assert!((40..48).all(|g| partial[g] == Some(47 - g)), "{partial:?}");
         // Mismatched rows and out-of-range latents are refused.
         let short = ActiveFeatures {
             indptr: vec![0, 1],

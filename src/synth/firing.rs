@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::{matched_recovery, ActiveFeatures, Recovery, Synth};
+use super::{recovery_with_matching, ActiveFeatures, Recovery, Synth};
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::select::Codes;
@@ -32,15 +32,76 @@ pub struct Firing {
     pub fraction_f1_above_0_5: f32,
 }
 
+/// One true feature's firing against its matched latent, as counts of rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FeatureFiring {
+    /// Rows where the feature fires.
+    pub fires: u64,
+    /// Rows where its matched latent fires (0 with no matched latent).
+    pub latent_fires: u64,
+    /// Rows where both do.
+    pub both: u64,
+}
+
+impl FeatureFiring {
+    /// P(feature fires | latent fires); 0 for a latent that never fires.
+    pub fn precision(&self) -> f64 {
+        ratio(self.both, self.latent_fires)
+    }
+
+    /// P(latent fires | feature fires); 0 for a feature that never fires.
+    pub fn recall(&self) -> f64 {
+        ratio(self.both, self.fires)
+    }
+
+    /// 2·both / (fires + latent fires), the harmonic mean of the two; 0 when neither fires.
+    pub fn f1(&self) -> f64 {
+        ratio(2 * self.both, self.fires + self.latent_fires)
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
 /// Scores the latents matched to true features (`latent_of_g[g]`, from the optimal matching)
-/// by their firing in `codes` against the ground truth `active` of the same rows. O(rows ×
-/// (active features + active latents)). Fails with [`Error::Shape`] when the two hold
-/// different numbers of rows, or a matched latent or a firing feature is out of range.
+/// by their firing in `codes` against the ground truth `active` of the same rows: the means of
+/// [`firing_by_feature`]. Fails as it does.
 pub fn firing(
     latent_of_g: &[Option<usize>],
     active: &ActiveFeatures,
     codes: &Codes,
 ) -> Result<Firing> {
+    let by_feature = firing_by_feature(latent_of_g, active, codes)?;
+    let seen: Vec<&FeatureFiring> = by_feature.iter().filter(|c| c.fires > 0).collect();
+    let n = seen.len().max(1) as f64;
+    let mean =
+        |score: fn(&FeatureFiring) -> f64| (seen.iter().map(|c| score(c)).sum::<f64>() / n) as f32;
+    let good = seen.iter().filter(|c| c.f1() >= 0.5).count();
+    Ok(Firing {
+        n_rows: codes.n_rows(),
+        n_scored: seen.len(),
+        mean_f1: mean(FeatureFiring::f1),
+        mean_precision: mean(FeatureFiring::precision),
+        mean_recall: mean(FeatureFiring::recall),
+        fraction_f1_above_0_5: (good as f64 / n) as f32,
+    })
+}
+
+/// Each true feature's [`FeatureFiring`] against its matched latent (`latent_of_g[g]`, from
+/// [`super::recovery_with_matching`]) in `codes`, on the rows whose ground truth is `active`:
+/// what a per-feature study (a parent's recall against its children's, say) starts from.
+/// O(rows × (active features + active latents)). Fails with [`Error::Shape`] when the two
+/// hold different numbers of rows, or a matched latent or a firing feature is out of range.
+pub fn firing_by_feature(
+    latent_of_g: &[Option<usize>],
+    active: &ActiveFeatures,
+    codes: &Codes,
+) -> Result<Vec<FeatureFiring>> {
     let (g_count, f_count) = (latent_of_g.len(), codes.n_latents);
     if active.n_rows() != codes.n_rows() {
         return Err(Error::Shape {
@@ -95,30 +156,13 @@ pub fn firing(
             firing_g[g as usize] = false;
         }
     }
-    let (mut f1, mut precision, mut recall, mut good, mut scored) = (0.0, 0.0, 0.0, 0usize, 0);
-    for g in 0..g_count {
-        if fires_g[g] == 0 {
-            continue;
-        }
-        scored += 1;
-        let both = both_g[g] as f64;
-        let f1_g = 2.0 * both / (fires_g[g] + latent_fires_g[g]) as f64;
-        f1 += f1_g;
-        recall += both / fires_g[g] as f64;
-        if latent_fires_g[g] > 0 {
-            precision += both / latent_fires_g[g] as f64;
-        }
-        good += usize::from(f1_g >= 0.5);
-    }
-    let n = scored.max(1) as f64;
-    Ok(Firing {
-        n_rows: codes.n_rows(),
-        n_scored: scored,
-        mean_f1: (f1 / n) as f32,
-        mean_precision: (precision / n) as f32,
-        mean_recall: (recall / n) as f32,
-        fraction_f1_above_0_5: (good as f64 / n) as f32,
-    })
+    Ok((0..g_count)
+        .map(|g| FeatureFiring {
+            fires: fires_g[g],
+            latent_fires: latent_fires_g[g],
+            both: both_g[g],
+        })
+        .collect())
 }
 
 /// Rows encoded at a time by [`score`]: bounds the dense B×F pre-activations.
@@ -135,7 +179,7 @@ pub fn score(
     n_rows: usize,
     batch_index: u64,
 ) -> Result<Recovery> {
-    let (mut score, latent_of_g) = matched_recovery(synth.true_features(), sae.w_dec_fd())?;
+    let (mut score, latent_of_g) = recovery_with_matching(synth.true_features(), sae.w_dec_fd())?;
     if n_rows == 0 {
         return Ok(score);
     }
