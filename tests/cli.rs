@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{f16_bytes, ok, sae, synthetic_batch, temp_dir, text, write_npy};
+use common::{f16_bytes, ok, sae, synthetic_batch, temp_dir, text, usage_error, write_npy};
 
 #[test]
 fn short_synthetic_run_prints_progress_and_recovery() {
@@ -657,5 +657,97 @@ fn errors_print_each_cause_once_on_one_line_without_control_characters() {
             assert!(line.contains("\\u{1b}"), "{args:?}: {stderr:?}");
         }
     }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn trains_on_a_hard_preset_table_and_reports_firing() {
+    let dir = temp_dir("cli-hard");
+    // The hard preset shrunk to debug-build size: every mechanism on, F and k from the set.
+    let config = dir.join("hard.toml");
+    std::fs::write(
+        &config,
+        "[synthetic]\npreset = \"hard\"\nd_model = 32\nn_features = 512\nmean_active = 6.0\n\
+         n_parents = 32\nchildren_per_parent = 4\nshared_rank = 4\nn_factors = 4\n",
+    )
+    .unwrap();
+    let out_dir = dir.join("run");
+    let stdout = ok(&sae(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--steps",
+        "20",
+        "--batch-size",
+        "64",
+        "--threads",
+        "1",
+    ]));
+    assert!(
+        stdout.contains("hard preset: 512 true features in 32 dimensions"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("batchtopk-k8-f512"), "{stdout}");
+    assert!(
+        stdout.contains("firing of the matched latents on 16384 rows: F1"),
+        "{stdout}"
+    );
+    let written = std::fs::read_to_string(out_dir.join("config.toml")).unwrap();
+    let spec: sparse_autoencoder::run::RunSpec = toml::from_str(&written).unwrap();
+    let synth = spec.synthetic.unwrap();
+    assert_eq!(synth.preset, sparse_autoencoder::synth::SynthPreset::Hard);
+    assert_eq!((synth.n_features, synth.n_parents), (512, 32));
+    // Magnitudes not overridden keep the preset's.
+    assert_eq!(
+        synth.magnitude,
+        sparse_autoencoder::synth::SynthConfig::hard().magnitude
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("eval.json")).unwrap()).unwrap();
+    let firing = &report["recovery"]["firing"];
+    assert_eq!(firing["n_rows"], 16384, "{report}");
+    for score in ["mean_f1", "mean_precision", "mean_recall"] {
+        let v = firing[score].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{score}: {report}");
+    }
+
+    // --synth-preset chooses the synthetic data: not with --data, nor over a [synthetic] table.
+    let data = dir.join("x.npy");
+    write_shard(&data, 64, 8, 0);
+    let flag = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--synth-preset",
+            "hard",
+            "--out",
+            "/nonexistent/run",
+        ];
+        args.extend_from_slice(extra);
+        sae(&args)
+    };
+    usage_error(
+        &flag(&["--data", data.to_str().unwrap()]),
+        &["--synth-preset", "--data"],
+    );
+    usage_error(
+        &flag(&["--config", config.to_str().unwrap()]),
+        &["--synth-preset", "[synthetic]", "preset = \"hard\""],
+    );
+    usage_error(
+        &sae(&["train", "--synth-preset", "medium"]),
+        &["--synth-preset", "hard"],
+    );
+    // An invalid structure field in the table is one line naming the table.
+    std::fs::write(
+        &config,
+        "[synthetic]\npreset = \"hard\"\nchild_similarity = 1.5\n",
+    )
+    .unwrap();
+    usage_error(
+        &sae(&["train", "--config", config.to_str().unwrap()]),
+        &["child_similarity must lie in [0, 1)"],
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

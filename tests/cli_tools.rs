@@ -252,3 +252,187 @@ fn a_batch_size_too_large_for_memory_is_refused_before_encoding() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// An SAE whose encoder and decoder are `features_gd` (a ReLU firing latent g where the
+/// projection on feature g exceeds `threshold`), saved in `dir`.
+fn save_oracle(features_gd: ndarray::Array2<f32>, threshold: f32, dir: &std::path::Path) {
+    let (g, d) = features_gd.dim();
+    let config = sparse_autoencoder::SaeConfig {
+        d_model: d,
+        dict_size: g,
+        arch: Architecture::RELU,
+    };
+    Sae::from_parts(
+        config,
+        features_gd.clone(),
+        ndarray::Array1::from_elem(g, -threshold),
+        features_gd,
+        ndarray::Array1::zeros(d),
+    )
+    .unwrap()
+    .save(dir)
+    .unwrap();
+}
+
+fn read_true_features(dir: &std::path::Path) -> ndarray::Array2<f32> {
+    let features = NpyShards::open(&[dir.join("true_features.npy")]).unwrap();
+    let (g, d) = (features.n_rows() as usize, features.d_model());
+    let mut features_gd = ndarray::Array2::zeros((g, d));
+    features
+        .read_rows(0, features_gd.as_slice_mut().unwrap())
+        .unwrap();
+    features_gd
+}
+
+#[test]
+fn synth_writes_its_configuration_and_eval_scores_firing_from_it() {
+    let dir = temp_dir("tools-firing");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let data = dir.join("data");
+    ok(&sae(&[
+        "synth",
+        "--out",
+        &s(&data),
+        "--rows",
+        "100",
+        "--seed",
+        "3",
+    ]));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("synth.json")).unwrap()).unwrap();
+    assert_eq!(
+        (config["preset"].as_str(), config["seed"].as_u64()),
+        (Some("default"), Some(3))
+    );
+    // The oracle's decoder is the true features (MCC 1); eval regenerates the rows the library
+    // scores it on, so its figures are the library's.
+    let oracle = dir.join("oracle");
+    save_oracle(read_true_features(&data), 0.5, &oracle);
+    let synth =
+        sparse_autoencoder::synth::Synth::new(serde_json::from_value(config).unwrap()).unwrap();
+    let expected = sparse_autoencoder::synth::score(
+        &Sae::load(&oracle).unwrap(),
+        sparse_autoencoder::backend::Device::Cpu,
+        &synth,
+        2048,
+        u64::MAX,
+    )
+    .unwrap();
+    let out = dir.join("eval");
+    let (oracle_dir, out_dir) = (s(&oracle), s(&out));
+    let eval = |true_features: &str| {
+        sae(&[
+            "eval",
+            &oracle_dir,
+            "--true-features",
+            true_features,
+            "--firing-rows",
+            "2048",
+            "--out",
+            &out_dir,
+        ])
+    };
+    // The directory and the file beside synth.json say the same.
+    for given in [s(&data), s(&data.join("true_features.npy"))] {
+        let stdout = ok(&eval(&given));
+        assert!(
+            stdout.contains("firing of the matched latents on 2048 rows: F1"),
+            "{stdout}"
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+        let (recovery, firing) = (&report["recovery"], &report["recovery"]["firing"]);
+        let number = |v: &serde_json::Value| v.as_f64().unwrap() as f32;
+        let want = expected.firing.unwrap();
+        assert_eq!(number(&recovery["mcc"]), expected.mcc, "{report}");
+        assert_eq!(number(&firing["mean_f1"]), want.mean_f1, "{report}");
+        assert_eq!(
+            number(&firing["mean_precision"]),
+            want.mean_precision,
+            "{report}"
+        );
+        assert_eq!(number(&firing["mean_recall"]), want.mean_recall, "{report}");
+        let above = number(&firing["fraction_f1_above_0_5"]);
+        assert_eq!(above, want.fraction_f1_above_0_5, "{report}");
+        assert_eq!(firing["n_rows"], 2048, "{report}");
+        assert_eq!(firing["n_scored"], 256, "{report}");
+        assert!(expected.mcc > 0.999, "{expected:?}");
+    }
+    // Without synth.json the decoder alone is scored, and a note says why.
+    let lone = dir.join("lone");
+    std::fs::create_dir_all(&lone).unwrap();
+    std::fs::copy(
+        data.join("true_features.npy"),
+        lone.join("true_features.npy"),
+    )
+    .unwrap();
+    let stdout = ok(&eval(&s(&lone.join("true_features.npy"))));
+    assert!(stdout.contains("no synth.json beside"), "{stdout}");
+    assert!(!stdout.contains("firing of the matched"), "{stdout}");
+    // A synth.json of another set is refused, naming the option and the fix.
+    let other = dir.join("other");
+    ok(&sae(&[
+        "synth",
+        "--out",
+        &s(&other),
+        "--rows",
+        "10",
+        "--seed",
+        "4",
+    ]));
+    std::fs::copy(other.join("synth.json"), lone.join("synth.json")).unwrap();
+    usage_error_line(
+        &eval(&s(&lone)),
+        &["--true-features", "other true features", "sae synth"],
+    );
+    std::fs::write(lone.join("synth.json"), "{\"n_features\": 0}").unwrap();
+    usage_error_line(&eval(&s(&lone)), &["--true-features", "n_features"]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn synth_hard_preset_writes_the_hard_set_and_refuses_options_it_cannot_hold() {
+    let dir = temp_dir("tools-hard");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let data = dir.join("data");
+    let stdout = ok(&sae(&[
+        "synth",
+        "--preset",
+        "hard",
+        "--out",
+        &s(&data),
+        "--rows",
+        "500",
+    ]));
+    assert!(stdout.contains("hard preset"), "{stdout}");
+    let acts = NpyShards::open(&[data.join("activations.npy")]).unwrap();
+    assert_eq!((acts.n_rows(), acts.d_model()), (500, 256));
+    assert_eq!(read_true_features(&data).dim(), (4096, 256));
+    let config: sparse_autoencoder::synth::SynthConfig =
+        serde_json::from_str(&std::fs::read_to_string(data.join("synth.json")).unwrap()).unwrap();
+    assert_eq!(config, sparse_autoencoder::synth::SynthConfig::hard());
+    // Flags override the preset; values it cannot hold name the flag, exit 2.
+    let x = s(&dir.join("x"));
+    for (args, needles) in [
+        (
+            vec!["--n-features", "1000"],
+            vec!["--n-features", "n_parents"],
+        ),
+        (vec!["--d-model", "8"], vec!["--d-model", "shared_rank"]),
+        (vec!["--mean-active", "0"], vec!["--mean-active"]),
+        (
+            vec!["--mean-active", "5000"],
+            vec!["--mean-active", "exceed"],
+        ),
+    ] {
+        let mut all = vec!["synth", "--preset", "hard", "--out", &x];
+        all.extend(args);
+        usage_error_line(&sae(&all), &needles);
+    }
+    usage_error_line(
+        &sae(&["synth", "--preset", "harder", "--out", &x]),
+        &["--preset", "hard"],
+    );
+    assert!(!dir.join("x").exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -10,7 +10,7 @@ use sparse_autoencoder::backend::Device;
 use sparse_autoencoder::data::{NpyShards, Source};
 use sparse_autoencoder::dist::{agree, World};
 use sparse_autoencoder::eval::{evaluate_on_until_across, EvalStats};
-use sparse_autoencoder::synth::recovery;
+use sparse_autoencoder::synth::{recovery, score, Synth, SynthConfig};
 use sparse_autoencoder::Sae;
 
 use super::{at_least_one, usage, UsageError};
@@ -24,10 +24,15 @@ pub struct EvalArgs {
     /// Activations to evaluate on: .npy files, directories or globs, as `sae train --data`.
     #[arg(long, num_args = 1.., value_name = "PATH", required_unless_present = "true_features")]
     data: Vec<PathBuf>,
-    /// A G×D .npy of known feature directions: report how many the decoder recovered (MCC,
-    /// fraction at cosine >= 0.9).
-    #[arg(long, value_name = "FILE")]
+    /// A G×D .npy of known feature directions, or a directory `sae synth` wrote: report how
+    /// many the decoder recovered (MCC, fraction at cosine >= 0.9). With the set's synth.json
+    /// beside it (as `sae synth` writes), also how the matched latents fire against their
+    /// features (F1, precision, recall) on regenerated rows.
+    #[arg(long, value_name = "PATH")]
     true_features: Option<PathBuf>,
+    /// Rows regenerated from synth.json to score the matched latents' firing.
+    #[arg(long, default_value_t = 16384, value_parser = at_least_one, allow_negative_numbers = true)]
+    firing_rows: usize,
     /// Where eval.json, feature_density.npy and density.png go [default: SAE_DIR, replacing
     /// the run's own held-out evaluation].
     #[arg(long, value_name = "DIR")]
@@ -71,7 +76,7 @@ pub fn run(args: EvalArgs, world: &World) -> Result<Option<u8>> {
         None => None,
     };
     let written = if lead {
-        report(&args, &sae, &out, stats.as_ref())
+        report(&args, &sae, device, &out, stats.as_ref())
     } else {
         Ok(())
     };
@@ -114,7 +119,13 @@ fn open(args: &EvalArgs, lead: bool) -> Result<(Device, Sae, PathBuf, Option<Npy
 }
 
 /// The lead's part: prints `stats`, scores --true-features, and writes the files into `out`.
-fn report(args: &EvalArgs, sae: &Sae, out: &Path, stats: Option<&EvalStats>) -> Result<()> {
+fn report(
+    args: &EvalArgs,
+    sae: &Sae,
+    device: Device,
+    out: &Path,
+    stats: Option<&EvalStats>,
+) -> Result<()> {
     let mut report = serde_json::Map::new();
     if let Some(stats) = stats {
         let histogram = stats.density_histogram(1)?;
@@ -144,7 +155,18 @@ fn report(args: &EvalArgs, sae: &Sae, out: &Path, stats: Option<&EvalStats>) -> 
         )?;
         report.insert("eval".into(), serde_json::to_value(stats)?);
     }
-    if let Some(path) = &args.true_features {
+    if let Some(given) = &args.true_features {
+        // A directory is one `sae synth` wrote; a file may have its synth.json beside it.
+        let (path, config_path) = if given.is_dir() {
+            (
+                given.join("true_features.npy"),
+                given.join(super::synth::CONFIG_FILE),
+            )
+        } else {
+            let dir = given.parent().unwrap_or(Path::new("."));
+            (given.clone(), dir.join(super::synth::CONFIG_FILE))
+        };
+        let path = &path;
         let features = NpyShards::open(&[path])?;
         if features.d_model() != sae.config().d_model {
             return Err(UsageError(format!(
@@ -183,13 +205,27 @@ fn report(args: &EvalArgs, sae: &Sae, out: &Path, stats: Option<&EvalStats>) -> 
             ))
             .into());
         }
-        let score = recovery(features_gd.view(), sae.w_dec_fd())?;
+        let score = match synth_of(&config_path, features_gd.view())? {
+            Some(synth) => score(sae, device, &synth, args.firing_rows, u64::MAX)?,
+            None => {
+                println!(
+                    "note: no {} beside {}: the firing scores (F1, precision, recall) need the \
+                     set's configuration, which `sae synth` writes",
+                    super::synth::CONFIG_FILE,
+                    path.display()
+                );
+                recovery(features_gd.view(), sae.w_dec_fd())?
+            }
+        };
         println!(
             "recovered {:.1}% of the {g} true features at cosine >= 0.9 (MCC {:.3}, mean best cosine {:.3})",
             100.0 * score.fraction_above_0_9,
             score.mcc,
             score.mean_max_cosine
         );
+        if let Some(firing) = &score.firing {
+            println!("{}", super::firing_line(firing));
+        }
         report.insert("recovery".into(), serde_json::to_value(score)?);
     }
     let path = out.join("eval.json");
@@ -197,4 +233,40 @@ fn report(args: &EvalArgs, sae: &Sae, out: &Path, stats: Option<&EvalStats>) -> 
     sparse_autoencoder::io::write_atomic(&path, text.as_bytes())?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// The synthetic set `config_path` (a synth.json) describes, checked to have `features_gd` as
+/// its true features; `None` when there is no such file.
+fn synth_of(
+    config_path: &Path,
+    features_gd: ndarray::ArrayView2<'_, f32>,
+) -> Result<Option<Synth>> {
+    let text = match std::fs::read_to_string(config_path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => {
+            return Err(UsageError(format!(
+                "invalid --true-features: reading {} failed: {err}",
+                config_path.display()
+            ))
+            .into())
+        }
+    };
+    let bad = |why: String| -> anyhow::Error {
+        UsageError(format!(
+            "invalid --true-features: {} {why}; regenerate the set with `sae synth`, or remove \
+             the file to score the decoder alone",
+            config_path.display()
+        ))
+        .into()
+    };
+    let config: SynthConfig = serde_json::from_str(&text)
+        .map_err(|err| bad(format!("is not a synthetic set's configuration ({err})")))?;
+    let synth = Synth::new(config).map_err(|err| bad(format!("is invalid ({err})")))?;
+    if synth.true_features() != features_gd {
+        return Err(bad(
+            "describes other true features than the file beside it".into()
+        ));
+    }
+    Ok(Some(synth))
 }

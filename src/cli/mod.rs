@@ -15,6 +15,7 @@ use sparse_autoencoder::arch::ArchName;
 use sparse_autoencoder::data::DataError;
 use sparse_autoencoder::dist::{agree, World};
 use sparse_autoencoder::memory::{ByteSize, Knob};
+use sparse_autoencoder::synth::{Firing, SynthPreset};
 use sparse_autoencoder::ConfigError;
 
 pub fn at_least_one(s: &str) -> std::result::Result<usize, String> {
@@ -146,6 +147,28 @@ fn arch_parser() -> impl clap::builder::TypedValueParser<Value = ArchName> {
     use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
     let names = ArchName::ALL.map(|a| PossibleValue::new(a.as_str()).help(a.description()));
     PossibleValuesParser::new(names).map(|name| name.parse().expect("one of the possible values"))
+}
+
+/// `--preset`'s and `--synth-preset`'s parser: the names [`SynthPreset`] spells, each with
+/// its line in `--help`.
+fn synth_preset_parser() -> impl clap::builder::TypedValueParser<Value = SynthPreset> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    let names = SynthPreset::ALL.map(|p| PossibleValue::new(p.as_str()).help(p.description()));
+    PossibleValuesParser::new(names).map(|name| name.parse().expect("one of the possible values"))
+}
+
+/// One line on how matched latents fire against their true features.
+fn firing_line(firing: &Firing) -> String {
+    format!(
+        "firing of the matched latents on {} rows: F1 {:.3} (precision {:.3}, recall {:.3}); \
+         F1 >= 0.5 for {:.1}% of the {} features that fired",
+        firing.n_rows,
+        firing.mean_f1,
+        firing.mean_precision,
+        firing.mean_recall,
+        100.0 * firing.fraction_f1_above_0_5,
+        firing.n_scored
+    )
 }
 
 /// Parses `--device` (cpu, cuda, cuda:N) for clap, whose error then names the option.

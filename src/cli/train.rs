@@ -123,6 +123,10 @@ struct DataArgs {
     /// Rows of the shuffle buffer [default: 2^20, or what fits 4 GiB, or the whole dataset].
     #[arg(long, allow_negative_numbers = true)]
     buffer_rows: Option<usize>,
+    /// Without --data: which built-in synthetic set to train on (a [synthetic] table's
+    /// `preset`); hard also sizes the SAE to it (F = 4096, k = 32) [default: default].
+    #[arg(long, value_name = "PRESET", value_parser = super::synth_preset_parser())]
+    synth_preset: Option<sparse_autoencoder::synth::SynthPreset>,
 }
 
 /// The SAE's shape and sparsity rule.
@@ -132,12 +136,13 @@ struct ModelArgs {
     /// Sparsity rule [default: batchtopk].
     #[arg(long, value_parser = super::arch_parser())]
     arch: Option<ArchName>,
-    /// Active latents per row (topk; batchtopk: on average; jumprelu: the L0 its penalty aims
-    /// at); a list sweeps [default: 8 on synthetic data, 64 with --data].
+    /// Active latents per row (topk; batchtopk and matryoshka: on average; jumprelu: the L0
+    /// its penalty aims at); a list sweeps [default: 8 on synthetic data, 32 with
+    /// --synth-preset hard, 64 with --data].
     #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     k: Vec<usize>,
-    /// Number of latents F; a list sweeps [default: 512 on synthetic data, 8·d_model with
-    /// --data].
+    /// Number of latents F; a list sweeps [default: 512 on synthetic data, 4096 with
+    /// --synth-preset hard, 8·d_model with --data].
     #[arg(
         long,
         value_delimiter = ',',
@@ -237,7 +242,7 @@ struct RunArgs {
         long,
         value_name = "DIR",
         conflicts_with_all = ["config", "data", "eval_data", "eval_fraction", "normalize",
-            "buffer_rows", "arch", "k", "dict_size", "expansion",
+            "buffer_rows", "synth_preset", "arch", "k", "dict_size", "expansion",
             "relu_variant", "batch_size", "steps", "tokens", "lr", "l1", "warmup_steps",
             "decay_start", "auxk_alpha", "dead_tokens", "threshold_start_step",
             "threshold_beta", "l0_coefficient", "jumprelu_bandwidth", "group_sizes", "group_fractions", "group_weights", "seed", "out",
@@ -434,6 +439,25 @@ fn spec_from(args: &TrainArgs) -> Result<RunSpec> {
             .into());
         }
     }
+    if let Some(preset) = d.synth_preset {
+        if !spec.data.paths.is_empty() {
+            return Err(UsageError(
+                "--synth-preset chooses the built-in synthetic data; drop it to train on the \
+                 activations of --data (or the config's data.paths)"
+                    .into(),
+            )
+            .into());
+        }
+        if spec.synthetic.is_some() {
+            return Err(UsageError(format!(
+                "--synth-preset and the [synthetic] table of --config both choose the synthetic \
+                 data; drop the flag, or write preset = \"{}\" in the table",
+                preset.as_str()
+            ))
+            .into());
+        }
+        spec.synthetic = Some(preset.config());
+    }
     if o.steps.is_some() || o.tokens.is_some() {
         spec.train.steps = o.steps;
         spec.train.tokens = o.tokens;
@@ -585,8 +609,10 @@ fn describe(run: &Run, dir: &Path) {
         None => {
             let synth = spec.synthetic.clone().unwrap_or_default();
             format!(
-                "synthetic data ({} true features in {} dimensions)",
-                synth.n_features, synth.d_model
+                "synthetic data ({} preset: {} true features in {} dimensions)",
+                synth.preset.as_str(),
+                synth.n_features,
+                synth.d_model
             )
         }
         Some(rows) => format!(
@@ -637,6 +663,9 @@ fn report(summary: &Summary, named: bool) {
             r.mean_max_cosine,
             summary.seconds
         );
+        if let Some(firing) = &r.firing {
+            println!("{who}{}", super::firing_line(firing));
+        }
     } else {
         println!("{who}trained in {:.1}s", summary.seconds);
     }

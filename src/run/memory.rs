@@ -134,7 +134,10 @@ pub fn check_synthetic(spec: &RunSpec, eval_rows: usize) -> crate::Result<()> {
         // The run resolves each SAE in this same context: its error comes as it would.
         sae: saes
             .iter()
-            .map(|sae| sae.resolve(cx).map(|(resolved, _, _)| resolved))
+            .map(|sae| {
+                let sae = sae.with_synthetic_defaults(&synth);
+                sae.resolve(cx).map(|(resolved, _, _)| resolved)
+            })
             .collect::<Result<_, _>>()?,
         train: super::ScheduleSpec {
             batch_size: Some(batch_size),

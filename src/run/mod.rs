@@ -38,7 +38,7 @@ use crate::data::{
 use crate::dist::{agree, Collective, SingleProcess};
 use crate::error::{io_error, Error, Result};
 use crate::eval::{evaluate_on_until_across, EvalStats};
-use crate::synth::{recovery, Recovery, Synth, SynthConfig};
+use crate::synth::{score, Recovery, Synth, SynthConfig};
 use crate::{StepStats, Trainer};
 use lock::RunLock;
 
@@ -183,7 +183,6 @@ pub struct Run {
     members: Vec<Member>,
     batches: Batches,
     eval_rows: Option<Arc<dyn Source>>,
-    true_features_gd: Option<Array2<f32>>,
     scale: f32,
     step: u64,
     /// The step of the checkpoint on disk, if any: what a failure leaves to resume from.
@@ -363,11 +362,17 @@ impl NewRun {
             steps: total_steps,
             batch_size,
         };
-        let specs = if spec.sae.is_empty() {
+        let mut specs = if spec.sae.is_empty() {
             vec![SaeSpec::default()]
         } else {
             spec.sae.clone()
         };
+        if let Some(synth) = &opened.synth {
+            specs = specs
+                .iter()
+                .map(|s| s.with_synthetic_defaults(synth.config()))
+                .collect();
+        }
         let mut resolved_saes = Vec::with_capacity(specs.len());
         let mut configs = Vec::with_capacity(specs.len());
         let mut names = Vec::with_capacity(specs.len());
@@ -807,17 +812,12 @@ impl Run {
             train_rows: opened.train_rows.as_ref().map(|rows| rows.n_rows()),
             eval_rows: eval_rows.as_ref().map(|rows| rows.n_rows()),
         };
-        let true_features_gd = match &batches {
-            Batches::Synthetic(synth) => Some(synth.true_features().to_owned()),
-            Batches::Loader(_) => None,
-        };
         Run {
             dir: dir.to_path_buf(),
             run,
             members,
             batches,
             eval_rows,
-            true_features_gd,
             scale,
             step: 0,
             checkpointed: None,
@@ -1076,8 +1076,10 @@ impl Run {
         }
         let written = if c.rank() == 0 {
             (|| -> Result<()> {
-                if let Some(true_gd) = &self.true_features_gd {
-                    summary.recovery = Some(recovery(true_gd.view(), sae.w_dec_fd())?);
+                if let Batches::Synthetic(synth) = &self.batches {
+                    // On the held-out rows: the firing scores need their ground truth.
+                    let scored = score(sae, self.device, synth, SYNTH_EVAL_ROWS, u64::MAX)?;
+                    summary.recovery = Some(scored);
                 }
                 let json = serde_json::to_string_pretty(&summary).expect("summaries serialise");
                 crate::io::write_atomic(&summary.dir.join("eval.json"), json.as_bytes())?;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::arch::ArchName;
 use crate::config::{Architecture, ConfigError, ReluVariant, SaeConfig, TrainConfig};
-use crate::synth::SynthConfig;
+use crate::synth::{SynthConfig, SynthPreset};
 
 /// A run's configuration, as a TOML file holds it (`sae train --config run.toml`) and as
 /// `sae train` writes it back, every default filled in, to `config.toml` in the run directory:
@@ -136,10 +136,11 @@ pub struct SaeSpec {
     pub name: Option<String>,
     /// Sparsity rule (default batchtopk).
     pub arch: Option<ArchName>,
-    /// Active latents per row for topk and batchtopk, and the target L0 of jumprelu's penalty
-    /// (default 8 on the synthetic set, 64 on data).
+    /// Active latents per row for topk, batchtopk and matryoshka, and the target L0 of
+    /// jumprelu's penalty (default 8 on the synthetic set, 32 on its hard preset, 64 on data).
     pub k: Option<usize>,
-    /// F, the number of latents (default 512 on the synthetic set, 8·D on data).
+    /// F, the number of latents (default 512 on the synthetic set, its G = 4096 on the hard
+    /// preset, 8·D on data).
     pub dict_size: Option<usize>,
     /// F as a multiple of D, instead of `dict_size`.
     pub expansion: Option<usize>,
@@ -353,6 +354,27 @@ impl SaeSpec {
     }
 }
 
+impl SaeSpec {
+    /// This spec with the synthetic set's own SAE size filled in where it leaves k and F
+    /// unset. The hard preset gets k = the power of two at or above its mean L0 and F = its
+    /// number of true features (k = 32, F = 4096 as shipped): enough latents for every feature
+    /// and a budget above the active count. The default preset keeps [`SaeSpec::resolve`]'s
+    /// 8 and 512, which its figures were measured with.
+    pub fn with_synthetic_defaults(&self, synth: &SynthConfig) -> SaeSpec {
+        let mut spec = self.clone();
+        if synth.preset == SynthPreset::Hard {
+            let k = (synth.mean_active.ceil() as usize)
+                .max(1)
+                .next_power_of_two();
+            spec.k = spec.k.or(Some(k));
+            if spec.dict_size.is_none() && spec.expansion.is_none() {
+                spec.dict_size = Some(synth.n_features);
+            }
+        }
+        spec
+    }
+}
+
 /// `batchtopk-k64-f16384`, `relu-l1_5-f4096`: what tells the SAEs of a sweep apart.
 fn default_name(sae: &SaeConfig, train: &TrainConfig) -> String {
     match sae.arch {
@@ -390,6 +412,38 @@ mod tests {
         let library_default = TrainConfig::default().learning_rate(&sae);
         assert_eq!(train.lr, Some(library_default));
         assert_eq!(train.dead_tokens, TrainConfig::default().dead_tokens);
+    }
+
+    #[test]
+    fn the_hard_preset_sizes_the_sae_to_its_features() {
+        let hard = SynthConfig::hard();
+        let cx = Context {
+            d_model: hard.d_model,
+            ..cx(true)
+        };
+        let spec = SaeSpec::default().with_synthetic_defaults(&hard);
+        let (resolved, sae, _) = spec.resolve(cx).unwrap();
+        assert_eq!((sae.dict_size, sae.arch.k()), (4096, Some(32)));
+        assert_eq!(resolved.name.as_deref(), Some("batchtopk-k32-f4096"));
+        // Given values win, and so does an expansion instead of F.
+        let given = SaeSpec {
+            k: Some(16),
+            expansion: Some(4),
+            ..SaeSpec::default()
+        };
+        let (_, sae, _) = given.with_synthetic_defaults(&hard).resolve(cx).unwrap();
+        assert_eq!((sae.dict_size, sae.arch.k()), (1024, Some(16)));
+        // k follows the mean L0 up to a power of two; the default preset is left as it was.
+        let sparse = SynthConfig {
+            mean_active: 40.5,
+            ..hard
+        };
+        assert_eq!(
+            SaeSpec::default().with_synthetic_defaults(&sparse).k,
+            Some(64)
+        );
+        let default = SaeSpec::default().with_synthetic_defaults(&SynthConfig::default());
+        assert_eq!(default, SaeSpec::default());
     }
 
     #[test]
