@@ -178,7 +178,9 @@ pub struct TrainConfig {
     pub group_weights: Vec<f32>,
     /// TopK/BatchTopK: weight α of the AuxK loss (default 1/32, Gao et al. 2024 A.2).
     pub auxk_alpha: f32,
-    /// TopK/BatchTopK: a latent is dead after this many tokens without firing (default 10M).
+    /// A latent is dead after this many tokens without firing: AuxK's latents (TopK, BatchTopK,
+    /// Matryoshka) and the dead fraction every architecture reports (default 10M, Gao et al.
+    /// 2024; `sae train` scales it to a tenth of shorter runs).
     pub dead_tokens: u64,
     /// BatchTopK: θ updates on steps after this one (0-based, as the reference's
     /// `step > threshold_start_step`; default 1000).

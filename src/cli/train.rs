@@ -190,7 +190,8 @@ struct OptimArgs {
     #[arg(long, allow_negative_numbers = true)]
     auxk_alpha: Option<f32>,
     /// Tokens without firing after which a latent counts as dead (AuxK's latents, and the dead
-    /// fraction reported) [default: 20 batches on synthetic data, 10M with --data].
+    /// fraction reported) [default: 20 batches on synthetic data; with --data a tenth of the
+    /// run's tokens, at most 10M].
     #[arg(long, allow_negative_numbers = true)]
     dead_tokens: Option<u64>,
     /// batchtopk: θ's moving average updates on the steps after this one [default:

@@ -158,8 +158,8 @@ pub struct SaeSpec {
     pub decay_start: Option<u64>,
     /// Weight of the AuxK loss (default 1/32).
     pub auxk_alpha: Option<f32>,
-    /// Tokens without firing after which a latent is dead (default 10M on data, 20 batches
-    /// on the synthetic set).
+    /// Tokens without firing after which a latent is dead (default on data a tenth of the
+    /// run's tokens, at most 10M; 20 batches on the synthetic set).
     pub dead_tokens: Option<u64>,
     /// BatchTopK: θ's moving average updates on the steps after this one (default
     /// min(1000, steps/2)).
@@ -264,7 +264,7 @@ impl SaeSpec {
             // Synthetic runs are short: a latent is dead after 20 batches without firing.
             20u64.saturating_mul(cx.batch_size as u64)
         } else {
-            defaults.dead_tokens
+            dead_window(defaults.dead_tokens, steps, cx.batch_size)
         });
         let train = TrainConfig {
             total_steps: steps,
@@ -375,6 +375,16 @@ impl SaeSpec {
     }
 }
 
+/// The dead-latent window of a run on data whose user set none: the reference's 10M tokens
+/// (Gao et al. 2024, dictionary_learning) for runs of 100M tokens and more, else a tenth of the
+/// run, and at least one batch. A fixed 10M would outlast any shorter run, so AuxK would never
+/// see a latent that died early; a tenth leaves AuxK the other nine to revive it, much as
+/// SAELens' `dead_feature_window` of 1000 steps does for its runs of tens of thousands.
+fn dead_window(reference: u64, steps: u64, batch_size: usize) -> u64 {
+    let tokens = steps.saturating_mul(batch_size as u64);
+    reference.min(tokens / 10).max(batch_size as u64)
+}
+
 /// `batchtopk-k64-f16384`, `relu-l1_5-f4096`: what tells the SAEs of a sweep apart.
 fn default_name(sae: &SaeConfig, train: &TrainConfig) -> String {
     match sae.arch {
@@ -411,7 +421,22 @@ mod tests {
         assert_eq!(sae.arch.k(), Some(64));
         let library_default = TrainConfig::default().learning_rate(&sae);
         assert_eq!(train.lr, Some(library_default));
-        assert_eq!(train.dead_tokens, TrainConfig::default().dead_tokens);
+        // 3000 steps of 1024 rows: a tenth of the run's 3.07M tokens.
+        assert_eq!(train.dead_tokens, 307_200);
+    }
+
+    #[test]
+    fn the_dead_window_is_a_tenth_of_a_short_run_and_the_references_for_long_ones() {
+        assert_eq!(dead_window(10_000_000, 3000, 1024), 307_200);
+        // 100M tokens and more: the reference's 10M.
+        assert_eq!(dead_window(10_000_000, 25_000, 4096), 10_000_000);
+        // Never less than a batch.
+        assert_eq!(dead_window(10_000_000, 5, 64), 64);
+        let set = SaeSpec {
+            dead_tokens: Some(123),
+            ..SaeSpec::default()
+        };
+        assert_eq!(set.resolve(cx(false)).unwrap().2.dead_tokens, 123);
     }
 
     #[test]
