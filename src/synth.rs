@@ -906,6 +906,12 @@ mod tests {
     }
 
     #[test]
+    // The pins are the default build's: with OpenBLAS, ndarray's dot (the features' norms) is
+    // BLAS's, whose rounding differs in the last bit.
+    #[cfg_attr(
+        feature = "openblas",
+        ignore = "pinned with the default build's dot; OpenBLAS rounds the norms differently"
+    )]
     fn the_default_set_is_bit_identical_to_before_the_structured_sampler() {
         // Pinned from the generator before the hierarchy, factors, overlap and magnitude
         // fields existed: the default set's features, rows and coefficients must not move.
