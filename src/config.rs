@@ -62,6 +62,19 @@ impl Architecture {
     }
 }
 
+/// How a BatchTopK (or Matryoshka) SAE's inference threshold θ is set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThresholdRule {
+    /// The reference's moving average of each training batch's smallest kept code.
+    #[default]
+    Ema,
+    /// At the end of training, the k·N-th largest positive code of a sample of N ≥ 65,536
+    /// training-distribution rows ([`crate::calibrate::calibrated_threshold`]), so that
+    /// inference keeps k codes a row on average even when the average had no time to settle.
+    Calibrate,
+}
+
 /// The most training steps a trainer takes (Adam's bias correction uses the count as an i32).
 pub const MAX_STEPS: u64 = i32::MAX as u64;
 
@@ -187,6 +200,9 @@ pub struct TrainConfig {
     pub threshold_start_step: u64,
     /// BatchTopK: EMA factor β of θ (default 0.999).
     pub threshold_beta: f64,
+    /// BatchTopK and Matryoshka: how the saved θ is set (default the reference's moving
+    /// average). The trainer always keeps the average; `sae train` calibrates at the end.
+    pub threshold_rule: ThresholdRule,
 }
 
 impl Default for TrainConfig {
@@ -217,6 +233,7 @@ impl Default for TrainConfig {
             dead_tokens: 10_000_000,
             threshold_start_step: 1000,
             threshold_beta: 0.999,
+            threshold_rule: ThresholdRule::Ema,
         }
     }
 }
@@ -364,6 +381,9 @@ pub enum ConfigError {
     /// λ negative or not finite.
     #[error("l1_coefficient must be a finite number >= 0, got {0}")]
     L1Coefficient(f32),
+    /// A calibrated θ asked of an architecture without one.
+    #[error("threshold = \"calibrate\" applies to batchtopk and matryoshka, which learn a threshold θ; {0} has none")]
+    CalibrateWithoutThreshold(&'static str),
     /// Matryoshka's groups given wrongly.
     #[error("{field}: {problem}")]
     Groups {

@@ -3,8 +3,10 @@
 //! An SAE maps an activation x (D numbers) to a sparse code f (F ≫ D numbers, almost all zero)
 //! and back: pre = (x − b_dec)·W_encᵀ + b_enc, f = sparsify(ReLU(pre)), x̂ = f·W_dec + b_dec.
 //! Sparsity comes from an L1 penalty ([`Architecture::Relu`]), a per-row top-k
-//! ([`Architecture::TopK`]) or a batch-wide top-(k·B) ([`Architecture::BatchTopK`]), with the
-//! semantics of the reference Python library dictionary_learning.
+//! ([`Architecture::TopK`]), a batch-wide top-(k·B) ([`Architecture::BatchTopK`], and with
+//! nested prefixes [`Architecture::Matryoshka`]) or a threshold learned per latent
+//! ([`Architecture::JumpRelu`]), with the semantics of the reference Python library
+//! dictionary_learning.
 //!
 //! Data flows through the modules in this order: [`data`] (shuffled batches from `.npy`
 //! shards) → a batch `x_bd` → [`train`]'s step, whose phases run on the CPU or a GPU: encode
@@ -44,6 +46,7 @@ extern crate blas_src;
 
 pub mod arch;
 pub mod backend;
+pub mod calibrate;
 pub mod config;
 pub mod data;
 pub mod dist;
@@ -60,7 +63,7 @@ pub mod select;
 pub mod synth;
 pub mod train;
 
-pub use config::{Architecture, ConfigError, ReluVariant, SaeConfig, TrainConfig};
+pub use config::{Architecture, ConfigError, ReluVariant, SaeConfig, ThresholdRule, TrainConfig};
 pub use error::{Error, Result};
 pub use sae::Sae;
 pub use select::Codes;

@@ -101,6 +101,11 @@ fn invalid_options_exit_with_status_2_and_name_the_option() {
         ),
         (vec!["--arch", "jumprelu", "--k", "0"], "--k"),
         (
+            vec!["--arch", "relu", "--threshold", "calibrate"],
+            "--threshold",
+        ),
+        (vec!["--threshold", "median"], "--threshold"),
+        (
             vec!["--arch", "jumprelu", "--l0-coefficient", "-1"],
             "--l0-coefficient",
         ),
@@ -190,6 +195,36 @@ fn the_threshold_and_dead_latent_knobs_are_flags_saved_with_the_run() {
     // Steps 4 to 11 update θ, so the SAE is saved with one.
     let json: serde_json::Value = serde_json::from_str(&sae_json).unwrap();
     assert!(json["threshold"].as_f64().is_some(), "{sae_json}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_calibrated_threshold_keeps_k_codes_a_row_on_held_out_rows() {
+    let dir = temp_dir("cli-calibrate");
+    let out = dir.join("run");
+    let stdout = ok(&sae(&[
+        "train",
+        "--threshold",
+        "calibrate",
+        "--steps",
+        "40",
+        "--batch-size",
+        "512",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(stdout.contains("θ calibrated on 65536 rows"), "{stdout}");
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        config.lines().any(|l| l == "threshold = \"calibrate\""),
+        "{config}"
+    );
+    // 40 steps leave the moving average far from settled; the calibrated θ keeps k = 8 codes
+    // a row on the held-out rows of the same distribution, to sampling error.
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    let l0 = eval["eval"]["l0"].as_f64().expect("held-out L0");
+    assert!((l0 - 8.0).abs() < 0.2, "held-out L0 {l0}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -130,7 +130,8 @@ def save(trainer, a, d, f):
     if a.arch == "jumprelu":
         tensors["threshold_f"] = g(ae.threshold)
     os.makedirs(a.out, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+    # np.ascontiguousarray would make θ one-dimensional; it is a scalar.
+    save_file({k: np.array(v, dtype=np.float32, order="C") for k, v in tensors.items()},
               os.path.join(a.out, "sae.safetensors"))
     with open(os.path.join(a.out, "sae.json"), "w") as fh:
         json.dump({"format": 1, "config": {"d_model": d, "dict_size": f, **arch},

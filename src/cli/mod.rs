@@ -88,6 +88,7 @@ fn option_for(err: &ConfigError) -> Option<&'static str> {
         } => "--threshold-beta",
         E::WarmupNotBeforeEnd { .. } => "--warmup-steps",
         E::TargetL0(_) => "--k",
+        E::CalibrateWithoutThreshold(_) => "--threshold",
         E::L0Coefficient(_) => "--l0-coefficient",
         E::Bandwidth(_) => "--jumprelu-bandwidth",
         E::Groups {

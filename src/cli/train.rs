@@ -16,7 +16,7 @@ use sparse_autoencoder::plot;
 use sparse_autoencoder::run::{
     ArchName, Observer, Outcome, Progress, ResumeOptions, Run, RunSpec, SaeSpec, Summary,
 };
-use sparse_autoencoder::ReluVariant;
+use sparse_autoencoder::{ReluVariant, ThresholdRule};
 
 use super::{at_least_one, at_least_one_u64, fraction, usage, UsageError};
 
@@ -201,6 +201,11 @@ struct OptimArgs {
     /// batchtopk: weight β of the old θ in its moving average, in [0, 1) [default: 0.999].
     #[arg(long, allow_negative_numbers = true)]
     threshold_beta: Option<f64>,
+    /// batchtopk and matryoshka: how the saved θ is set: ema (the moving average of training,
+    /// the reference's) or calibrate (the k·N-th largest code of 65,536 rows drawn at the end)
+    /// [default: ema].
+    #[arg(long, value_enum)]
+    threshold: Option<Threshold>,
     /// jumprelu: coefficient c of the penalty c·(L0/k − 1)² [default: 1].
     #[arg(long, allow_negative_numbers = true)]
     l0_coefficient: Option<f32>,
@@ -246,7 +251,7 @@ struct RunArgs {
             "buffer_rows", "synth_preset", "arch", "k", "dict_size", "expansion",
             "relu_variant", "batch_size", "steps", "tokens", "lr", "l1", "warmup_steps",
             "decay_start", "auxk_alpha", "dead_tokens", "threshold_start_step",
-            "threshold_beta", "l0_coefficient", "jumprelu_bandwidth", "group_sizes", "group_fractions", "group_weights", "seed", "out",
+            "threshold_beta", "threshold", "l0_coefficient", "jumprelu_bandwidth", "group_sizes", "group_fractions", "group_weights", "seed", "out",
             "force", "checkpoint_every", "metrics_every",
             "max_memory"]
     )]
@@ -271,6 +276,14 @@ struct RunArgs {
     /// about 20 lines a run].
     #[arg(long, value_parser = at_least_one_u64, allow_negative_numbers = true)]
     log_every: Option<u64>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Threshold {
+    /// The moving average of each batch's smallest kept code (dictionary_learning).
+    Ema,
+    /// Set at the end of training from 65,536 rows of the training data.
+    Calibrate,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -508,6 +521,12 @@ fn sweep(tables: &[SaeSpec], args: &TrainArgs) -> Vec<SaeSpec> {
         base.dead_tokens = o.dead_tokens.or(base.dead_tokens);
         base.threshold_start_step = o.threshold_start_step.or(base.threshold_start_step);
         base.threshold_beta = o.threshold_beta.or(base.threshold_beta);
+        if let Some(rule) = o.threshold {
+            base.threshold = Some(match rule {
+                Threshold::Ema => ThresholdRule::Ema,
+                Threshold::Calibrate => ThresholdRule::Calibrate,
+            });
+        }
         base.l0_coefficient = o.l0_coefficient.or(base.l0_coefficient);
         base.jumprelu_bandwidth = o.jumprelu_bandwidth.or(base.jumprelu_bandwidth);
         if !o.group_sizes.is_empty() || !o.group_fractions.is_empty() {

@@ -5,7 +5,6 @@
 use crate::data::LoaderConfig;
 use crate::memory::{check, mul, u, Estimate, Knob};
 use crate::synth::SynthConfig;
-use crate::Architecture;
 use crate::SaeConfig;
 
 use super::RunSpec;
@@ -32,10 +31,10 @@ impl Estimate {
         let mut largest_f = 0usize;
         for sae in &spec.sae {
             let f = sae.dict_size.unwrap_or(0);
-            let arch = match (sae.arch, sae.k) {
-                (Some(crate::run::ArchName::Relu), _) => Architecture::RELU,
-                (_, k) => Architecture::TopK { k: k.unwrap_or(0) },
-            };
+            let arch = sae
+                .arch
+                .unwrap_or(crate::run::ArchName::Batchtopk)
+                .with_k(sae.k.unwrap_or(0));
             let config = SaeConfig {
                 d_model,
                 dict_size: f,
@@ -44,6 +43,22 @@ impl Estimate {
             e.trainer(&config, batch, ranks);
             largest_fd = largest_fd.max(mul(&[u(f), d]));
             largest_f = largest_f.max(f);
+        }
+        if spec
+            .sae
+            .iter()
+            .any(|s| s.threshold == Some(crate::ThresholdRule::Calibrate))
+        {
+            // The rows θ is calibrated on, and one batch's pre-activations at a time.
+            e.add(
+                "θ calibration rows",
+                Knob::BatchAndDictSize,
+                mul(&[4, u(crate::run::CALIBRATION_ROWS), d]).saturating_add(mul(&[
+                    4,
+                    u(batch),
+                    u(largest_f.max(1)),
+                ])),
+            );
         }
         // A checkpoint copies one trainer's state (parameters, m, v: 24 bytes per weight) and
         // then serialises it into a buffer of the same size.

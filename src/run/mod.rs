@@ -30,7 +30,8 @@ pub use spec::{
     ArchName, Context, DataSpec, RunSpec, SaeSpec, Schedule, ScheduleError, ScheduleSpec,
 };
 
-use crate::config::ConfigError;
+use crate::calibrate::calibrated_threshold;
+use crate::config::{ConfigError, ThresholdRule};
 use crate::data::{
     estimate_scale, holdout, Batcher, Cursor, DataError, LoaderConfig, NpyShards, Prefetcher,
     Source,
@@ -46,6 +47,9 @@ use lock::RunLock;
 pub const DEFAULT_EVAL_FRACTION: f64 = 0.01;
 /// Rows of the synthetic set evaluated at the end (a batch index training never reaches).
 const SYNTH_EVAL_ROWS: usize = 16384;
+/// Rows a calibrated θ is taken from, over every process (the "at least 64k"):
+/// enough that θ's rank, k·N, is estimated to well under 1% for any k.
+pub const CALIBRATION_ROWS: usize = 65536;
 /// Default steps between lines of `metrics.jsonl`.
 const DEFAULT_METRICS_EVERY: u64 = 10;
 /// What a stop before training means for the run.
@@ -965,6 +969,7 @@ impl Run {
             let saved = self.checkpoint(seconds);
             agree(c, saved, false)?;
         }
+        let thresholds = self.calibrate(observer)?;
         let skipped_rows = self.skipped_rows();
         if skipped_rows > 0 {
             observer.note(&format!(
@@ -974,8 +979,11 @@ impl Run {
         // Each trainer gives up its SAE here: its moments, gradients and step buffers are
         // freed before the evaluation allocates its own.
         let mut saved = Vec::with_capacity(self.members.len());
-        for member in std::mem::take(&mut self.members) {
-            let sae = self.save(member.trainer, &member.dir);
+        for (member, threshold) in std::mem::take(&mut self.members)
+            .into_iter()
+            .zip(thresholds)
+        {
+            let sae = self.save(member.trainer, threshold, &member.dir);
             let (sae, _) = agree(c, sae, false)?;
             saved.push((member.name, member.dir, sae));
         }
@@ -1009,6 +1017,62 @@ impl Run {
         Ok(Outcome::Finished(summaries))
     }
 
+    /// The calibrated θ of each SAE whose recipe asks for one (`None` for the others): rows
+    /// are drawn on from the training data, past the last training batch, until every process
+    /// together holds [`CALIBRATION_ROWS`], and each SAE's θ is their k·N-th largest code. The
+    /// draws come after the final checkpoint, so a resumed run draws the same rows.
+    fn calibrate(&mut self, observer: &mut dyn Observer) -> Result<Vec<Option<f32>>> {
+        let wanted: Vec<bool> = self
+            .members
+            .iter()
+            .map(|m| m.trainer.config().threshold_rule == ThresholdRule::Calibrate)
+            .collect();
+        if !wanted.contains(&true) {
+            return Ok(vec![None; wanted.len()]);
+        }
+        let collective = self.collective.clone();
+        let c = &*collective;
+        let batch_size = self.run.schedule.batch_size;
+        let part = crate::dist::part(batch_size, c.rank(), c.world_size());
+        let mut rows = Vec::new();
+        for i in 0..CALIBRATION_ROWS.div_ceil(batch_size) as u64 {
+            let fetched = match &mut self.batches {
+                Batches::Synthetic(synth) => {
+                    let whole = synth.batch(batch_size, self.step + i);
+                    Ok(whole.slice(ndarray::s![part.clone(), ..]).to_owned())
+                }
+                Batches::Loader(loader) => loader
+                    .next_batch()
+                    .map(|b| b.view().to_owned())
+                    .map_err(|err| self.data_error(err)),
+            };
+            rows.push(agree(c, fetched, false)?.0);
+        }
+        let mut thresholds = Vec::with_capacity(wanted.len());
+        for (member, wanted) in self.members.iter_mut().zip(wanted) {
+            thresholds.push(if wanted {
+                member.trainer.sync()?;
+                let sae = member.trainer.sae();
+                let k = sae
+                    .config()
+                    .arch
+                    .k()
+                    .expect("only batch top-k SAEs calibrate");
+                let theta = calibrated_threshold(sae, &crate::backend::Cpu, &rows, k, c)?;
+                observer.note(&format!(
+                    "{}: θ calibrated on {} rows: {theta} (moving average {})",
+                    member.name,
+                    rows.iter().map(|r| r.nrows()).sum::<usize>() * c.world_size(),
+                    sae.threshold().map_or("unset".into(), |t| t.to_string()),
+                ));
+                Some(theta)
+            } else {
+                None
+            });
+        }
+        Ok(thresholds)
+    }
+
     /// Rank 0 appends a line per SAE to its `metrics.jsonl`.
     fn write_metrics(&mut self, stats: &[StepStats], tokens: u64, seconds: f64) -> Result<()> {
         for (member, stats) in self.members.iter_mut().zip(stats) {
@@ -1036,9 +1100,12 @@ impl Run {
     }
 
     /// Saves one trained SAE, the input scale folded in.
-    fn save(&self, mut trainer: Trainer, dir: &Path) -> Result<crate::Sae> {
+    fn save(&self, mut trainer: Trainer, threshold: Option<f32>, dir: &Path) -> Result<crate::Sae> {
         trainer.sync()?;
         let mut sae = trainer.into_sae();
+        if threshold.is_some() {
+            sae.threshold = threshold;
+        }
         sae.fold_input_scale(self.scale)?;
         if self.collective.rank() != 0 {
             return Ok(sae);

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use crate::arch::ArchName;
-use crate::config::{Architecture, ConfigError, ReluVariant, SaeConfig, TrainConfig};
+use crate::config::{
+    Architecture, ConfigError, ReluVariant, SaeConfig, ThresholdRule, TrainConfig,
+};
 use crate::synth::{SynthConfig, SynthPreset};
 
 /// A run's configuration, as a TOML file holds it (`sae train --config run.toml`) and as
@@ -170,6 +172,10 @@ pub struct SaeSpec {
     pub l0_coefficient: Option<f32>,
     /// JumpReLU: the bandwidth ε of the thresholds' straight-through estimator (default 0.001).
     pub jumprelu_bandwidth: Option<f32>,
+    /// BatchTopK and Matryoshka: how the saved θ is set, `ema` (the reference's moving
+    /// average, the default) or `calibrate` (the k·N-th largest code of 65,536 rows drawn at
+    /// the end of training).
+    pub threshold: Option<ThresholdRule>,
     /// Matryoshka: the nested groups' sizes, summing to F (default: from `group_fractions`).
     pub group_sizes: Option<Vec<usize>>,
     /// Matryoshka: the fraction of F in each group (default 1/32, 1/16, 1/8, 1/4, 17/32).
@@ -279,6 +285,7 @@ impl SaeSpec {
                 .threshold_start_step
                 .unwrap_or(defaults.threshold_start_step.min(steps / 2)),
             threshold_beta: self.threshold_beta.unwrap_or(defaults.threshold_beta),
+            threshold_rule: self.threshold.unwrap_or_default(),
             // JumpReLU's penalty aims at k active latents per row, the budget the other
             // architectures select.
             target_l0: if jumprelu {
@@ -299,6 +306,9 @@ impl SaeSpec {
             ..defaults
         };
         train.validate(&sae)?;
+        if self.threshold == Some(ThresholdRule::Calibrate) && !batchtopk {
+            return Err(ConfigError::CalibrateWithoutThreshold(arch_name.as_str()));
+        }
         if let Some(start) = self.threshold_start_step.filter(|_| batchtopk) {
             // The default shrinks to fit any run; a value set by hand must fit this one.
             if start.saturating_add(1) >= steps {
@@ -342,6 +352,7 @@ impl SaeSpec {
             dead_tokens: Some(dead_tokens),
             threshold_start_step: batchtopk.then_some(train.threshold_start_step),
             threshold_beta: batchtopk.then_some(train.threshold_beta),
+            threshold: batchtopk.then_some(train.threshold_rule),
             l0_coefficient: jumprelu.then_some(train.l0_coefficient),
             jumprelu_bandwidth: jumprelu.then_some(train.jumprelu_bandwidth),
             // The sizes the fractions gave, so config.toml says what the run used.
