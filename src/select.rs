@@ -252,6 +252,12 @@ fn scan_at_least(row: &[f32], bias: &[f32], lower_bits: u32, mut emit: impl FnMu
     }
 }
 
+/// JumpReLU's rule: above the latent's threshold, and positive (the ReLU of inference).
+#[inline]
+fn jump_keeps(v: f32, theta: f32) -> bool {
+    v > theta && v > 0.0
+}
+
 /// Keeps the `k` largest keys of `cand` (any order in, ascending latent order out).
 fn push_top_k(cand: &mut [u64], k: usize, indices: &mut Vec<u32>, values: &mut Vec<f32>) {
     let kept = if k == 0 {
@@ -333,28 +339,13 @@ impl Selector {
     /// Entries above their latent's threshold, `post_j > threshold_f[j]` (JumpReLU; ReLU implied,
     /// so a negative θ_j keeps only positive entries).
     pub fn jump(&mut self, pre: PreActs<'_>, threshold_f: &[f32], out: &mut Codes) {
-        let threshold_f = &threshold_f[..pre.n_latents()];
-        self.build(pre.n_rows(), pre.n_latents(), out, |b, buf| {
-            for (j, ((&g, &bias), &t)) in pre
-                .row(b)
-                .iter()
-                .zip(pre.bias_f)
-                .zip(threshold_f)
-                .enumerate()
-            {
-                let v = g + bias;
-                if v > t && v > 0.0 {
-                    buf.indices.push(j as u32);
-                    buf.values.push(v);
-                }
-            }
-        });
+        self.per_latent_rule(pre, threshold_f, out, jump_keeps);
     }
 
     /// The entries within the rectangle kernel of width `bandwidth` around their latent's
     /// threshold, |pre − θ_j|/ε < ½, that [`Selector::jump`] does not select (those at or just
-    /// below θ_j), with their pre-activations. The thresholds' pseudo-gradient lives here and on the
-    /// selected entries within ½ε above θ_j.
+    /// below θ_j), with their pre-activations. The thresholds' pseudo-gradient lives here and
+    /// on the selected entries within ½ε above θ_j.
     pub fn below_threshold(
         &mut self,
         pre: PreActs<'_>,
@@ -362,19 +353,27 @@ impl Selector {
         bandwidth: f32,
         out: &mut Codes,
     ) {
+        self.per_latent_rule(pre, threshold_f, out, |v, t| {
+            // The comparisons torch's RectangleFunction makes, in the same f32 arithmetic.
+            let x = (v - t) / bandwidth;
+            x > -0.5 && x < 0.5 && !jump_keeps(v, t)
+        });
+    }
+
+    /// The entries `v` of each row for which `keep(v, θ_j)`, with θ_j from `threshold_f`.
+    fn per_latent_rule(
+        &mut self,
+        pre: PreActs<'_>,
+        threshold_f: &[f32],
+        out: &mut Codes,
+        keep: impl Fn(f32, f32) -> bool + Sync,
+    ) {
         let threshold_f = &threshold_f[..pre.n_latents()];
         self.build(pre.n_rows(), pre.n_latents(), out, |b, buf| {
-            for (j, ((&g, &bias), &t)) in pre
-                .row(b)
-                .iter()
-                .zip(pre.bias_f)
-                .zip(threshold_f)
-                .enumerate()
-            {
+            let row = pre.row(b).iter().zip(pre.bias_f).zip(threshold_f);
+            for (j, ((&g, &bias), &t)) in row.enumerate() {
                 let v = g + bias;
-                // The comparisons torch's RectangleFunction makes, in the same f32 arithmetic.
-                let x = (v - t) / bandwidth;
-                if x > -0.5 && x < 0.5 && !(v > t && v > 0.0) {
+                if keep(v, t) {
                     buf.indices.push(j as u32);
                     buf.values.push(v);
                 }
