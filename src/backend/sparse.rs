@@ -86,41 +86,30 @@ pub fn decode_prefixes_into(
     let mut out_gbd = out_gbd
         .into_shape_with_order((ends.len(), n, d))
         .expect("G·B rows in standard layout");
-    let mut blocks: Vec<ArrayViewMut2<'_, f32>> = out_gbd.outer_iter_mut().collect();
-    let mut rows_gb: Vec<Vec<&mut [f32]>> = blocks
-        .iter_mut()
-        .map(|block| {
-            block
-                .as_slice_mut()
-                .expect("standard layout")
-                .chunks_mut(d)
-                .collect()
-        })
-        .collect();
-    // Row b's outputs in every block, for one task per row.
-    let mut per_row: Vec<Vec<&mut [f32]>> =
-        (0..n).map(|_| Vec::with_capacity(ends.len())).collect();
-    for rows_b in rows_gb.iter_mut() {
-        for (b, row) in rows_b.drain(..).enumerate() {
-            per_row[b].push(row);
-        }
-    }
     let bias = bias_d.as_slice().expect("contiguous bias");
-    per_row
+    // One task per row b, writing its G×D slice (row b of every block).
+    out_gbd
+        .axis_iter_mut(Axis(1))
         .into_par_iter()
         .enumerate()
-        .for_each(|(b, mut outs)| {
+        .for_each(|(b, mut out_gd)| {
             let (idx, val) = codes.row(b);
-            let mut acc = bias.to_vec();
             let mut e = 0;
             dispatch(|| {
-                for (g, out) in outs.iter_mut().enumerate() {
-                    while e < idx.len() && (idx[e] as usize) < ends[g] {
+                for (g, &end) in ends.iter().enumerate() {
+                    // Each prefix starts from the one before it (the first from the bias).
+                    let (done, mut rest) = out_gd.view_mut().split_at(Axis(0), g);
+                    let mut acc_d = rest.row_mut(0);
+                    let acc = acc_d.as_slice_mut().expect("contiguous output row");
+                    match g {
+                        0 => acc.copy_from_slice(bias),
+                        _ => acc.copy_from_slice(done.row(g - 1).as_slice().expect("contiguous")),
+                    }
+                    while e < idx.len() && (idx[e] as usize) < end {
                         let w = w_fd.row(idx[e] as usize);
-                        axpy(val[e], w.as_slice().expect("contiguous row"), &mut acc);
+                        axpy(val[e], w.as_slice().expect("contiguous row"), acc);
                         e += 1;
                     }
-                    out.copy_from_slice(&acc);
                 }
             })
         });

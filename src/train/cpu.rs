@@ -265,7 +265,7 @@ impl Phases for CpuStep {
             .and(&self.buf.x_hat_bd)
             .par_for_each(|u, &x, &xh| *u = scale * (x - xh));
         // Residuals e = x − x̂ are −u·B/2; the batch sums use e directly.
-        let mut sq_error = [row_sq_sum(x_bd, &self.buf.x_hat_bd, None)];
+        let mut sq_error = [row_sq_sum(x_bd, self.buf.x_hat_bd.view(), None)];
         let variance = total_variance_times_n(x_bd, step.collective);
         step.collective.all_reduce_sum_f64(&mut sq_error);
         self.sums = LossSums {
@@ -300,7 +300,7 @@ impl Phases for CpuStep {
         let e_mean: Vec<f64> = e_sum.iter().map(|s| s / n_global).collect();
         let mut parts = [
             aux_sq_sum(x_bd, &self.buf.x_hat_bd, &self.buf.aux_hat_bd),
-            row_sq_sum(x_bd, &self.buf.x_hat_bd, Some(&e_mean)),
+            row_sq_sum(x_bd, self.buf.x_hat_bd.view(), Some(&e_mean)),
         ];
         step.collective.all_reduce_sum_f64(&mut parts);
         Ok(parts)
@@ -333,11 +333,11 @@ impl Phases for CpuStep {
         // and takes the whole batch's gradients of this process's latents (see `shard`); the
         // others sum the gradients of each process's rows.
         let (l1_coef, weight_by_decoder_norm) = args.l1.unwrap_or((0.0, false));
-        // JumpReLU's thresholds sum their gradient over every process's rows instead, so its
-        // distributed steps take the summing path, which prepares rows after the sum.
+        // JumpReLU's thresholds and Matryoshka's upstream blocks are not gathered: their
+        // distributed steps sum each process's gradients, preparing rows after the sum.
         let blocks = step.prefixes.len();
-        let sums_thresholds = step.distributed() && (args.jump.is_some() || blocks > 1);
-        let fuse = !(self.dense || args.capture || sums_thresholds);
+        let sums_across = step.distributed() && (args.jump.is_some() || blocks > 1);
+        let fuse = !(self.dense || args.capture || sums_across);
         let gather = fuse && step.distributed();
         if let Some(jump) = args.jump {
             self.buf.selector.below_threshold(
@@ -529,7 +529,7 @@ impl CpuStep {
             .assign(&self.buf.prefix_hat_bd.slice(block(blocks - 1)));
         // From the last prefix down, each block adding its own term to the one above it.
         let scale = -2.0 / step.shard.n_global() as f32;
-        let mut sums = vec![0.0f64; blocks + 1];
+        let mut sums = vec![0.0f64; blocks];
         for (g, prefix) in step.prefixes.iter().enumerate().rev() {
             let (above, this) = self
                 .buf
@@ -552,15 +552,19 @@ impl CpuStep {
                     .and(&hat_g)
                     .par_for_each(|u, &x, &xh| *u = c * (x - xh));
             }
-            let hat_g = hat_g.to_owned();
-            sums[g] = prefix.weight as f64 * row_sq_sum(x_bd, &hat_g, None);
+            sums[g] = row_sq_sum(x_bd, hat_g, None);
         }
-        sums[blocks] = row_sq_sum(x_bd, &self.buf.x_hat_bd, None);
         let variance = total_variance_times_n(x_bd, step.collective);
         step.collective.all_reduce_sum_f64(&mut sums);
         self.sums = LossSums {
-            sq_error: sums[blocks],
-            reconstruction: sums[..blocks].iter().sum(),
+            // The last prefix is the whole dictionary: x̂.
+            sq_error: sums[blocks - 1],
+            reconstruction: step
+                .prefixes
+                .iter()
+                .zip(&sums)
+                .map(|(p, s)| p.weight as f64 * s)
+                .sum(),
             variance,
             l1: 0.0,
         };

@@ -9,7 +9,7 @@ use crate::dist::Collective;
 /// Σ_b ‖(x_b − x̂_b) − c‖² in f64 (c = 0 when `None`), summed row by row in a fixed order.
 pub(super) fn row_sq_sum(
     x_bd: ArrayView2<'_, f32>,
-    x_hat_bd: &Array2<f32>,
+    x_hat_bd: ArrayView2<'_, f32>,
     c: Option<&[f64]>,
 ) -> f64 {
     Zip::from(x_bd.rows())
