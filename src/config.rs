@@ -203,6 +203,14 @@ pub struct TrainConfig {
     /// BatchTopK and Matryoshka: how the saved θ is set (default the reference's moving
     /// average). The trainer always keeps the average; `sae train` calibrates at the end.
     pub threshold_rule: ThresholdRule,
+    /// Every this many steps, the latents dead for `dead_tokens` are re-initialised towards
+    /// the batch rows the SAE reconstructs worst, as long as that many steps remain (Anthropic
+    /// 2023's resampling; see `train::resample`). `None`, the default and the reference's
+    /// for every trainer here, never resamples.
+    pub resample_every: Option<u64>,
+    /// Resampling: a new encoder row's norm as a multiple of the live latents' mean encoder
+    /// norm (default 0.2, Anthropic 2023).
+    pub resample_encoder_scale: f32,
 }
 
 impl Default for TrainConfig {
@@ -234,6 +242,8 @@ impl Default for TrainConfig {
             threshold_start_step: 1000,
             threshold_beta: 0.999,
             threshold_rule: ThresholdRule::Ema,
+            resample_every: None,
+            resample_encoder_scale: 0.2,
         }
     }
 }
@@ -274,6 +284,13 @@ impl TrainConfig {
         }
         if self.dead_tokens == 0 {
             return Err(E::ZeroDeadTokens);
+        }
+        if self.resample_every == Some(0) {
+            return Err(E::ZeroInterval("resample_every"));
+        }
+        let scale = self.resample_encoder_scale;
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(E::ResampleEncoderScale(scale));
         }
         if self.warmup_steps >= self.total_steps {
             return Err(E::WarmupNotBeforeEnd {
@@ -404,6 +421,9 @@ pub enum ConfigError {
     /// α negative or not finite.
     #[error("auxk_alpha must be a finite number >= 0, got {0}")]
     AuxkAlpha(f32),
+    /// Resampled encoder rows of no (or of an undefined) norm.
+    #[error("resample_encoder_scale must be a finite number > 0, got {0}")]
+    ResampleEncoderScale(f32),
     /// `dead_tokens` = 0 would call every latent dead at once.
     #[error("dead_tokens must be at least 1")]
     ZeroDeadTokens,
@@ -651,6 +671,17 @@ mod tests {
             check(sae(TOPK), |c| c.dead_tokens = 0),
             Err(ConfigError::ZeroDeadTokens)
         );
+        assert_eq!(
+            check(sae(TOPK), |c| c.resample_every = Some(0)),
+            Err(ConfigError::ZeroInterval("resample_every"))
+        );
+        assert_eq!(check(sae(TOPK), |c| c.resample_every = Some(1)), Ok(()));
+        for bad in [0.0, -0.2, f32::NAN, f32::INFINITY] {
+            assert_eq!(
+                check(sae(TOPK), |c| c.resample_encoder_scale = bad).map_err(|e| e.to_string()),
+                Err(ConfigError::ResampleEncoderScale(bad).to_string())
+            );
+        }
         assert_eq!(
             check(sae(TOPK), |c| c.total_steps = 0),
             Err(ConfigError::ZeroTotalSteps)

@@ -86,6 +86,12 @@ fn invalid_options_exit_with_status_2_and_name_the_option() {
         (vec!["--auxk-alpha", "-1"], "--auxk-alpha"),
         (vec!["--auxk-alpha", "inf"], "--auxk-alpha"),
         (vec!["--dead-tokens", "0"], "--dead-tokens"),
+        (vec!["--resample", "0"], "--resample"),
+        (
+            vec!["--resample", "5", "--resample-encoder-scale", "0"],
+            "--resample-encoder-scale",
+        ),
+        (vec!["--resample-encoder-scale", "0.5"], "--resample"),
         (vec!["--threshold-beta", "1"], "--threshold-beta"),
         (
             vec!["--arch", "matryoshka", "--group-sizes", "1,2"],
@@ -176,6 +182,10 @@ fn the_threshold_and_dead_latent_knobs_are_flags_saved_with_the_run() {
         "3",
         "--threshold-beta",
         "0.9",
+        "--resample",
+        "5",
+        "--resample-encoder-scale",
+        "0.5",
         "--out",
     ];
     ok(&sae(&[&args[..], &[out.to_str().unwrap()]].concat()));
@@ -185,6 +195,8 @@ fn the_threshold_and_dead_latent_knobs_are_flags_saved_with_the_run() {
         "dead_tokens = 640",
         "threshold_start_step = 3",
         "threshold_beta = 0.9",
+        "resample_every = 5",
+        "resample_encoder_scale = 0.5",
     ] {
         assert!(
             config.lines().any(|l| l == line),

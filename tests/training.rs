@@ -422,24 +422,41 @@ fn processes_sharing_each_batch_train_what_one_process_trains() {
     let unit_decoder = Architecture::Relu {
         variant: ReluVariant::UnitDecoder,
     };
-    let cases: [(&str, Architecture, f32); 7] = [
-        ("relu dense", Architecture::RELU, 0.05),
-        ("relu sparse", Architecture::RELU, 1.0),
-        ("relu unit-norm", unit_decoder, 1.0),
-        ("topk", Architecture::TopK { k: 4 }, 0.05),
-        ("batchtopk", Architecture::BatchTopK { k: 4 }, 0.05),
-        ("jumprelu", Architecture::JumpRelu, 0.05),
-        ("matryoshka", Architecture::Matryoshka { k: 4 }, 0.05),
+    // The last two resample every 4 steps: rows drawn by error, gathered across processes.
+    let cases: [(&str, Architecture, f32, Option<u64>); 9] = [
+        ("relu dense", Architecture::RELU, 0.05, None),
+        ("relu sparse", Architecture::RELU, 1.0, None),
+        ("relu unit-norm", unit_decoder, 1.0, None),
+        ("topk", Architecture::TopK { k: 4 }, 0.05, None),
+        ("batchtopk", Architecture::BatchTopK { k: 4 }, 0.05, None),
+        ("jumprelu", Architecture::JumpRelu, 0.05, None),
+        ("matryoshka", Architecture::Matryoshka { k: 4 }, 0.05, None),
+        ("topk resampled", Architecture::TopK { k: 4 }, 0.05, Some(4)),
+        (
+            "batchtopk resampled",
+            Architecture::BatchTopK { k: 4 },
+            0.05,
+            Some(4),
+        ),
     ];
-    for (what, arch, dense_threshold) in cases {
+    for (what, arch, dense_threshold, resample_every) in cases {
         let config = TrainConfig {
             // Dead latents within the run, so AuxK's terms are exchanged too.
             dead_tokens: 48,
+            resample_every,
             ..short_run()
         };
         let sae = Sae::new(sae_config(arch, 16, 64), 4).unwrap();
         let batches: Vec<Array2<f32>> = (0..12).map(|s| synthetic_batch(48, 16, 500 + s)).collect();
         let single = train_across(&sae, &config, dense_threshold, &batches, 1).remove(0);
+        if resample_every.is_some() {
+            let config = TrainConfig {
+                resample_every: None,
+                ..config.clone()
+            };
+            let plain = train_across(&sae, &config, dense_threshold, &batches, 1).remove(0);
+            assert_ne!(plain, single, "{what}: nothing was resampled");
+        }
         for ranks in [2, 3] {
             let states = train_across(&sae, &config, dense_threshold, &batches, ranks);
             for (rank, state) in states.iter().enumerate() {
@@ -451,4 +468,173 @@ fn processes_sharing_each_batch_train_what_one_process_trains() {
             assert_eq!(again[0], states[0], "{what}: a repeat differs");
         }
     }
+}
+
+/// The recipe of [`short_run`] resampling every 4 steps: with 512 latents for 16-wide data and
+/// k = 2, hundreds are dead (64 tokens without firing) by step 4, more than a batch has rows.
+fn resampling_run() -> TrainConfig {
+    TrainConfig {
+        resample_every: Some(4),
+        ..short_run()
+    }
+}
+
+fn row_norm(r: ndarray::ArrayView1<'_, f32>) -> f32 {
+    r.dot(&r).sqrt()
+}
+
+#[test]
+fn resampling_points_dead_latents_at_the_batch_rows() {
+    let (b, d, f) = (32, 16, 512);
+    let arch = Architecture::TopK { k: 2 };
+    let mut trainer = Trainer::new(
+        Sae::new(sae_config(arch, d, f), 11).unwrap(),
+        resampling_run(),
+    )
+    .unwrap();
+    for s in 0..3 {
+        let stats = trainer.step(synthetic_batch(b, d, 100 + s).view()).unwrap();
+        assert_eq!(stats.resampled, 0, "step {s}");
+    }
+    let x = synthetic_batch(b, d, 103);
+    let stats = trainer.step(x.view()).unwrap();
+    // More dead latents than rows: each row is drawn once.
+    assert_eq!(stats.resampled, b, "{stats:?}");
+
+    let state = trainer.state();
+    let sae = &state.sae;
+    let since = &state.tokens_since_fired_f;
+    let resampled: Vec<usize> = (0..f)
+        .filter(|&j| {
+            since[j] == 0
+                && sae.b_enc_f()[j] == 0.0
+                && state.adam_m.w_enc_fd.row(j).iter().all(|&v| v == 0.0)
+                && state.adam_m.w_dec_fd.row(j).iter().all(|&v| v == 0.0)
+        })
+        .collect();
+    assert_eq!(resampled.len(), b);
+    let live: Vec<usize> = (0..f)
+        .filter(|&j| since[j] < 64 && !resampled.contains(&j))
+        .collect();
+    assert!(!live.is_empty());
+    let live_norm = live
+        .iter()
+        .map(|&j| row_norm(sae.w_enc_fd().row(j)))
+        .sum::<f32>()
+        / live.len() as f32;
+    let mean_v = |a: &Array2<f32>| {
+        live.iter()
+            .fold(ndarray::Array1::<f32>::zeros(d), |acc, &j| acc + a.row(j))
+            / live.len() as f32
+    };
+    let (v_enc, v_dec) = (
+        mean_v(&state.adam_v.w_enc_fd),
+        mean_v(&state.adam_v.w_dec_fd),
+    );
+
+    // Each resampled decoder row is a distinct batch row as the encoder sees it, x − b_dec,
+    // at unit norm; the encoder row points the same way at a fifth of the live latents' norm.
+    let centred = &x - &sae.b_dec_d();
+    let mut rows_used = Vec::new();
+    for &j in &resampled {
+        let w_dec = sae.w_dec_fd().row(j).to_owned();
+        assert!((row_norm(w_dec.view()) - 1.0).abs() < 1e-5);
+        let (best, cos) = (0..b)
+            .map(|r| (r, centred.row(r).dot(&w_dec) / row_norm(centred.row(r))))
+            .fold((0, f32::MIN), |a, c| if c.1 > a.1 { c } else { a });
+        assert!(
+            cos > 1.0 - 1e-5,
+            "latent {j}: cosine {cos} to its nearest row"
+        );
+        rows_used.push(best);
+        let w_enc = sae.w_enc_fd().row(j).to_owned();
+        assert!((row_norm(w_enc.view()) / live_norm - 0.2).abs() < 1e-4);
+        assert!(w_enc.dot(&w_dec) / row_norm(w_enc.view()) > 1.0 - 1e-5);
+        // Adam's second moments start where the live latents' are, so the first steps are
+        // as large as theirs, not the sign steps of a zeroed moment.
+        assert_close(
+            "v W_enc",
+            &state.adam_v.w_enc_fd.row(j).to_owned(),
+            &v_enc,
+            1e-5,
+        );
+        assert_close(
+            "v W_dec",
+            &state.adam_v.w_dec_fd.row(j).to_owned(),
+            &v_dec,
+            1e-5,
+        );
+    }
+    rows_used.sort();
+    rows_used.dedup();
+    assert_eq!(rows_used.len(), b, "a row was drawn twice");
+}
+
+#[test]
+fn resampling_training_repeats_and_resumes_to_the_same_bits() {
+    for arch in [
+        Architecture::RELU,
+        Architecture::TopK { k: 2 },
+        Architecture::JumpRelu,
+    ] {
+        let fresh = || {
+            Trainer::new(
+                Sae::new(sae_config(arch, 16, 512), 11).unwrap(),
+                resampling_run(),
+            )
+            .unwrap()
+        };
+        let run = |trainer: &mut Trainer, steps: std::ops::Range<u64>| {
+            steps
+                .map(|s| {
+                    trainer
+                        .step(synthetic_batch(32, 16, 100 + s).view())
+                        .unwrap()
+                })
+                .map(|stats| stats.resampled)
+                .sum::<usize>()
+        };
+        let mut straight = fresh();
+        let resampled = run(&mut straight, 0..14);
+        assert!(resampled > 0, "{arch:?}: nothing was resampled");
+        let mut again = fresh();
+        run(&mut again, 0..14);
+        assert_eq!(
+            again.state(),
+            straight.state(),
+            "{arch:?}: a repeat differs"
+        );
+        let mut first = fresh();
+        run(&mut first, 0..6);
+        let mut resumed = Trainer::from_state(first.state(), resampling_run()).unwrap();
+        run(&mut resumed, 6..14);
+        assert_eq!(
+            resumed.state(),
+            straight.state(),
+            "{arch:?}: the resume differs"
+        );
+        let mut plain = Trainer::new(
+            Sae::new(sae_config(arch, 16, 512), 11).unwrap(),
+            short_run(),
+        )
+        .unwrap();
+        run(&mut plain, 0..14);
+        assert_ne!(
+            plain.state(),
+            straight.state(),
+            "{arch:?}: resampling changed nothing"
+        );
+    }
+}
+
+#[test]
+fn resampling_is_refused_on_a_gpu_naming_the_option() {
+    let sae = Sae::new(sae_config(Architecture::TopK { k: 2 }, 8, 32), 0).unwrap();
+    let mut trainer = Trainer::new(sae, resampling_run()).unwrap();
+    let err = trainer
+        .set_device(sparse_autoencoder::backend::Device::cuda(0))
+        .unwrap_err();
+    assert!(matches!(err, Error::Device { .. }), "{err}");
+    assert!(err.to_string().contains("--resample"), "{err}");
+    assert_eq!(trainer.device_name(), "cpu");
 }

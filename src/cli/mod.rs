@@ -81,6 +81,8 @@ fn option_for(err: &ConfigError) -> Option<&'static str> {
         E::L1Coefficient(_) => "--l1",
         E::AuxkAlpha(_) => "--auxk-alpha",
         E::ZeroDeadTokens => "--dead-tokens",
+        E::ZeroInterval("resample_every") => "--resample",
+        E::ResampleEncoderScale(_) => "--resample-encoder-scale",
         E::ThresholdStartNotBeforeEnd { .. } => "--threshold-start-step",
         E::Beta {
             name: "threshold_beta",

@@ -228,6 +228,15 @@ struct OptimArgs {
     /// matryoshka: each prefix's weight in the loss, one per group [default: 1/G each].
     #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     group_weights: Vec<f32>,
+    /// Every this many steps, re-initialise the latents dead for --dead-tokens towards the
+    /// batch rows reconstructed worst, while that many steps remain (Anthropic 2023's
+    /// resampling; CPU only) [default: never].
+    #[arg(long, value_name = "STEPS", allow_negative_numbers = true)]
+    resample: Option<u64>,
+    /// With --resample: a new encoder row's norm as a multiple of the live latents' mean
+    /// [default: 0.2].
+    #[arg(long, requires = "resample", allow_negative_numbers = true)]
+    resample_encoder_scale: Option<f32>,
     /// Seed of the SAE's initialisation, the batch order and the synthetic data [default: 0].
     #[arg(long, allow_negative_numbers = true)]
     seed: Option<u64>,
@@ -251,7 +260,8 @@ struct RunArgs {
             "buffer_rows", "synth_preset", "arch", "k", "dict_size", "expansion",
             "relu_variant", "batch_size", "steps", "tokens", "lr", "l1", "warmup_steps",
             "decay_start", "auxk_alpha", "dead_tokens", "threshold_start_step",
-            "threshold_beta", "threshold", "l0_coefficient", "jumprelu_bandwidth", "group_sizes", "group_fractions", "group_weights", "seed", "out",
+            "threshold_beta", "threshold", "l0_coefficient", "jumprelu_bandwidth", "group_sizes", "group_fractions", "group_weights", "resample",
+            "resample_encoder_scale", "seed", "out",
             "force", "checkpoint_every", "metrics_every",
             "max_memory"]
     )]
@@ -529,6 +539,8 @@ fn sweep(tables: &[SaeSpec], args: &TrainArgs) -> Vec<SaeSpec> {
         }
         base.l0_coefficient = o.l0_coefficient.or(base.l0_coefficient);
         base.jumprelu_bandwidth = o.jumprelu_bandwidth.or(base.jumprelu_bandwidth);
+        base.resample_every = o.resample.or(base.resample_every);
+        base.resample_encoder_scale = o.resample_encoder_scale.or(base.resample_encoder_scale);
         if !o.group_sizes.is_empty() || !o.group_fractions.is_empty() {
             // One way of giving the groups replaces the other.
             base.group_sizes = (!o.group_sizes.is_empty()).then(|| o.group_sizes.clone());

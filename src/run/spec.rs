@@ -182,6 +182,12 @@ pub struct SaeSpec {
     pub group_fractions: Option<Vec<f64>>,
     /// Matryoshka: each prefix's weight in the loss (default 1/G each, the reference's).
     pub group_weights: Option<Vec<f32>>,
+    /// Steps between resamplings of the dead latents (default none: never, as the
+    /// reference's trainers).
+    pub resample_every: Option<u64>,
+    /// Resampling: a new encoder row's norm as a multiple of the live latents' mean (default
+    /// 0.2, Anthropic 2023).
+    pub resample_encoder_scale: Option<f32>,
 }
 
 /// Peak learning rate on the synthetic data.
@@ -303,6 +309,10 @@ impl SaeSpec {
                 .clone()
                 .unwrap_or(defaults.group_fractions),
             group_weights: self.group_weights.clone().unwrap_or_default(),
+            resample_every: self.resample_every,
+            resample_encoder_scale: self
+                .resample_encoder_scale
+                .unwrap_or(defaults.resample_encoder_scale),
             ..defaults
         };
         train.validate(&sae)?;
@@ -360,6 +370,8 @@ impl SaeSpec {
             group_fractions: None,
             group_weights: (matryoshka && !train.group_weights.is_empty())
                 .then(|| train.group_weights.clone()),
+            resample_every: train.resample_every,
+            resample_encoder_scale: train.resample_every.map(|_| train.resample_encoder_scale),
         };
         Ok((resolved, sae, train))
     }
@@ -585,6 +597,31 @@ mod tests {
         let (resolved, _, _) = knobs(ArchName::Topk).resolve(cx(false)).unwrap();
         assert_eq!(
             (resolved.threshold_start_step, resolved.threshold_beta),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn resampling_reaches_the_recipe_and_is_recorded_only_when_on() {
+        let on = SaeSpec {
+            resample_every: Some(50),
+            resample_encoder_scale: Some(0.5),
+            ..SaeSpec::default()
+        };
+        let (resolved, _, train) = on.resolve(cx(false)).unwrap();
+        assert_eq!(
+            (train.resample_every, train.resample_encoder_scale),
+            (Some(50), 0.5)
+        );
+        assert_eq!(
+            (resolved.resample_every, resolved.resample_encoder_scale),
+            (Some(50), Some(0.5))
+        );
+        assert_eq!(resolved.resolve(cx(false)).unwrap().2, train);
+        let (resolved, _, train) = SaeSpec::default().resolve(cx(false)).unwrap();
+        assert_eq!(train.resample_every, None);
+        assert_eq!(
+            (resolved.resample_every, resolved.resample_encoder_scale),
             (None, None)
         );
     }

@@ -505,6 +505,10 @@ impl Phases for CpuStep {
     fn loss_sums(&mut self) -> Result<LossSums> {
         Ok(self.sums)
     }
+
+    fn residual(&mut self, step: &Step<'_>) -> Result<Array2<f32>> {
+        Ok(&step.x_bd - &self.buf.x_hat_bd)
+    }
 }
 
 impl CpuStep {

@@ -793,4 +793,12 @@ impl Phases for CudaStep {
             },
         })
     }
+
+    fn residual(&mut self, step: &Step<'_>) -> Result<Array2<f32>> {
+        let bb = self
+            .batch
+            .as_ref()
+            .expect("begin allocates the batch buffers");
+        Ok(&step.x_bd - &self.dev.download(&bb.x_hat_bd)?)
+    }
 }

@@ -1,7 +1,7 @@
 //! The GPU step's stand-in in a build without the `cuda` feature: it cannot be built (its
 //! constructor returns the error that says how to build with CUDA), so it never runs a phase.
 
-use ndarray::Array1;
+use ndarray::{Array1, Array2};
 
 use super::phases::{BackwardArgs, Captured, Firing, LossSums, Phases, State, Step};
 use crate::arch::{DecoderConstraint, Selection};
@@ -104,6 +104,10 @@ impl Phases for CudaStep {
     }
 
     fn loss_sums(&mut self) -> Result<LossSums> {
+        match *self {}
+    }
+
+    fn residual(&mut self, _step: &Step<'_>) -> Result<Array2<f32>> {
         match *self {}
     }
 }

@@ -1,7 +1,7 @@
 //! Which backend runs a trainer's phases: an enum over the CPU and the GPU step (the GPU's a
 //! stand-in that cannot be built in a build without CUDA), forwarding each phase.
 
-use ndarray::Array1;
+use ndarray::{Array1, Array2};
 
 use super::cpu::CpuStep;
 use super::cuda::CudaStep;
@@ -113,5 +113,9 @@ impl Phases for Engine {
 
     fn loss_sums(&mut self) -> Result<LossSums> {
         each!(self, s => s.loss_sums())
+    }
+
+    fn residual(&mut self, step: &Step<'_>) -> Result<Array2<f32>> {
+        each!(self, s => s.residual(step))
     }
 }

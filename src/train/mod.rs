@@ -15,6 +15,7 @@ mod cuda;
 mod engine;
 mod loss;
 mod phases;
+mod resample;
 mod shard;
 mod state;
 
@@ -34,6 +35,7 @@ use cpu::CpuStep;
 use cuda::CudaStep;
 use engine::Engine;
 use phases::{BackwardArgs, JumpArgs, Phases, State, Step};
+use resample::{resample_dead, resample_due};
 use shard::Shard;
 
 pub use crate::config::MAX_STEPS;
@@ -66,6 +68,8 @@ pub struct StepStats {
     pub lr: f32,
     /// BatchTopK's threshold θ after this step.
     pub threshold: Option<f32>,
+    /// Dead latents resampled after this step ([`TrainConfig::resample_every`]).
+    pub resampled: usize,
 }
 
 /// Wall-clock time of each phase of the last step.
@@ -200,6 +204,14 @@ impl Trainer {
             ))),
             Device::Cuda(_) if self.collective.world_size() > 1 => {
                 return Err(one_process_on_gpu(device.to_string()))
+            }
+            Device::Cuda(_) if self.config.resample_every.is_some() => {
+                return Err(Error::Device {
+                    device: device.to_string(),
+                    reason: "resampling dead latents (resample_every, --resample) runs on the \
+                             CPU only until it is tested on a GPU; drop --resample or --device"
+                        .into(),
+                })
             }
             Device::Cuda(_) if !self.state.sae.config.arch.runs_on_gpu() => {
                 return Err(self.state.sae.config.arch.not_on_gpu(device.to_string()))
@@ -398,6 +410,14 @@ impl Trainer {
         self.step += 1;
 
         let sums = engine.loss_sums()?;
+        let resampled = if resample_due(self.step, config.resample_every, config.total_steps) {
+            engine.read_back(state, collective)?;
+            let e_bd = engine.residual(&step)?;
+            let scale = config.resample_encoder_scale;
+            resample_dead(state, &step, &e_bd, rules.dead_tokens, scale, self.step)
+        } else {
+            0
+        };
         let mse = sums.sq_error / n as f64;
         // Undefined, not −∞, for a batch without variance (one row, or identical rows).
         let fve = if sums.variance > 0.0 {
@@ -420,6 +440,7 @@ impl Trainer {
             dead_fraction: firing.n_dead as f32 / f as f32,
             lr: lr as f32,
             threshold: state.sae.threshold,
+            resampled,
         })
     }
 

@@ -194,4 +194,8 @@ pub(crate) trait Phases {
 
     /// The step's loss sums.
     fn loss_sums(&mut self) -> Result<LossSums>;
+
+    /// The step's residual x − x̂ on this process's rows (x̂ the whole dictionary's
+    /// reconstruction), B×D, for resampling.
+    fn residual(&mut self, step: &Step<'_>) -> Result<Array2<f32>>;
 }
