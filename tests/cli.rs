@@ -160,8 +160,8 @@ fn invalid_options_exit_with_status_2_and_name_the_option() {
     }
 }
 
-/// θ's start and β, AuxK's α and the dead threshold given as flags are the run's, recorded
-/// in its config.toml.
+/// θ's start and β, AuxK's α, the dead threshold and resampling given as flags are the run's,
+/// recorded in its config.toml.
 #[test]
 fn the_threshold_and_dead_latent_knobs_are_flags_saved_with_the_run() {
     let dir = temp_dir("cli-knobs");
@@ -173,11 +173,11 @@ fn the_threshold_and_dead_latent_knobs_are_flags_saved_with_the_run() {
         "--batch-size",
         "64",
         "--dict-size",
-        "64",
+        "1024",
         "--auxk-alpha",
         "0.5",
         "--dead-tokens",
-        "640",
+        "192",
         "--threshold-start-step",
         "3",
         "--threshold-beta",
@@ -188,11 +188,17 @@ fn the_threshold_and_dead_latent_knobs_are_flags_saved_with_the_run() {
         "0.5",
         "--out",
     ];
-    ok(&sae(&[&args[..], &[out.to_str().unwrap()]].concat()));
+    let stdout = ok(&sae(&[&args[..], &[out.to_str().unwrap()]].concat()));
+    // Latents dead for 3 batches by step 5 (more than a batch has rows) are resampled, and
+    // the run says so.
+    assert!(
+        stdout.contains("step 5: batchtopk-k8-f1024: resampled 64 dead latents"),
+        "{stdout}"
+    );
     let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
     for line in [
         "auxk_alpha = 0.5",
-        "dead_tokens = 640",
+        "dead_tokens = 192",
         "threshold_start_step = 3",
         "threshold_beta = 0.9",
         "resample_every = 5",

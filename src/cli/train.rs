@@ -749,6 +749,18 @@ impl Observer for Reporter {
     fn step(&mut self, p: &Progress<'_>) {
         let (tokens0, t0) = *self.origin.get_or_insert((p.tokens, Instant::now()));
         let rate = (p.tokens - tokens0) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        let resampled: Vec<String> = (self.names.iter().zip(p.stats))
+            .filter(|(_, stats)| stats.resampled > 0)
+            .map(|(name, stats)| {
+                format!(
+                    "step {}: {name}: resampled {} dead latents",
+                    p.step, stats.resampled
+                )
+            })
+            .collect();
+        for line in &resampled {
+            self.note(line);
+        }
         let s = &p.stats[0];
         let line = format!(
             "loss {:.5}  mse {:.5}  fve {:.4}  l0 {:.2}  dead {:.3}  {:.0} tokens/s",
