@@ -396,6 +396,68 @@ impl Selector {
         });
     }
 
+    /// [`Selector::topk`] over latents split across the ranks of `latent`, which hold the same
+    /// rows: this rank's pre-activations are those of latents `offset..offset +
+    /// pre.n_latents()`, and `out` gets its own entries of each whole row's `k` largest, at
+    /// local indices, exactly those one process holding the row would choose (ties to the
+    /// lower global index). A shard's part of a row's top k is among its own top k, so the
+    /// ranks exchange B·k candidates each, not their pre-activations.
+    pub fn topk_sharded(
+        &mut self,
+        pre: PreActs<'_>,
+        k: usize,
+        offset: usize,
+        latent: &dyn Collective,
+        out: &mut Codes,
+    ) {
+        self.topk(pre, k, out);
+        if latent.world_size() == 1 {
+            return;
+        }
+        // k keys a row; 0, below every positive value's key, pads rows with fewer.
+        let n_rows = pre.n_rows();
+        let mut mine = vec![0u8; n_rows * k * 8];
+        for b in 0..n_rows {
+            let (idx, val) = out.row(b);
+            for (i, (&j, &v)) in idx.iter().zip(val).enumerate() {
+                let at = (b * k + i) * 8;
+                mine[at..at + 8].copy_from_slice(&key(v, offset + j as usize).to_le_bytes());
+            }
+        }
+        let all = latent.all_gather_bytes(&mine);
+        let own = offset as u32..(offset + pre.n_latents()) as u32;
+        self.build(n_rows, pre.n_latents(), out, |b, buf| {
+            let ChunkBuf {
+                indices,
+                values,
+                scratch,
+                ..
+            } = buf;
+            scratch.clear();
+            for q in &all {
+                scratch.extend(
+                    q[b * k * 8..(b + 1) * k * 8]
+                        .chunks_exact(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                        .filter(|&c| c >> 32 != 0),
+                );
+            }
+            let start = indices.len();
+            push_top_k(scratch, k, indices, values);
+            // The row's top k over every shard, ascending; this shard's part, made local.
+            let mut w = start;
+            for i in start..indices.len() {
+                if own.contains(&indices[i]) {
+                    indices[w] = indices[i] - own.start;
+                    values[w] = values[i];
+                    w += 1;
+                }
+            }
+            indices.truncate(w);
+            values.truncate(w);
+        });
+    }
+
     /// The `k` largest positive entries of each row among `latents` only (AuxK's selection among
     /// dead latents). `latents` must be ascending.
     pub fn topk_among(&mut self, pre: PreActs<'_>, latents: &[u32], k: usize, out: &mut Codes) {
@@ -433,6 +495,33 @@ impl Selector {
         collective: &dyn Collective,
         out: &mut Codes,
     ) {
+        self.batch_topk_in(pre, k_total, collective, 1, out)
+    }
+
+    /// [`Selector::batch_topk`] over a [`crate::dist::Grid`] of `shards` latent shards: `world`'s
+    /// rank g·S + s holds group g's rows and the pre-activations of shard s's latents, and the
+    /// `k_total` largest entries of the whole global batch are chosen as one process holding
+    /// all of it would (ties in the global batch's row-major order, latents in shard order).
+    /// `out` gets this rank's entries, at its local latent indices.
+    pub fn batch_topk_sharded(
+        &mut self,
+        pre: PreActs<'_>,
+        k_total: usize,
+        world: &dyn Collective,
+        shards: usize,
+        out: &mut Codes,
+    ) {
+        self.batch_topk_in(pre, k_total, world, shards, out)
+    }
+
+    fn batch_topk_in(
+        &mut self,
+        pre: PreActs<'_>,
+        k_total: usize,
+        collective: &dyn Collective,
+        shards: usize,
+        out: &mut Codes,
+    ) {
         let (n_rows, n_latents) = (pre.n_rows(), pre.n_latents());
         let mut n_total = [(n_rows * n_latents) as u64];
         collective.all_reduce_sum_u64(&mut n_total);
@@ -456,7 +545,7 @@ impl Selector {
                 continue;
             }
             if let Some((cut_bits, tie_quota)) = cut {
-                let tie_quota = tie_quota_here(&out.values, cut_bits, tie_quota, collective);
+                let tie_quota = tie_quota_here(out, cut_bits, tie_quota, collective, shards);
                 self.keep_above_cut(n_rows, n_latents, cut_bits, tie_quota, out);
             }
             return;
@@ -576,24 +665,64 @@ impl Selector {
 }
 
 /// This process's share of the `tie_quota` entries equal to the cut that the global selection
-/// keeps: the processes' rows follow each other in rank order, so ties are taken in the global
-/// batch's row-major order, as one process holding all of it would.
+/// keeps, ties taken in the global batch's row-major order as one process holding all of it
+/// would. `collective`'s ranks form groups of `shards` consecutive ranks (see
+/// [`crate::dist::Grid`]): the groups' rows follow each other in rank order, and within a row
+/// the shards' latents follow each other in shard order. A process's own ties are a prefix of
+/// that order restricted to its entries, so a count is all it needs; the counts come from the
+/// processes' per-row tie counts (per-process totals suffice without latent shards), gathered
+/// only when some tie is left out.
 fn tie_quota_here(
-    values: &[f32],
+    candidates: &Codes,
     cut_bits: u32,
     tie_quota: usize,
     collective: &dyn Collective,
+    shards: usize,
 ) -> usize {
     let world = collective.world_size();
+    let is_tie = |v: &f32| v.to_bits() == cut_bits;
+    let mine = candidates.values.iter().filter(|v| is_tie(v)).count();
     if world == 1 {
         return tie_quota;
     }
-    let mut ties = vec![0u64; world];
     let rank = collective.rank();
-    ties[rank] = values.iter().filter(|v| v.to_bits() == cut_bits).count() as u64;
+    let mut ties = vec![0u64; world];
+    ties[rank] = mine as u64;
     collective.all_reduce_sum_u64(&mut ties);
-    let before: u64 = ties[..rank].iter().sum();
-    (tie_quota as u64).saturating_sub(before).min(ties[rank]) as usize
+    if ties.iter().sum::<u64>() <= tie_quota as u64 {
+        return mine;
+    }
+    if shards == 1 {
+        let before: u64 = ties[..rank].iter().sum();
+        return (tie_quota as u64).saturating_sub(before).min(ties[rank]) as usize;
+    }
+    let per_row: Vec<u8> = (0..candidates.n_rows())
+        .flat_map(|b| {
+            let n = candidates.row(b).1.iter().filter(|v| is_tie(v)).count() as u64;
+            n.to_le_bytes()
+        })
+        .collect();
+    let rows_of: Vec<Vec<u64>> = (collective.all_gather_bytes(&per_row).iter())
+        .map(|q| {
+            q.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect()
+        })
+        .collect();
+    let mut left = tie_quota as u64;
+    let mut kept_here = 0;
+    for (g, group) in rows_of.chunks(shards).enumerate() {
+        for b in 0..group[0].len() {
+            for (s, rows) in group.iter().enumerate() {
+                let take = left.min(rows[b]);
+                left -= take;
+                if g * shards + s == rank {
+                    kept_here += take;
+                }
+            }
+        }
+    }
+    kept_here as usize
 }
 
 /// Scanning `hist` from its top bin down: the non-empty bin where the running count reaches
@@ -671,6 +800,82 @@ mod tests {
         assert_eq!(pre.positive_fraction(), positive);
         assert!(PreActs::new(gemm.view(), &bias[1..]).is_err());
         assert!(PreActs::new(gemm.t(), &bias).is_err());
+    }
+
+    /// `post` split over a grid of `groups` × `shards` threads (rank g·S + s holds group g's
+    /// rows and shard s's latents, as `dist::Grid` arranges them), each selecting with
+    /// `select(selector, its block, grid, world, first latent, codes)`; the codes placed back in
+    /// one B×F matrix.
+    fn on_grid<F>(post: &Array2<f32>, groups: usize, shards: usize, select: F) -> Array2<f32>
+    where
+        F: Fn(&mut Selector, PreActs<'_>, &crate::dist::Grid, &dyn Collective, usize, &mut Codes)
+            + Sync,
+    {
+        use crate::dist::{part, Grid, Threads};
+        let (b, f) = post.dim();
+        let mut out = Array2::zeros((b, f));
+        let blocks: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = Threads::world(groups * shards)
+                .into_iter()
+                .map(|world| {
+                    let select = &select;
+                    scope.spawn(move || {
+                        let grid = Grid::new(&world, shards).unwrap();
+                        let rows = part(b, grid.group(), groups);
+                        let cols = part(f, grid.shard, shards);
+                        let block = post
+                            .slice(ndarray::s![rows.clone(), cols.clone()])
+                            .to_owned();
+                        let pre = unbiased(&block);
+                        let mut codes = Codes::empty(0);
+                        select(
+                            &mut Selector::default(),
+                            pre,
+                            &grid,
+                            &world,
+                            cols.start,
+                            &mut codes,
+                        );
+                        assert_eq!(codes.n_latents, cols.len());
+                        (rows, cols, codes.to_dense())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rows, cols, dense) in blocks {
+            out.slice_mut(ndarray::s![rows, cols]).assign(&dense);
+        }
+        out
+    }
+
+    /// Latents sharded over threads select what one process selects from the whole batch,
+    /// ties included: values on a coarse grid tie within rows, across shards and across groups.
+    #[test]
+    fn sharded_selection_is_the_single_process_selection() {
+        let post = random_post(24, 90, 4).mapv(|v| (v * 8.0).round() / 8.0);
+        let mut single = Codes::empty(0);
+        let mut sel = Selector::default();
+        for (groups, shards) in [(1, 2), (1, 3), (2, 2), (3, 2), (2, 1)] {
+            for k in [1, 5, 30] {
+                sel.topk(unbiased(&post), k, &mut single);
+                let sharded = on_grid(&post, groups, shards, |sel, pre, grid, _, offset, out| {
+                    sel.topk_sharded(pre, k, offset, &*grid.latent, out)
+                });
+                assert_eq!(sharded, single.to_dense(), "topk {k}, {groups}×{shards}");
+            }
+            for k_total in [1, 7, 100, 24 * 20, 24 * 90] {
+                sel.batch_topk(unbiased(&post), k_total, &SingleProcess, &mut single);
+                let sharded = on_grid(&post, groups, shards, |sel, pre, grid, world, _, out| {
+                    sel.batch_topk_sharded(pre, k_total, world, grid.shards, out)
+                });
+                let what = format!("batch top {k_total}, {groups}×{shards}");
+                assert_eq!(sharded, single.to_dense(), "{what}");
+            }
+        }
+        // The coarse grid does tie: the test exercises the tie rule.
+        let top = post.iter().cloned().fold(0.0, f32::max);
+        assert!(post.iter().filter(|&&v| v == top).count() > 2);
     }
 
     fn random_post(b: usize, f: usize, seed: u64) -> Array2<f32> {

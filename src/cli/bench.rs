@@ -373,6 +373,12 @@ impl Collective for TimedExchanges {
     fn all_gather_bytes(&self, local: &[u8]) -> Vec<Vec<u8>> {
         self.inner.all_gather_bytes(local)
     }
+    fn split(&self, color: usize) -> Arc<dyn Collective> {
+        Arc::new(TimedExchanges {
+            inner: self.inner.split(color),
+            times: self.times.clone(),
+        })
+    }
     fn traffic(&self) -> Traffic {
         self.inner.traffic()
     }

@@ -5,6 +5,7 @@
 //! code. [`agree`] keeps them stopping together: a failure on any process ends the phase on
 //! every process with the same error.
 
+mod grid;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod threads;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+pub use grid::Grid;
 pub use threads::Threads;
 
 /// Sums (or reduces) buffers across the processes that share one global batch. Every process
@@ -64,7 +66,12 @@ pub trait Collective: Send + Sync {
             })
             .collect()
     }
-    /// What this process's collectives cost so far.
+    /// The processes that call this with the same `color`, as a collective of their own,
+    /// ranked in this one's rank order (MPI_Comm_split with the rank as key). Every process
+    /// calls it, in the same sequence as the other operations.
+    fn split(&self, color: usize) -> Arc<dyn Collective>;
+    /// What this process's collectives cost so far (over every collective split from the
+    /// same world).
     fn traffic(&self) -> Traffic;
     /// Called by [`agree`] when it returns a failure every process knows about, for
     /// [`World::failure_agreed`].
@@ -117,6 +124,9 @@ impl Collective for SingleProcess {
     fn all_gather_bytes(&self, local: &[u8]) -> Vec<Vec<u8>> {
         vec![local.to_vec()]
     }
+    fn split(&self, _color: usize) -> Arc<dyn Collective> {
+        Arc::new(SingleProcess)
+    }
     fn traffic(&self) -> Traffic {
         Traffic::default()
     }
@@ -155,6 +165,9 @@ impl<C: Collective + ?Sized> Collective for Arc<C> {
     }
     fn all_gather_bytes(&self, local: &[u8]) -> Vec<Vec<u8>> {
         (**self).all_gather_bytes(local)
+    }
+    fn split(&self, color: usize) -> Arc<dyn Collective> {
+        (**self).split(color)
     }
     fn traffic(&self) -> Traffic {
         (**self).traffic()

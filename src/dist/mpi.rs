@@ -2,13 +2,13 @@
 //! the same rank count gives the same bits on every run and on every rank.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use mpi::collective::SystemOperation;
 use mpi::datatype::{Equivalence, Partition, PartitionMut};
 use mpi::environment::Universe;
-use mpi::topology::SimpleCommunicator;
+use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 use mpi::Count;
 
@@ -32,16 +32,23 @@ pub(crate) fn launched() -> bool {
     LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some())
 }
 
-/// One process of an MPI job. Dropping the last handle finalises MPI.
+/// One process of an MPI job, over the job's world or a group split from it. Dropping the
+/// last handle finalises MPI.
 pub struct Mpi {
-    world: SimpleCommunicator,
+    comm: SimpleCommunicator,
     rank: usize,
     size: usize,
-    /// Held for the whole of every operation: MPI is initialised `Serialized`, so calls from
-    /// several threads must never overlap.
+    // Last: the communicator is freed before MPI is finalised.
+    process: Arc<Process>,
+}
+
+/// What every communicator of this process shares.
+struct Process {
+    /// Held for the whole of every operation on any communicator: MPI is initialised
+    /// `Serialized`, so calls from several threads must never overlap. The counts are this
+    /// process's, over all its communicators.
     traffic: Mutex<Traffic>,
     agreed: AtomicBool,
-    // Last: finalised after everything above.
     _universe: Universe,
 }
 
@@ -49,6 +56,8 @@ pub struct Mpi {
 // (MPI_THREAD_SERIALIZED, checked at init), and every call holds `traffic`'s lock.
 unsafe impl Send for Mpi {}
 unsafe impl Sync for Mpi {}
+unsafe impl Send for Process {}
+unsafe impl Sync for Process {}
 
 impl Mpi {
     /// Initialises MPI; fails if it is already initialised or cannot serialise calls.
@@ -62,32 +71,38 @@ impl Mpi {
                  use an MPI built with thread support"
             )));
         }
-        let world = universe.world();
+        let comm = universe.world();
         Ok(Mpi {
-            rank: world.rank() as usize,
-            size: world.size() as usize,
-            world,
-            traffic: Mutex::new(Traffic::default()),
-            agreed: AtomicBool::new(false),
-            _universe: universe,
+            rank: comm.rank() as usize,
+            size: comm.size() as usize,
+            comm,
+            process: Arc::new(Process {
+                traffic: Mutex::new(Traffic::default()),
+                agreed: AtomicBool::new(false),
+                _universe: universe,
+            }),
         })
     }
 
     /// See [`super::World::failure_agreed`].
     pub(crate) fn failure_agreed(&self) -> bool {
-        self.agreed.load(Ordering::Relaxed)
+        self.process.agreed.load(Ordering::Relaxed)
     }
 
     /// MPI_Abort on the whole job.
     pub(crate) fn abort(&self, status: i32) -> ! {
-        self.world.abort(status)
+        self.comm.abort(status)
     }
 
     /// Runs one operation with the lock held, counting its time and `bytes` sent.
     fn timed<R>(&self, bytes: usize, op: impl FnOnce(&SimpleCommunicator) -> R) -> R {
-        let mut traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+        let mut traffic = self
+            .process
+            .traffic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let start = Instant::now();
-        let out = op(&self.world);
+        let out = op(&self.comm);
         traffic.calls += 1;
         traffic.bytes_sent += bytes as u64;
         traffic.time += start.elapsed();
@@ -266,10 +281,26 @@ impl Collective for Mpi {
             at += n;
         }
     }
+    fn split(&self, color: usize) -> Arc<dyn Collective> {
+        let color = Color::with_value(Count::try_from(color).expect("colors are small"));
+        let comm = self
+            .timed(0, |c| c.split_by_color(color))
+            .expect("a defined color gives a communicator");
+        Arc::new(Mpi {
+            rank: comm.rank() as usize,
+            size: comm.size() as usize,
+            comm,
+            process: self.process.clone(),
+        })
+    }
     fn record_agreed_failure(&self) {
-        self.agreed.store(true, Ordering::Relaxed);
+        self.process.agreed.store(true, Ordering::Relaxed);
     }
     fn traffic(&self) -> Traffic {
-        *self.traffic.lock().unwrap_or_else(|e| e.into_inner())
+        *self
+            .process
+            .traffic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -11,33 +11,50 @@ use super::{Collective, Traffic};
 pub struct Threads {
     rank: usize,
     size: usize,
-    barrier: Arc<Barrier>,
-    slots: Arc<Mutex<Vec<Vec<u8>>>>,
+    exchange: Arc<Exchange>,
+}
+
+/// What the threads of one job (or of one group split from it) share.
+struct Exchange {
+    barrier: Barrier,
+    slots: Mutex<Vec<Vec<u8>>>,
+    /// [`Collective::split`]: each group's first thread offers the group's new exchange here,
+    /// at its own rank, for the others to take.
+    offers: Mutex<Vec<Option<Arc<Exchange>>>>,
+}
+
+impl Exchange {
+    fn new(size: usize) -> Arc<Exchange> {
+        Arc::new(Exchange {
+            barrier: Barrier::new(size),
+            slots: Mutex::new(vec![Vec::new(); size]),
+            offers: Mutex::new(vec![None; size]),
+        })
+    }
 }
 
 impl Threads {
     /// `size` handles sharing one exchange, one per thread (rank order). Every thread must
     /// make the same sequence of calls, as processes of an MPI job do.
     pub fn world(size: usize) -> Vec<Threads> {
-        let barrier = Arc::new(Barrier::new(size));
-        let slots = Arc::new(Mutex::new(vec![Vec::new(); size]));
+        let exchange = Exchange::new(size);
         (0..size)
             .map(|rank| Threads {
                 rank,
                 size,
-                barrier: barrier.clone(),
-                slots: slots.clone(),
+                exchange: exchange.clone(),
             })
             .collect()
     }
 
     /// Every thread's `mine`, in rank order.
     fn exchange(&self, mine: Vec<u8>) -> Vec<Vec<u8>> {
+        let exchange = &self.exchange;
         // Nobody overwrites a slot before every thread has read the last exchange.
-        self.barrier.wait();
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())[self.rank] = mine;
-        self.barrier.wait();
-        self.slots.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        exchange.barrier.wait();
+        lock(&exchange.slots)[self.rank] = mine;
+        exchange.barrier.wait();
+        lock(&exchange.slots).clone()
     }
 
     /// `buf` replaced by `combine` of every thread's values, element by element.
@@ -92,7 +109,40 @@ impl Collective for Threads {
     fn all_gather_bytes(&self, local: &[u8]) -> Vec<Vec<u8>> {
         self.exchange(local.to_vec())
     }
+    fn split(&self, color: usize) -> Arc<dyn Collective> {
+        let colors: Vec<usize> = (self.exchange(color.to_le_bytes().to_vec()).iter())
+            .map(|b| usize::from_le_bytes(b[..].try_into().expect("a usize each")))
+            .collect();
+        let members: Vec<usize> = (0..self.size).filter(|&q| colors[q] == color).collect();
+        let leader = members[0];
+        if leader == self.rank {
+            lock(&self.exchange.offers)[self.rank] = Some(Exchange::new(members.len()));
+        }
+        self.exchange.barrier.wait();
+        let exchange = lock(&self.exchange.offers)[leader]
+            .clone()
+            .expect("the group's first thread offered its exchange");
+        // Every thread has its group's exchange before any leader clears its offer.
+        self.exchange.barrier.wait();
+        if leader == self.rank {
+            lock(&self.exchange.offers)[self.rank] = None;
+        }
+        Arc::new(Threads {
+            rank: members
+                .iter()
+                .position(|&q| q == self.rank)
+                .expect("a member"),
+            size: members.len(),
+            exchange,
+        })
+    }
     fn traffic(&self) -> Traffic {
         Traffic::default()
     }
+}
+
+/// A lock whose holder cannot leave its data half-written (every critical section here is
+/// one assignment or clone), so a poisoned one is as good as any.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
