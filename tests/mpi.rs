@@ -134,6 +134,65 @@ fn assert_runs_identical(a: &Path, b: &Path) {
     }
 }
 
+/// Under mpirun, this test binary's ranks split the world into two groups of two latent shards
+/// and check that sums stay within a group and across groups as `dist::Grid` says; outside
+/// it, the test launches them.
+#[test]
+fn the_world_splits_into_groups_of_latent_shards_under_mpirun() {
+    use sparse_autoencoder::dist::{self, Collective, Grid};
+    if std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some() {
+        let world = dist::world().unwrap();
+        let world = world.collective();
+        let grid = Grid::new(&*world, 2).unwrap();
+        let rank = world.rank();
+        assert_eq!((grid.group(), grid.shard), (rank / 2, rank % 2));
+        let mine = 10u64.pow(rank as u32);
+        let (mut within, mut across) = ([mine], [mine]);
+        grid.latent.all_reduce_sum_u64(&mut within);
+        grid.data.all_reduce_sum_u64(&mut across);
+        assert_eq!(within[0], [11, 1100][rank / 2]);
+        assert_eq!(across[0], [101, 1010][rank % 2]);
+        // Rank-order f32 sums (the segmented path too) within a group, then the world again.
+        let mut sum = vec![rank as f32; 10_000];
+        grid.latent.all_reduce_sum_f32(&mut sum);
+        assert!(sum.iter().all(|&v| v == [1.0, 5.0][rank / 2]));
+        let mut all = [1u64];
+        world.all_reduce_sum_u64(&mut all);
+        assert_eq!(all[0], 4);
+        println!("grid ok on rank {rank}");
+        return;
+    }
+    let _job = JOBS.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new("timeout")
+        .args([
+            "-s",
+            "KILL",
+            "60",
+            "mpirun",
+            "--allow-run-as-root",
+            "--oversubscribe",
+        ])
+        .args(["-np", "4"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "the_world_splits_into_groups_of_latent_shards_under_mpirun",
+        ])
+        .args(["--nocapture", "--test-threads", "1"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .expect("run mpirun");
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    for rank in 0..4 {
+        assert!(
+            stdout.contains(&format!("grid ok on rank {rank}")),
+            "{stdout}"
+        );
+    }
+}
+
 #[test]
 fn two_and_three_ranks_train_what_one_process_trains_and_repeat_bit_for_bit() {
     let _job = JOBS.lock().unwrap_or_else(|e| e.into_inner());
