@@ -135,8 +135,8 @@ fn assert_runs_identical(a: &Path, b: &Path) {
 }
 
 /// Under mpirun, this test binary's ranks split the world into two groups of two latent shards
-/// and check that sums stay within a group and across groups as `dist::Grid` says; outside
-/// it, the test launches them.
+/// and check that sums stay within a group and across groups as `dist::Grid` says, then write
+/// one file in slices; outside it, the test launches them.
 #[test]
 fn the_world_splits_into_groups_of_latent_shards_under_mpirun() {
     use sparse_autoencoder::dist::{self, Collective, Grid};
@@ -159,9 +159,25 @@ fn the_world_splits_into_groups_of_latent_shards_under_mpirun() {
         let mut all = [1u64];
         world.all_reduce_sum_u64(&mut all);
         assert_eq!(all[0], 4);
+        // Each rank writes its rows of one file, which is then the file of the whole tensor.
+        let path = PathBuf::from(std::env::var("SAE_GRID_DIR").unwrap()).join("w.safetensors");
+        let w: Vec<f32> = (0..24).map(|i| i as f32 * 0.25).collect();
+        let rows = dist::part(8, rank, 4);
+        let mine = &w[rows.start * 3..rows.end * 3];
+        let slice = sparse_autoencoder::io::Slice::f32("w_dec_fd", &[8, 3], rows.start, mine);
+        sparse_autoencoder::io::write_sliced(&path, &[slice], &*world).unwrap();
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            vec![8, 3],
+            bytemuck::cast_slice(&w),
+        )
+        .unwrap();
+        let whole = safetensors::serialize([("w_dec_fd", view)], None).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
         println!("grid ok on rank {rank}");
         return;
     }
+    let dir = temp_dir("mpi-grid");
     let _job = JOBS.lock().unwrap_or_else(|e| e.into_inner());
     let out = Command::new("timeout")
         .args([
@@ -181,6 +197,7 @@ fn the_world_splits_into_groups_of_latent_shards_under_mpirun() {
         .args(["--nocapture", "--test-threads", "1"])
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("SAE_GRID_DIR", &dir)
         .output()
         .expect("run mpirun");
     let stdout = text(&out.stdout);
@@ -191,6 +208,7 @@ fn the_world_splits_into_groups_of_latent_shards_under_mpirun() {
             "{stdout}"
         );
     }
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

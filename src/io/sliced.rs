@@ -1,0 +1,308 @@
+//! A safetensors file written in slices by the processes of a job, none holding a whole
+//! tensor: what latent sharding saves a dictionary larger than one machine with. The layout
+//! comes from the tensors' names, dtypes and shapes alone, byte for byte the one
+//! `safetensors::serialize` gives the whole tensors, so a sliced save reads back (and
+//! compares) as any other.
+
+use std::fs::OpenOptions;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+
+use crate::dist::{agree, Collective};
+use crate::error::{io_error, Error, Result};
+
+/// The rows of one tensor that this process writes.
+pub struct Slice<'a> {
+    name: &'a str,
+    dtype: Dtype,
+    shape: &'a [usize],
+    first_row: usize,
+    bytes: &'a [u8],
+}
+
+impl<'a> Slice<'a> {
+    /// Rows `first_row..` of the f32 tensor `name` of `shape` (rows: its first axis; a scalar
+    /// or a vector's elements count as rows of one), `data` in standard layout.
+    pub fn f32(name: &'a str, shape: &'a [usize], first_row: usize, data: &'a [f32]) -> Self {
+        let bytes = bytemuck::cast_slice(data);
+        Slice {
+            name,
+            dtype: Dtype::F32,
+            shape,
+            first_row,
+            bytes,
+        }
+    }
+
+    /// As [`Slice::f32`], for a u64 tensor.
+    pub fn u64(name: &'a str, shape: &'a [usize], first_row: usize, data: &'a [u64]) -> Self {
+        let bytes = bytemuck::cast_slice(data);
+        Slice {
+            name,
+            dtype: Dtype::U64,
+            shape,
+            first_row,
+            bytes,
+        }
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.shape.iter().skip(1).product::<usize>() * self.dtype.bitsize() / 8
+    }
+
+    fn total_bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
+    }
+}
+
+/// The file's header (its length first) and each tensor's data offset in the file, in the
+/// order of `tensors`; as `safetensors::serialize` lays them out (descending dtype, then name;
+/// the header padded with spaces to 8 bytes).
+fn layout(tensors: &[Slice<'_>]) -> (Vec<u8>, Vec<u64>) {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&tensors[a], &tensors[b]);
+        b.dtype.cmp(&a.dtype).then(a.name.cmp(b.name))
+    });
+    let (mut infos, mut at) = (Vec::new(), 0);
+    let mut data_offset = vec![0u64; tensors.len()];
+    for &i in &order {
+        let n = tensors[i].total_bytes();
+        infos.push((
+            tensors[i].name.to_string(),
+            TensorInfo {
+                dtype: tensors[i].dtype,
+                shape: tensors[i].shape.to_vec(),
+                data_offsets: (at, at + n),
+            },
+        ));
+        data_offset[i] = at as u64;
+        at += n;
+    }
+    let metadata = Metadata::new(None, infos).expect("offsets built in order");
+    let mut json = serde_json::to_string(&metadata)
+        .expect("a header serialises")
+        .into_bytes();
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut header = (json.len() as u64).to_le_bytes().to_vec();
+    header.extend_from_slice(&json);
+    let start = header.len() as u64;
+    (header, data_offset.iter().map(|o| o + start).collect())
+}
+
+/// Writes `path`, atomically, as one safetensors file made of every process's `tensors`
+/// slices: each process of `collective` passes the same names, dtypes and shapes in the same
+/// order, and its own rows (none is fine). The file is byte for byte what
+/// `safetensors::serialize` writes for the whole tensors. All processes must see `path` on one
+/// filesystem. Slices that do not cover a tensor exactly once, or that reach past its rows,
+/// and any process's I/O failure, are errors on every process, naming the file; the old file,
+/// if any, stays.
+pub fn write_sliced(path: &Path, tensors: &[Slice<'_>], collective: &dyn Collective) -> Result<()> {
+    let bad = |problem: String| Error::RunFile {
+        path: path.to_path_buf(),
+        problem,
+        fix: "report this as a bug: the processes' slices must cover each tensor once".into(),
+    };
+    // Slices in range here, then every tensor's bytes counted over all processes.
+    let local = tensors.iter().try_for_each(|t| {
+        let row = t.row_bytes().max(1);
+        let end = t.first_row * t.row_bytes() + t.bytes.len();
+        if t.bytes.len() % row != 0 || end > t.total_bytes() {
+            return Err(bad(format!(
+                "rows {}.. of {} ({} bytes) reach past its shape {:?}",
+                t.first_row,
+                t.name,
+                t.bytes.len(),
+                t.shape
+            )));
+        }
+        Ok(())
+    });
+    agree(collective, local, false)?;
+    // Every process's [start, end) bytes of each tensor: together they must tile it.
+    let mine: Vec<u8> = (tensors.iter())
+        .flat_map(|t| {
+            let start = (t.first_row * t.row_bytes()) as u64;
+            [start, start + t.bytes.len() as u64]
+        })
+        .flat_map(u64::to_le_bytes)
+        .collect();
+    let all: Vec<Vec<u64>> = (collective.all_gather_bytes(&mine).iter())
+        .map(|q| {
+            q.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect()
+        })
+        .collect();
+    for (i, t) in tensors.iter().enumerate() {
+        let mut spans: Vec<(u64, u64)> = (all.iter())
+            .map(|q| (q[2 * i], q[2 * i + 1]))
+            .filter(|(start, end)| end > start)
+            .collect();
+        spans.sort_unstable();
+        let mut at = 0;
+        for (start, end) in spans {
+            if start != at {
+                break;
+            }
+            at = end;
+        }
+        if at != t.total_bytes() as u64 {
+            return Err(bad(format!(
+                "the processes' slices of {} do not cover its shape {:?} once (a gap or an \
+                 overlap at byte {at})",
+                t.name, t.shape
+            )));
+        }
+    }
+
+    let (header, data_offset) = layout(tensors);
+    let tmp = super::tmp_path(path);
+    let total = data_offset
+        .iter()
+        .zip(tensors)
+        .map(|(o, t)| o + t.total_bytes() as u64)
+        .max()
+        .unwrap_or(header.len() as u64);
+    let created = match collective.rank() {
+        0 => OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .and_then(|mut file| {
+                file.set_len(total)?;
+                file.write_all(&header)?;
+                file.sync_all()
+            })
+            .map_err(io_error(&tmp, "creating")),
+        _ => Ok(()),
+    };
+    agree(collective, created, false)?;
+    let wrote = OpenOptions::new()
+        .write(true)
+        .open(&tmp)
+        .and_then(|mut file| {
+            for (t, offset) in tensors.iter().zip(&data_offset) {
+                if !t.bytes.is_empty() {
+                    file.seek(SeekFrom::Start(
+                        offset + (t.first_row * t.row_bytes()) as u64,
+                    ))?;
+                    file.write_all(t.bytes)?;
+                }
+            }
+            file.sync_all()
+        })
+        .map_err(io_error(&tmp, "writing"));
+    if let Err(err) = agree(collective, wrote, false) {
+        if collective.rank() == 0 {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        return Err(err);
+    }
+    let committed = match collective.rank() {
+        0 => super::commit(&tmp, path),
+        _ => Ok(()),
+    };
+    agree(collective, committed, false).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dist::{part, Threads};
+    use crate::io::tensors::TensorsOut;
+
+    /// A temporary directory for one test.
+    fn dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("sae-sliced-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// What three threads write when each holds a third of the rows of `w` (10×3, f32) and
+    /// `n` (10, u64), and rank 0 the whole of `b` (3): `cover` decides each rank's rows.
+    fn write_on_threads(
+        path: &Path,
+        w: &[f32],
+        n: &[u64],
+        b: &[f32],
+        cover: fn(usize) -> std::ops::Range<usize>,
+    ) -> Vec<Result<()>> {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = Threads::world(3)
+                .into_iter()
+                .map(|world| {
+                    scope.spawn(move || {
+                        let rows = cover(world.rank());
+                        let b_rows = if world.rank() == 0 { 0..3 } else { 0..0 };
+                        let tensors = [
+                            Slice::f32(
+                                "w_enc_fd",
+                                &[10, 3],
+                                rows.start,
+                                &w[rows.start * 3..rows.end * 3],
+                            ),
+                            Slice::u64("fired_f", &[10], rows.start, &n[rows.clone()]),
+                            Slice::f32("b_dec_d", &[3], 0, &b[b_rows]),
+                        ];
+                        write_sliced(path, &tensors, &world)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn slices_from_three_processes_make_the_file_safetensors_writes() {
+        let dir = dir("same");
+        let path = dir.join("t.safetensors");
+        let w: Vec<f32> = (0..30).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let n: Vec<u64> = (0..10).map(|i| i * 1000 + 7).collect();
+        let b = [1.5f32, -2.0, 0.25];
+        let results = write_on_threads(&path, &w, &n, &b, |r| part(10, r, 3));
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        let mut whole = TensorsOut::default();
+        whole.f32("w_enc_fd", &[10, 3], &w);
+        whole.u64("fired_f", &[10], &n);
+        whole.f32("b_dec_d", &[3], &b);
+        let expected = whole.serialize(&path, None).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn slices_that_miss_or_overrun_rows_fail_on_every_process_and_leave_the_old_file() {
+        let dir = dir("bad");
+        let path = dir.join("t.safetensors");
+        std::fs::write(&path, b"old").unwrap();
+        let w = [0.0f32; 30];
+        let n = [0u64; 10];
+        let b = [0.0f32; 3];
+        // Rank 2 skips row 9; rank 2 overlaps rank 1 by the row it misses at the end; rank 2
+        // reaches past the last row.
+        for cover in [
+            (|r| if r == 2 { 7..9 } else { part(10, r, 3) }) as fn(usize) -> _,
+            |r| if r == 2 { 6..9 } else { part(10, r, 3) },
+            |r| if r == 2 { 8..11 } else { part(10, r, 3) },
+        ] {
+            let w_long = [0.0f32; 33];
+            let n_long = [0u64; 11];
+            let (w, n) = if cover(2).end > 10 {
+                (&w_long[..], &n_long[..])
+            } else {
+                (&w[..], &n[..])
+            };
+            let results = write_on_threads(&path, w, n, &b, cover);
+            for r in &results {
+                let err = r.as_ref().unwrap_err().to_string();
+                assert!(err.contains("t.safetensors"), "{err}");
+            }
+            assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
