@@ -416,15 +416,14 @@ impl Selector {
         }
         // k keys a row; 0, below every positive value's key, pads rows with fewer.
         let n_rows = pre.n_rows();
-        let mut mine = vec![0u8; n_rows * k * 8];
+        let mut mine = vec![0u64; n_rows * k];
         for b in 0..n_rows {
             let (idx, val) = out.row(b);
             for (i, (&j, &v)) in idx.iter().zip(val).enumerate() {
-                let at = (b * k + i) * 8;
-                mine[at..at + 8].copy_from_slice(&key(v, offset + j as usize).to_le_bytes());
+                mine[b * k + i] = key(v, offset + j as usize);
             }
         }
-        let all = latent.all_gather_bytes(&mine);
+        let all = crate::dist::all_gather_u64(latent, &mine);
         let own = offset as u32..(offset + pre.n_latents()) as u32;
         self.build(n_rows, pre.n_latents(), out, |b, buf| {
             let ChunkBuf {
@@ -435,12 +434,7 @@ impl Selector {
             } = buf;
             scratch.clear();
             for q in &all {
-                scratch.extend(
-                    q[b * k * 8..(b + 1) * k * 8]
-                        .chunks_exact(8)
-                        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                        .filter(|&c| c >> 32 != 0),
-                );
+                scratch.extend(q[b * k..(b + 1) * k].iter().filter(|&&c| c >> 32 != 0));
             }
             let start = indices.len();
             push_top_k(scratch, k, indices, values);
@@ -696,19 +690,10 @@ fn tie_quota_here(
         let before: u64 = ties[..rank].iter().sum();
         return (tie_quota as u64).saturating_sub(before).min(ties[rank]) as usize;
     }
-    let per_row: Vec<u8> = (0..candidates.n_rows())
-        .flat_map(|b| {
-            let n = candidates.row(b).1.iter().filter(|v| is_tie(v)).count() as u64;
-            n.to_le_bytes()
-        })
+    let per_row: Vec<u64> = (0..candidates.n_rows())
+        .map(|b| candidates.row(b).1.iter().filter(|v| is_tie(v)).count() as u64)
         .collect();
-    let rows_of: Vec<Vec<u64>> = (collective.all_gather_bytes(&per_row).iter())
-        .map(|q| {
-            q.chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect()
-        })
-        .collect();
+    let rows_of = crate::dist::all_gather_u64(collective, &per_row);
     let mut left = tie_quota as u64;
     let mut kept_here = 0;
     for (g, group) in rows_of.chunks(shards).enumerate() {

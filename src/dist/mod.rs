@@ -302,6 +302,19 @@ where
     }
 }
 
+/// Every process's `local` numbers, in rank order, on every process (through
+/// [`Collective::all_gather_bytes`]).
+pub fn all_gather_u64(collective: &dyn Collective, local: &[u64]) -> Vec<Vec<u64>> {
+    let bytes: Vec<u8> = local.iter().flat_map(|v| v.to_le_bytes()).collect();
+    (collective.all_gather_bytes(&bytes).iter())
+        .map(|q| {
+            q.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect()
+        })
+        .collect()
+}
+
 /// Rows `lo..hi` of `n` that rank `rank` of `world` takes: contiguous parts in rank order,
 /// the first `n % world` one row longer.
 pub fn part(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {

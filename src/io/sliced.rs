@@ -10,7 +10,7 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 
-use crate::dist::{agree, Collective};
+use crate::dist::{agree, all_gather_u64, Collective};
 use crate::error::{io_error, Error, Result};
 
 /// The rows of one tensor that this process writes.
@@ -122,20 +122,13 @@ pub fn write_sliced(path: &Path, tensors: &[Slice<'_>], collective: &dyn Collect
     });
     agree(collective, local, false)?;
     // Every process's [start, end) bytes of each tensor: together they must tile it.
-    let mine: Vec<u8> = (tensors.iter())
+    let mine: Vec<u64> = (tensors.iter())
         .flat_map(|t| {
             let start = (t.first_row * t.row_bytes()) as u64;
             [start, start + t.bytes.len() as u64]
         })
-        .flat_map(u64::to_le_bytes)
         .collect();
-    let all: Vec<Vec<u64>> = (collective.all_gather_bytes(&mine).iter())
-        .map(|q| {
-            q.chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect()
-        })
-        .collect();
+    let all = all_gather_u64(collective, &mine);
     for (i, t) in tensors.iter().enumerate() {
         let mut spans: Vec<(u64, u64)> = (all.iter())
             .map(|q| (q[2 * i], q[2 * i + 1]))
