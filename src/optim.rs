@@ -129,7 +129,14 @@ impl Grads {
     /// Readies the gradients for the step in one pass over the latent rows (see
     /// [`RowPrep`]); returns the global ‖g‖₂ over all four gradients when `prep.want_norm`.
     pub fn project_and_norm(&mut self, w_dec_fd: &Array2<f32>, prep: RowPrep) -> f64 {
-        let row_sq = Zip::from(self.tensors.w_dec_fd.rows_mut())
+        let row_sq_f = self.project_rows(w_dec_fd, prep);
+        self.global_norm(&row_sq_f)
+    }
+
+    /// [`RowPrep::apply`] on every active latent row; returns each row's squared norm (0 for
+    /// inactive rows).
+    pub fn project_rows(&mut self, w_dec_fd: &Array2<f32>, prep: RowPrep) -> Vec<f64> {
+        Zip::from(self.tensors.w_dec_fd.rows_mut())
             .and(self.tensors.w_enc_fd.rows())
             .and(w_dec_fd.rows())
             .and(&self.active_f)
@@ -143,8 +150,20 @@ impl Grads {
                     w.as_slice().unwrap(),
                 );
                 dispatch(|| prep.apply(gd, ge, w))
-            });
-        self.global_norm(row_sq.as_slice().expect("contiguous"))
+            })
+            .into_raw_vec_and_offset()
+            .0
+    }
+
+    /// ‖g‖² in two parts, for latents sharded across processes: what is per latent (the rows'
+    /// squared norms `row_sq_f`, b_enc, the thresholds) and b_dec's.
+    pub fn norm_sq_parts(&self, row_sq_f: &[f64]) -> [f64; 2] {
+        let t = &self.tensors;
+        let per_latent = sq(t.b_enc_f.as_slice().unwrap()) + sq(t.threshold_f.as_slice().unwrap());
+        [
+            row_sq_f.iter().sum::<f64>() + per_latent,
+            sq(t.b_dec_d.as_slice().unwrap()),
+        ]
     }
 
     /// ‖g‖₂ from the latent rows' squared norms (as [`RowPrep::apply`] returns them), the

@@ -69,6 +69,41 @@ impl Sae {
         })
     }
 
+    /// Latents `rows` of [`Sae::new`]`(config, seed)`, as an SAE of `rows.len()` latents (one
+    /// shard of a dictionary sharded by latent; [`crate::Trainer::sharded`]). The whole
+    /// dictionary is never held: the seeded stream is drawn in order and only these rows kept,
+    /// so the last shard's start-up draws all F·D numbers. Fails when `rows` is empty or
+    /// reaches past F, or holds fewer latents than k.
+    pub fn new_shard(config: SaeConfig, seed: u64, rows: std::ops::Range<usize>) -> Result<Self> {
+        config.validate()?;
+        let local = SaeConfig {
+            dict_size: rows.len(),
+            ..config
+        };
+        if rows.is_empty() || rows.end > config.dict_size || local.validate().is_err() {
+            return Err(Error::Distributed {
+                reason: format!(
+                    "a latent shard of latents {rows:?} cannot hold part of a {}-latent                      dictionary{}; use fewer --latent-shards",
+                    config.dict_size,
+                    config.arch.k().map_or(String::new(), |k| format!(" with k = {k}"))
+                ),
+            });
+        }
+        let d = config.d_model;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        for _ in 0..rows.start * d {
+            let _: f32 = StandardNormal.sample(&mut rng);
+        }
+        let mut w_dec_fd: Array2<f32> =
+            Array2::from_shape_simple_fn((rows.len(), d), || StandardNormal.sample(&mut rng));
+        for mut row in w_dec_fd.rows_mut() {
+            let norm = row.dot(&row).sqrt();
+            row /= norm;
+        }
+        let b_enc_f = Array1::zeros(rows.len());
+        Sae::from_parts(local, w_dec_fd.clone(), b_enc_f, w_dec_fd, Array1::zeros(d))
+    }
+
     /// An SAE from given parameters (shapes checked against `config`); a JumpReLU SAE starts
     /// with its initial thresholds (see [`Sae::set_latent_thresholds`]).
     pub fn from_parts(

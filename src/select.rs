@@ -411,11 +411,34 @@ impl Selector {
         out: &mut Codes,
     ) {
         self.topk(pre, k, out);
+        self.merge_shards(k, offset, latent, out);
+    }
+
+    /// [`Selector::topk_among`] over latents split across the ranks of `latent`, as
+    /// [`Selector::topk_sharded`]: `latents` are this rank's (local, ascending), and `out` gets
+    /// its own entries of each row's `k` largest among every rank's.
+    pub fn topk_among_sharded(
+        &mut self,
+        pre: PreActs<'_>,
+        latents: &[u32],
+        k: usize,
+        offset: usize,
+        latent: &dyn Collective,
+        out: &mut Codes,
+    ) {
+        self.topk_among(pre, latents, k, out);
+        self.merge_shards(k, offset, latent, out);
+    }
+
+    /// `out`, each shard's local top `k` of each row (latents `offset..offset +
+    /// out.n_latents`), replaced by this shard's part of the row's top `k` over every shard of
+    /// `latent`.
+    fn merge_shards(&mut self, k: usize, offset: usize, latent: &dyn Collective, out: &mut Codes) {
         if latent.world_size() == 1 {
             return;
         }
         // k keys a row; 0, below every positive value's key, pads rows with fewer.
-        let n_rows = pre.n_rows();
+        let (n_rows, n_latents) = (out.n_rows(), out.n_latents);
         let mut mine = vec![0u64; n_rows * k];
         for b in 0..n_rows {
             let (idx, val) = out.row(b);
@@ -424,8 +447,8 @@ impl Selector {
             }
         }
         let all = crate::dist::all_gather_u64(latent, &mine);
-        let own = offset as u32..(offset + pre.n_latents()) as u32;
-        self.build(n_rows, pre.n_latents(), out, |b, buf| {
+        let own = offset as u32..(offset + n_latents) as u32;
+        self.build(n_rows, n_latents, out, |b, buf| {
             let ChunkBuf {
                 indices,
                 values,
@@ -805,7 +828,7 @@ mod tests {
                 .map(|world| {
                     let select = &select;
                     scope.spawn(move || {
-                        let grid = Grid::new(&world, shards).unwrap();
+                        let grid = Grid::new(std::sync::Arc::new(world), shards).unwrap();
                         let rows = part(b, grid.group(), groups);
                         let cols = part(f, grid.shard, shards);
                         let block = post
@@ -817,7 +840,7 @@ mod tests {
                             &mut Selector::default(),
                             pre,
                             &grid,
-                            &world,
+                            &*grid.world,
                             cols.start,
                             &mut codes,
                         );

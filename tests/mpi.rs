@@ -143,7 +143,7 @@ fn the_world_splits_into_groups_of_latent_shards_under_mpirun() {
     if std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some() {
         let world = dist::world().unwrap();
         let world = world.collective();
-        let grid = Grid::new(&*world, 2).unwrap();
+        let grid = Grid::new(world.clone(), 2).unwrap();
         let rank = world.rank();
         assert_eq!((grid.group(), grid.shard), (rank / 2, rank % 2));
         let mine = 10u64.pow(rank as u32);

@@ -20,13 +20,15 @@ pub struct Grid {
     /// The R/S ranks holding this rank's shard, one per group (same latents, disjoint rows),
     /// ranked by group.
     pub data: Arc<dyn Collective>,
+    /// Every rank of the job (BatchTopK's batch-wide cut is taken over all of them).
+    pub world: Arc<dyn Collective>,
 }
 
 impl Grid {
     /// Splits `world` into groups of `shards` consecutive ranks. Every rank calls it with the
     /// same `shards`, which must divide the world size; a wrong count is refused on every rank
     /// before any split, naming the option.
-    pub fn new(world: &dyn Collective, shards: usize) -> Result<Grid> {
+    pub fn new(world: Arc<dyn Collective>, shards: usize) -> Result<Grid> {
         let size = world.world_size();
         if shards == 0 || size % shards != 0 {
             return Err(Error::Distributed {
@@ -44,6 +46,7 @@ impl Grid {
             shard: rank % shards,
             latent,
             data,
+            world,
         })
     }
 
@@ -70,7 +73,8 @@ mod tests {
             .into_iter()
             .map(|world| {
                 std::thread::spawn(move || {
-                    let grid = Grid::new(&world, shards).unwrap();
+                    let world: Arc<dyn Collective> = Arc::new(world);
+                    let grid = Grid::new(world.clone(), shards).unwrap();
                     assert_eq!(grid.latent.world_size(), shards);
                     assert_eq!(grid.latent.rank(), grid.shard);
                     let mine = 10u64.pow(world.rank() as u32);
@@ -112,10 +116,13 @@ mod tests {
     #[test]
     fn a_shard_count_that_does_not_divide_the_ranks_names_the_option() {
         for shards in [0, 2] {
-            let err = Grid::new(&SingleProcess, shards).err().unwrap().to_string();
+            let err = Grid::new(Arc::new(SingleProcess), shards)
+                .err()
+                .unwrap()
+                .to_string();
             assert!(err.contains(&format!("--latent-shards {shards}")), "{err}");
         }
-        let grid = Grid::new(&SingleProcess, 1).unwrap();
+        let grid = Grid::new(Arc::new(SingleProcess), 1).unwrap();
         assert_eq!((grid.groups(), grid.group(), grid.shard), (1, 0, 0));
     }
 }

@@ -53,6 +53,9 @@ pub(super) struct Context<'a> {
     pub latents: Range<usize>,
     /// The processes sharing the step.
     pub collective: &'a dyn Collective,
+    /// Latent sharding: the processes holding the same rows' other latents, whose terms of
+    /// b_dec's gradient through the encoder are summed with this one's.
+    pub latent: &'a dyn Collective,
 }
 
 /// The rows the sparse backward sums over: this process's, or in a distributed step every
@@ -372,13 +375,19 @@ fn bias_grads(ctx: &Context<'_>, up_main: ArrayView2<'_, f32>, grads: &mut Grads
         })
         .collect();
     let mut g = Array1::from(column_sums_by(up_main, |u| u));
-    if hi - lo < w_enc.nrows() {
+    let (partial, sharded) = (hi - lo < w_enc.nrows(), ctx.latent.world_size() > 1);
+    if partial || sharded {
         // The other processes hold the other latents' terms.
         let mut through = vec![0.0f32; w_enc.ncols()];
         for part in through_encoder {
             through.iter_mut().zip(part).for_each(|(t, p)| *t += p);
         }
-        ctx.collective.all_reduce_sum_f32(&mut through);
+        if partial {
+            ctx.collective.all_reduce_sum_f32(&mut through);
+        }
+        if sharded {
+            ctx.latent.all_reduce_sum_f32(&mut through);
+        }
         g.iter_mut().zip(through).for_each(|(g, p)| *g -= p);
     } else {
         for part in through_encoder {

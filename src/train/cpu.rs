@@ -157,9 +157,11 @@ impl Phases for CpuStep {
                 pre.positive_count() as u64,
                 (step.x_bd.nrows() * pre.n_latents()) as u64,
             ];
-            step.collective.all_reduce_sum_u64(&mut counts);
+            step.world.all_reduce_sum_u64(&mut counts);
             counts[0] as f32 / counts[1].max(1) as f32 > self.dense_threshold
         };
+        let pre = state.sae.pre_acts(&self.buf.pre_bf);
+        let (selector, codes) = (&mut self.buf.selector, &mut self.buf.codes);
         if self.dense {
             // The dense path multiplies the codes matrix itself: make it ReLU(pre).
             let b_enc = &state.sae.b_enc_f;
@@ -168,14 +170,21 @@ impl Phases for CpuStep {
                     .and(b_enc)
                     .for_each(|v, &b| *v = (*v + b).max(0.0))
             });
+        } else if let (true, Selection::TopK(k)) = (step.sharded(), selection) {
+            selector.topk_sharded(pre, k, step.offset, step.latent, codes);
+        } else if let (true, Selection::BatchTopK(k)) = (step.sharded(), selection) {
+            let (k_total, shards) = (k * step.shard.n_global(), step.latent.world_size());
+            selector.batch_topk_sharded(pre, k_total, step.world, shards, codes);
         } else {
+            // ReLU and JumpReLU select within each latent: sharded or not, alike.
+            let threshold_f = state.sae.threshold_f.as_slice().expect("contiguous");
             select_into(
-                &mut self.buf.selector,
+                selector,
                 selection,
-                state.sae.pre_acts(&self.buf.pre_bf),
-                state.sae.threshold_f.as_slice().expect("contiguous"),
+                pre,
+                threshold_f,
                 step.collective,
-                &mut self.buf.codes,
+                codes,
             );
         }
         Ok(())
@@ -223,11 +232,14 @@ impl Phases for CpuStep {
         let mut min = [f32::INFINITY];
         if want_min_code {
             min[0] = self.buf.codes.values.iter().copied().fold(min[0], f32::min);
-            step.collective.all_reduce_min_f32(&mut min);
+            step.world.all_reduce_min_f32(&mut min);
         }
+        // The counters are per latent: a sharded step adds up its shards'.
+        let mut counts = [fired_f.iter().sum(), self.buf.dead_f.len() as u64];
+        step.latent.all_reduce_sum_u64(&mut counts);
         Ok(Firing {
-            nnz: fired_f.iter().sum(),
-            n_dead: self.buf.dead_f.len(),
+            nnz: counts[0],
+            n_dead: counts[1] as usize,
             min_code: min[0],
         })
     }
@@ -241,8 +253,13 @@ impl Phases for CpuStep {
         if blocks > 1 {
             return self.decode_prefixes(state, step);
         }
+        // Sharded, each shard decodes its latents' part of x̂, and the first adds b_dec.
+        let with_bias = step.latent.rank() == 0;
         if self.dense {
-            self.buf.x_hat_bd.assign(&sae.b_dec_d);
+            match with_bias {
+                true => self.buf.x_hat_bd.assign(&sae.b_dec_d),
+                false => self.buf.x_hat_bd.fill(0.0),
+            }
             self.gemm.gemm(
                 1.0,
                 self.buf.pre_bf.view(),
@@ -254,10 +271,11 @@ impl Phases for CpuStep {
             sparse::decode_into(
                 &self.buf.codes,
                 sae.w_dec_fd.view(),
-                Some(sae.b_dec_d.view()),
+                with_bias.then(|| sae.b_dec_d.view()),
                 self.buf.x_hat_bd.view_mut(),
             );
         }
+        sum_over(step.latent, &mut self.buf.x_hat_bd);
         let scale = -2.0 / step.shard.n_global() as f32;
         let up_main = self.buf.upstream_bd.slice_mut(ndarray::s![..n_local, ..]);
         Zip::from(up_main)
@@ -280,10 +298,12 @@ impl Phases for CpuStep {
     fn aux_residual(&mut self, state: &State, step: &Step<'_>, k_aux: usize) -> Result<[f64; 2]> {
         let sae = &state.sae;
         let x_bd = step.x_bd;
-        self.buf.selector.topk_among(
+        self.buf.selector.topk_among_sharded(
             sae.pre_acts(&self.buf.pre_bf),
             &self.buf.dead_f,
             k_aux,
+            step.offset,
+            step.latent,
             &mut self.buf.aux_codes,
         );
         resize(&mut self.buf.aux_hat_bd, (x_bd.nrows(), sae.config.d_model));
@@ -293,6 +313,7 @@ impl Phases for CpuStep {
             None,
             self.buf.aux_hat_bd.view_mut(),
         );
+        sum_over(step.latent, &mut self.buf.aux_hat_bd);
         // e − ê, and e − mean_b(e), with e = x − x̂ held constant.
         let mut e_sum = residual_sum(x_bd, &self.buf.x_hat_bd);
         step.collective.all_reduce_sum_f64(&mut e_sum);
@@ -336,7 +357,10 @@ impl Phases for CpuStep {
         // JumpReLU's thresholds and Matryoshka's upstream blocks are not gathered: their
         // distributed steps sum each process's gradients, preparing rows after the sum.
         let blocks = step.prefixes.len();
-        let sums_across = step.distributed() && (args.jump.is_some() || blocks > 1);
+        // Sharded steps too: their groups' rows are not gathered (a group holds its rows'
+        // whole codes only for its own latents), so the gradients are summed across groups.
+        let sums_across =
+            step.distributed() && (args.jump.is_some() || blocks > 1 || step.sharded());
         let fuse = !(self.dense || args.capture || sums_across);
         let gather = fuse && step.distributed();
         if let Some(jump) = args.jump {
@@ -361,6 +385,7 @@ impl Phases for CpuStep {
                 step.all_latents()
             },
             collective: step.collective,
+            latent: step.latent,
         };
         let local = Batch::of(
             self.buf.xc_bd.view(),
@@ -403,6 +428,9 @@ impl Phases for CpuStep {
             backward::sparse(&ctx, local, &mut self.buf.scratch, &mut self.grads)
         };
         let mut l1_sum = [l1];
+        if args.l1.is_some() {
+            step.latent.all_reduce_sum_f64(&mut l1_sum);
+        }
         if args.l1.is_some() && !gather {
             step.collective.all_reduce_sum_f64(&mut l1_sum);
         }
@@ -437,6 +465,20 @@ impl Phases for CpuStep {
                 step.collective.all_reduce_sum_f64(&mut parts);
             }
             (parts[0] + sq(self.grads.tensors.b_dec_d.as_slice().expect("contiguous"))).sqrt()
+        } else if step.sharded() {
+            // Each shard holds its latents' rows and b_enc entries; b_dec is the group's.
+            let row_sq_f = match self.fused {
+                true => std::mem::take(&mut self.buf.scratch.row_sq_f),
+                false => self.grads.project_rows(&state.sae.w_dec_fd, prep),
+            };
+            let [mut latents, b_dec] = self.grads.norm_sq_parts(&row_sq_f);
+            self.buf.scratch.row_sq_f = row_sq_f;
+            if prep.want_norm {
+                let mut parts = [latents];
+                step.latent.all_reduce_sum_f64(&mut parts);
+                latents = parts[0];
+            }
+            (latents + b_dec).sqrt()
         } else if self.fused {
             self.grads.global_norm(&self.buf.scratch.row_sq_f)
         } else {
@@ -520,13 +562,20 @@ impl CpuStep {
         let blocks = step.prefixes.len();
         let ends: Vec<usize> = step.prefixes.iter().map(|p| p.end).collect();
         resize(&mut self.buf.prefix_hat_bd, (blocks * n_local, d));
+        // Sharded, as in `decode`: each shard's part of every prefix, b_dec from the first.
+        let no_bias = Array1::zeros(if step.latent.rank() == 0 { 0 } else { d });
+        let bias_d = match step.latent.rank() {
+            0 => sae.b_dec_d.view(),
+            _ => no_bias.view(),
+        };
         sparse::decode_prefixes_into(
             &self.buf.codes,
             sae.w_dec_fd.view(),
-            sae.b_dec_d.view(),
+            bias_d,
             &ends,
             self.buf.prefix_hat_bd.view_mut(),
         );
+        sum_over(step.latent, &mut self.buf.prefix_hat_bd);
         let block = |g: usize| ndarray::s![g * n_local..(g + 1) * n_local, ..];
         self.buf
             .x_hat_bd
@@ -573,6 +622,13 @@ impl CpuStep {
             l1: 0.0,
         };
         Ok(())
+    }
+}
+
+/// `a_bd` summed over `latent`'s processes (a no-op in one process).
+fn sum_over(latent: &dyn Collective, a_bd: &mut Array2<f32>) {
+    if latent.world_size() > 1 {
+        latent.all_reduce_sum_f32(a_bd.as_slice_mut().expect("standard layout"));
     }
 }
 

@@ -26,7 +26,7 @@ use ndarray::ArrayView2;
 
 use crate::arch::{DecoderConstraint, Penalty, Prefix, Rules};
 use crate::backend::{Backend, Cpu, Device};
-use crate::config::TrainConfig;
+use crate::config::{SaeConfig, TrainConfig};
 use crate::dist::{Collective, SingleProcess};
 use crate::error::{Error, Result};
 use crate::optim::{lr_factor, sparsity_scale, Adam, AdamConfig, RowPrep};
@@ -113,6 +113,20 @@ pub struct Trainer {
     times: PhaseTimes,
     /// On a GPU: wait for the device at each phase boundary, so phase times are real.
     time_device_phases: bool,
+    /// Latent sharding: the SAE held is this process's shard of a larger dictionary.
+    sharding: Option<Sharding>,
+}
+
+/// What a trainer of one latent shard knows of the others (see [`Trainer::sharded`]).
+struct Sharding {
+    /// The whole dictionary's configuration.
+    global: SaeConfig,
+    /// This shard's first latent.
+    offset: usize,
+    /// The shards of this process's group (same rows, the other latents).
+    latent: Arc<dyn Collective>,
+    /// Every process of the job.
+    world: Arc<dyn Collective>,
 }
 
 impl Trainer {
@@ -128,7 +142,64 @@ impl Trainer {
         backend: Box<dyn Backend>,
         collective: Box<dyn Collective>,
     ) -> Result<Self> {
-        config.validate(sae.config())?;
+        let global = *sae.config();
+        Self::build(sae, global, config, backend, collective, None)
+    }
+
+    /// A trainer of one latent shard of a dictionary configured by `global` (OpenAI's latent
+    /// sharding): `shard` holds latents `part(F, grid.shard, grid.shards)` (as
+    /// [`Sae::new_shard`] makes them), and the ranks of `grid` train the whole dictionary
+    /// together, each group of `grid.shards` ranks on its own rows of every global batch. The
+    /// step is the single-process step on the same global batch, up to float rounding: the
+    /// selection is exactly that one process would make, x̂ and b_dec's gradient are summed
+    /// over the group, the gradient norm is the whole dictionary's. Only batch-sized tensors
+    /// cross within a group, and F/S·D-sized gradients across groups. Resampling is refused.
+    pub fn sharded(
+        shard: Sae,
+        global: SaeConfig,
+        config: TrainConfig,
+        grid: &crate::dist::Grid,
+    ) -> Result<Self> {
+        config.validate(&global)?;
+        let rows = crate::dist::part(global.dict_size, grid.shard, grid.shards);
+        let local = shard.config();
+        if local.d_model != global.d_model
+            || local.arch != global.arch
+            || local.dict_size != rows.len()
+        {
+            return Err(Error::Distributed {
+                reason: format!(
+                    "shard {} of {} holds {} latents of width {}, not latents {rows:?} of the                      {}-latent, width-{} dictionary",
+                    grid.shard, grid.shards, local.dict_size, local.d_model, global.dict_size,
+                    global.d_model
+                ),
+            });
+        }
+        if config.resample_every.is_some() && grid.shards > 1 {
+            return Err(Error::Distributed {
+                reason: "resampling dead latents (--resample) is not available with                          --latent-shards above 1; drop one of them"
+                    .into(),
+            });
+        }
+        let sharding = Sharding {
+            global,
+            offset: rows.start,
+            latent: grid.latent.clone(),
+            world: grid.world.clone(),
+        };
+        let data = Box::new(grid.data.clone());
+        Self::build(shard, global, config, Box::new(Cpu), data, Some(sharding))
+    }
+
+    fn build(
+        sae: Sae,
+        global: SaeConfig,
+        config: TrainConfig,
+        backend: Box<dyn Backend>,
+        collective: Box<dyn Collective>,
+        sharding: Option<Sharding>,
+    ) -> Result<Self> {
+        config.validate(&global)?;
         let mut sae = sae;
         for w in [&mut sae.w_enc_fd, &mut sae.w_dec_fd] {
             *w = crate::backend::huge_copy(w.view());
@@ -137,7 +208,7 @@ impl Trainer {
         let f = sae_config.dict_size;
         let adam = Adam::new(
             AdamConfig {
-                beta1: config.adam_beta1(sae.config()),
+                beta1: config.adam_beta1(&global),
                 beta2: config.adam_beta2,
                 eps: config.adam_eps,
             },
@@ -145,10 +216,20 @@ impl Trainer {
         );
         let gemm: Arc<dyn Backend> = Arc::from(backend);
         let dense_threshold = dense_threshold_default();
+        // A shard's prefixes end where the whole dictionary's do, counted from its first latent.
+        let offset = sharding.as_ref().map_or(0, |s| s.offset);
+        let prefixes = config
+            .prefixes(&global)?
+            .into_iter()
+            .map(|p| Prefix {
+                end: p.end.clamp(offset, offset + f) - offset,
+                weight: p.weight,
+            })
+            .collect();
         Ok(Trainer {
-            rules: Rules::for_config(sae.config(), &config),
-            prefixes: config.prefixes(sae.config())?,
-            lr: config.learning_rate(sae.config()),
+            rules: Rules::for_config(&global, &config),
+            prefixes,
+            lr: config.learning_rate(&global),
             state: State {
                 sae,
                 adam,
@@ -168,6 +249,7 @@ impl Trainer {
             capture_on: false,
             times: PhaseTimes::default(),
             time_device_phases: false,
+            sharding,
         })
     }
 
@@ -177,6 +259,11 @@ impl Trainer {
     pub fn set_collective(&mut self, collective: Box<dyn Collective>) -> Result<()> {
         if self.engine.is_gpu() && collective.world_size() > 1 {
             return Err(one_process_on_gpu(self.device_name()));
+        }
+        if self.sharding.is_some() {
+            return Err(Error::Distributed {
+                reason: "a latent shard's trainer keeps the grid it was made with".into(),
+            });
         }
         self.collective = collective;
         Ok(())
@@ -195,6 +282,9 @@ impl Trainer {
     /// across processes; the trainer is then left where it was.
     pub fn set_device(&mut self, device: Device) -> Result<()> {
         self.sync()?;
+        if self.sharding.is_some() && device != Device::Cpu {
+            return Err(one_process_on_gpu(device.to_string()));
+        }
         self.engine = match device {
             Device::Cpu if !self.engine.is_gpu() => return Ok(()),
             Device::Cpu => Engine::Cpu(Box::new(CpuStep::new(
@@ -306,22 +396,30 @@ impl Trainer {
         // The row kernels slice rows: a strided or transposed view is copied once here.
         let x_bd = x_bd.as_standard_layout();
         let (rules, config, lr) = (self.rules, &self.config, self.current_lr());
-        let (f, d) = (
+        let (f_local, d) = (
             self.state.sae.config.dict_size,
             self.state.sae.config.d_model,
         );
         let (engine, state, collective) = (&mut self.engine, &mut self.state, &*self.collective);
+        let (f, offset, latent, world): (_, _, &dyn Collective, &dyn Collective) =
+            match &self.sharding {
+                Some(s) => (s.global.dict_size, s.offset, &*s.latent, &*s.world),
+                None => (f_local, 0, &SingleProcess, collective),
+            };
         let prefixes = &self.prefixes;
         engine.begin(x_bd.nrows())?;
         if self.step == 0 && rules.init_b_dec_from_median {
             engine.set_b_dec(state, geometric_median(x_bd.view(), collective, 100, 1e-5))?;
         }
-        let shard = Shard::new(collective, x_bd.nrows(), f);
+        let shard = Shard::new(collective, x_bd.nrows(), f_local);
         let n = shard.n_global();
         let step = Step {
             x_bd: x_bd.view(),
             shard: &shard,
             collective,
+            latent,
+            world,
+            offset,
             prefixes,
         };
         let mut clock = PhaseClock::start(!engine.queues() || self.time_device_phases);

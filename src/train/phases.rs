@@ -31,16 +31,29 @@ pub(crate) struct Step<'a> {
     pub x_bd: ArrayView2<'a, f32>,
     /// Who holds which rows and latents (one process: everything).
     pub shard: &'a Shard,
-    /// The processes sharing the step.
+    /// The processes holding the batch's other rows (data parallelism).
     pub collective: &'a dyn Collective,
-    /// The reconstructions the loss weighs: the whole dictionary, or Matryoshka's prefixes.
+    /// Latent sharding: the processes holding these rows' other latents (one process: only
+    /// this one).
+    pub latent: &'a dyn Collective,
+    /// Every process of the step, `collective` and `latent` together.
+    pub world: &'a dyn Collective,
+    /// Index of this process's first latent in the whole dictionary (0 unless sharded).
+    pub offset: usize,
+    /// The reconstructions the loss weighs: the whole dictionary, or Matryoshka's prefixes
+    /// (as far as they reach into this process's latents, at local indices).
     pub prefixes: &'a [Prefix],
 }
 
 impl Step<'_> {
-    /// Whether other processes share the step.
+    /// Whether other processes hold other rows of the batch.
     pub fn distributed(&self) -> bool {
         self.collective.world_size() > 1
+    }
+
+    /// Whether other processes hold other latents of these rows.
+    pub fn sharded(&self) -> bool {
+        self.latent.world_size() > 1
     }
 
     /// All latents, `0..F`.
