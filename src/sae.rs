@@ -83,9 +83,13 @@ impl Sae {
         if rows.is_empty() || rows.end > config.dict_size || local.validate().is_err() {
             return Err(Error::Distributed {
                 reason: format!(
-                    "a latent shard of latents {rows:?} cannot hold part of a {}-latent                      dictionary{}; use fewer --latent-shards",
+                    "a latent shard of latents {rows:?} cannot hold part of a {}-latent \
+                     dictionary{}; use fewer --latent-shards",
                     config.dict_size,
-                    config.arch.k().map_or(String::new(), |k| format!(" with k = {k}"))
+                    config
+                        .arch
+                        .k()
+                        .map_or(String::new(), |k| format!(" with k = {k}"))
                 ),
             });
         }

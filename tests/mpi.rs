@@ -165,7 +165,7 @@ fn the_world_splits_into_groups_of_latent_shards_under_mpirun() {
         let rows = dist::part(8, rank, 4);
         let mine = &w[rows.start * 3..rows.end * 3];
         let slice = sparse_autoencoder::io::Slice::f32("w_dec_fd", &[8, 3], rows.start, mine);
-        sparse_autoencoder::io::write_sliced(&path, &[slice], &*world).unwrap();
+        sparse_autoencoder::io::write_sliced(&path, &[slice], None, &*world).unwrap();
         let view = safetensors::tensor::TensorView::new(
             safetensors::Dtype::F32,
             vec![8, 3],

@@ -5,11 +5,17 @@
 
 mod common;
 
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::{assert_close, synthetic_batch};
 use ndarray::{concatenate, s, Array1, Array2, Axis};
 use sparse_autoencoder::dist::{part, Collective, Grid, Threads};
+use sparse_autoencoder::run::{
+    ArchName, Observer, Outcome, Progress, ResumeOptions, Run, RunSpec, SaeSpec, ScheduleSpec,
+};
+use sparse_autoencoder::synth::SynthConfig;
 use sparse_autoencoder::{Architecture, ReluVariant, Sae, SaeConfig, TrainConfig, Trainer};
 
 const D: usize = 12;
@@ -177,4 +183,119 @@ fn sharded_latents_train_what_one_process_trains() {
             }
         }
     }
+}
+
+/// A sweep of two SAEs (one learns θ) on a small synthetic set.
+fn run_spec() -> RunSpec {
+    RunSpec {
+        train: ScheduleSpec {
+            steps: Some(12),
+            batch_size: Some(32),
+            ..ScheduleSpec::default()
+        },
+        sae: vec![
+            SaeSpec {
+                arch: Some(ArchName::Topk),
+                k: Some(4),
+                dict_size: Some(48),
+                ..SaeSpec::default()
+            },
+            SaeSpec {
+                arch: Some(ArchName::Batchtopk),
+                k: Some(4),
+                dict_size: Some(48),
+                ..SaeSpec::default()
+            },
+        ],
+        synthetic: Some(SynthConfig {
+            d_model: 16,
+            n_features: 32,
+            ..SynthConfig::default()
+        }),
+        ..RunSpec::default()
+    }
+}
+
+/// Stops the run after `stop_at` steps.
+struct StopAt<'a>(u64, &'a AtomicBool);
+
+impl Observer for StopAt<'_> {
+    fn step(&mut self, p: &Progress<'_>) {
+        if p.step == self.0 {
+            self.1.store(true, Ordering::Relaxed);
+        }
+    }
+    fn note(&mut self, _: &str) {}
+}
+
+/// Trains the run in `dir` (started afresh, or resumed) on `ranks` threads in groups of
+/// `shards`, stopping after `stop_at` steps: every rank's outcome.
+fn run_on_threads(
+    dir: &Path,
+    resume: bool,
+    ranks: usize,
+    shards: usize,
+    stop_at: u64,
+) -> Vec<Outcome> {
+    let handles: Vec<_> = Threads::world(ranks)
+        .into_iter()
+        .map(|world| {
+            let dir = dir.to_path_buf();
+            std::thread::spawn(move || {
+                let grid = Grid::new(Arc::new(world), shards).unwrap();
+                let stop = AtomicBool::new(false);
+                let mut run = if resume {
+                    Run::resume_sharded(&dir, &ResumeOptions::default(), &stop, grid)
+                } else {
+                    Run::create_sharded(&run_spec(), &dir, false, &stop, grid)
+                }
+                .unwrap();
+                run.train(&mut StopAt(stop_at, &stop), &stop).unwrap()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn a_sharded_run_checkpoints_resumes_with_any_shard_count_and_saves_one_loadable_sae() {
+    let dir = common::temp_dir("sharded-run");
+    let straight = dir.join("straight");
+    let mut run = Run::create(&run_spec(), &straight, false, &AtomicBool::new(false)).unwrap();
+    run.train(&mut (), &AtomicBool::new(false)).unwrap();
+    let names: Vec<String> = run.names().iter().map(|n| n.to_string()).collect();
+    drop(run);
+    // Stopped at step 5 on two groups of two shards; the checkpoint resumed on one group of
+    // two, and on one process.
+    for (resume_ranks, resume_shards) in [(2, 2), (1, 1)] {
+        let sharded = dir.join(format!("sharded-{resume_ranks}"));
+        for outcome in run_on_threads(&sharded, false, 4, 2, 5) {
+            assert!(
+                matches!(outcome, Outcome::Interrupted { step: 5 }),
+                "{outcome:?}"
+            );
+        }
+        for outcome in run_on_threads(&sharded, true, resume_ranks, resume_shards, 0) {
+            assert!(matches!(outcome, Outcome::Finished(_)), "{outcome:?}");
+        }
+        for name in &names {
+            let want = Sae::load(&straight.join(name)).unwrap();
+            let got = Sae::load(&sharded.join(name)).unwrap();
+            let theta = |sae: &Sae| sae.threshold().map(|t| ndarray::arr1(&[t]));
+            if let (Some(g), Some(w)) = (theta(&got), theta(&want)) {
+                assert_close(&format!("{name}: θ"), &g, &w, 1e-5);
+            } else {
+                assert_eq!(got.threshold(), want.threshold(), "{name}");
+            }
+            let (want, want_b_dec) = tensors(&want);
+            let (got_t, got_b_dec) = tensors(&got);
+            let what = |t: &str| format!("{name} resumed on {resume_ranks}: {t}");
+            for (t, (g, w)) in got_t.iter().zip(&want).enumerate() {
+                assert_close(&what(&t.to_string()), g, w, 1e-5);
+            }
+            assert_close(&what("b_dec_d"), &got_b_dec, &want_b_dec, 1e-5);
+            assert!(!sharded.join("checkpoint").exists());
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }

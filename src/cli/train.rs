@@ -1,7 +1,7 @@
 //! `sae train`: flags and config file merged into a [`RunSpec`], sweeps expanded, the run
 //! driven with a progress bar (or log lines), Ctrl-C and SIGTERM turned into a checkpoint.
 
-use sparse_autoencoder::dist::{agree, World};
+use sparse_autoencoder::dist::{agree, Grid, World};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -280,6 +280,11 @@ struct RunArgs {
     /// Worker threads for the GEMMs and the rest of the step [default: all cores].
     #[arg(long, value_parser = at_least_one, allow_negative_numbers = true)]
     threads: Option<usize>,
+    /// Under mpirun: shard each SAE's latents over groups of this many ranks (it must divide
+    /// the rank count and the dictionary size); each group trains on its part of every batch,
+    /// each rank holds F/S latents. A run resumes with any shard count [default: 1].
+    #[arg(long, value_name = "S", value_parser = at_least_one, allow_negative_numbers = true)]
+    latent_shards: Option<usize>,
     #[command(flatten)]
     device: super::DeviceArgs,
     /// When output is not a terminal, print a progress line every this many steps [default:
@@ -326,24 +331,23 @@ pub fn run(args: TrainArgs, world: &World) -> Result<Option<u8>> {
     // Checked before a run directory is created, so a bad device leaves nothing behind.
     let device = args.run.device.device()?;
     device.check().map_err(usage)?;
+    let shards = args.run.latent_shards.unwrap_or(1);
     let opened = match &args.run.resume {
         Some(dir) => {
             let options = ResumeOptions {
                 skip_non_finite: args.data.skip_non_finite,
             };
-            Run::resume_across(dir, &options, &signals.stop, world.collective())
+            Grid::new(world.collective(), shards)
+                .and_then(|grid| Run::resume_sharded(dir, &options, &signals.stop, grid))
                 .map(|run| (run, dir.clone()))
         }
         None => {
             let spec = spec_from(&args)?;
             let dir = args.run.out.clone().unwrap_or_else(default_run_dir);
-            match Run::create_across(
-                &spec,
-                &dir,
-                args.run.force,
-                &signals.stop,
-                world.collective(),
-            ) {
+            let created = Grid::new(world.collective(), shards).and_then(|grid| {
+                Run::create_sharded(&spec, &dir, args.run.force, &signals.stop, grid)
+            });
+            match created {
                 Err(err @ sparse_autoencoder::Error::Stopped { .. }) => Err(err),
                 Err(err) => return Err(width_mismatch_is_eval_data(err, &spec.data.eval_paths)),
                 Ok(run) => Ok((run, dir)),

@@ -13,13 +13,16 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::tensors::{standard, TensorsIn, TensorsOut};
+use super::sliced::{LatentRows, SlicesOut};
+use super::tensors::{standard, TensorsIn};
 use super::{create_dir, sync_dir, write_atomic};
 use crate::config::{Architecture, ReluVariant, SaeConfig};
+use crate::dist::{agree, Collective, SingleProcess};
 use crate::error::{io_error, Error, Result};
 use crate::train::TrainerState;
 use crate::Sae;
@@ -107,38 +110,60 @@ impl Checkpoint {
     /// Writes the two files into `dir` (which must exist), without the swap: for callers that
     /// swap a larger directory holding several checkpoints as a whole (a sweep's run).
     pub(crate) fn write_files(&self, dir: &Path) -> Result<()> {
+        let rows = LatentRows::whole(self.state.sae.config().dict_size);
+        self.write_files_rows(dir, rows, &SingleProcess)
+    }
+
+    /// [`Checkpoint::write_files`] by the processes of `collective`, each holding the state of
+    /// latents `rows` (a latent shard; see [`crate::Trainer::sharded`]): the files are those
+    /// one process holding the whole state would write, so a checkpoint of any shard count
+    /// resumes with any other ([`Checkpoint::read_files_rows`]).
+    pub(crate) fn write_files_rows(
+        &self,
+        dir: &Path,
+        rows: LatentRows,
+        collective: &dyn Collective,
+    ) -> Result<()> {
         let state = &self.state;
         let sae = &state.sae;
-        let (f, d) = (sae.config().dict_size, sae.config().d_model);
+        let d = sae.config().d_model;
         let threshold = sae.threshold().map(|t| [t]);
-        let mut tensors = TensorsOut::default();
-        tensors.f32("w_enc_fd", &[f, d], standard(&sae.w_enc_fd));
-        tensors.f32("b_enc_f", &[f], standard(&sae.b_enc_f));
-        tensors.f32("w_dec_fd", &[f, d], standard(&sae.w_dec_fd));
-        tensors.f32("b_dec_d", &[d], standard(&sae.b_dec_d));
+        let mut tensors = SlicesOut::new(rows);
+        tensors.latents_f32("w_enc_fd", Some(d), standard(&sae.w_enc_fd));
+        tensors.latents_f32("b_enc_f", None, standard(&sae.b_enc_f));
+        tensors.latents_f32("w_dec_fd", Some(d), standard(&sae.w_dec_fd));
+        tensors.shared_f32("b_dec_d", &[d], standard(&sae.b_dec_d));
         if !sae.threshold_f.is_empty() {
-            tensors.f32("threshold_f", &[f], standard(&sae.threshold_f));
+            tensors.latents_f32("threshold_f", None, standard(&sae.threshold_f));
         }
         tensors.params("adam_m.", &state.adam_m);
         tensors.params("adam_v.", &state.adam_v);
-        tensors.u64("tokens_since_fired_f", &[f], &state.tokens_since_fired_f);
+        tensors.latents_u64("tokens_since_fired_f", &state.tokens_since_fired_f);
         if let Some(theta) = &threshold {
-            tensors.f32("threshold", &[], theta);
+            tensors.shared_f32("threshold", &[], theta);
         }
         // The step in the tensor file too, so files of two checkpoints mixed by hand are caught.
         let metadata = HashMap::from([("step".to_string(), state.step.to_string())]);
         let weights = dir.join(CHECKPOINT_WEIGHTS_FILE);
-        write_atomic(&weights, &tensors.serialize(&weights, Some(metadata))?)?;
-        let file = CheckpointFile {
-            format: FORMAT,
-            sae: *sae.config(),
-            threshold: sae.threshold(),
-            step: state.step,
-            adam_t: state.adam_t,
-            extra: self.extra.clone(),
+        tensors.write(&weights, Some(metadata), collective)?;
+        let written = if rows.writes_shared {
+            let file = CheckpointFile {
+                format: FORMAT,
+                sae: SaeConfig {
+                    dict_size: rows.f,
+                    ..*sae.config()
+                },
+                threshold: sae.threshold(),
+                step: state.step,
+                adam_t: state.adam_t,
+                extra: self.extra.clone(),
+            };
+            let json = serde_json::to_string_pretty(&file).expect("a checkpoint serialises");
+            write_atomic(&dir.join(CHECKPOINT_CONFIG_FILE), json.as_bytes())
+        } else {
+            Ok(())
         };
-        let json = serde_json::to_string_pretty(&file).expect("a checkpoint serialises");
-        write_atomic(&dir.join(CHECKPOINT_CONFIG_FILE), json.as_bytes())
+        agree(collective, written, false).map(|((), _)| ())
     }
 
     /// Loads the checkpoint [`Checkpoint::save`] wrote into `dir` (or into `<dir>.old`, if a
@@ -174,6 +199,17 @@ impl Checkpoint {
     /// format-1 checkpoint, which did not record its variant, gets `relu_variant`; without
     /// one, such a checkpoint is refused.
     pub(crate) fn read_files(from: &Path, relu_variant: Option<ReluVariant>) -> Result<Checkpoint> {
+        Checkpoint::read_files_rows(from, relu_variant, |f| 0..f).map(|(c, _)| c)
+    }
+
+    /// [`Checkpoint::read_files`], keeping latents `rows(F)` of the checkpoint's F: the state
+    /// of one latent shard (see [`crate::Trainer::sharded`]), as an SAE of that many latents,
+    /// and the whole SAE's configuration. Only those rows are read.
+    pub(crate) fn read_files_rows(
+        from: &Path,
+        relu_variant: Option<ReluVariant>,
+        rows: impl FnOnce(usize) -> Range<usize>,
+    ) -> Result<(Checkpoint, SaeConfig)> {
         let config_path = from.join(CHECKPOINT_CONFIG_FILE);
         let bad = |problem: String| Error::RunFile {
             path: config_path.clone(),
@@ -225,8 +261,22 @@ impl Checkpoint {
             )));
         }
         let f = file.sae.dict_size;
-        let p = tensors.params("", &file.sae)?;
-        let mut sae = Sae::from_parts(file.sae, p.w_enc_fd, p.b_enc_f, p.w_dec_fd, p.b_dec_d)?;
+        let rows = rows(f);
+        let local = SaeConfig {
+            dict_size: rows.len(),
+            ..file.sae
+        };
+        if rows.is_empty() || rows.end > f || local.validate().is_err() {
+            return Err(Error::Distributed {
+                reason: format!(
+                    "a latent shard of latents {rows:?} cannot hold part of the checkpoint's \
+                     {f}-latent dictionary ({}); use fewer --latent-shards",
+                    config_path.display()
+                ),
+            });
+        }
+        let p = tensors.params("", &file.sae, &rows)?;
+        let mut sae = Sae::from_parts(local, p.w_enc_fd, p.b_enc_f, p.w_dec_fd, p.b_dec_d)?;
         sae.threshold_f = p.threshold_f;
         sae.threshold = if tensors.has("threshold") {
             Some(tensors.f32("threshold", &[])?[0])
@@ -235,16 +285,17 @@ impl Checkpoint {
         };
         let state = TrainerState {
             sae,
-            adam_m: tensors.params("adam_m.", &file.sae)?,
-            adam_v: tensors.params("adam_v.", &file.sae)?,
+            adam_m: tensors.params("adam_m.", &file.sae, &rows)?,
+            adam_v: tensors.params("adam_v.", &file.sae, &rows)?,
             adam_t: file.adam_t,
             step: file.step,
-            tokens_since_fired_f: tensors.u64("tokens_since_fired_f", &[f])?,
+            tokens_since_fired_f: tensors.u64_rows("tokens_since_fired_f", &[f], &rows)?,
         };
-        Ok(Checkpoint {
+        let checkpoint = Checkpoint {
             state,
             extra: file.extra,
-        })
+        };
+        Ok((checkpoint, file.sae))
     }
 }
 

@@ -36,6 +36,7 @@ pub use npy::{write_npy, NpyAppender};
 pub use run_files::{read_feature_density, read_metrics, MetricsRecord, METRICS_FILE};
 pub(crate) use sae_dir::read_config;
 pub use sae_dir::{CONFIG_FILE, WEIGHTS_FILE};
+pub(crate) use sliced::LatentRows;
 pub use sliced::{write_sliced, Slice};
 
 use crate::error::{io_error, Result};

@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use safetensors::tensor::Dtype;
 
-use super::tensors::{standard, TensorsIn, TensorsOut};
+use super::sliced::{LatentRows, SlicesOut};
+use super::tensors::{standard, TensorsIn};
 use super::{create_dir, write_atomic};
 use crate::config::SaeConfig;
+use crate::dist::{agree, part, Collective, Grid, SingleProcess};
 use crate::error::escape_controls;
 use crate::error::{io_error, Error, Result};
 use crate::Sae;
@@ -45,29 +47,71 @@ impl Sae {
     /// written atomically, the JSON last. [`Sae::load`] gives back an identical SAE, bit for
     /// bit.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        let rows = LatentRows::whole(self.config.dict_size);
+        self.save_rows(dir, rows, &SingleProcess)
+    }
+
+    /// Saves this latent shard of the dictionary configured by `global`, sharded over `grid`
+    /// (see [`crate::Trainer::sharded`]): every rank calls it, and the shards of group 0 write
+    /// their own rows of one `sae.safetensors`, byte for byte the file [`Sae::save`] writes for
+    /// the whole dictionary, so [`Sae::load`], `sae eval` and `sae export` read it as any
+    /// other. No rank holds more than its shard. An error on any rank is every rank's.
+    pub fn save_shard(&self, dir: &Path, global: &SaeConfig, grid: &Grid) -> Result<()> {
+        let rows = part(global.dict_size, grid.shard, grid.shards);
+        let written = if rows.len() != self.config.dict_size {
+            Err(Error::Distributed {
+                reason: format!(
+                    "shard {} of {} holds {} latents, not latents {rows:?} of the {}-latent \
+                     dictionary it saves",
+                    grid.shard, grid.shards, self.config.dict_size, global.dict_size
+                ),
+            })
+        } else if grid.group() == 0 {
+            let rows = LatentRows {
+                f: global.dict_size,
+                offset: rows.start,
+                writes_shared: grid.shard == 0,
+            };
+            self.save_rows(dir, rows, &*grid.latent)
+        } else {
+            Ok(())
+        };
+        agree(&*grid.world, written, false).map(|((), _)| ())
+    }
+
+    /// Writes the SAE directory of which this SAE holds latents `rows`, with the other
+    /// processes of `collective` holding the rest.
+    fn save_rows(&self, dir: &Path, rows: LatentRows, collective: &dyn Collective) -> Result<()> {
         create_dir(dir)?;
-        let (f, d) = (self.config.dict_size, self.config.d_model);
+        let d = self.config.d_model;
         let threshold = self.threshold.map(|t| [t]);
-        let mut tensors = TensorsOut::default();
-        tensors.f32("w_enc_fd", &[f, d], standard(&self.w_enc_fd));
-        tensors.f32("b_enc_f", &[f], standard(&self.b_enc_f));
-        tensors.f32("w_dec_fd", &[f, d], standard(&self.w_dec_fd));
-        tensors.f32("b_dec_d", &[d], standard(&self.b_dec_d));
+        let mut tensors = SlicesOut::new(rows);
+        tensors.latents_f32("w_enc_fd", Some(d), standard(&self.w_enc_fd));
+        tensors.latents_f32("b_enc_f", None, standard(&self.b_enc_f));
+        tensors.latents_f32("w_dec_fd", Some(d), standard(&self.w_dec_fd));
+        tensors.shared_f32("b_dec_d", &[d], standard(&self.b_dec_d));
         if let Some(theta) = &threshold {
-            tensors.f32("threshold", &[], theta);
+            tensors.shared_f32("threshold", &[], theta);
         }
         if !self.threshold_f.is_empty() {
-            tensors.f32("threshold_f", &[f], standard(&self.threshold_f));
+            tensors.latents_f32("threshold_f", None, standard(&self.threshold_f));
         }
-        let weights = dir.join(WEIGHTS_FILE);
-        write_atomic(&weights, &tensors.serialize(&weights, None)?)?;
-        let file = SaeFile {
-            format: FORMAT,
-            config: self.config,
-            threshold: self.threshold,
+        tensors.write(&dir.join(WEIGHTS_FILE), None, collective)?;
+        let written = if rows.writes_shared {
+            let file = SaeFile {
+                format: FORMAT,
+                config: SaeConfig {
+                    dict_size: rows.f,
+                    ..self.config
+                },
+                threshold: self.threshold,
+            };
+            let json = serde_json::to_string_pretty(&file).expect("an SAE's config serialises");
+            write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
+        } else {
+            Ok(())
         };
-        let json = serde_json::to_string_pretty(&file).expect("an SAE's config serialises");
-        write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
+        agree(collective, written, false).map(|((), _)| ())
     }
 
     /// Loads the SAE that [`Sae::save`] wrote into `dir` (a run directory, or one SAE's

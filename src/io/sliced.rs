@@ -4,20 +4,23 @@
 //! `safetensors::serialize` gives the whole tensors, so a sliced save reads back (and
 //! compares) as any other.
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 
+use super::tensors::standard;
 use crate::dist::{agree, all_gather_u64, Collective};
 use crate::error::{io_error, Error, Result};
+use crate::optim::ParamTensors;
 
 /// The rows of one tensor that this process writes.
 pub struct Slice<'a> {
-    name: &'a str,
+    name: String,
     dtype: Dtype,
-    shape: &'a [usize],
+    shape: Vec<usize>,
     first_row: usize,
     bytes: &'a [u8],
 }
@@ -25,24 +28,34 @@ pub struct Slice<'a> {
 impl<'a> Slice<'a> {
     /// Rows `first_row..` of the f32 tensor `name` of `shape` (rows: its first axis; a scalar
     /// or a vector's elements count as rows of one), `data` in standard layout.
-    pub fn f32(name: &'a str, shape: &'a [usize], first_row: usize, data: &'a [f32]) -> Self {
+    pub fn f32(
+        name: impl Into<String>,
+        shape: &[usize],
+        first_row: usize,
+        data: &'a [f32],
+    ) -> Self {
         let bytes = bytemuck::cast_slice(data);
         Slice {
-            name,
+            name: name.into(),
             dtype: Dtype::F32,
-            shape,
+            shape: shape.to_vec(),
             first_row,
             bytes,
         }
     }
 
     /// As [`Slice::f32`], for a u64 tensor.
-    pub fn u64(name: &'a str, shape: &'a [usize], first_row: usize, data: &'a [u64]) -> Self {
+    pub fn u64(
+        name: impl Into<String>,
+        shape: &[usize],
+        first_row: usize,
+        data: &'a [u64],
+    ) -> Self {
         let bytes = bytemuck::cast_slice(data);
         Slice {
-            name,
+            name: name.into(),
             dtype: Dtype::U64,
-            shape,
+            shape: shape.to_vec(),
             first_row,
             bytes,
         }
@@ -57,14 +70,112 @@ impl<'a> Slice<'a> {
     }
 }
 
+/// Where one process's latents sit in the whole dictionary, which its slices of a
+/// dictionary-shaped file hold.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LatentRows {
+    /// The whole dictionary's F.
+    pub(crate) f: usize,
+    /// This process's first latent.
+    pub(crate) offset: usize,
+    /// Whether this process writes the tensors every shard holds alike (b_dec, θ).
+    pub(crate) writes_shared: bool,
+}
+
+impl LatentRows {
+    /// The whole dictionary, held by one process.
+    pub(crate) fn whole(f: usize) -> Self {
+        LatentRows {
+            f,
+            offset: 0,
+            writes_shared: true,
+        }
+    }
+}
+
+/// The tensors of a dictionary-shaped file, as this process's slices of them.
+pub(crate) struct SlicesOut<'a> {
+    rows: LatentRows,
+    slices: Vec<Slice<'a>>,
+}
+
+impl<'a> SlicesOut<'a> {
+    pub(crate) fn new(rows: LatentRows) -> Self {
+        SlicesOut {
+            rows,
+            slices: Vec::new(),
+        }
+    }
+
+    /// A per-latent f32 tensor: F×`width`, or F when `width` is `None`; `data` holds this
+    /// process's latents.
+    pub(crate) fn latents_f32(
+        &mut self,
+        name: impl Into<String>,
+        width: Option<usize>,
+        data: &'a [f32],
+    ) {
+        let shape = self.latent_shape(width);
+        self.slices
+            .push(Slice::f32(name, &shape, self.rows.offset, data));
+    }
+
+    /// A per-latent u64 vector of F.
+    pub(crate) fn latents_u64(&mut self, name: impl Into<String>, data: &'a [u64]) {
+        let shape = self.latent_shape(None);
+        self.slices
+            .push(Slice::u64(name, &shape, self.rows.offset, data));
+    }
+
+    /// A tensor every shard holds alike, written by one of them.
+    pub(crate) fn shared_f32(&mut self, name: impl Into<String>, shape: &[usize], data: &'a [f32]) {
+        let data = if self.rows.writes_shared { data } else { &[] };
+        self.slices.push(Slice::f32(name, shape, 0, data));
+    }
+
+    /// The parameter-shaped arrays as `{prefix}w_enc_fd`, `{prefix}b_enc_f`, ... (and
+    /// `{prefix}threshold_f` where the SAE has per-latent thresholds).
+    pub(crate) fn params(&mut self, prefix: &str, p: &'a ParamTensors) {
+        let d = p.w_enc_fd.ncols();
+        self.latents_f32(format!("{prefix}w_enc_fd"), Some(d), standard(&p.w_enc_fd));
+        self.latents_f32(format!("{prefix}b_enc_f"), None, standard(&p.b_enc_f));
+        self.latents_f32(format!("{prefix}w_dec_fd"), Some(d), standard(&p.w_dec_fd));
+        self.shared_f32(format!("{prefix}b_dec_d"), &[d], standard(&p.b_dec_d));
+        if !p.threshold_f.is_empty() {
+            self.latents_f32(
+                format!("{prefix}threshold_f"),
+                None,
+                standard(&p.threshold_f),
+            );
+        }
+    }
+
+    fn latent_shape(&self, width: Option<usize>) -> Vec<usize> {
+        match width {
+            Some(d) => vec![self.rows.f, d],
+            None => vec![self.rows.f],
+        }
+    }
+
+    /// Writes the file (see [`write_sliced`]): every process of `collective` calls it.
+    pub(crate) fn write(
+        self,
+        path: &Path,
+        metadata: Option<HashMap<String, String>>,
+        collective: &dyn Collective,
+    ) -> Result<()> {
+        write_sliced(path, &self.slices, metadata, collective)
+    }
+}
+
 /// The file's header (its length first) and each tensor's data offset in the file, in the
 /// order of `tensors`; as `safetensors::serialize` lays them out (descending dtype, then name;
 /// the header padded with spaces to 8 bytes).
-fn layout(tensors: &[Slice<'_>]) -> (Vec<u8>, Vec<u64>) {
+fn layout(tensors: &[Slice<'_>], metadata: Option<HashMap<String, String>>) -> (Vec<u8>, Vec<u64>) {
     let mut order: Vec<usize> = (0..tensors.len()).collect();
     order.sort_by(|&a, &b| {
         let (a, b) = (&tensors[a], &tensors[b]);
-        b.dtype.cmp(&a.dtype).then(a.name.cmp(b.name))
+        b.dtype.cmp(&a.dtype).then(a.name.cmp(&b.name))
     });
     let (mut infos, mut at) = (Vec::new(), 0);
     let mut data_offset = vec![0u64; tensors.len()];
@@ -74,14 +185,14 @@ fn layout(tensors: &[Slice<'_>]) -> (Vec<u8>, Vec<u64>) {
             tensors[i].name.to_string(),
             TensorInfo {
                 dtype: tensors[i].dtype,
-                shape: tensors[i].shape.to_vec(),
+                shape: tensors[i].shape.clone(),
                 data_offsets: (at, at + n),
             },
         ));
         data_offset[i] = at as u64;
         at += n;
     }
-    let metadata = Metadata::new(None, infos).expect("offsets built in order");
+    let metadata = Metadata::new(metadata, infos).expect("offsets built in order");
     let mut json = serde_json::to_string(&metadata)
         .expect("a header serialises")
         .into_bytes();
@@ -95,11 +206,17 @@ fn layout(tensors: &[Slice<'_>]) -> (Vec<u8>, Vec<u64>) {
 /// Writes `path`, atomically, as one safetensors file made of every process's `tensors`
 /// slices: each process of `collective` passes the same names, dtypes and shapes in the same
 /// order, and its own rows (none is fine). The file is byte for byte what
-/// `safetensors::serialize` writes for the whole tensors. All processes must see `path` on one
+/// `safetensors::serialize` writes for the whole tensors (with `metadata`, which every process
+/// passes alike, as its header's `__metadata__`). All processes must see `path` on one
 /// filesystem. Slices that do not cover a tensor exactly once, or that reach past its rows,
 /// and any process's I/O failure, are errors on every process, naming the file; the old file,
 /// if any, stays.
-pub fn write_sliced(path: &Path, tensors: &[Slice<'_>], collective: &dyn Collective) -> Result<()> {
+pub fn write_sliced(
+    path: &Path,
+    tensors: &[Slice<'_>],
+    metadata: Option<HashMap<String, String>>,
+    collective: &dyn Collective,
+) -> Result<()> {
     let bad = |problem: String| Error::RunFile {
         path: path.to_path_buf(),
         problem,
@@ -151,7 +268,7 @@ pub fn write_sliced(path: &Path, tensors: &[Slice<'_>], collective: &dyn Collect
         }
     }
 
-    let (header, data_offset) = layout(tensors);
+    let (header, data_offset) = layout(tensors, metadata);
     let tmp = super::tmp_path(path);
     let total = data_offset
         .iter()
@@ -167,8 +284,8 @@ pub fn write_sliced(path: &Path, tensors: &[Slice<'_>], collective: &dyn Collect
             .open(&tmp)
             .and_then(|mut file| {
                 file.set_len(total)?;
-                file.write_all(&header)?;
-                file.sync_all()
+                // Synced with the data below: fsync covers the file, whichever handle wrote.
+                file.write_all(&header)
             })
             .map_err(io_error(&tmp, "creating")),
         _ => Ok(()),
@@ -206,7 +323,7 @@ pub fn write_sliced(path: &Path, tensors: &[Slice<'_>], collective: &dyn Collect
 mod tests {
     use super::*;
     use crate::dist::{part, Threads};
-    use crate::io::tensors::TensorsOut;
+    use safetensors::tensor::TensorView;
 
     /// A temporary directory for one test.
     fn dir(name: &str) -> std::path::PathBuf {
@@ -241,7 +358,7 @@ mod tests {
                             Slice::u64("fired_f", &[10], rows.start, &n[rows.clone()]),
                             Slice::f32("b_dec_d", &[3], 0, &b[b_rows]),
                         ];
-                        write_sliced(path, &tensors, &world)
+                        write_sliced(path, &tensors, None, &world)
                     })
                 })
                 .collect();
@@ -258,11 +375,17 @@ mod tests {
         let b = [1.5f32, -2.0, 0.25];
         let results = write_on_threads(&path, &w, &n, &b, |r| part(10, r, 3));
         assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
-        let mut whole = TensorsOut::default();
-        whole.f32("w_enc_fd", &[10, 3], &w);
-        whole.u64("fired_f", &[10], &n);
-        whole.f32("b_dec_d", &[3], &b);
-        let expected = whole.serialize(&path, None).unwrap();
+        let view =
+            |dtype, shape: &[usize], data| TensorView::new(dtype, shape.to_vec(), data).unwrap();
+        let whole = [
+            (
+                "w_enc_fd",
+                view(Dtype::F32, &[10, 3], bytemuck::cast_slice(&w)),
+            ),
+            ("fired_f", view(Dtype::U64, &[10], bytemuck::cast_slice(&n))),
+            ("b_dec_d", view(Dtype::F32, &[3], bytemuck::cast_slice(&b))),
+        ];
+        let expected = safetensors::serialize(whole, None).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), expected);
         std::fs::remove_dir_all(dir).unwrap();
     }

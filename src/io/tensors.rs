@@ -1,74 +1,19 @@
-//! Safetensors files: building one from named f32/u64 arrays, and reading tensors back with
-//! their name, dtype and shape checked before their bytes are read, every error naming the
-//! file.
+//! Reading safetensors files: tensors (or a latent shard's rows of them) with their name,
+//! dtype and shape checked before their bytes are read, every error naming the file.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array1, Array2};
-use safetensors::tensor::{Dtype, Metadata, TensorView};
+use safetensors::tensor::{Dtype, Metadata};
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use crate::config::SaeConfig;
 use crate::error::{io_error, Error, Result};
 use crate::optim::ParamTensors;
-
-/// Tensors to be written, borrowed from the arrays that hold them.
-#[derive(Default)]
-pub(crate) struct TensorsOut<'a> {
-    tensors: Vec<(String, TensorView<'a>)>,
-}
-
-impl<'a> TensorsOut<'a> {
-    /// Adds an f32 tensor of `shape` (its data in standard layout).
-    pub(crate) fn f32(&mut self, name: impl Into<String>, shape: &[usize], data: &'a [f32]) {
-        self.push(name.into(), Dtype::F32, shape, bytemuck::cast_slice(data));
-    }
-
-    /// Adds a u64 tensor of `shape`.
-    pub(crate) fn u64(&mut self, name: impl Into<String>, shape: &[usize], data: &'a [u64]) {
-        self.push(name.into(), Dtype::U64, shape, bytemuck::cast_slice(data));
-    }
-
-    /// Adds the parameter-shaped arrays as `{prefix}w_enc_fd`, `{prefix}b_enc_f`, ... (and
-    /// `{prefix}threshold_f` where the SAE has per-latent thresholds).
-    pub(crate) fn params(&mut self, prefix: &str, p: &'a ParamTensors) {
-        let (f, d) = p.w_enc_fd.dim();
-        self.f32(format!("{prefix}w_enc_fd"), &[f, d], standard(&p.w_enc_fd));
-        self.f32(format!("{prefix}b_enc_f"), &[f], standard(&p.b_enc_f));
-        self.f32(format!("{prefix}w_dec_fd"), &[f, d], standard(&p.w_dec_fd));
-        self.f32(format!("{prefix}b_dec_d"), &[d], standard(&p.b_dec_d));
-        if !p.threshold_f.is_empty() {
-            self.f32(
-                format!("{prefix}threshold_f"),
-                &[f],
-                standard(&p.threshold_f),
-            );
-        }
-    }
-
-    fn push(&mut self, name: String, dtype: Dtype, shape: &[usize], data: &'a [u8]) {
-        let view = TensorView::new(dtype, shape.to_vec(), data)
-            .expect("callers pass data of exactly the shape's size");
-        self.tensors.push((name, view));
-    }
-
-    /// The file's bytes, with `metadata` in its header; the error names `path`.
-    pub(crate) fn serialize(
-        self,
-        path: &Path,
-        metadata: Option<HashMap<String, String>>,
-    ) -> Result<Vec<u8>> {
-        safetensors::serialize(self.tensors, metadata).map_err(|err| Error::RunFile {
-            path: path.to_path_buf(),
-            problem: format!("cannot encode the tensors: {err}"),
-            fix: "report this as a bug".into(),
-        })
-    }
-}
 
 /// The contiguous data of an array the crate keeps in standard layout.
 pub(crate) fn standard<D: ndarray::Dimension>(a: &ndarray::Array<f32, D>) -> &[f32] {
@@ -253,16 +198,22 @@ impl TensorsIn {
         Ok((self.data_start + start as u64, end - start))
     }
 
-    /// The tensor `name` with `dtype` and `shape` checked, its elements of `T` read from
-    /// little-endian bytes, each non-finite one refused when `finite` says which are.
+    /// Rows `rows` (of its first axis) of the tensor `name`, with `dtype` and `shape` checked,
+    /// its elements of `T` read from little-endian bytes.
     fn read_tensor<T: bytemuck::Pod>(
         &self,
         name: &str,
         dtype: Dtype,
         shape: &[usize],
+        rows: &Range<usize>,
         from_le: impl Fn(T) -> T,
     ) -> Result<Vec<T>> {
-        let (offset, n_bytes) = self.check(name, dtype, shape)?;
+        let (offset, _) = self.check(name, dtype, shape)?;
+        let row_bytes = shape.iter().skip(1).product::<usize>() * std::mem::size_of::<T>();
+        let (offset, n_bytes) = (
+            offset + (rows.start * row_bytes) as u64,
+            rows.len() * row_bytes,
+        );
         let n = n_bytes / std::mem::size_of::<T>();
         // The shapes the caller expects bound the size, but a hostile sae.json can expect a
         // lot, and with overcommit an allocation too large succeeds until it is filled.
@@ -296,51 +247,77 @@ impl TensorsIn {
     /// The f32 tensor `name` of `shape`; NaN or ±Inf anywhere in it is refused, naming the
     /// first element's index.
     pub(crate) fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let values = self.read_tensor(name, Dtype::F32, shape, |v: f32| {
+        self.f32_rows(name, shape, &all_rows(shape))
+    }
+
+    /// Rows `rows` of [`TensorsIn::f32`]'s tensor (a latent shard's part of a per-latent one).
+    pub(crate) fn f32_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        rows: &Range<usize>,
+    ) -> Result<Vec<f32>> {
+        let values = self.read_tensor(name, Dtype::F32, shape, rows, |v: f32| {
             f32::from_bits(u32::from_le(v.to_bits()))
         })?;
+        let first = rows.start * shape.iter().skip(1).product::<usize>();
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(self.bad(format!(
                 "tensor {name:?} holds {} at index {:?}: the SAE diverged or the file was \
                  damaged",
                 values[i],
-                unravel(i, shape)
+                unravel(first + i, shape)
             )));
         }
         Ok(values)
     }
 
-    /// The u64 tensor `name` of `shape`.
-    pub(crate) fn u64(&self, name: &str, shape: &[usize]) -> Result<Vec<u64>> {
-        self.read_tensor(name, Dtype::U64, shape, u64::from_le)
+    /// Rows `rows` of the u64 tensor `name` of `shape`.
+    pub(crate) fn u64_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        rows: &Range<usize>,
+    ) -> Result<Vec<u64>> {
+        self.read_tensor(name, Dtype::U64, shape, rows, u64::from_le)
     }
 
-    /// The parameter-shaped tensors `{prefix}w_enc_fd`, ... of an SAE of `config` (with
-    /// `{prefix}threshold_f` for JumpReLU).
-    pub(crate) fn params(&self, prefix: &str, config: &SaeConfig) -> Result<ParamTensors> {
+    /// The parameter-shaped tensors `{prefix}w_enc_fd`, ... of latents `rows` of an SAE of
+    /// `config` (with `{prefix}threshold_f` for JumpReLU), and the whole of `{prefix}b_dec_d`.
+    pub(crate) fn params(
+        &self,
+        prefix: &str,
+        config: &SaeConfig,
+        rows: &Range<usize>,
+    ) -> Result<ParamTensors> {
         let (f, d) = (config.dict_size, config.d_model);
         let shaped = "the shape was checked";
         let threshold_f = if config.arch.has_latent_thresholds() {
-            Array1::from(self.f32(&format!("{prefix}threshold_f"), &[f])?)
+            Array1::from(self.f32_rows(&format!("{prefix}threshold_f"), &[f], rows)?)
         } else {
             Array1::zeros(0)
         };
         Ok(ParamTensors {
             w_enc_fd: Array2::from_shape_vec(
-                (f, d),
-                self.f32(&format!("{prefix}w_enc_fd"), &[f, d])?,
+                (rows.len(), d),
+                self.f32_rows(&format!("{prefix}w_enc_fd"), &[f, d], rows)?,
             )
             .expect(shaped),
-            b_enc_f: Array1::from(self.f32(&format!("{prefix}b_enc_f"), &[f])?),
+            b_enc_f: Array1::from(self.f32_rows(&format!("{prefix}b_enc_f"), &[f], rows)?),
             w_dec_fd: Array2::from_shape_vec(
-                (f, d),
-                self.f32(&format!("{prefix}w_dec_fd"), &[f, d])?,
+                (rows.len(), d),
+                self.f32_rows(&format!("{prefix}w_dec_fd"), &[f, d], rows)?,
             )
             .expect(shaped),
             b_dec_d: Array1::from(self.f32(&format!("{prefix}b_dec_d"), &[d])?),
             threshold_f,
         })
     }
+}
+
+/// Every row of a tensor of `shape` (a scalar's one).
+fn all_rows(shape: &[usize]) -> Range<usize> {
+    0..shape.first().copied().unwrap_or(1)
 }
 
 /// The multi-index of the `flat`-th element of a C-order array of `shape`.

@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{Resolved, RunState};
+use crate::dist::{agree, Grid};
 use crate::error::{io_error, Error, Result};
+use crate::io::LatentRows;
 use crate::io::{sync_dir, write_atomic, Checkpoint};
 use crate::Trainer;
 
@@ -40,19 +42,59 @@ struct RunFile {
     names: Vec<String>,
 }
 
-/// Saves the run's state and its trainers, replacing the previous checkpoint.
-pub(crate) fn save(run_dir: &Path, state: &RunState, trainers: &[(&str, &Trainer)]) -> Result<()> {
-    settle(run_dir)?;
+/// Saves the run's state and its trainers, replacing the previous checkpoint: every process
+/// of `grid` calls it. Rank 0 moves the directories; the latent shards of group 0 write
+/// their rows of each SAE's files (those of one process holding the whole SAE); an error on
+/// any process is every process's.
+pub(crate) fn save(
+    run_dir: &Path,
+    state: &RunState,
+    trainers: &[(&str, &Trainer)],
+    grid: &Grid,
+) -> Result<()> {
+    let world = &*grid.world;
     let new = run_dir.join(NEW);
-    for (i, (name, trainer)) in trainers.iter().enumerate() {
-        let dir = new.join(i.to_string());
-        fs::create_dir_all(&dir).map_err(io_error(&dir, "creating"))?;
-        let checkpoint = Checkpoint {
-            state: trainer.state(),
-            extra: serde_json::json!({ "name": name }),
-        };
-        checkpoint.write_files(&dir)?;
-    }
+    let dirs: Vec<PathBuf> = (0..trainers.len())
+        .map(|i| new.join(i.to_string()))
+        .collect();
+    let prepared = match world.rank() {
+        0 => settle(run_dir).and_then(|()| {
+            dirs.iter()
+                .try_for_each(|dir| fs::create_dir_all(dir).map_err(io_error(dir, "creating")))
+        }),
+        _ => Ok(()),
+    };
+    agree(world, prepared, false)?;
+    let written = match grid.group() {
+        0 => trainers
+            .iter()
+            .zip(&dirs)
+            .try_for_each(|((name, trainer), dir)| {
+                let checkpoint = Checkpoint {
+                    state: trainer.state(),
+                    extra: serde_json::json!({ "name": name }),
+                };
+                let f = trainer.global_config().dict_size;
+                let rows = LatentRows {
+                    f,
+                    offset: crate::dist::part(f, grid.shard, grid.shards).start,
+                    writes_shared: grid.shard == 0,
+                };
+                checkpoint.write_files_rows(dir, rows, &*grid.latent)
+            }),
+        _ => Ok(()),
+    };
+    agree(world, written, false)?;
+    let swapped = match world.rank() {
+        0 => swap_in(run_dir, state, trainers),
+        _ => Ok(()),
+    };
+    agree(world, swapped, false).map(|((), _)| ())
+}
+
+/// Rank 0's last part of [`save`]: the completion mark, then the renames.
+fn swap_in(run_dir: &Path, state: &RunState, trainers: &[(&str, &Trainer)]) -> Result<()> {
+    let new = run_dir.join(NEW);
     let run_file = RunFile {
         format: FORMAT,
         state: state.clone(),
@@ -149,7 +191,11 @@ fn remove_dir(dir: &Path) -> Result<()> {
 /// Reads the checkpoint of the run `run` in `run_dir`: the run's state and one trainer per
 /// SAE, positioned to take the next step. Of the generations on disk the newest that reads
 /// whole is taken; when none does, the error is the newest one's.
-pub(crate) fn load(run_dir: &Path, run: &Resolved) -> Result<(RunState, Vec<Trainer>)> {
+pub(crate) fn load(
+    run_dir: &Path,
+    run: &Resolved,
+    grid: &Grid,
+) -> Result<(RunState, Vec<Trainer>)> {
     let mut found: Vec<(u64, PathBuf)> = [DIR, NEW, OLD]
         .iter()
         .map(|d| run_dir.join(d))
@@ -159,7 +205,7 @@ pub(crate) fn load(run_dir: &Path, run: &Resolved) -> Result<(RunState, Vec<Trai
     found.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
     let mut first_err = None;
     for (_, dir) in &found {
-        match load_from(dir, run) {
+        match load_from(dir, run, grid) {
             Ok(loaded) => return Ok(loaded),
             Err(err) => {
                 first_err.get_or_insert(err);
@@ -174,7 +220,7 @@ pub(crate) fn load(run_dir: &Path, run: &Resolved) -> Result<(RunState, Vec<Trai
     }))
 }
 
-fn load_from(dir: &Path, run: &Resolved) -> Result<(RunState, Vec<Trainer>)> {
+fn load_from(dir: &Path, run: &Resolved, grid: &Grid) -> Result<(RunState, Vec<Trainer>)> {
     let run_path = dir.join(RUN_FILE);
     let run_file = read_run_file(dir)?;
     let names = &run.names;
@@ -192,7 +238,11 @@ fn load_from(dir: &Path, run: &Resolved) -> Result<(RunState, Vec<Trainer>)> {
         // A checkpoint from before the SAE's configuration held the ReLU variant gets
         // config.toml's, which the comparison below would otherwise find missing.
         let variant = sae_spec.relu_variant.unwrap_or_default();
-        let checkpoint = Checkpoint::read_files(&dir.join(i.to_string()), Some(variant))?;
+        let from = dir.join(i.to_string());
+        // The rows of this process's shard, once the file says how many latents it holds.
+        let (checkpoint, saved) = Checkpoint::read_files_rows(&from, Some(variant), |f| {
+            crate::dist::part(f, grid.shard, grid.shards)
+        })?;
         let state = checkpoint.state;
         let cx = super::Context {
             d_model: state.sae.config().d_model,
@@ -205,20 +255,23 @@ fn load_from(dir: &Path, run: &Resolved) -> Result<(RunState, Vec<Trainer>)> {
             problem: format!("[[sae]] {}: {err}", names[i]),
             fix: "restore the file the run wrote".into(),
         })?;
-        if *state.sae.config() != sae_config || state.step != run_file.state.step {
+        if saved != sae_config || state.step != run_file.state.step {
             return Err(damaged(
                 &run_path,
                 format!(
                     "SAE {} is {:?} at step {}, but config.toml asks for {sae_config:?} and the \
                      run is at step {}",
-                    names[i],
-                    state.sae.config(),
-                    state.step,
-                    run_file.state.step
+                    names[i], saved, state.step, run_file.state.step
                 ),
             ));
         }
-        trainers.push(Trainer::from_state(state, train_config)?);
+        trainers.push(match grid.shards {
+            1 => Trainer::from_state(state, train_config)?,
+            _ => {
+                super::check_shardable(&train_config)?;
+                Trainer::sharded_from_state(state, sae_config, train_config, grid)?
+            }
+        });
     }
     Ok((run_file.state, trainers))
 }

@@ -167,8 +167,9 @@ pub fn check_synthetic(spec: &RunSpec, eval_rows: usize) -> crate::Result<()> {
 }
 
 /// Refuses a run of the resolved `spec` that needs more memory than it may use (see
-/// [`Estimate::train`]) in each of its `ranks` processes; called once the data is open and
-/// before the trainers and the loader allocate.
+/// [`Estimate::train`]) in each of its `ranks` processes, in groups of `latent_shards` that
+/// share their rows and split the latents; called once the data is open and before the
+/// trainers and the loader allocate.
 pub fn check_run(
     spec: &RunSpec,
     d_model: usize,
@@ -176,8 +177,15 @@ pub fn check_run(
     train_rows: Option<u64>,
     synth_eval_rows: usize,
     ranks: usize,
+    latent_shards: usize,
 ) -> crate::Result<()> {
-    let estimate = Estimate::train(spec, d_model, loader, train_rows, synth_eval_rows, ranks);
+    // A latent shard holds F/S latents of each SAE; a group of S shards shares its rows.
+    let mut spec = spec.clone();
+    for sae in &mut spec.sae {
+        sae.dict_size = sae.dict_size.map(|f| f.div_ceil(latent_shards.max(1)));
+    }
+    let groups = ranks / latent_shards.max(1);
+    let estimate = Estimate::train(&spec, d_model, loader, train_rows, synth_eval_rows, groups);
     Ok(check(&estimate, spec.train.max_memory)?)
 }
 

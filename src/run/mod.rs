@@ -36,7 +36,7 @@ use crate::data::{
     estimate_scale, holdout, Batcher, Cursor, DataError, LoaderConfig, NpyShards, Prefetcher,
     Source,
 };
-use crate::dist::{agree, Collective, SingleProcess};
+use crate::dist::{agree, Collective, Grid, SingleProcess};
 use crate::error::{io_error, Error, Result};
 use crate::eval::{evaluate_on_until_across, EvalStats};
 use crate::synth::{score, Recovery, Synth, SynthConfig};
@@ -198,6 +198,8 @@ pub struct Run {
     device: crate::backend::Device,
     /// The processes sharing each global batch (this one alone, or an MPI job's).
     collective: Arc<dyn Collective>,
+    /// The same processes in groups of latent shards (groups of one without sharding).
+    grid: Grid,
     /// Held as long as the run (by rank 0): no other process uses the directory meanwhile.
     _lock: Option<RunLock>,
 }
@@ -335,7 +337,8 @@ struct NewRun {
 impl NewRun {
     /// Resolves `spec`, opens its data and checks that everything fits, the directory
     /// included (on rank 0); writes nothing.
-    fn resolve(spec: &RunSpec, dir: &Path, force: bool, c: &dyn Collective) -> Result<NewRun> {
+    fn resolve(spec: &RunSpec, dir: &Path, force: bool, grid: &Grid) -> Result<NewRun> {
+        let c = &*grid.world;
         check_schedule(spec)?;
         let seed = spec.train.seed.unwrap_or(0);
         memory::check_synthetic(spec, SYNTH_EVAL_ROWS)?;
@@ -345,7 +348,7 @@ impl NewRun {
             .train
             .batch_size
             .unwrap_or(if synthetic { 1024 } else { 4096 });
-        check_split(batch_size, c.world_size())?;
+        check_split(batch_size, grid.groups())?;
         let total_steps = match (spec.train.steps, spec.train.tokens) {
             (Some(_), Some(_)) => return Err(ConfigError::StepsAndTokens.into()),
             (Some(steps), None) => steps,
@@ -421,6 +424,7 @@ impl NewRun {
             train_n,
             SYNTH_EVAL_ROWS,
             c.world_size(),
+            grid.shards,
         )?;
         if c.rank() == 0 {
             check_dir(dir, force)?;
@@ -478,7 +482,8 @@ fn broadcast_f32(c: &dyn Collective, value: f32) -> f32 {
     f32::from_le_bytes(bytes[..4].try_into().expect("4 bytes sent"))
 }
 
-/// A global batch of `batch_size` rows must split evenly over `world` processes.
+/// A global batch of `batch_size` rows must split evenly over `world` processes (or groups of
+/// latent shards).
 fn check_split(batch_size: usize, world: usize) -> Result<()> {
     if batch_size % world != 0 {
         let lower = batch_size / world * world;
@@ -494,12 +499,47 @@ fn check_split(batch_size: usize, world: usize) -> Result<()> {
     Ok(())
 }
 
-/// The batcher of this process's part of every global batch.
-fn loader_part<S: Source>(batcher: Batcher<S>, c: &dyn Collective) -> Result<Batcher<S>> {
-    if c.world_size() == 1 {
+/// The batcher of this process's part of every global batch: its group's rows.
+fn loader_part<S: Source>(batcher: Batcher<S>, grid: &Grid) -> Result<Batcher<S>> {
+    if grid.groups() == 1 {
         return Ok(batcher);
     }
-    batcher.for_part(c.rank(), c.world_size())
+    batcher.for_part(grid.group(), grid.groups())
+}
+
+/// The rows of each global batch of `batch_size` that this process trains on: its group's.
+fn batch_part(batch_size: usize, grid: &Grid) -> std::ops::Range<usize> {
+    crate::dist::part(batch_size, grid.group(), grid.groups())
+}
+
+/// A new trainer of `sae_config`, or of this process's latent shard of it.
+fn new_trainer(
+    sae_config: crate::SaeConfig,
+    train_config: crate::TrainConfig,
+    seed: u64,
+    grid: &Grid,
+) -> Result<Trainer> {
+    if grid.shards == 1 {
+        let mut trainer = Trainer::new(crate::Sae::new(sae_config, seed)?, train_config)?;
+        trainer.set_collective(Box::new(grid.world.clone()))?;
+        return Ok(trainer);
+    }
+    check_shardable(&train_config)?;
+    let rows = crate::dist::part(sae_config.dict_size, grid.shard, grid.shards);
+    let shard = crate::Sae::new_shard(sae_config, seed, rows)?;
+    Trainer::sharded(shard, sae_config, train_config, grid)
+}
+
+/// What a sharded run cannot do yet: calibrate θ, which encodes rows with the whole SAE.
+fn check_shardable(train_config: &crate::TrainConfig) -> Result<()> {
+    if train_config.threshold_rule == ThresholdRule::Calibrate {
+        return Err(Error::Distributed {
+            reason: "--threshold calibrate is not available with --latent-shards above 1; use \
+                     the moving average (the default)"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// The config file of a run directory.
@@ -527,12 +567,28 @@ impl Run {
         stop: &AtomicBool,
         collective: Arc<dyn Collective>,
     ) -> Result<Run> {
+        Run::create_sharded(spec, dir, force, stop, Grid::new(collective, 1)?)
+    }
+
+    /// [`Run::create_across`] with the SAEs' latents sharded over `grid`'s groups (see
+    /// [`Trainer::sharded`]): each group of `grid.shards` processes trains on its part of every
+    /// global batch, each process on its latents; the SAEs, checkpoints and metrics written are
+    /// those of one process (up to float rounding), no process holding more than its shard.
+    /// The end-of-run evaluation is left to `sae eval` on the saved SAE.
+    pub fn create_sharded(
+        spec: &RunSpec,
+        dir: &Path,
+        force: bool,
+        stop: &AtomicBool,
+        grid: Grid,
+    ) -> Result<Run> {
+        let collective = grid.world.clone();
         let c = &*collective;
         let writer = c.rank() == 0;
         let stopped = |stop: bool| stop_error(stop, dir, STOPPED_BEFORE_TRAINING);
         let (mut new, stop_now) = agree(
             c,
-            NewRun::resolve(spec, dir, force, c),
+            NewRun::resolve(spec, dir, force, &grid),
             stop.load(Ordering::Relaxed),
         )?;
         stopped(stop_now)?;
@@ -577,9 +633,7 @@ impl Run {
             for ((name, (sae_config, train_config)), metrics) in
                 names.iter().zip(configs).zip(metrics)
             {
-                let sae = crate::Sae::new(sae_config, schedule.seed)?;
-                let mut trainer = Trainer::new(sae, train_config)?;
-                trainer.set_collective(Box::new(collective.clone()))?;
+                let trainer = new_trainer(sae_config, train_config, schedule.seed, &grid)?;
                 members.push(Member {
                     name: name.clone(),
                     metrics,
@@ -593,7 +647,7 @@ impl Run {
                     let config = loader_config(&resolved.data, &schedule, scale);
                     Batches::Loader(Prefetcher::new(loader_part(
                         Batcher::new(rows, config)?,
-                        c,
+                        &grid,
                     )?))
                 }
                 (None, None) => unreachable!("open_data gives rows or the synthetic set"),
@@ -608,7 +662,7 @@ impl Run {
             config_path: dir.join(CONFIG_FILE),
         };
         Ok(Run::assemble(
-            run, dir, members, batches, opened, scale, notes, lock, collective,
+            run, dir, members, batches, opened, scale, notes, lock, grid,
         ))
     }
 
@@ -631,6 +685,19 @@ impl Run {
         stop: &AtomicBool,
         collective: Arc<dyn Collective>,
     ) -> Result<Run> {
+        Run::resume_sharded(dir, options, stop, Grid::new(collective, 1)?)
+    }
+
+    /// [`Run::resume_across`] with the latents sharded over `grid` (see
+    /// [`Run::create_sharded`]). Each process reads only its latents' rows of the checkpoint,
+    /// which holds the one global state: a run resumes with any shard count, one included.
+    pub fn resume_sharded(
+        dir: &Path,
+        options: &ResumeOptions,
+        stop: &AtomicBool,
+        grid: Grid,
+    ) -> Result<Run> {
+        let collective = grid.world.clone();
         let c = &*collective;
         let writer = c.rank() == 0;
         let config_path = dir.join(CONFIG_FILE);
@@ -675,7 +742,7 @@ impl Run {
                 }
                 run.spec.data.skip_non_finite = true;
             }
-            let (state, trainers) = checkpoint::load(dir, &run)?;
+            let (state, trainers) = checkpoint::load(dir, &run, &grid)?;
             Ok((run, state, trainers, record_skip))
         })();
         let ((run, state, trainers, record_skip), stop_now) =
@@ -687,7 +754,7 @@ impl Run {
         let (mut opened, stop_now) = agree(c, opened, stop.load(Ordering::Relaxed))?;
         stop_error(stop_now, dir, STOPPED_BEFORE_RESUMING)?;
         let built = (|| -> Result<(Batches, Vec<Trainer>)> {
-            check_split(run.schedule.batch_size, c.world_size())?;
+            check_split(run.schedule.batch_size, grid.groups())?;
             let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
             let loader = loader_config(&run.spec.data, &run.schedule, state.scale);
             memory::check_run(
@@ -697,6 +764,7 @@ impl Run {
                 train_n,
                 SYNTH_EVAL_ROWS,
                 c.world_size(),
+                grid.shards,
             )?;
             if let Some(trainer) = trainers.first() {
                 let trained = trainer.sae().config().d_model;
@@ -728,14 +796,15 @@ impl Run {
                 (_, Some(synth), _) => Batches::Synthetic(Box::new(synth)),
                 (Some(rows), None, Some(cursor)) => {
                     let config = loader_config(&run.spec.data, &run.schedule, state.scale);
-                    // The checkpoint counts every rank's skipped rows: rank 0 carries the
-                    // count on, so the sum over ranks stays the run's total.
+                    // The checkpoint counts every group's skipped rows: rank 0 carries the
+                    // count on, so the sum over groups stays the run's total.
                     let mut cursor = cursor.clone();
                     if c.rank() != 0 {
                         cursor.skipped_rows = 0;
                     }
                     // The part first: a rank reads only its part of the buffered rows.
-                    let batcher = loader_part(Batcher::new(rows, config)?, c)?.resume(&cursor)?;
+                    let batcher =
+                        loader_part(Batcher::new(rows, config)?, &grid)?.resume(&cursor)?;
                     Batches::Loader(Prefetcher::new(batcher))
                 }
                 _ => {
@@ -748,7 +817,7 @@ impl Run {
                 }
             };
             let mut trainers = trainers;
-            for trainer in &mut trainers {
+            for trainer in trainers.iter_mut().filter(|_| grid.shards == 1) {
                 trainer.set_collective(Box::new(collective.clone()))?;
             }
             Ok((batches, trainers))
@@ -789,7 +858,7 @@ impl Run {
             state.scale,
             notes,
             lock,
-            collective,
+            grid,
         );
         run.step = state.step;
         run.checkpointed = Some(state.step);
@@ -807,7 +876,7 @@ impl Run {
         scale: f32,
         notes: Vec<String>,
         lock: Option<RunLock>,
-        collective: Arc<dyn Collective>,
+        grid: Grid,
     ) -> Run {
         let eval_rows = opened.eval_rows;
         let data = DataSummary {
@@ -829,7 +898,8 @@ impl Run {
             notes,
             device: crate::backend::Device::Cpu,
             data,
-            collective,
+            collective: grid.world.clone(),
+            grid,
             _lock: lock,
         }
     }
@@ -911,11 +981,11 @@ impl Run {
                 agree(c, saved, false)?;
                 return Ok(Outcome::Interrupted { step: self.step });
             }
-            let part = crate::dist::part(schedule.batch_size, c.rank(), c.world_size());
+            let part = batch_part(schedule.batch_size, &self.grid);
             let fetched = match &mut self.batches {
                 Batches::Synthetic(synth) => {
                     let whole = synth.batch(schedule.batch_size, self.step);
-                    Ok(Batch::Owned(if c.world_size() == 1 {
+                    Ok(Batch::Owned(if self.grid.groups() == 1 {
                         whole
                     } else {
                         whole.slice(ndarray::s![part, ..]).to_owned()
@@ -976,6 +1046,12 @@ impl Run {
                 "skipped {skipped_rows} non-finite rows (counted each time a batch drew one)"
             ));
         }
+        if self.grid.shards > 1 {
+            observer.note(&format!(
+                "the SAEs are sharded over {} processes: evaluate them with `sae eval`",
+                self.grid.shards
+            ));
+        }
         // Each trainer gives up its SAE here: its moments, gradients and step buffers are
         // freed before the evaluation allocates its own.
         let mut saved = Vec::with_capacity(self.members.len());
@@ -997,7 +1073,7 @@ impl Run {
                 skipped_rows,
                 seconds,
             };
-            match self.finish(sae, summary, stop)? {
+            match self.finish(sae.as_ref(), summary, stop)? {
                 Some(summary) => summaries.push(summary),
                 None => {
                     return Ok(Outcome::Unevaluated {
@@ -1033,7 +1109,7 @@ impl Run {
         let collective = self.collective.clone();
         let c = &*collective;
         let batch_size = self.run.schedule.batch_size;
-        let part = crate::dist::part(batch_size, c.rank(), c.world_size());
+        let part = batch_part(batch_size, &self.grid);
         let mut rows = Vec::new();
         for i in 0..CALIBRATION_ROWS.div_ceil(batch_size) as u64 {
             let fetched = match &mut self.batches {
@@ -1091,26 +1167,38 @@ impl Run {
 
     /// Training rows skipped for holding NaN or ±Inf, over every process.
     fn skipped_rows(&self) -> u64 {
+        // The shards of a group read the same rows: the first counts them.
         let mut skipped = [match &self.batches {
-            Batches::Loader(loader) => loader.skipped_rows(),
-            Batches::Synthetic(_) => 0,
+            Batches::Loader(loader) if self.grid.shard == 0 => loader.skipped_rows(),
+            _ => 0,
         }];
         self.collective.all_reduce_sum_u64(&mut skipped);
         skipped[0]
     }
 
-    /// Saves one trained SAE, the input scale folded in.
-    fn save(&self, mut trainer: Trainer, threshold: Option<f32>, dir: &Path) -> Result<crate::Sae> {
+    /// Saves one trained SAE, the input scale folded in: every process calls it. Returns the
+    /// SAE to evaluate, or (latent shards) `None`.
+    fn save(
+        &self,
+        mut trainer: Trainer,
+        threshold: Option<f32>,
+        dir: &Path,
+    ) -> Result<Option<crate::Sae>> {
         trainer.sync()?;
+        let global = trainer.global_config();
         let mut sae = trainer.into_sae();
         if threshold.is_some() {
             sae.threshold = threshold;
         }
         sae.fold_input_scale(self.scale)?;
-        if self.collective.rank() != 0 {
-            return Ok(sae);
-        }
-        sae.save(dir).map_err(|err| Error::RunDir {
+        let saved = if self.grid.shards > 1 {
+            sae.save_shard(dir, &global, &self.grid)
+        } else if self.collective.rank() == 0 {
+            sae.save(dir)
+        } else {
+            Ok(())
+        };
+        saved.map_err(|err| Error::RunDir {
             path: self.dir.clone(),
             reason: format!(
                 "saving the trained SAE failed ({err}); the trained state is in the checkpoint \
@@ -1120,21 +1208,21 @@ impl Run {
                 self.dir.display()
             ),
         })?;
-        Ok(sae)
+        Ok((self.grid.shards == 1).then_some(sae))
     }
 
-    /// Evaluates one saved SAE; `None` when `stop` ended the evaluation. Across
+    /// Evaluates one saved SAE (none: a latent shard's, which `sae eval` evaluates whole); `None` when `stop` ended the evaluation. Across
     /// processes each evaluates its part of the held-out rows; rank 0 writes the results.
     fn finish(
         &self,
-        sae: &crate::Sae,
+        sae: Option<&crate::Sae>,
         mut summary: Summary,
         stop: &AtomicBool,
     ) -> Result<Option<Summary>> {
         let c = &*self.collective;
         let schedule = &self.run.schedule;
         let skip = self.run.spec.data.skip_non_finite;
-        if let Some(rows) = &self.eval_rows {
+        if let (Some(rows), Some(sae)) = (&self.eval_rows, sae) {
             let batch = schedule.batch_size;
             match evaluate_on_until_across(sae, self.device, &**rows, batch, skip, stop, c)? {
                 Some(eval) => summary.eval = Some(eval),
@@ -1143,7 +1231,7 @@ impl Run {
         }
         let written = if c.rank() == 0 {
             (|| -> Result<()> {
-                if let Batches::Synthetic(synth) = &self.batches {
+                if let (Batches::Synthetic(synth), Some(sae)) = (&self.batches, sae) {
                     // On the held-out rows: the firing scores need their ground truth.
                     let scored = score(sae, self.device, synth, SYNTH_EVAL_ROWS, u64::MAX)?;
                     summary.recovery = Some(scored);
@@ -1171,13 +1259,16 @@ impl Run {
         for member in &mut self.members {
             member.trainer.sync()?;
         }
-        if let Some(i) = self
+        // Each latent shard checks its own parameters; all learn of any one's divergence.
+        let finite = match self
             .members
             .iter()
             .position(|m| !finite_sae(m.trainer.sae()))
         {
-            return Err(self.diverged(i, "a parameter is not finite"));
-        }
+            Some(i) => Err(self.diverged(i, "a parameter is not finite")),
+            None => Ok(()),
+        };
+        agree(&*self.collective, finite, false)?;
         let skipped_rows = self.skipped_rows();
         let state = RunState {
             step: self.step,
@@ -1196,17 +1287,16 @@ impl Run {
             .iter()
             .map(|m| (m.name.as_str(), &m.trainer))
             .collect();
-        if self.collective.rank() != 0 {
-            return Ok(());
-        }
         // A failed save leaves the previous checkpoint whole (see `checkpoint`).
-        checkpoint::save(&self.dir, &state, &trainers).map_err(|err| Error::RunDir {
-            path: self.dir.clone(),
-            reason: format!(
-                "writing the checkpoint of step {} failed ({err}); {}",
-                self.step,
-                self.left_behind()
-            ),
+        checkpoint::save(&self.dir, &state, &trainers, &self.grid).map_err(|err| {
+            Error::RunDir {
+                path: self.dir.clone(),
+                reason: format!(
+                    "writing the checkpoint of step {} failed ({err}); {}",
+                    self.step,
+                    self.left_behind()
+                ),
+            }
         })?;
         self.checkpointed = Some(self.step);
         Ok(())

@@ -169,15 +169,21 @@ impl Trainer {
         {
             return Err(Error::Distributed {
                 reason: format!(
-                    "shard {} of {} holds {} latents of width {}, not latents {rows:?} of the                      {}-latent, width-{} dictionary",
-                    grid.shard, grid.shards, local.dict_size, local.d_model, global.dict_size,
+                    "shard {} of {} holds {} latents of width {}, not latents {rows:?} of the \
+                     {}-latent, width-{} dictionary",
+                    grid.shard,
+                    grid.shards,
+                    local.dict_size,
+                    local.d_model,
+                    global.dict_size,
                     global.d_model
                 ),
             });
         }
         if config.resample_every.is_some() && grid.shards > 1 {
             return Err(Error::Distributed {
-                reason: "resampling dead latents (--resample) is not available with                          --latent-shards above 1; drop one of them"
+                reason: "resampling dead latents (--resample) is not available with \
+                     --latent-shards above 1; drop one of them"
                     .into(),
             });
         }
@@ -331,6 +337,15 @@ impl Trainer {
     pub fn sae(&self) -> &Sae {
         &self.state.sae
     }
+
+    /// The whole dictionary's configuration: the SAE's own, or, for a latent shard (see
+    /// [`Trainer::sharded`]), that of the dictionary it is part of.
+    pub fn global_config(&self) -> SaeConfig {
+        self.sharding
+            .as_ref()
+            .map_or(*self.state.sae.config(), |s| s.global)
+    }
+
     /// Ends training, returning the SAE (on a GPU, as of the last [`Trainer::sync`]).
     pub fn into_sae(self) -> Sae {
         self.state.sae
@@ -572,6 +587,22 @@ impl Trainer {
     /// the trainer that produced `state` would have taken, given the same `config` and
     /// batches. Fails if `config` does not fit the SAE or the state's arrays are misshapen.
     pub fn from_state(state: TrainerState, config: TrainConfig) -> Result<Trainer> {
+        Trainer::resumed(state, |sae| Trainer::new(sae, config))
+    }
+
+    /// [`Trainer::from_state`] for one latent shard (see [`Trainer::sharded`]): `state` is this
+    /// shard's, as a checkpoint of any shard count gives it back for these latents.
+    pub fn sharded_from_state(
+        state: TrainerState,
+        global: SaeConfig,
+        config: TrainConfig,
+        grid: &crate::dist::Grid,
+    ) -> Result<Trainer> {
+        Trainer::resumed(state, |sae| Trainer::sharded(sae, global, config, grid))
+    }
+
+    /// The trainer `build` makes of `state`'s SAE, carrying on from the rest of `state`.
+    fn resumed(state: TrainerState, build: impl FnOnce(Sae) -> Result<Trainer>) -> Result<Trainer> {
         state.validate()?;
         let TrainerState {
             sae,
@@ -581,7 +612,7 @@ impl Trainer {
             step,
             tokens_since_fired_f,
         } = state;
-        let mut trainer = Trainer::new(sae, config)?;
+        let mut trainer = build(sae)?;
         trainer.state.adam.m = adam_m;
         trainer.state.adam.v = adam_v;
         trainer.state.adam.t = adam_t;
