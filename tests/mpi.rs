@@ -270,27 +270,31 @@ fn two_and_three_ranks_train_what_one_process_trains_and_repeat_bit_for_bit() {
 /// Starts a 2-rank run of `steps` steps checkpointing every step and stops it with SIGINT to
 /// mpirun once its first checkpoint is on disk; returns the run directory.
 fn interrupted_run(dir: &Path, config: &Path, steps: &str) -> PathBuf {
+    interrupted_on(2, &[], dir, config, steps)
+}
+
+/// [`interrupted_run`] on `np` ranks, with `extra` arguments.
+fn interrupted_on(np: usize, extra: &[&str], dir: &Path, config: &Path, steps: &str) -> PathBuf {
     let run = dir.join("interrupted");
-    let mut child = mpirun(
-        2,
-        &[
-            "train",
-            "--config",
-            &s(config),
-            "--out",
-            &s(&run),
-            "--threads",
-            "1",
-            "--steps",
-            steps,
-            "--checkpoint-every",
-            "1",
-        ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut args = vec![
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--steps",
+        steps,
+        "--checkpoint-every",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    let mut child = mpirun(np, &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let start = Instant::now();
     while !run.join("checkpoint").join("run.json").exists() {
         assert!(
@@ -664,4 +668,112 @@ fn rank_pid(run: &str, rank: usize) -> Option<i32> {
         }
     }
     None
+}
+
+#[test]
+fn latent_shards_on_two_and_four_ranks_train_what_one_process_trains_and_save_one_sae() {
+    let _job = JOBS.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("mpi-latent-shards");
+    let data = shards(&dir, None);
+    let config = sweep_config(&dir, &data, 30, false);
+    let train = |np: usize, name: &str| {
+        let out_dir = dir.join(name);
+        let args = [
+            "train",
+            "--config",
+            &s(&config),
+            "--out",
+            &s(&out_dir),
+            "--threads",
+            "1",
+            "--latent-shards",
+            if np == 1 { "1" } else { "2" },
+        ];
+        let out = if np == 1 {
+            sae(&args)
+        } else {
+            run_np(np, &args)
+        };
+        let stdout = ok(&out);
+        assert_eq!(stdout.matches("run directory:").count(), 1, "{stdout}");
+        out_dir
+    };
+    let one = train(1, "one");
+    // One group of two shards; two groups of two.
+    let two = train(2, "two");
+    let four = train(4, "four");
+    let four_again = train(4, "four-again");
+    assert_runs_close(&two, &one, 1e-5);
+    assert_runs_close(&four, &one, 1e-5);
+    assert_runs_identical(&four, &four_again);
+    // The sliced save is an SAE directory like any other: evaluated and exported whole.
+    let topk = s(&two.join("topk"));
+    let stdout = ok(&sae(&["eval", &topk, "--data", &s(&data[0])]));
+    assert!(stdout.contains("fve"), "{stdout}");
+    let export = dir.join("export");
+    ok(&sae(&[
+        "export",
+        &topk,
+        "--format",
+        "saelens",
+        "--out",
+        &s(&export),
+    ]));
+    assert!(export.join("sae_weights.safetensors").is_file());
+    // A shard count that does not divide the ranks is one clear error, exit status 2.
+    let out = run_np(
+        2,
+        &[
+            "train",
+            "--config",
+            &s(&config),
+            "--out",
+            &s(&dir.join("bad")),
+            "--latent-shards",
+            "3",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--latent-shards 3"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_sharded_run_interrupted_on_four_ranks_resumes_sharded_or_alone_to_the_one_process_result() {
+    let _job = JOBS.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("mpi-latent-resume");
+    let config = sweep_config(&dir, &shards(&dir, None), 200, false);
+    let whole = dir.join("whole");
+    ok(&sae(&[
+        "train",
+        "--config",
+        &s(&config),
+        "--out",
+        &s(&whole),
+        "--threads",
+        "1",
+    ]));
+    let interrupted = interrupted_on(4, &["--latent-shards", "2"], &dir, &config, "200");
+    for (np, shards) in [(2, "2"), (1, "1")] {
+        let resumed = dir.join(format!("resumed-{np}"));
+        copy_dir(&interrupted, &resumed);
+        let args = [
+            "train",
+            "--resume",
+            &s(&resumed),
+            "--threads",
+            "1",
+            "--latent-shards",
+            shards,
+        ];
+        ok(&if np == 1 {
+            sae(&args)
+        } else {
+            run_np(np, &args)
+        });
+        assert_runs_close(&resumed, &whole, 1e-5);
+    }
 }
