@@ -1,7 +1,8 @@
 //! `sae bench` under mpirun: each of 2 ranks steps half of the same global batch, rank 0 alone
 //! prints, every rank's collectives are reported (the exchange at least F·D·4
 //! bytes per rank per step), and a batch that does not split or `--data` stops every rank with
-//! one line.
+//! one line; with `--latent-shards 2` the two ranks split the latents instead and send only
+//! batch-sized tensors.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -99,6 +100,42 @@ fn two_ranks_report_once_with_every_ranks_collectives() {
         table.matches("\n  1 ").count(),
         1,
         "a row for rank 1:\n{table}"
+    );
+}
+
+#[test]
+fn latent_shards_split_the_gemm_and_send_only_batch_sized_tensors() {
+    // F large against B: a shard's F/2·D rows outweigh everything batch-sized.
+    let mut args = with(&["--latent-shards", "2", "--json"]);
+    args[4] = "1024"; // --f
+    let out = ok(&mpirun(&args));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["latent_shards"], 2, "{v}");
+    // One group: both ranks step the whole batch, each over half the latents.
+    assert_eq!(v["local_rows"], 64);
+    assert_eq!(
+        (v["gemm_rows"].as_u64(), v["gemm_latents"].as_u64()),
+        (Some(64), Some(512))
+    );
+    // The selection is the whole dictionary's: k codes in every row.
+    assert_eq!(v["l0"], 4.0);
+    for r in v["per_rank"].as_array().unwrap() {
+        let sent = r["bytes_sent_per_step"].as_f64().unwrap();
+        // At least the partial x̂ (B·D·4 bytes); less than one shard's W_dec rows.
+        assert!(sent >= (64 * 16 * 4) as f64, "{r}");
+        assert!(sent < (512 * 16 * 4) as f64, "{r}");
+    }
+
+    let table = ok(&mpirun(&with(&["--latent-shards", "2"])));
+    assert!(
+        table.contains("2 ranks (one group of 2 latent shards, 32 latents a rank), 64 rows each"),
+        "{table}"
+    );
+    assert!(table.contains("(64x16)·(16x32)"), "{table}");
+
+    refused(
+        &mpirun(&with(&["--latent-shards", "3"])),
+        &["--latent-shards 3", "2 ranks"],
     );
 }
 

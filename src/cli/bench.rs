@@ -34,7 +34,7 @@ use serde_json::json;
 use sparse_autoencoder::arch::ArchName;
 use sparse_autoencoder::backend::{huge_copy, zeros_huge, Backend, Cpu, Device};
 use sparse_autoencoder::data::{Batcher, LoaderConfig, NpyShards, Prefetcher};
-use sparse_autoencoder::dist::{agree, part, Collective, Traffic, World};
+use sparse_autoencoder::dist::{agree, part, Collective, Grid, Traffic, World};
 use sparse_autoencoder::memory::{self, Estimate, Knob};
 use sparse_autoencoder::{PhaseTimes, Sae, SaeConfig, TrainConfig, Trainer};
 
@@ -64,6 +64,10 @@ pub struct BenchArgs {
     /// [default: all cores].
     #[arg(long, value_parser = at_least_one, allow_negative_numbers = true)]
     threads: Option<usize>,
+    /// Under mpirun: shard the latents over groups of this many ranks (as `sae train
+    /// --latent-shards`); each group steps its part of the batch, each rank its F/S latents.
+    #[arg(long, value_name = "S", default_value_t = 1, value_parser = at_least_one, allow_negative_numbers = true)]
+    latent_shards: usize,
     /// Measured rounds; each figure is the median over them.
     #[arg(long, default_value_t = 5, value_parser = at_least_one, allow_negative_numbers = true)]
     steps: usize,
@@ -104,6 +108,7 @@ pub fn run(args: BenchArgs, world: &World) -> Result<Option<u8>> {
         threads,
         x_bd,
         rows,
+        latents,
         mut gemm,
         mut trainer,
         backend,
@@ -172,12 +177,14 @@ pub fn run(args: BenchArgs, world: &World) -> Result<Option<u8>> {
     drop(data);
 
     let mut report = Report::new(&args, device, threads, backend, &m);
+    report.gemm_shape = (rows.len(), latents);
     if collective.world_size() > 1 {
         // Each rank's own medians, for the balance between them.
         let mine = RankFigures::of(&m);
         let all = collective.gather_bytes(0, &mine.to_bytes());
         report.ranks = Some(RanksReport {
             size: collective.world_size(),
+            latent_shards: args.latent_shards,
             local_rows: rows.len(),
             figures: all.iter().map(|b| RankFigures::from_bytes(b)).collect(),
         });
@@ -200,6 +207,8 @@ struct Setup {
     x_bd: Array2<f32>,
     /// This rank's rows of it.
     rows: std::ops::Range<usize>,
+    /// This rank's latents (all F unless `--latent-shards` splits them).
+    latents: usize,
     gemm: EncoderGemm,
     trainer: Trainer,
     backend: String,
@@ -208,8 +217,21 @@ struct Setup {
 
 impl Setup {
     fn new(args: &BenchArgs, collective: &Arc<dyn Collective>) -> Result<Self> {
-        let (rank, size) = (collective.rank(), collective.world_size());
         let device = args.device.device()?;
+        let exchanges = Arc::new(ExchangeTimes::default());
+        let timed: Arc<dyn Collective> = Arc::new(TimedExchanges {
+            inner: collective.clone(),
+            times: exchanges.clone(),
+        });
+        let grid = Grid::new(timed, args.latent_shards)?;
+        if grid.shards > 1 && device != Device::Cpu {
+            return Err(UsageError(
+                "--latent-shards above 1 runs on the CPU only; drop --device".into(),
+            )
+            .into());
+        }
+        // The groups split the batch; a group's shards split the latents.
+        let (rank, size) = (grid.group(), grid.groups());
         if args.k > args.f {
             return Err(UsageError(format!(
                 "invalid --k: {} is more than the {} latents of --f",
@@ -217,7 +239,7 @@ impl Setup {
             ))
             .into());
         }
-        if size > 1 {
+        if collective.world_size() > 1 {
             if args.data {
                 return Err(UsageError(
                     "--data is not supported by a distributed `sae bench`: run it without \
@@ -228,11 +250,18 @@ impl Setup {
             }
             if args.batch % size != 0 {
                 return Err(sparse_autoencoder::Error::Distributed {
-                    reason: format!(
-                        "--batch {} does not split evenly over {size} ranks: use a multiple of \
-                         {size}",
-                        args.batch
-                    ),
+                    reason: match args.latent_shards {
+                        1 => format!(
+                            "--batch {} does not split evenly over {size} ranks: use a multiple \
+                             of {size}",
+                            args.batch
+                        ),
+                        s => format!(
+                            "--batch {} does not split evenly over the {size} groups of \
+                             --latent-shards {s}: use a multiple of {size}",
+                            args.batch
+                        ),
+                    },
                 }
                 .into());
             }
@@ -247,9 +276,16 @@ impl Setup {
         sae_config
             .validate()
             .map_err(|err| UsageError(format!("invalid --f: {err}")))?;
+        let latents = part(args.f, grid.shard, grid.shards);
+        let latents_len = latents.len();
+        let shard_config = SaeConfig {
+            dict_size: latents.len(),
+            ..sae_config
+        };
         // The whole global batch is built on every rank (and, for relu, its pre-activations):
         // estimated at B rows, a bound on each rank's need.
-        let estimate = Estimate::bench(&sae_config, args.batch, args.data.then_some(DATA_BATCHES));
+        let estimate =
+            Estimate::bench(&shard_config, args.batch, args.data.then_some(DATA_BATCHES));
         memory::check(&estimate, args.max_memory).map_err(|err| {
             let option = |knob| match knob {
                 Knob::BatchSize => "--batch".to_string(),
@@ -275,20 +311,24 @@ impl Setup {
             Array2::from_shape_vec((args.batch, args.d), rows(args.batch, args.d, 0).collect())
                 .expect("B·D values");
         let local = part(args.batch, rank, size);
-        let mut sae = Sae::new(sae_config, 0).map_err(usage)?;
+        let mut sae = Sae::new_shard(sae_config, 0, latents).map_err(usage)?;
         if args.arch == ArchName::Relu {
             sae = relu_with_density(sae, x_bd.view(), args.k)?;
         }
         // The bare GEMM gets the huge-page memory the trainer's buffers get, so the ratio
         // compares like with like; it runs on this rank's rows, as the trainer's does.
         let gemm = EncoderGemm::new(device, &sae, x_bd.slice(s![local.clone(), ..]))?;
-        let exchanges = Arc::new(ExchangeTimes::default());
-        let timed = TimedExchanges {
-            inner: collective.clone(),
-            times: exchanges.clone(),
-        };
-        let trainer = Trainer::with_parts(sae, train_config, Box::new(Cpu), Box::new(timed))
-            .map_err(usage)?;
+        let trainer = if grid.shards > 1 {
+            Trainer::sharded(sae, sae_config, train_config, &grid)
+        } else {
+            Trainer::with_parts(
+                sae,
+                train_config,
+                Box::new(Cpu),
+                Box::new(grid.world.clone()),
+            )
+        }
+        .map_err(usage)?;
         let trainer = trainer.to_device(device).map_err(usage)?;
         let backend = match device {
             Device::Cpu => Cpu.name().to_string(),
@@ -303,6 +343,7 @@ impl Setup {
             threads,
             x_bd,
             rows: local,
+            latents: latents_len,
             gemm,
             trainer,
             backend,
@@ -623,6 +664,8 @@ impl RankFigures {
 /// The processes of a distributed bench.
 struct RanksReport {
     size: usize,
+    /// Ranks that split one group's latents (`--latent-shards`).
+    latent_shards: usize,
     /// Rows of the global batch each rank steps.
     local_rows: usize,
     /// Every rank's figures, in rank order.
@@ -674,6 +717,8 @@ struct Report {
     steps: usize,
     warmup: usize,
     gemm_ms: f64,
+    /// The rows and latents of this rank's GEMM (B and F in one process).
+    gemm_shape: (usize, usize),
     step_ms: f64,
     /// Median active codes per row.
     l0: f64,
@@ -719,6 +764,7 @@ impl Report {
             steps: args.steps,
             warmup: args.warmup,
             gemm_ms: median_ms(m.gemm.iter().copied()),
+            gemm_shape: (args.batch, args.f),
             step_ms: median_ms(m.step.iter().copied()),
             l0: {
                 let mut l0 = m.l0.clone();
@@ -748,9 +794,10 @@ impl Report {
         self.batch as f64 / (step_ms / 1e3)
     }
 
-    /// GEMM throughput: 2·B·D·F flops.
+    /// GEMM throughput: 2·B·D·F flops, at this rank's rows and latents.
     fn gemm_gflops(&self) -> f64 {
-        2.0 * self.batch as f64 * self.d as f64 * self.f as f64 / (self.gemm_ms / 1e3) / 1e9
+        let (rows, latents) = self.gemm_shape;
+        2.0 * rows as f64 * self.d as f64 * latents as f64 / (self.gemm_ms / 1e3) / 1e9
     }
 
     fn json(&self) -> serde_json::Value {
@@ -778,6 +825,9 @@ impl Report {
             "phases_ms": phases,
             "other_ms": self.other_ms,
             "ranks": self.ranks.as_ref().map_or(1, |r| r.size),
+            "latent_shards": self.ranks.as_ref().map_or(1, |r| r.latent_shards),
+            "gemm_rows": self.gemm_shape.0,
+            "gemm_latents": self.gemm_shape.1,
             "local_rows": self.ranks.as_ref().map_or(self.batch, |r| r.local_rows),
             "collective_ms": self.collectives.collective_ms,
             "exchange_ms": self.collectives.exchange_ms,
@@ -813,9 +863,10 @@ impl Report {
         ));
         line(String::new());
         line(format!("{:<34} {:>10}  {:>6}", "", "ms", "share"));
+        let (rows, latents) = self.gemm_shape;
         line(format!(
             "{:<34} {:>10.3}  {:>6}   {:.1} GFLOP/s",
-            "encoder GEMM (BxD)·(DxF)",
+            format!("encoder GEMM ({rows}x{})·({}x{latents})", self.d, self.d),
             self.gemm_ms,
             "",
             self.gemm_gflops()
@@ -861,10 +912,21 @@ impl Report {
         ));
         if let Some(ranks) = &self.ranks {
             line(String::new());
+            let layout = match ranks.latent_shards {
+                1 => format!("{} ranks", ranks.size),
+                s => format!(
+                    "{} ranks ({} of {s} latent shards, {latents} latents a rank)",
+                    ranks.size,
+                    match ranks.size / s {
+                        1 => "one group".to_string(),
+                        g => format!("{g} groups"),
+                    },
+                ),
+            };
             line(format!(
-                "{} ranks, {} rows each (medians per step; collectives include waiting for the \
+                "{layout}, {} rows each (medians per step; collectives include waiting for the \
                  other ranks):",
-                ranks.size, ranks.local_rows
+                ranks.local_rows
             ));
             line(format!(
                 "  {:<6} {:>10} {:>12} {:>12} {:>10} {:>14} {:>6}",
@@ -883,8 +945,9 @@ impl Report {
                 ));
             }
             line(
-                "  (phases above are rank 0's; exch.: gradients or parameters exchanged, \
-                 in its backward and update)"
+                "  (phases above are rank 0's; exch.: its f32 sums and gathers: gradients or \
+                 parameters in backward and update, and with latent shards the partial x̂ \
+                 summed)"
                     .to_string(),
             );
         }

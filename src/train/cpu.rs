@@ -357,10 +357,9 @@ impl Phases for CpuStep {
         // JumpReLU's thresholds and Matryoshka's upstream blocks are not gathered: their
         // distributed steps sum each process's gradients, preparing rows after the sum.
         let blocks = step.prefixes.len();
-        // Sharded steps too: their groups' rows are not gathered (a group holds its rows'
-        // whole codes only for its own latents), so the gradients are summed across groups.
-        let sums_across =
-            step.distributed() && (args.jump.is_some() || blocks > 1 || step.sharded());
+        // Sharded steps gather across groups too: each group holds its rows' codes on this
+        // shard's latents, which is all this shard's backward pass reads.
+        let sums_across = step.distributed() && (args.jump.is_some() || blocks > 1);
         let fuse = !(self.dense || args.capture || sums_across);
         let gather = fuse && step.distributed();
         if let Some(jump) = args.jump {
@@ -456,13 +455,14 @@ impl Phases for CpuStep {
     fn grad_norm(&mut self, state: &State, step: &Step<'_>) -> Result<f64> {
         let prep = self.args().prep;
         Ok(if self.gathered_batch {
-            // Rows and b_enc entries are each held by one process; b_dec by all.
+            // Rows and b_enc entries are each held by one process of the world (its part of
+            // its shard's latents); b_dec by all.
             let own = step.shard.latents();
             let rows = &self.buf.scratch.row_sq_f[own.clone()];
             let b_enc = &self.grads.tensors.b_enc_f.as_slice().expect("contiguous")[own];
             let mut parts = [rows.iter().sum::<f64>() + sq(b_enc)];
             if prep.want_norm {
-                step.collective.all_reduce_sum_f64(&mut parts);
+                step.world.all_reduce_sum_f64(&mut parts);
             }
             (parts[0] + sq(self.grads.tensors.b_dec_d.as_slice().expect("contiguous"))).sqrt()
         } else if step.sharded() {

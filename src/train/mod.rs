@@ -153,7 +153,9 @@ impl Trainer {
     /// step is the single-process step on the same global batch, up to float rounding: the
     /// selection is exactly that one process would make, x̂ and b_dec's gradient are summed
     /// over the group, the gradient norm is the whole dictionary's. Only batch-sized tensors
-    /// cross within a group, and F/S·D-sized gradients across groups. Resampling is refused.
+    /// cross within a group; across groups, each shard's ranks exchange as data parallelism
+    /// does over F/S latents (the batch's rows and their updated rows, or, for JumpReLU,
+    /// Matryoshka and ReLU's dense path, their gradients). Resampling is refused.
     pub fn sharded(
         shard: Sae,
         global: SaeConfig,
