@@ -60,9 +60,9 @@ impl Estimate {
                 ])),
             );
         }
-        // A checkpoint copies one trainer's state (parameters, m, v: 24 bytes per weight) and
-        // then serialises it into a buffer of the same size.
-        e.add("checkpoint copy", Knob::DictSize, mul(&[48, largest_fd]));
+        // A checkpoint copies one trainer's state (parameters, m, v: 24 bytes per weight);
+        // the sliced writer writes the file from that copy in place (`io::write_sliced`).
+        e.add("checkpoint copy", Knob::DictSize, mul(&[24, largest_fd]));
         let b_d = mul(&[4, u(batch), d]);
         match train_rows {
             Some(rows) => {
@@ -238,7 +238,7 @@ mod tests {
             part(&e, "parameters, Adam moments and gradients"),
             4 * params + 29 * f
         );
-        assert_eq!(part(&e, "checkpoint copy"), 48 * f * d);
+        assert_eq!(part(&e, "checkpoint copy"), 24 * f * d);
         assert_eq!(part(&e, "B×D step buffers"), 20 * b * d);
         let codes = 24 * (b * k + b * (d / 2)) + 32 * (b + f);
         assert_eq!(part(&e, "B×F step buffers"), 4 * b * f + codes);
