@@ -43,6 +43,29 @@ fn run_np(np: usize, args: &[&str]) -> Output {
     mpirun(np, args).output().expect("run mpirun")
 }
 
+/// `sae args` in one process (no launcher) or as `np` MPI processes.
+fn on_ranks(np: usize, args: &[&str]) -> Output {
+    match np {
+        1 => sae(args),
+        _ => run_np(np, args),
+    }
+}
+
+/// `sae train --config config --out out_dir --threads 1 extra` on `np` ranks.
+fn train_on(np: usize, config: &Path, out_dir: &Path, extra: &[&str]) -> Output {
+    let (config, out_dir) = (s(config), s(out_dir));
+    let args = [
+        "train",
+        "--config",
+        &config,
+        "--out",
+        &out_dir,
+        "--threads",
+        "1",
+    ];
+    on_ranks(np, &[&args[..], extra].concat())
+}
+
 fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
 }
@@ -218,20 +241,7 @@ fn two_and_three_ranks_train_what_one_process_trains_and_repeat_bit_for_bit() {
     let config = sweep_config(&dir, &shards(&dir, None), 30, false);
     let train = |np: usize, name: &str| {
         let out_dir = dir.join(name);
-        let args = [
-            "train",
-            "--config",
-            &s(&config),
-            "--out",
-            &s(&out_dir),
-            "--threads",
-            "1",
-        ];
-        let out = if np == 1 {
-            sae(&args)
-        } else {
-            run_np(np, &args)
-        };
+        let out = train_on(np, &config, &out_dir, &[]);
         let stdout = ok(&out);
         // Rank 0 alone reports: one summary per SAE, once.
         assert_eq!(stdout.matches("run directory:").count(), 1, "{stdout}");
@@ -380,30 +390,13 @@ fn a_run_interrupted_on_two_ranks_resumes_on_two_three_or_one_to_the_uninterrupt
     let config = sweep_config(&dir, &shards(&dir, Some(20)), 300, true);
     let steps = "300";
     let whole = dir.join("whole");
-    let whole_out = ok(&run_np(
-        2,
-        &[
-            "train",
-            "--config",
-            &s(&config),
-            "--out",
-            &s(&whole),
-            "--threads",
-            "1",
-            "--steps",
-            steps,
-        ],
-    ));
+    let whole_out = ok(&train_on(2, &config, &whole, &["--steps", steps]));
     let interrupted = interrupted_run(&dir, &config, steps);
     for np in [2, 3, 1] {
         let resumed = dir.join(format!("resumed-{np}"));
         copy_dir(&interrupted, &resumed);
         let args = ["train", "--resume", &s(&resumed), "--threads", "1"];
-        let out = if np == 1 {
-            sae(&args)
-        } else {
-            run_np(np, &args)
-        };
+        let out = on_ranks(np, &args);
         assert_eq!(
             skipped_note(&ok(&out)),
             skipped_note(&whole_out),
@@ -678,23 +671,13 @@ fn latent_shards_on_two_and_four_ranks_train_what_one_process_trains_and_save_on
     let config = sweep_config(&dir, &data, 30, false);
     let train = |np: usize, name: &str| {
         let out_dir = dir.join(name);
-        let args = [
-            "train",
-            "--config",
-            &s(&config),
-            "--out",
-            &s(&out_dir),
-            "--threads",
-            "1",
-            "--latent-shards",
-            if np == 1 { "1" } else { "2" },
-        ];
-        let out = if np == 1 {
-            sae(&args)
-        } else {
-            run_np(np, &args)
-        };
-        let stdout = ok(&out);
+        let shards = if np == 1 { "1" } else { "2" };
+        let stdout = ok(&train_on(
+            np,
+            &config,
+            &out_dir,
+            &["--latent-shards", shards],
+        ));
         assert_eq!(stdout.matches("run directory:").count(), 1, "{stdout}");
         out_dir
     };
@@ -747,15 +730,7 @@ fn a_sharded_run_interrupted_on_four_ranks_resumes_sharded_or_alone_to_the_one_p
     let dir = temp_dir("mpi-latent-resume");
     let config = sweep_config(&dir, &shards(&dir, None), 200, false);
     let whole = dir.join("whole");
-    ok(&sae(&[
-        "train",
-        "--config",
-        &s(&config),
-        "--out",
-        &s(&whole),
-        "--threads",
-        "1",
-    ]));
+    ok(&train_on(1, &config, &whole, &[]));
     let interrupted = interrupted_on(4, &["--latent-shards", "2"], &dir, &config, "200");
     for (np, shards) in [(2, "2"), (1, "1")] {
         let resumed = dir.join(format!("resumed-{np}"));
@@ -769,11 +744,7 @@ fn a_sharded_run_interrupted_on_four_ranks_resumes_sharded_or_alone_to_the_one_p
             "--latent-shards",
             shards,
         ];
-        ok(&if np == 1 {
-            sae(&args)
-        } else {
-            run_np(np, &args)
-        });
+        ok(&on_ranks(np, &args));
         assert_runs_close(&resumed, &whole, 1e-5);
     }
 }
