@@ -7,7 +7,7 @@ use ndarray::{Array2, ArrayView2};
 use crate::arch::Selection;
 use crate::backend::cuda_select::DeviceEncoder;
 use crate::backend::{sparse, Backend, Device};
-use crate::dist::SingleProcess;
+use crate::dist::{Collective, SingleProcess};
 use crate::error::{Error, Result};
 use crate::sae::Sae;
 use crate::select::{select_into, Codes, Selector};
@@ -17,6 +17,21 @@ impl Sae {
     /// the k largest per row, BatchTopK those above θ (or, before θ is learned, the k·B largest
     /// of this batch, the training rule).
     pub fn encode(&self, backend: &dyn Backend, x_bd: ArrayView2<'_, f32>) -> Result<Codes> {
+        self.encode_shard(backend, x_bd, 0, &SingleProcess)
+    }
+
+    /// [`Sae::encode`] by a latent shard of a dictionary (see [`Sae::load_shard`]): this SAE
+    /// holds latents `offset..`, the other processes of `latent` the rest of the same rows,
+    /// and the codes are this shard's entries (local indices) of those one process holding
+    /// the whole SAE would choose: TopK exchanges each shard's candidates, BatchTopK without
+    /// θ cuts the batch across the shards, the other rules need nothing of the others.
+    pub(crate) fn encode_shard(
+        &self,
+        backend: &dyn Backend,
+        x_bd: ArrayView2<'_, f32>,
+        offset: usize,
+        latent: &dyn Collective,
+    ) -> Result<Codes> {
         self.check_batch(x_bd)?;
         let (mut xc_bd, mut gemm_bf) = (Array2::zeros((0, 0)), Array2::zeros((0, 0)));
         self.pre_activations_into(backend, x_bd, &mut xc_bd, &mut gemm_bf);
@@ -24,8 +39,16 @@ impl Sae {
         let mut codes = Codes::empty(self.config.dict_size);
         let mut selector = Selector::default();
         // Inference differs from training only in BatchTopK's threshold.
+        let (sharded, shards) = (latent.world_size() > 1, latent.world_size());
         match (Selection::of(self.config.arch), self.threshold) {
             (Selection::BatchTopK(_), Some(theta)) => selector.threshold(pre, theta, &mut codes),
+            (Selection::TopK(k), _) if sharded => {
+                selector.topk_sharded(pre, k, offset, latent, &mut codes)
+            }
+            (Selection::BatchTopK(k), None) if sharded => {
+                let k_total = k * x_bd.nrows();
+                selector.batch_topk_sharded(pre, k_total, latent, shards, &mut codes)
+            }
             (selection, _) => {
                 let threshold_f = self.threshold_f.as_slice().expect("contiguous");
                 select_into(
@@ -69,6 +92,16 @@ impl Sae {
 
     /// Reconstruction x̂ = codes·W_dec + b_dec.
     pub fn decode(&self, codes: &Codes) -> Result<Array2<f32>> {
+        self.decode_shard(codes, &SingleProcess)
+    }
+
+    /// [`Sae::decode`] by a latent shard (see [`Sae::encode_shard`]): every shard's part of
+    /// x̂ summed over `latent` (B×D numbers each), b_dec added once.
+    pub(crate) fn decode_shard(
+        &self,
+        codes: &Codes,
+        latent: &dyn Collective,
+    ) -> Result<Array2<f32>> {
         if codes.n_latents != self.config.dict_size {
             return Err(Error::Shape {
                 what: "codes".into(),
@@ -77,12 +110,11 @@ impl Sae {
             });
         }
         let mut x_hat_bd = Array2::zeros((codes.n_rows(), self.config.d_model));
-        sparse::decode_into(
-            codes,
-            self.w_dec_fd.view(),
-            Some(self.b_dec_d.view()),
-            x_hat_bd.view_mut(),
-        );
+        let b_dec = (latent.rank() == 0).then(|| self.b_dec_d.view());
+        sparse::decode_into(codes, self.w_dec_fd.view(), b_dec, x_hat_bd.view_mut());
+        if latent.world_size() > 1 {
+            latent.all_reduce_sum_f32(x_hat_bd.as_slice_mut().expect("standard layout"));
+        }
         Ok(x_hat_bd)
     }
 }

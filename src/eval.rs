@@ -138,7 +138,7 @@ pub fn evaluate(
         batch_rows,
         skip_non_finite,
         &never,
-        &SingleProcess,
+        Procs::of(&SingleProcess),
         &mut |x_bd| sae.encode(backend, x_bd),
     )?;
     Ok(stats.expect("the stop flag is never set"))
@@ -203,9 +203,73 @@ pub fn evaluate_on_until_across(
         batch_rows,
         skip_non_finite,
         stop,
-        collective,
+        Procs::of(collective),
         &mut |x_bd| encoder.encode(x_bd),
     )
+}
+
+/// [`evaluate_on_until_across`] by the ranks of `grid` (on the CPU), each holding one latent
+/// shard of an SAE too large for one process: `shard` is latents `part(F, grid.shard,
+/// grid.shards)` of it (as [`Sae::load_shard`] reads them). Each group of shards evaluates its
+/// part of the rows; within a group the codes are those one process holding the whole SAE
+/// would choose and x̂ is summed over the shards, so the statistics are the whole SAE's (up to
+/// the rounding of the sums), the firing counts gathered to all F latents, on every rank. Only
+/// B×D-sized tensors and F counts cross between processes.
+pub fn evaluate_shard_until(
+    shard: &Sae,
+    global: &crate::SaeConfig,
+    source: &dyn Source,
+    batch_rows: usize,
+    skip_non_finite: bool,
+    stop: &AtomicBool,
+    grid: &dist::Grid,
+) -> Result<Option<EvalStats>> {
+    let latents = dist::part(global.dict_size, grid.shard, grid.shards);
+    if latents.len() != shard.config().dict_size {
+        return Err(Error::Distributed {
+            reason: format!(
+                "shard {} of {} holds {} latents, not latents {latents:?} of the {}-latent SAE",
+                grid.shard,
+                grid.shards,
+                shard.config().dict_size,
+                global.dict_size
+            ),
+        });
+    }
+    let procs = Procs {
+        world: &*grid.world,
+        rows: &*grid.data,
+        latent: &*grid.latent,
+    };
+    evaluate_by(
+        shard,
+        source,
+        batch_rows,
+        skip_non_finite,
+        stop,
+        procs,
+        &mut |x_bd| shard.encode_shard(&crate::backend::Cpu, x_bd, latents.start, procs.latent),
+    )
+}
+
+/// The processes of an evaluation: all of them agree on each batch's outcome, `rows` split the
+/// rows, `latent` hold the other latents of the same rows.
+#[derive(Clone, Copy)]
+struct Procs<'a> {
+    world: &'a dyn Collective,
+    rows: &'a dyn Collective,
+    latent: &'a dyn Collective,
+}
+
+impl<'a> Procs<'a> {
+    /// Processes that split the rows, each holding the whole SAE.
+    fn of(collective: &'a dyn Collective) -> Self {
+        Procs {
+            world: collective,
+            rows: collective,
+            latent: &SingleProcess,
+        }
+    }
 }
 
 /// One process's running sums over the rows it evaluated, kept in the forms that add across
@@ -350,6 +414,7 @@ fn add_batch(
     start: u64,
     rows: usize,
     skip_non_finite: bool,
+    latent: &dyn Collective,
     encode: &mut dyn FnMut(ArrayView2<'_, f32>) -> Result<Codes>,
 ) -> Result<()> {
     let d = sae.config().d_model;
@@ -376,7 +441,7 @@ fn add_batch(
         return Ok(());
     }
     let codes = encode(x_bd.view())?;
-    let x_hat_bd = sae.decode(&codes)?;
+    let x_hat_bd = sae.decode_shard(&codes, latent)?;
     sums.add(x_bd.view(), x_hat_bd.view(), &codes);
     Ok(())
 }
@@ -387,7 +452,7 @@ fn evaluate_by(
     batch_rows: usize,
     skip_non_finite: bool,
     stop: &AtomicBool,
-    collective: &dyn Collective,
+    procs: Procs<'_>,
     encode: &mut dyn FnMut(ArrayView2<'_, f32>) -> Result<Codes>,
 ) -> Result<Option<EvalStats>> {
     let (n, d, f) = (
@@ -396,12 +461,12 @@ fn evaluate_by(
         sae.config().dict_size,
     );
     dist::agree(
-        collective,
+        procs.world,
         crate::error::check_shape("evaluation rows", &[0, source.d_model()], &[0, d]),
         false,
     )?;
     let batch_rows = batch_rows.max(1);
-    let (rank, world) = (collective.rank(), collective.world_size());
+    let (rank, world) = (procs.rows.rank(), procs.rows.world_size());
     // A source's rows are counted in u64 but live in memory-mapped files, so they fit a usize.
     let mine = dist::part(n as usize, rank, world);
     // Rank 0's part is the longest: every process takes part in that many rounds.
@@ -412,7 +477,7 @@ fn evaluate_by(
     let mut outcome = Ok(());
     for round in 0..=rounds {
         // Each round agrees on the last batch's outcome and on stopping before the next.
-        let (_, stopped) = dist::agree(collective, outcome, stop.load(Ordering::Relaxed))?;
+        let (_, stopped) = dist::agree(procs.world, outcome, stop.load(Ordering::Relaxed))?;
         if round == rounds {
             break;
         }
@@ -431,12 +496,20 @@ fn evaluate_by(
                 start,
                 rows,
                 skip_non_finite,
+                procs.latent,
                 encode,
             )
         };
         start += rows as u64;
     }
-    sums.all_reduce(collective);
+    if procs.latent.world_size() > 1 {
+        // A group's shards hold the same rows' sums and their own latents' counts.
+        let mut active = [sums.active];
+        procs.latent.all_reduce_sum_u64(&mut active);
+        sums.active = active[0];
+        sums.firing_counts_f = dist::all_gather_u64(procs.latent, &sums.firing_counts_f).concat();
+    }
+    sums.all_reduce(procs.rows);
     sums.stats(n).map(Some)
 }
 
@@ -665,6 +738,7 @@ mod across {
     use crate::backend::{Cpu, Device};
     use crate::dist::Threads;
     use crate::{Architecture, SaeConfig};
+    use std::sync::Arc;
 
     /// Every thread's result of evaluating `x_nd` as one of `size` processes.
     fn on_threads(
@@ -725,6 +799,65 @@ mod across {
             ("shrinkage", a.shrinkage, b.shrinkage),
         ] {
             assert!((x - y).abs() <= 1e-12 * y.abs(), "{what}: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn latent_shards_give_the_whole_saes_figures() {
+        // TopK exchanges candidates; BatchTopK without θ cuts each batch across the shards.
+        for arch in [
+            Architecture::TopK { k: 3 },
+            Architecture::BatchTopK { k: 3 },
+        ] {
+            let config = SaeConfig {
+                d_model: 6,
+                dict_size: 40,
+                arch,
+            };
+            let x_nd = rows(53);
+            for (size, shards) in [(2, 2), (4, 2), (6, 3)] {
+                // One process per group, holding the whole SAE: the same rows in each batch.
+                let whole = Sae::new(config, 5).unwrap();
+                let whole = on_threads(&whole, &x_nd, size / shards, 8, false, None);
+                let whole = whole[0].as_ref().unwrap().as_ref().unwrap();
+                let sharded: Vec<EvalStats> = std::thread::scope(|scope| {
+                    let handles: Vec<_> = Threads::world(size)
+                        .into_iter()
+                        .map(|threads| {
+                            let x_nd = &x_nd;
+                            scope.spawn(move || {
+                                let grid = dist::Grid::new(Arc::new(threads), shards).unwrap();
+                                let latents = dist::part(40, grid.shard, shards);
+                                let shard = Sae::new_shard(config, 5, latents).unwrap();
+                                let never = AtomicBool::new(false);
+                                let view = x_nd.view();
+                                evaluate_shard_until(
+                                    &shard, &config, &view, 8, false, &never, &grid,
+                                )
+                                .unwrap()
+                                .unwrap()
+                            })
+                        })
+                        .collect();
+                    handles.into_iter().map(|h| h.join().unwrap()).collect()
+                });
+                for stats in &sharded {
+                    assert_eq!(stats.firing_counts_f, whole.firing_counts_f, "{arch:?}");
+                    assert_eq!((stats.n_rows, stats.l0), (whole.n_rows, whole.l0));
+                    for (x, y) in [
+                        (stats.mse, whole.mse),
+                        (stats.fve, whole.fve),
+                        (stats.cosine, whole.cosine),
+                        (stats.shrinkage, whole.shrinkage),
+                    ] {
+                        // x̂ summed over the shards rounds otherwise.
+                        assert!(
+                            (x - y).abs() <= 1e-6 * y.abs(),
+                            "{arch:?} {size}: {x} vs {y}"
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! `sae eval` and `sae encode` under mpirun: the rows split over 2 and 3 processes give the
 //! single process's figures (to rounding) and its codes (bit for bit), printed and written
-//! once; a non-finite row that one process reads fails the whole job in one line.
+//! once; a non-finite row that one process reads fails the whole job in one line; with
+//! `--latent-shards 2` ranks holding half an SAE each give the whole SAE's figures.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -144,6 +145,90 @@ fn eval_across_processes_gives_the_single_process_figures_once() {
             );
             assert!(out.join("density.png").is_file());
         }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn eval_by_latent_shards_gives_the_whole_saes_figures() {
+    let dir = temp_dir("mpi-eval-shards");
+    let data = dir.join("x.npy");
+    write_rows(&data, None);
+    // Trained BatchTopK (θ learned), TopK (codes chosen across shards), BatchTopK without θ
+    // (each batch cut across shards), ReLU (each shard alone).
+    let trained = dir.join("trained");
+    train(&data, &trained);
+    let saes = [
+        (trained, None),
+        (dir.join("topk"), Some(Architecture::TopK { k: 3 })),
+        (
+            dir.join("batchtopk"),
+            Some(Architecture::BatchTopK { k: 3 }),
+        ),
+        (dir.join("relu"), Some(Architecture::RELU)),
+    ];
+    for (seed, (sae_dir, arch)) in saes.iter().enumerate() {
+        if let Some(arch) = arch {
+            random_sae(*arch, D, 48, seed as u64).save(sae_dir).unwrap();
+        }
+        let eval = |np: usize, shards: &str, out: &Path| {
+            let args = [
+                "eval",
+                &s(sae_dir),
+                "--data",
+                &s(&data),
+                "--out",
+                &s(out),
+                "--batch-size",
+                "64",
+                "--latent-shards",
+                shards,
+            ];
+            match np {
+                1 => ok(&sae(&args)),
+                _ => ok(&mpirun(np, &args)),
+            }
+        };
+        // One group of two shards against one process; two groups of two against two
+        // processes (the same rows in each batch).
+        for (np, whole_np) in [(2, 1), (4, 2)] {
+            let (whole, sharded) = (dir.join("whole"), dir.join("sharded"));
+            eval(whole_np, "1", &whole);
+            let stdout = eval(np, "2", &sharded);
+            assert_eq!(stdout.matches("wrote ").count(), 1, "{stdout}");
+            let (a, b) = (figures(&sharded), figures(&whole));
+            assert_eq!(a["n_rows"], ROWS);
+            for (key, value) in &b {
+                let (x, y) = (a[key].as_f64().unwrap(), value.as_f64().unwrap());
+                assert!(
+                    (x - y).abs() <= 1e-5 * y.abs(),
+                    "{} on {np} ranks, {key}: {x} vs {y}",
+                    sae_dir.display()
+                );
+            }
+            assert_eq!(
+                std::fs::read(sharded.join("feature_density.npy")).unwrap(),
+                std::fs::read(whole.join("feature_density.npy")).unwrap(),
+                "{} on {np} ranks",
+                sae_dir.display()
+            );
+        }
+    }
+    let (topk, out, data) = (s(&saes[1].0), s(&dir.join("refused")), s(&data));
+    for (extra, needle) in [
+        (&["--latent-shards", "3"][..], "--latent-shards 3"),
+        (
+            &["--latent-shards", "2", "--true-features", &topk],
+            "--true-features",
+        ),
+    ] {
+        let args = [&["eval", &topk, "--data", &data, "--out", &out][..], extra].concat();
+        let failed = mpirun(2, &args);
+        let stderr = text(&failed.stderr);
+        assert_eq!(failed.status.code(), Some(2), "{stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains(needle), "{needle:?} not in {stderr}");
     }
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -260,14 +260,20 @@ fn two_and_three_ranks_train_what_one_process_trains_and_repeat_bit_for_bit() {
     assert_runs_close(&three, &one, 1e-5);
     assert_runs_identical(&two, &two_again);
     // The held-out evaluation split over the ranks and reduced: the same figures.
+    assert_evals_close(&three, &one);
+}
+
+/// Every SAE's end-of-run evaluation in run `a` gives run `reference`'s figures (of SAEs
+/// equal to 1e-5, so to 1e-4).
+fn assert_evals_close(a: &Path, reference: &Path) {
     for name in SAES {
         let eval = |d: &Path| -> serde_json::Value {
             serde_json::from_str(&std::fs::read_to_string(d.join(name).join("eval.json")).unwrap())
                 .unwrap()
         };
-        let (a, b) = (eval(&one)["eval"].clone(), eval(&three)["eval"].clone());
+        let (a, b) = (eval(reference)["eval"].clone(), eval(a)["eval"].clone());
         assert_eq!(a["n_rows"], b["n_rows"], "{name}");
-        for key in ["mse", "fve", "l0"] {
+        for key in ["mse", "fve", "l0", "dead_fraction", "cosine", "shrinkage"] {
             let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
             assert!(
                 (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
@@ -689,6 +695,9 @@ fn latent_shards_on_two_and_four_ranks_train_what_one_process_trains_and_save_on
     assert_runs_close(&two, &one, 1e-5);
     assert_runs_close(&four, &one, 1e-5);
     assert_runs_identical(&four, &four_again);
+    // Evaluated at the end by the shards themselves (no rank holds the whole SAE).
+    assert_evals_close(&two, &one);
+    assert_evals_close(&four, &one);
     // The sliced save is an SAE directory like any other: evaluated and exported whole.
     let topk = s(&two.join("topk"));
     let stdout = ok(&sae(&["eval", &topk, "--data", &s(&data[0])]));
@@ -716,12 +725,11 @@ fn latent_shards_on_two_and_four_ranks_train_what_one_process_trains_and_save_on
             "3",
         ],
     );
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("--latent-shards 3"),
-        "{}",
-        text(&out.stderr)
-    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "one line, from rank 0: {stderr}");
+    assert!(errors[0].contains("--latent-shards 3"), "{stderr}");
 }
 
 #[test]

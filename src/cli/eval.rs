@@ -8,8 +8,8 @@ use anyhow::Result;
 use clap::Args;
 use sparse_autoencoder::backend::Device;
 use sparse_autoencoder::data::{NpyShards, Source};
-use sparse_autoencoder::dist::{agree, World};
-use sparse_autoencoder::eval::{evaluate_on_until_across, EvalStats};
+use sparse_autoencoder::dist::{agree, Grid, World};
+use sparse_autoencoder::eval::{evaluate_on_until_across, evaluate_shard_until, EvalStats};
 use sparse_autoencoder::synth::{recovery, score, Synth, SynthConfig};
 use sparse_autoencoder::Sae;
 
@@ -43,6 +43,11 @@ pub struct EvalArgs {
     /// Skip rows holding NaN or Inf instead of stopping at the first.
     #[arg(long)]
     skip_non_finite: bool,
+    /// Under mpirun: each rank loads only its F/S latents of the SAE, for one too large for a
+    /// process (as `sae train --latent-shards`); groups of S ranks split the rows. CPU only,
+    /// without --true-features.
+    #[arg(long, value_name = "S", default_value_t = 1, value_parser = at_least_one, allow_negative_numbers = true)]
+    latent_shards: usize,
     #[command(flatten)]
     device: super::DeviceArgs,
 }
@@ -52,6 +57,12 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs, world: &World) -> Result<Option<u8>> {
     let collective = world.collective();
     let lead = collective.rank() == 0;
+    // Refused alike on every rank before any split: agreed, so one line reports it.
+    let grid = Grid::new(collective.clone(), args.latent_shards).map_err(usage);
+    let (grid, _) = agree(&*collective, grid, false)?;
+    if grid.shards > 1 {
+        return run_sharded(&args, &grid);
+    }
     let ((device, sae, out, rows), _) = agree(&*collective, open(&args, lead), false)?;
     let stats = match &rows {
         Some(rows) => {
@@ -84,6 +95,69 @@ pub fn run(args: EvalArgs, world: &World) -> Result<Option<u8>> {
     Ok(None)
 }
 
+/// `sae eval --latent-shards S` (S > 1): every rank holds its shard of the SAE; rank 0 prints
+/// and writes the whole SAE's figures.
+fn run_sharded(args: &EvalArgs, grid: &Grid) -> Result<Option<u8>> {
+    let lead = grid.world.rank() == 0;
+    let opened = open_shard(args, grid, lead);
+    let (((shard, global), out, rows), _) = agree(&*grid.world, opened, false)?;
+    let never = AtomicBool::new(false);
+    let rows = rows.expect("--data is required without --true-features");
+    if lead {
+        for notice in rows.notices() {
+            println!("note: {notice}");
+        }
+    }
+    let stats = evaluate_shard_until(
+        &shard,
+        &global,
+        &rows,
+        args.batch_size,
+        args.skip_non_finite,
+        &never,
+        grid,
+    )
+    .map_err(usage)?
+    .expect("the stop flag is never set");
+    let written = if lead {
+        report(args, &shard, Device::Cpu, &out, Some(&stats))
+    } else {
+        Ok(())
+    };
+    agree(&*grid.world, written, false)?;
+    Ok(None)
+}
+
+/// [`open`] for a latent shard: this rank's latents of the SAE and the whole SAE's config.
+#[allow(clippy::type_complexity)]
+fn open_shard(
+    args: &EvalArgs,
+    grid: &Grid,
+    lead: bool,
+) -> Result<(
+    (Sae, sparse_autoencoder::SaeConfig),
+    PathBuf,
+    Option<NpyShards>,
+)> {
+    if args.true_features.is_some() {
+        return Err(UsageError(
+            "--true-features needs the whole decoder on one process: drop --latent-shards, \
+             or score recovery separately"
+                .into(),
+        )
+        .into());
+    }
+    if args.device.device()? != Device::Cpu {
+        return Err(UsageError(
+            "--latent-shards above 1 evaluates on the CPU only; drop --device".into(),
+        )
+        .into());
+    }
+    let loaded = Sae::load_shard(&args.sae, grid.shard, grid.shards).map_err(usage)?;
+    let (out, rows) = open_output_and_data(args, &loaded.0, lead)?;
+    Ok((loaded, out, rows))
+}
+
 /// What every process needs before evaluating: the device, the SAE, the output directory
 /// (made by the lead) and the data, checked against the SAE.
 fn open(args: &EvalArgs, lead: bool) -> Result<(Device, Sae, PathBuf, Option<NpyShards>)> {
@@ -91,13 +165,24 @@ fn open(args: &EvalArgs, lead: bool) -> Result<(Device, Sae, PathBuf, Option<Npy
     let sae = Sae::load(&args.sae).map_err(usage)?;
     // Before anything is written: a device that cannot run leaves --out untouched.
     device.check().map_err(usage)?;
+    let (out, rows) = open_output_and_data(args, &sae, lead)?;
+    Ok((device, sae, out, rows))
+}
+
+/// The output directory (made by the lead) and the data, checked against `sae` (the whole
+/// SAE or one shard: the batch's memory is checked at its latents).
+fn open_output_and_data(
+    args: &EvalArgs,
+    sae: &Sae,
+    lead: bool,
+) -> Result<(PathBuf, Option<NpyShards>)> {
     let out = args.out.clone().unwrap_or_else(|| args.sae.clone());
     if lead {
         std::fs::create_dir_all(&out)
             .map_err(|err| UsageError(format!("invalid --out {}: {err}", out.display())))?;
     }
     if args.data.is_empty() {
-        return Ok((device, sae, out, None));
+        return Ok((out, None));
     }
     let rows = NpyShards::open(&args.data)?;
     if rows.d_model() != sae.config().d_model {
@@ -115,7 +200,7 @@ fn open(args: &EvalArgs, lead: bool) -> Result<(Device, Sae, PathBuf, Option<Npy
         sae.config().d_model,
         sae.config().dict_size,
     )?;
-    Ok((device, sae, out, Some(rows)))
+    Ok((out, Some(rows)))
 }
 
 /// The lead's part: prints `stats`, scores --true-features, and writes the files into `out`.

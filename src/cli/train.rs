@@ -332,21 +332,20 @@ pub fn run(args: TrainArgs, world: &World) -> Result<Option<u8>> {
     let device = args.run.device.device()?;
     device.check().map_err(usage)?;
     let shards = args.run.latent_shards.unwrap_or(1);
+    // Refused alike on every rank before any split: agreed, so one line reports it.
+    let grid = Grid::new(world.collective(), shards).map_err(usage);
+    let (grid, _) = agree(&*world.collective(), grid, false)?;
     let opened = match &args.run.resume {
         Some(dir) => {
             let options = ResumeOptions {
                 skip_non_finite: args.data.skip_non_finite,
             };
-            Grid::new(world.collective(), shards)
-                .and_then(|grid| Run::resume_sharded(dir, &options, &signals.stop, grid))
-                .map(|run| (run, dir.clone()))
+            Run::resume_sharded(dir, &options, &signals.stop, grid).map(|run| (run, dir.clone()))
         }
         None => {
             let spec = spec_from(&args)?;
             let dir = args.run.out.clone().unwrap_or_else(default_run_dir);
-            let created = Grid::new(world.collective(), shards).and_then(|grid| {
-                Run::create_sharded(&spec, &dir, args.run.force, &signals.stop, grid)
-            });
+            let created = Run::create_sharded(&spec, &dir, args.run.force, &signals.stop, grid);
             match created {
                 Err(err @ sparse_autoencoder::Error::Stopped { .. }) => Err(err),
                 Err(err) => return Err(width_mismatch_is_eval_data(err, &spec.data.eval_paths)),

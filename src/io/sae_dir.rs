@@ -5,7 +5,6 @@ use std::fs;
 use std::io::Read;
 use std::path::Path;
 
-use ndarray::{Array1, Array2};
 use serde::{Deserialize, Serialize};
 
 use safetensors::tensor::Dtype;
@@ -121,6 +120,22 @@ impl Sae {
     /// checked against `sae.json` before any is read, so a file claiming more cannot make the
     /// load read or allocate more than the SAE `sae.json` describes.
     pub fn load(dir: &Path) -> Result<Sae> {
+        Self::load_rows(dir, |f| 0..f).map(|(sae, _)| sae)
+    }
+
+    /// Latent shard `shard` of `shards` of the SAE [`Sae::save`] (or [`Sae::save_shard`])
+    /// wrote into `dir`: latents `part(F, shard, shards)` as an SAE of that many, read without
+    /// the rest of the file, with the whole dictionary's configuration. Errors as
+    /// [`Sae::load`]'s, and [`Error::Distributed`] when a shard would hold fewer latents than k.
+    pub fn load_shard(dir: &Path, shard: usize, shards: usize) -> Result<(Sae, SaeConfig)> {
+        Self::load_rows(dir, |f| part(f, shard, shards))
+    }
+
+    /// The latents `rows(F)` of the SAE in `dir`, and its whole configuration.
+    fn load_rows(
+        dir: &Path,
+        rows: impl FnOnce(usize) -> std::ops::Range<usize>,
+    ) -> Result<(Sae, SaeConfig)> {
         let file = read_sae_file(dir)?;
         let weights = TensorsIn::read(
             &dir.join(WEIGHTS_FILE),
@@ -149,16 +164,30 @@ impl Sae {
                 weights.check(name, Dtype::F32, shape)?;
             }
         }
-        let shaped = "the shape was checked";
+        let rows = rows(f);
+        let local = SaeConfig {
+            dict_size: rows.len(),
+            ..file.config
+        };
+        if local.validate().is_err() {
+            return Err(Error::Distributed {
+                reason: format!(
+                    "latents {rows:?} of the {f}-latent SAE in {} are too few for a shard of \
+                     it; use fewer --latent-shards",
+                    dir.display()
+                ),
+            });
+        }
+        let params = weights.params("", &file.config, &rows)?;
         let mut sae = Sae::from_parts(
-            file.config,
-            Array2::from_shape_vec((f, d), weights.f32("w_enc_fd", &[f, d])?).expect(shaped),
-            Array1::from(weights.f32("b_enc_f", &[f])?),
-            Array2::from_shape_vec((f, d), weights.f32("w_dec_fd", &[f, d])?).expect(shaped),
-            Array1::from(weights.f32("b_dec_d", &[d])?),
+            local,
+            params.w_enc_fd,
+            params.b_enc_f,
+            params.w_dec_fd,
+            params.b_dec_d,
         )?;
         if jump {
-            sae.threshold_f = Array1::from(weights.f32("threshold_f", &[f])?);
+            sae.threshold_f = params.threshold_f;
         }
         sae.threshold = if weights.has("threshold") {
             let theta = weights.f32("threshold", &[])?[0];
@@ -171,7 +200,7 @@ impl Sae {
         } else {
             file.threshold
         };
-        Ok(sae)
+        Ok((sae, file.config))
     }
 }
 

@@ -38,7 +38,7 @@ use crate::data::{
 };
 use crate::dist::{agree, Collective, Grid, SingleProcess};
 use crate::error::{io_error, Error, Result};
-use crate::eval::{evaluate_on_until_across, EvalStats};
+use crate::eval::{evaluate_on_until_across, evaluate_shard_until, EvalStats};
 use crate::synth::{score, Recovery, Synth, SynthConfig};
 use crate::{StepStats, Trainer};
 use lock::RunLock;
@@ -1046,9 +1046,10 @@ impl Run {
                 "skipped {skipped_rows} non-finite rows (counted each time a batch drew one)"
             ));
         }
-        if self.grid.shards > 1 {
+        if let (true, Batches::Synthetic(_)) = (self.grid.shards > 1, &self.batches) {
             observer.note(&format!(
-                "the SAEs are sharded over {} processes: evaluate them with `sae eval`",
+                "the SAEs are sharded over {} processes: the recovery of the true features \
+                 needs a whole decoder; `sae eval SAE_DIR --true-features ...` scores it",
                 self.grid.shards
             ));
         }
@@ -1060,11 +1061,11 @@ impl Run {
             .zip(thresholds)
         {
             let sae = self.save(member.trainer, threshold, &member.dir);
-            let (sae, _) = agree(c, sae, false)?;
-            saved.push((member.name, member.dir, sae));
+            let ((sae, global), _) = agree(c, sae, false)?;
+            saved.push((member.name, member.dir, sae, global));
         }
         let mut summaries = Vec::with_capacity(saved.len());
-        for (name, dir, sae) in &saved {
+        for (name, dir, sae, global) in &saved {
             let summary = Summary {
                 name: name.clone(),
                 dir: dir.clone(),
@@ -1073,12 +1074,12 @@ impl Run {
                 skipped_rows,
                 seconds,
             };
-            match self.finish(sae.as_ref(), summary, stop)? {
+            match self.finish(sae, global, summary, stop)? {
                 Some(summary) => summaries.push(summary),
                 None => {
                     return Ok(Outcome::Unevaluated {
                         step: self.step,
-                        dirs: saved.into_iter().map(|(_, dir, _)| dir).collect(),
+                        dirs: saved.into_iter().map(|(_, dir, _, _)| dir).collect(),
                     })
                 }
             }
@@ -1177,13 +1178,13 @@ impl Run {
     }
 
     /// Saves one trained SAE, the input scale folded in: every process calls it. Returns the
-    /// SAE to evaluate, or (latent shards) `None`.
+    /// SAE to evaluate (a latent shard's part of it) and the whole SAE's configuration.
     fn save(
         &self,
         mut trainer: Trainer,
         threshold: Option<f32>,
         dir: &Path,
-    ) -> Result<Option<crate::Sae>> {
+    ) -> Result<(crate::Sae, crate::SaeConfig)> {
         trainer.sync()?;
         let global = trainer.global_config();
         let mut sae = trainer.into_sae();
@@ -1208,30 +1209,38 @@ impl Run {
                 self.dir.display()
             ),
         })?;
-        Ok((self.grid.shards == 1).then_some(sae))
+        Ok((sae, global))
     }
 
-    /// Evaluates one saved SAE (none: a latent shard's, which `sae eval` evaluates whole); `None` when `stop` ended the evaluation. Across
-    /// processes each evaluates its part of the held-out rows; rank 0 writes the results.
+    /// Evaluates one saved SAE (`sae`, or with latent shards this process's shard of the SAE
+    /// `global` configures); `None` when `stop` ended the evaluation. Across processes each
+    /// evaluates its part of the held-out rows; rank 0 writes the results.
     fn finish(
         &self,
-        sae: Option<&crate::Sae>,
+        sae: &crate::Sae,
+        global: &crate::SaeConfig,
         mut summary: Summary,
         stop: &AtomicBool,
     ) -> Result<Option<Summary>> {
         let c = &*self.collective;
         let schedule = &self.run.schedule;
         let skip = self.run.spec.data.skip_non_finite;
-        if let (Some(rows), Some(sae)) = (&self.eval_rows, sae) {
+        let sharded = self.grid.shards > 1;
+        if let Some(rows) = &self.eval_rows {
             let batch = schedule.batch_size;
-            match evaluate_on_until_across(sae, self.device, &**rows, batch, skip, stop, c)? {
+            let evaluated = if sharded {
+                evaluate_shard_until(sae, global, &**rows, batch, skip, stop, &self.grid)?
+            } else {
+                evaluate_on_until_across(sae, self.device, &**rows, batch, skip, stop, c)?
+            };
+            match evaluated {
                 Some(eval) => summary.eval = Some(eval),
                 None => return Ok(None),
             }
         }
         let written = if c.rank() == 0 {
             (|| -> Result<()> {
-                if let (Batches::Synthetic(synth), Some(sae)) = (&self.batches, sae) {
+                if let (Batches::Synthetic(synth), false) = (&self.batches, sharded) {
                     // On the held-out rows: the firing scores need their ground truth.
                     let scored = score(sae, self.device, synth, SYNTH_EVAL_ROWS, u64::MAX)?;
                     summary.recovery = Some(scored);
