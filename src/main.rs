@@ -95,10 +95,10 @@ fn main() -> ExitCode {
         Command::Eval(args) => cli::eval::run(args, &world),
         Command::Encode(args) => cli::encode::run(args, &world),
         Command::Bench(args) => cli::bench::run(args, &world),
+        Command::Export(args) => cli::export::run(args, &world),
         command => match cli::alone(&world, command.name()) {
             Err(err) => Err(err),
             Ok(()) => match command {
-                Command::Export(args) => cli::export::run(args),
                 Command::Synth(args) => cli::synth::run(args),
                 Command::Plot(args) => cli::plot::run(args),
                 _ => unreachable!("matched above"),

@@ -698,20 +698,36 @@ fn latent_shards_on_two_and_four_ranks_train_what_one_process_trains_and_save_on
     // Evaluated at the end by the shards themselves (no rank holds the whole SAE).
     assert_evals_close(&two, &one);
     assert_evals_close(&four, &one);
-    // The sliced save is an SAE directory like any other: evaluated and exported whole.
+    // The sliced save is an SAE directory like any other: evaluated whole.
     let topk = s(&two.join("topk"));
     let stdout = ok(&sae(&["eval", &topk, "--data", &s(&data[0])]));
     assert!(stdout.contains("fve"), "{stdout}");
-    let export = dir.join("export");
-    ok(&sae(&[
-        "export",
-        &topk,
-        "--format",
-        "saelens",
-        "--out",
-        &s(&export),
-    ]));
-    assert!(export.join("sae_weights.safetensors").is_file());
+    // Exported whole, and by shards that each read and write only their latents (SAELens'
+    // W_enc in column blocks): the same bytes. Without --latent-shards export runs alone.
+    for (name, format, weights) in [
+        ("topk", "saelens", "sae_weights.safetensors"),
+        ("relu", "saelens", "sae_weights.safetensors"),
+        ("batchtopk", "sparsify", "sae.safetensors"),
+    ] {
+        let sae_dir = s(&two.join(name));
+        let export = |np: usize, shards: &str, out: &Path| {
+            let args = ["export", &sae_dir, "--format", format, "--out", &s(out)];
+            on_ranks(np, &[&args[..], &["--latent-shards", shards]].concat())
+        };
+        let (whole, sharded) = (dir.join("export-whole"), dir.join("export-sharded"));
+        ok(&export(1, "1", &whole));
+        ok(&export(4, "2", &sharded));
+        for file in [weights, "cfg.json"] {
+            assert!(
+                std::fs::read(whole.join(file)).unwrap()
+                    == std::fs::read(sharded.join(file)).unwrap(),
+                "{name} {format}: {file} differs"
+            );
+        }
+        let refused = export(2, "1", &dir.join("export-refused"));
+        assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+        assert!(text(&refused.stderr).contains("--latent-shards"));
+    }
     // A shard count that does not divide the ranks is one clear error, exit status 2.
     let out = run_np(
         2,

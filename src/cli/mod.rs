@@ -44,7 +44,7 @@ pub fn alone(world: &World, command: &str) -> anyhow::Result<()> {
     let refusal = if world.is_distributed() {
         Err(UsageError(format!(
             "`sae {command}` runs in one process; start it without mpirun or srun (train, eval, \
-             encode and bench run across processes)"
+             encode and bench run across processes, and export with --latent-shards)"
         ))
         .into())
     } else {

@@ -4,11 +4,13 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
 
-use ndarray::Array2;
-use safetensors::tensor::{Dtype, TensorView};
+use ndarray::{Array1, Array2};
 use serde_json::json;
 
-use crate::config::Architecture;
+use super::sliced::{LatentRows, SlicesOut};
+use super::tensors::standard;
+use crate::config::{Architecture, SaeConfig};
+use crate::dist::{agree, part, Collective, Grid, SingleProcess};
 use crate::error::{io_error, Error, Result};
 use crate::Sae;
 
@@ -28,33 +30,82 @@ fn refuse(dir: &Path, reason: String) -> Error {
     }
 }
 
-fn bytes<D: ndarray::Dimension>(a: &ndarray::Array<f32, D>) -> &[u8] {
-    bytemuck::cast_slice(a.as_slice().expect("standard layout"))
+/// The layouts an SAE exports to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// SAELens' (see [`export_saelens`]).
+    SaeLens,
+    /// EleutherAI sparsify's (see [`export_sparsify`]).
+    Sparsify,
 }
 
-fn write_tensors(
+/// `cfg.json`, by the process that writes the shared tensors; its outcome is every process's.
+fn write_json(
     dir: &Path,
-    file: &str,
-    tensors: Vec<(&str, Vec<usize>, &[u8])>,
-    metadata: Option<HashMap<String, String>>,
+    value: &serde_json::Value,
+    rows: LatentRows,
+    collective: &dyn Collective,
 ) -> Result<()> {
-    let path = dir.join(file);
-    let views = tensors.into_iter().map(|(name, shape, data)| {
-        (
-            name,
-            TensorView::new(Dtype::F32, shape, data).expect("shapes match their data"),
-        )
-    });
-    let encoded = safetensors::serialize(views, metadata).map_err(|err| Error::RunDir {
-        path: path.clone(),
-        reason: format!("cannot encode the weights: {err}"),
-    })?;
-    super::write_atomic(&path, &encoded)
+    let written = if rows.writes_shared {
+        let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+        super::write_atomic(&dir.join("cfg.json"), text.as_bytes())
+    } else {
+        Ok(())
+    };
+    agree(collective, written, false).map(|((), _)| ())
 }
 
-fn write_json(dir: &Path, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
-    super::write_atomic(&dir.join("cfg.json"), text.as_bytes())
+/// [`export_saelens`] or [`export_sparsify`] of a latent shard of the SAE `global`
+/// configures, sharded over `grid` (as [`Sae::load_shard`] reads it): every rank calls it and
+/// the shards of group 0 write their rows (SAELens' W_enc: their columns) of the one weights
+/// file, byte for byte the whole SAE's export; no rank holds more than its shard. An error
+/// on any rank is every rank's.
+pub fn export_shard(
+    shard: &Sae,
+    global: &SaeConfig,
+    grid: &Grid,
+    dir: &Path,
+    format: ExportFormat,
+    metadata: &ExportMetadata,
+) -> Result<()> {
+    let latents = part(global.dict_size, grid.shard, grid.shards);
+    let written = match grid.group() {
+        g if g > 0 => Ok(()),
+        _ if latents.len() != shard.config().dict_size => Err(Error::Distributed {
+            reason: format!(
+                "shard {} of {} holds {} latents, not latents {latents:?} of the {}-latent SAE",
+                grid.shard,
+                grid.shards,
+                shard.config().dict_size,
+                global.dict_size
+            ),
+        }),
+        _ => {
+            let rows = LatentRows {
+                f: global.dict_size,
+                offset: latents.start,
+                writes_shared: grid.shard == 0,
+            };
+            export_rows(shard, rows, dir, format, metadata, &*grid.latent)
+        }
+    };
+    agree(&*grid.world, written, false).map(|((), _)| ())
+}
+
+/// The export in `format` of the SAE of which `sae` holds latents `rows`, the other
+/// processes of `collective` the rest.
+fn export_rows(
+    sae: &Sae,
+    rows: LatentRows,
+    dir: &Path,
+    format: ExportFormat,
+    metadata: &ExportMetadata,
+    collective: &dyn Collective,
+) -> Result<()> {
+    match format {
+        ExportFormat::SaeLens => saelens_rows(sae, rows, dir, metadata, collective),
+        ExportFormat::Sparsify => sparsify_rows(sae, rows, dir, collective),
+    }
 }
 
 /// Writes `sae` as SAELens loads it (`SAE.load_from_disk(dir)`): `cfg.json` and
@@ -64,7 +115,25 @@ fn write_json(dir: &Path, value: &serde_json::Value) -> Result<()> {
 /// `jumprelu` with θ as every latent's `threshold` (its inference rule: codes above θ). Any normalisation is
 /// already folded into the weights, so `normalize_activations` is `none`.
 pub fn export_saelens(sae: &Sae, dir: &Path, metadata: &ExportMetadata) -> Result<()> {
-    let (f, d) = (sae.config().dict_size, sae.config().d_model);
+    let rows = LatentRows::whole(sae.config().dict_size);
+    export_rows(
+        sae,
+        rows,
+        dir,
+        ExportFormat::SaeLens,
+        metadata,
+        &SingleProcess,
+    )
+}
+
+fn saelens_rows(
+    sae: &Sae,
+    rows: LatentRows,
+    dir: &Path,
+    metadata: &ExportMetadata,
+    collective: &dyn Collective,
+) -> Result<()> {
+    let (f, d) = (rows.f, sae.config().d_model);
     let architecture = sae.config().arch.saelens_name();
     let extra = match sae.config().arch {
         Architecture::TopK { k } => Some(("k", json!(k))),
@@ -76,7 +145,7 @@ pub fn export_saelens(sae: &Sae, dir: &Path, metadata: &ExportMetadata) -> Resul
     let threshold_f = match (sae.config().arch, sae.threshold()) {
         (Architecture::JumpRelu, _) => Some(sae.latent_thresholds().to_owned()),
         (Architecture::BatchTopK { .. } | Architecture::Matryoshka { .. }, Some(theta)) => {
-            Some(ndarray::Array1::from_elem(f, theta))
+            Some(Array1::from_elem(sae.config().dict_size, theta))
         }
         (Architecture::BatchTopK { .. } | Architecture::Matryoshka { .. }, None) => {
             return Err(refuse(
@@ -89,22 +158,17 @@ pub fn export_saelens(sae: &Sae, dir: &Path, metadata: &ExportMetadata) -> Resul
         _ => None,
     };
     fs::create_dir_all(dir).map_err(io_error(dir, "creating"))?;
+    // This process's columns of W_enc [d_in, d_sae]: the one copy an export makes.
     let w_enc_df: Array2<f32> = sae.w_enc_fd().t().as_standard_layout().into_owned();
-    let (b_enc_f, w_dec_fd, b_dec_d) = (
-        sae.b_enc_f().to_owned(),
-        sae.w_dec_fd().to_owned(),
-        sae.b_dec_d().to_owned(),
-    );
-    let mut tensors = vec![
-        ("W_enc", vec![d, f], bytes(&w_enc_df)),
-        ("b_enc", vec![f], bytes(&b_enc_f)),
-        ("W_dec", vec![f, d], bytes(&w_dec_fd)),
-        ("b_dec", vec![d], bytes(&b_dec_d)),
-    ];
+    let mut tensors = SlicesOut::new(rows);
+    tensors.latents_f32_transposed("W_enc", d, standard(&w_enc_df));
+    tensors.latents_f32("b_enc", None, slice(sae.b_enc_f()));
+    tensors.latents_f32("W_dec", Some(d), slice(sae.w_dec_fd()));
+    tensors.shared_f32("b_dec", &[d], slice(sae.b_dec_d()));
     if let Some(threshold_f) = &threshold_f {
-        tensors.push(("threshold", vec![f], bytes(threshold_f)));
+        tensors.latents_f32("threshold", None, standard(threshold_f));
     }
-    write_tensors(dir, "sae_weights.safetensors", tensors, None)?;
+    tensors.write(&dir.join("sae_weights.safetensors"), None, collective)?;
     let mut cfg = json!({
         "architecture": architecture,
         "d_in": d,
@@ -128,7 +192,13 @@ pub fn export_saelens(sae: &Sae, dir: &Path, metadata: &ExportMetadata) -> Resul
     if let Some((key, value)) = extra {
         cfg[key] = value;
     }
-    write_json(dir, &cfg)
+    write_json(dir, &cfg, rows, collective)
+}
+
+/// An SAE's parameter view as its contiguous values (the SAE keeps standard layout).
+fn slice<'a, D: ndarray::Dimension>(a: ndarray::ArrayView<'a, f32, D>) -> &'a [f32] {
+    a.to_slice()
+        .expect("an SAE's parameters are in standard layout")
 }
 
 /// Writes `sae` as EleutherAI's sparsify loads it (`Sae.load_from_disk(dir)`): `cfg.json` and
@@ -137,7 +207,25 @@ pub fn export_saelens(sae: &Sae, dir: &Path, metadata: &ExportMetadata) -> Resul
 /// per-row top-k with its k (sparsify has no threshold: its codes then differ from `sae
 /// encode`'s, which keeps codes above θ); a ReLU SAE has no sparsify equivalent and is refused.
 pub fn export_sparsify(sae: &Sae, dir: &Path) -> Result<()> {
-    let (f, d) = (sae.config().dict_size, sae.config().d_model);
+    let rows = LatentRows::whole(sae.config().dict_size);
+    let none = ExportMetadata::default();
+    export_rows(
+        sae,
+        rows,
+        dir,
+        ExportFormat::Sparsify,
+        &none,
+        &SingleProcess,
+    )
+}
+
+fn sparsify_rows(
+    sae: &Sae,
+    rows: LatentRows,
+    dir: &Path,
+    collective: &dyn Collective,
+) -> Result<()> {
+    let (f, d) = (rows.f, sae.config().d_model);
     let k = match sae.config().arch {
         Architecture::TopK { k }
         | Architecture::BatchTopK { k }
@@ -154,20 +242,13 @@ pub fn export_sparsify(sae: &Sae, dir: &Path) -> Result<()> {
         }
     };
     fs::create_dir_all(dir).map_err(io_error(dir, "creating"))?;
-    let (w_enc_fd, b_enc_f, w_dec_fd, b_dec_d) = (
-        sae.w_enc_fd().to_owned(),
-        sae.b_enc_f().to_owned(),
-        sae.w_dec_fd().to_owned(),
-        sae.b_dec_d().to_owned(),
-    );
-    let tensors = vec![
-        ("encoder.weight", vec![f, d], bytes(&w_enc_fd)),
-        ("encoder.bias", vec![f], bytes(&b_enc_f)),
-        ("W_dec", vec![f, d], bytes(&w_dec_fd)),
-        ("b_dec", vec![d], bytes(&b_dec_d)),
-    ];
+    let mut tensors = SlicesOut::new(rows);
+    tensors.latents_f32("encoder.weight", Some(d), slice(sae.w_enc_fd()));
+    tensors.latents_f32("encoder.bias", None, slice(sae.b_enc_f()));
+    tensors.latents_f32("W_dec", Some(d), slice(sae.w_dec_fd()));
+    tensors.shared_f32("b_dec", &[d], slice(sae.b_dec_d()));
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_tensors(dir, "sae.safetensors", tensors, Some(metadata))?;
+    tensors.write(&dir.join("sae.safetensors"), Some(metadata), collective)?;
     let cfg = json!({
         "d_in": d,
         "num_latents": f,
@@ -177,5 +258,5 @@ pub fn export_sparsify(sae: &Sae, dir: &Path) -> Result<()> {
         "multi_topk": false,
         "skip_connection": false,
     });
-    write_json(dir, &cfg)
+    write_json(dir, &cfg, rows, collective)
 }

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 pub use checkpoint::{Checkpoint, CHECKPOINT_CONFIG_FILE, CHECKPOINT_WEIGHTS_FILE};
 pub use codes::{CodesLayout, CodesWriter};
-pub use export::{export_saelens, export_sparsify, ExportMetadata};
+pub use export::{export_saelens, export_shard, export_sparsify, ExportFormat, ExportMetadata};
 pub use npy::{write_npy, NpyAppender};
 pub use run_files::{read_feature_density, read_metrics, MetricsRecord, METRICS_FILE};
 pub(crate) use sae_dir::read_config;

@@ -6,7 +6,8 @@
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
@@ -16,12 +17,16 @@ use crate::dist::{agree, all_gather_u64, Collective};
 use crate::error::{io_error, Error, Result};
 use crate::optim::ParamTensors;
 
-/// The rows of one tensor that this process writes.
+/// The part of one tensor that this process writes: some of its rows, or of a matrix's
+/// columns.
 pub struct Slice<'a> {
     name: String,
     dtype: Dtype,
     shape: Vec<usize>,
-    first_row: usize,
+    /// Where the part starts: its first row, or (`columns`) its first column.
+    first: usize,
+    /// A block of columns, `bytes` holding its rows in order (a transposed shard).
+    columns: bool,
     bytes: &'a [u8],
 }
 
@@ -39,8 +44,24 @@ impl<'a> Slice<'a> {
             name: name.into(),
             dtype: Dtype::F32,
             shape: shape.to_vec(),
-            first_row,
+            first: first_row,
+            columns: false,
             bytes,
+        }
+    }
+
+    /// Columns `first_column..` of the f32 matrix `name` of `shape` (two axes), `data` their
+    /// rows in standard layout: every row's part of those columns, row after row.
+    pub fn f32_columns(
+        name: impl Into<String>,
+        shape: [usize; 2],
+        first_column: usize,
+        data: &'a [f32],
+    ) -> Self {
+        Slice {
+            first: first_column,
+            columns: true,
+            ..Slice::f32(name, &shape, 0, data)
         }
     }
 
@@ -56,13 +77,38 @@ impl<'a> Slice<'a> {
             name: name.into(),
             dtype: Dtype::U64,
             shape: shape.to_vec(),
-            first_row,
+            first: first_row,
+            columns: false,
             bytes,
         }
     }
 
     fn row_bytes(&self) -> usize {
         self.shape.iter().skip(1).product::<usize>() * self.dtype.bitsize() / 8
+    }
+
+    /// The part as runs of bytes in the tensor: (offset of the first, bytes in each, offset
+    /// between them, how many); `None` when `bytes` does not fit the shape there.
+    fn runs(&self) -> Option<[usize; 4]> {
+        let (n, elem) = (self.bytes.len(), self.dtype.bitsize() / 8);
+        let runs = match self.columns {
+            false => {
+                let row = self.row_bytes().max(1);
+                (n % row == 0).then_some([self.first * self.row_bytes(), n, n, 1])
+            }
+            true => {
+                let (rows, cols) = (self.shape[0], self.shape[1]);
+                let run = n / rows.max(1);
+                let fits = n == run * rows && run % elem == 0 && self.first + run / elem <= cols;
+                fits.then_some([self.first * elem, run, cols * elem, rows])
+            }
+        }?;
+        let [start, run, stride, count] = runs;
+        let end = match count {
+            0 => start,
+            _ => start + (count - 1) * stride + run,
+        };
+        (end <= self.total_bytes()).then_some(runs)
     }
 
     fn total_bytes(&self) -> usize {
@@ -118,6 +164,19 @@ impl<'a> SlicesOut<'a> {
         let shape = self.latent_shape(width);
         self.slices
             .push(Slice::f32(name, &shape, self.rows.offset, data));
+    }
+
+    /// A per-latent f32 matrix stored transposed, `width`×F (SAELens' W_enc); `data_df`
+    /// holds this process's latents' columns, `width` rows of them.
+    pub(crate) fn latents_f32_transposed(
+        &mut self,
+        name: impl Into<String>,
+        width: usize,
+        data_df: &'a [f32],
+    ) {
+        let shape = [width, self.rows.f];
+        self.slices
+            .push(Slice::f32_columns(name, shape, self.rows.offset, data_df));
     }
 
     /// A per-latent u64 vector of F.
@@ -223,32 +282,28 @@ pub fn write_sliced(
         fix: "report this as a bug: the processes' slices must cover each tensor once".into(),
     };
     // Slices in range here, then every tensor's bytes counted over all processes.
-    let local = tensors.iter().try_for_each(|t| {
-        let row = t.row_bytes().max(1);
-        let end = t.first_row * t.row_bytes() + t.bytes.len();
-        if t.bytes.len() % row != 0 || end > t.total_bytes() {
-            return Err(bad(format!(
-                "rows {}.. of {} ({} bytes) reach past its shape {:?}",
-                t.first_row,
-                t.name,
-                t.bytes.len(),
-                t.shape
-            )));
-        }
-        Ok(())
+    let local = tensors.iter().try_for_each(|t| match t.runs() {
+        Some(_) => Ok(()),
+        None => Err(bad(format!(
+            "{} {}.. of {} ({} bytes) reach past its shape {:?}",
+            if t.columns { "columns" } else { "rows" },
+            t.first,
+            t.name,
+            t.bytes.len(),
+            t.shape
+        ))),
     });
     agree(collective, local, false)?;
-    // Every process's [start, end) bytes of each tensor: together they must tile it.
-    let mine: Vec<u64> = (tensors.iter())
-        .flat_map(|t| {
-            let start = (t.first_row * t.row_bytes()) as u64;
-            [start, start + t.bytes.len() as u64]
-        })
-        .collect();
+    let runs: Vec<[usize; 4]> = tensors.iter().map(|t| t.runs().expect("checked")).collect();
+    // Every process's runs of each tensor: together their bytes must tile it.
+    let mine: Vec<u64> = runs.iter().flatten().map(|&v| v as u64).collect();
     let all = all_gather_u64(collective, &mine);
     for (i, t) in tensors.iter().enumerate() {
         let mut spans: Vec<(u64, u64)> = (all.iter())
-            .map(|q| (q[2 * i], q[2 * i + 1]))
+            .flat_map(|q| {
+                let [start, run, stride, count] = [0, 1, 2, 3].map(|j| q[4 * i + j]);
+                (0..count).map(move |r| (start + r * stride, start + r * stride + run))
+            })
             .filter(|(start, end)| end > start)
             .collect();
         spans.sort_unstable();
@@ -294,13 +349,12 @@ pub fn write_sliced(
     let wrote = OpenOptions::new()
         .write(true)
         .open(&tmp)
-        .and_then(|mut file| {
-            for (t, offset) in tensors.iter().zip(&data_offset) {
-                if !t.bytes.is_empty() {
-                    file.seek(SeekFrom::Start(
-                        offset + (t.first_row * t.row_bytes()) as u64,
-                    ))?;
-                    file.write_all(t.bytes)?;
+        .and_then(|file| {
+            for ((t, offset), &[start, run, stride, _]) in
+                tensors.iter().zip(&data_offset).zip(&runs)
+            {
+                for (r, bytes) in t.bytes.chunks(run.max(1)).enumerate() {
+                    file.write_all_at(bytes, offset + (start + r * stride) as u64)?;
                 }
             }
             file.sync_all()
@@ -387,6 +441,51 @@ mod tests {
         ];
         let expected = safetensors::serialize(whole, None).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), expected);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn column_blocks_from_three_processes_make_the_transposed_matrix_and_must_tile_it() {
+        let dir = dir("columns");
+        let path = dir.join("t.safetensors");
+        // The 3×10 matrix w_df[d][f] = f·3 + d, written by latent shards as column blocks.
+        let w_df: Vec<f32> = (0..30).map(|i| ((i % 10) * 3 + i / 10) as f32).collect();
+        let write = |cover: fn(usize) -> std::ops::Range<usize>| -> Vec<Result<()>> {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = Threads::world(3)
+                    .into_iter()
+                    .map(|world| {
+                        let (path, w_df) = (&path, &w_df);
+                        scope.spawn(move || {
+                            let cols = cover(world.rank());
+                            let block: Vec<f32> = (0..3)
+                                .flat_map(|d| w_df[d * 10 + cols.start..d * 10 + cols.end].to_vec())
+                                .collect();
+                            let tensors =
+                                [Slice::f32_columns("W_enc", [3, 10], cols.start, &block)];
+                            write_sliced(path, &tensors, None, &world)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            })
+        };
+        let results = write(|r| part(10, r, 3));
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        let view = TensorView::new(Dtype::F32, vec![3, 10], bytemuck::cast_slice(&w_df)).unwrap();
+        let expected = safetensors::serialize([("W_enc", view)], None).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+        // A gap (column 9 written by nobody) and an overlap fail on every process.
+        for cover in [
+            (|r| if r == 2 { 7..9 } else { part(10, r, 3) }) as fn(usize) -> _,
+            |r| if r == 2 { 6..10 } else { part(10, r, 3) },
+        ] {
+            for r in write(cover) {
+                let err = r.unwrap_err().to_string();
+                assert!(err.contains("do not cover"), "{err}");
+            }
+            assert_eq!(std::fs::read(&path).unwrap(), expected);
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 
