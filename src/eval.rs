@@ -224,18 +224,7 @@ pub fn evaluate_shard_until(
     stop: &AtomicBool,
     grid: &dist::Grid,
 ) -> Result<Option<EvalStats>> {
-    let latents = dist::part(global.dict_size, grid.shard, grid.shards);
-    if latents.len() != shard.config().dict_size {
-        return Err(Error::Distributed {
-            reason: format!(
-                "shard {} of {} holds {} latents, not latents {latents:?} of the {}-latent SAE",
-                grid.shard,
-                grid.shards,
-                shard.config().dict_size,
-                global.dict_size
-            ),
-        });
-    }
+    let latents = grid.latents_of(global.dict_size, shard.config().dict_size, "SAE")?;
     let procs = Procs {
         world: &*grid.world,
         rows: &*grid.data,

@@ -3,6 +3,7 @@
 //! r div S: a group's S ranks see the same batch rows and own disjoint latents, and the R/S
 //! ranks that own the same latents, one per group, hold different rows.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use super::Collective;
@@ -58,6 +59,22 @@ impl Grid {
     /// This rank's group, 0 ≤ group < R/S.
     pub fn group(&self) -> usize {
         self.data.rank()
+    }
+
+    /// This rank's latents of a dictionary of `f`, `part(f, shard, S)`, checked against the
+    /// `held` latents its shard of `what` holds.
+    pub fn latents_of(&self, f: usize, held: usize, what: &str) -> Result<Range<usize>> {
+        let latents = super::part(f, self.shard, self.shards);
+        if latents.len() != held {
+            return Err(Error::Distributed {
+                reason: format!(
+                    "shard {} of {} holds {held} latents, not latents {latents:?} of the \
+                     {f}-latent {what}",
+                    self.shard, self.shards
+                ),
+            });
+        }
+        Ok(latents)
     }
 }
 

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::sliced::{LatentRows, SlicesOut};
 use super::tensors::standard;
 use crate::config::{Architecture, SaeConfig};
-use crate::dist::{agree, part, Collective, Grid, SingleProcess};
+use crate::dist::{agree, Collective, Grid, SingleProcess};
 use crate::error::{io_error, Error, Result};
 use crate::Sae;
 
@@ -68,19 +68,11 @@ pub fn export_shard(
     format: ExportFormat,
     metadata: &ExportMetadata,
 ) -> Result<()> {
-    let latents = part(global.dict_size, grid.shard, grid.shards);
-    let written = match grid.group() {
-        g if g > 0 => Ok(()),
-        _ if latents.len() != shard.config().dict_size => Err(Error::Distributed {
-            reason: format!(
-                "shard {} of {} holds {} latents, not latents {latents:?} of the {}-latent SAE",
-                grid.shard,
-                grid.shards,
-                shard.config().dict_size,
-                global.dict_size
-            ),
-        }),
-        _ => {
+    let latents = grid.latents_of(global.dict_size, shard.config().dict_size, "SAE");
+    let written = match (grid.group(), latents) {
+        (g, _) if g > 0 => Ok(()),
+        (_, Err(err)) => Err(err),
+        (_, Ok(latents)) => {
             let rows = LatentRows {
                 f: global.dict_size,
                 offset: latents.start,

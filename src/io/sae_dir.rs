@@ -56,24 +56,18 @@ impl Sae {
     /// the whole dictionary, so [`Sae::load`], `sae eval` and `sae export` read it as any
     /// other. No rank holds more than its shard. An error on any rank is every rank's.
     pub fn save_shard(&self, dir: &Path, global: &SaeConfig, grid: &Grid) -> Result<()> {
-        let rows = part(global.dict_size, grid.shard, grid.shards);
-        let written = if rows.len() != self.config.dict_size {
-            Err(Error::Distributed {
-                reason: format!(
-                    "shard {} of {} holds {} latents, not latents {rows:?} of the {}-latent \
-                     dictionary it saves",
-                    grid.shard, grid.shards, self.config.dict_size, global.dict_size
-                ),
-            })
-        } else if grid.group() == 0 {
-            let rows = LatentRows {
-                f: global.dict_size,
-                offset: rows.start,
-                writes_shared: grid.shard == 0,
-            };
-            self.save_rows(dir, rows, &*grid.latent)
-        } else {
-            Ok(())
+        let rows = grid.latents_of(global.dict_size, self.config.dict_size, "dictionary");
+        let written = match (grid.group(), rows) {
+            (_, Err(err)) => Err(err),
+            (0, Ok(rows)) => {
+                let rows = LatentRows {
+                    f: global.dict_size,
+                    offset: rows.start,
+                    writes_shared: grid.shard == 0,
+                };
+                self.save_rows(dir, rows, &*grid.latent)
+            }
+            _ => Ok(()),
         };
         agree(&*grid.world, written, false).map(|((), _)| ())
     }
