@@ -39,13 +39,13 @@ impl Sae {
         let mut codes = Codes::empty(self.config.dict_size);
         let mut selector = Selector::default();
         // Inference differs from training only in BatchTopK's threshold.
-        let (sharded, shards) = (latent.world_size() > 1, latent.world_size());
+        let shards = latent.world_size();
         match (Selection::of(self.config.arch), self.threshold) {
             (Selection::BatchTopK(_), Some(theta)) => selector.threshold(pre, theta, &mut codes),
-            (Selection::TopK(k), _) if sharded => {
+            (Selection::TopK(k), _) if shards > 1 => {
                 selector.topk_sharded(pre, k, offset, latent, &mut codes)
             }
-            (Selection::BatchTopK(k), None) if sharded => {
+            (Selection::BatchTopK(k), None) if shards > 1 => {
                 let k_total = k * x_bd.nrows();
                 selector.batch_topk_sharded(pre, k_total, latent, shards, &mut codes)
             }

@@ -7,7 +7,7 @@ use std::path::Path;
 use ndarray::{Array1, Array2};
 use serde_json::json;
 
-use super::sliced::{LatentRows, SlicesOut};
+use super::sliced::{write_by_shards, LatentRows, SlicesOut};
 use super::tensors::standard;
 use crate::config::{Architecture, SaeConfig};
 use crate::dist::{agree, Collective, Grid, SingleProcess};
@@ -68,20 +68,10 @@ pub fn export_shard(
     format: ExportFormat,
     metadata: &ExportMetadata,
 ) -> Result<()> {
-    let latents = grid.latents_of(global.dict_size, shard.config().dict_size, "SAE");
-    let written = match (grid.group(), latents) {
-        (g, _) if g > 0 => Ok(()),
-        (_, Err(err)) => Err(err),
-        (_, Ok(latents)) => {
-            let rows = LatentRows {
-                f: global.dict_size,
-                offset: latents.start,
-                writes_shared: grid.shard == 0,
-            };
-            export_rows(shard, rows, dir, format, metadata, &*grid.latent)
-        }
-    };
-    agree(&*grid.world, written, false).map(|((), _)| ())
+    let (f, held) = (global.dict_size, shard.config().dict_size);
+    write_by_shards(grid, f, held, "SAE", |rows| {
+        export_rows(shard, rows, dir, format, metadata, &*grid.latent)
+    })
 }
 
 /// The export in `format` of the SAE of which `sae` holds latents `rows`, the other
@@ -154,9 +144,9 @@ fn saelens_rows(
     let w_enc_df: Array2<f32> = sae.w_enc_fd().t().as_standard_layout().into_owned();
     let mut tensors = SlicesOut::new(rows);
     tensors.latents_f32_transposed("W_enc", d, standard(&w_enc_df));
-    tensors.latents_f32("b_enc", None, slice(sae.b_enc_f()));
-    tensors.latents_f32("W_dec", Some(d), slice(sae.w_dec_fd()));
-    tensors.shared_f32("b_dec", &[d], slice(sae.b_dec_d()));
+    tensors.latents_f32("b_enc", None, standard(&sae.b_enc_f));
+    tensors.latents_f32("W_dec", Some(d), standard(&sae.w_dec_fd));
+    tensors.shared_f32("b_dec", &[d], standard(&sae.b_dec_d));
     if let Some(threshold_f) = &threshold_f {
         tensors.latents_f32("threshold", None, standard(threshold_f));
     }
@@ -185,12 +175,6 @@ fn saelens_rows(
         cfg[key] = value;
     }
     write_json(dir, &cfg, rows, collective)
-}
-
-/// An SAE's parameter view as its contiguous values (the SAE keeps standard layout).
-fn slice<'a, D: ndarray::Dimension>(a: ndarray::ArrayView<'a, f32, D>) -> &'a [f32] {
-    a.to_slice()
-        .expect("an SAE's parameters are in standard layout")
 }
 
 /// Writes `sae` as EleutherAI's sparsify loads it (`Sae.load_from_disk(dir)`): `cfg.json` and
@@ -235,10 +219,10 @@ fn sparsify_rows(
     };
     fs::create_dir_all(dir).map_err(io_error(dir, "creating"))?;
     let mut tensors = SlicesOut::new(rows);
-    tensors.latents_f32("encoder.weight", Some(d), slice(sae.w_enc_fd()));
-    tensors.latents_f32("encoder.bias", None, slice(sae.b_enc_f()));
-    tensors.latents_f32("W_dec", Some(d), slice(sae.w_dec_fd()));
-    tensors.shared_f32("b_dec", &[d], slice(sae.b_dec_d()));
+    tensors.latents_f32("encoder.weight", Some(d), standard(&sae.w_enc_fd));
+    tensors.latents_f32("encoder.bias", None, standard(&sae.b_enc_f));
+    tensors.latents_f32("W_dec", Some(d), standard(&sae.w_dec_fd));
+    tensors.shared_f32("b_dec", &[d], standard(&sae.b_dec_d));
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     tensors.write(&dir.join("sae.safetensors"), Some(metadata), collective)?;
     let cfg = json!({

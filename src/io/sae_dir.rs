@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use safetensors::tensor::Dtype;
 
-use super::sliced::{LatentRows, SlicesOut};
+use super::sliced::{write_by_shards, LatentRows, SlicesOut};
 use super::tensors::{standard, TensorsIn};
 use super::{create_dir, write_atomic};
 use crate::config::SaeConfig;
@@ -56,20 +56,10 @@ impl Sae {
     /// the whole dictionary, so [`Sae::load`], `sae eval` and `sae export` read it as any
     /// other. No rank holds more than its shard. An error on any rank is every rank's.
     pub fn save_shard(&self, dir: &Path, global: &SaeConfig, grid: &Grid) -> Result<()> {
-        let rows = grid.latents_of(global.dict_size, self.config.dict_size, "dictionary");
-        let written = match (grid.group(), rows) {
-            (_, Err(err)) => Err(err),
-            (0, Ok(rows)) => {
-                let rows = LatentRows {
-                    f: global.dict_size,
-                    offset: rows.start,
-                    writes_shared: grid.shard == 0,
-                };
-                self.save_rows(dir, rows, &*grid.latent)
-            }
-            _ => Ok(()),
-        };
-        agree(&*grid.world, written, false).map(|((), _)| ())
+        let (f, held) = (global.dict_size, self.config.dict_size);
+        write_by_shards(grid, f, held, "dictionary", |rows| {
+            self.save_rows(dir, rows, &*grid.latent)
+        })
     }
 
     /// Writes the SAE directory of which this SAE holds latents `rows`, with the other

@@ -13,7 +13,7 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 
 use super::tensors::standard;
-use crate::dist::{agree, all_gather_u64, Collective};
+use crate::dist::{agree, all_gather_u64, part, Collective, Grid};
 use crate::error::{io_error, Error, Result};
 use crate::optim::ParamTensors;
 
@@ -137,6 +137,35 @@ impl LatentRows {
             writes_shared: true,
         }
     }
+
+    /// The latents `grid`'s rank holds of a dictionary of `f` (`part(f, shard, S)`), shard 0
+    /// writing the shared tensors.
+    pub(crate) fn of_shard(grid: &Grid, f: usize) -> Self {
+        LatentRows {
+            f,
+            offset: part(f, grid.shard, grid.shards).start,
+            writes_shared: grid.shard == 0,
+        }
+    }
+}
+
+/// A dictionary-shaped directory written by the latent shards of `grid`'s group 0 (the other
+/// groups hold the same latents): `write` gets each shard's rows of the dictionary of `f`
+/// after checking that the shard holds its `held` latents of `what`. Every rank calls it; an
+/// error on any rank is every rank's.
+pub(crate) fn write_by_shards(
+    grid: &Grid,
+    f: usize,
+    held: usize,
+    what: &str,
+    write: impl FnOnce(LatentRows) -> Result<()>,
+) -> Result<()> {
+    let written = match (grid.group(), grid.latents_of(f, held, what)) {
+        (_, Err(err)) => Err(err),
+        (0, Ok(_)) => write(LatentRows::of_shard(grid, f)),
+        _ => Ok(()),
+    };
+    agree(&*grid.world, written, false).map(|((), _)| ())
 }
 
 /// The tensors of a dictionary-shaped file, as this process's slices of them.

@@ -74,12 +74,7 @@ pub(crate) fn save(
                     state: trainer.state(),
                     extra: serde_json::json!({ "name": name }),
                 };
-                let f = trainer.global_config().dict_size;
-                let rows = LatentRows {
-                    f,
-                    offset: crate::dist::part(f, grid.shard, grid.shards).start,
-                    writes_shared: grid.shard == 0,
-                };
+                let rows = LatentRows::of_shard(grid, trainer.global_config().dict_size);
                 checkpoint.write_files_rows(dir, rows, &*grid.latent)
             }),
         _ => Ok(()),
