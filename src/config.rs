@@ -91,6 +91,36 @@ pub enum ReluVariant {
     UnitDecoder,
 }
 
+/// How the encoder GEMM rounds its inputs (`--precision`, the config key `precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout: the default, as the reference trains.
+    #[default]
+    F32,
+    /// The encoder GEMM multiplies x − b_dec and W_enc rounded to bfloat16 (to nearest, ties
+    /// to even) and accumulates in f32; parameters, Adam, selection, the sparse decoder and
+    /// the backward pass stay f32. About twice the f32 GEMM's speed on CPUs with AVX-512
+    /// BF16 ([`crate::backend::bf16`]); refused elsewhere.
+    Bf16,
+}
+
+impl Precision {
+    /// The name files and options use: `f32` or `bf16`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The shape and architecture of an SAE: all that is needed to build or load one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SaeConfig {
@@ -211,6 +241,8 @@ pub struct TrainConfig {
     /// Resampling: a new encoder row's norm as a multiple of the live latents' mean encoder
     /// norm (default 0.2, Anthropic 2023).
     pub resample_encoder_scale: f32,
+    /// How the encoder GEMM rounds its inputs (default f32; see [`Precision`]).
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -244,6 +276,7 @@ impl Default for TrainConfig {
             threshold_rule: ThresholdRule::Ema,
             resample_every: None,
             resample_encoder_scale: 0.2,
+            precision: Precision::F32,
         }
     }
 }

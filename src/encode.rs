@@ -5,6 +5,7 @@
 use ndarray::{Array2, ArrayView2};
 
 use crate::arch::Selection;
+use crate::backend::bf16::Bf16Encoder;
 use crate::backend::cuda_select::DeviceEncoder;
 use crate::backend::{sparse, Backend, Device};
 use crate::dist::{Collective, SingleProcess};
@@ -16,25 +17,28 @@ impl Sae {
     /// Sparse codes of `x_bd` as used outside training: ReLU keeps every positive code, TopK
     /// the k largest per row, BatchTopK those above θ (or, before θ is learned, the k·B largest
     /// of this batch, the training rule).
+    /// The encoder GEMM runs on `backend`, or in bf16 after [`Sae::set_precision`].
     pub fn encode(&self, backend: &dyn Backend, x_bd: ArrayView2<'_, f32>) -> Result<Codes> {
-        self.encode_shard(backend, x_bd, 0, &SingleProcess)
+        self.encode_shard(backend, None, x_bd, 0, &SingleProcess)
     }
 
     /// [`Sae::encode`] by a latent shard of a dictionary (see [`Sae::load_shard`]): this SAE
     /// holds latents `offset..`, the other processes of `latent` the rest of the same rows,
     /// and the codes are this shard's entries (local indices) of those one process holding
     /// the whole SAE would choose: TopK exchanges each shard's candidates, BatchTopK without
-    /// θ cuts the batch across the shards, the other rules need nothing of the others.
+    /// θ cuts the batch across the shards, the other rules need nothing of the others. `bf16`
+    /// is the bf16 GEMM's working set kept across batches (see [`Sae::pre_activations_into`]).
     pub(crate) fn encode_shard(
         &self,
         backend: &dyn Backend,
+        bf16: Option<&mut Bf16Encoder>,
         x_bd: ArrayView2<'_, f32>,
         offset: usize,
         latent: &dyn Collective,
     ) -> Result<Codes> {
         self.check_batch(x_bd)?;
         let (mut xc_bd, mut gemm_bf) = (Array2::zeros((0, 0)), Array2::zeros((0, 0)));
-        self.pre_activations_into(backend, x_bd, &mut xc_bd, &mut gemm_bf);
+        self.pre_activations_into(backend, bf16, x_bd, &mut xc_bd, &mut gemm_bf);
         let pre = self.pre_acts(&gemm_bf);
         let mut codes = Codes::empty(self.config.dict_size);
         let mut selector = Selector::default();
@@ -65,14 +69,17 @@ impl Sae {
     }
 
     /// An [`Encoder`] of this SAE on `device`: on a GPU the encoder's parameters are uploaded
-    /// once and every batch's GEMM and selection run there. Fails with
-    /// [`Error::Device`] when the device cannot run here.
+    /// once and every batch's GEMM and selection run there; on the CPU in bf16, W_enc is
+    /// rounded once. Fails with [`Error::Device`] when the device cannot run here, and with
+    /// [`Error::Precision`] for a GPU and an SAE set to bf16.
     pub fn encoder(&self, device: Device) -> Result<Encoder<'_>> {
         match device {
             Device::Cpu => Ok(Encoder {
                 sae: self,
                 gpu: None,
+                bf16: self.bf16.map(Bf16Encoder::new),
             }),
+            Device::Cuda(_) if self.bf16.is_some() => Err(bf16_not_on_gpu()),
             Device::Cuda(_) if !self.config.arch.runs_on_gpu() => {
                 Err(self.config.arch.not_on_gpu(device.to_string()))
             }
@@ -86,6 +93,7 @@ impl Sae {
                     Selection::of(self.config.arch),
                     self.threshold,
                 )?)),
+                bf16: None,
             }),
         }
     }
@@ -123,6 +131,15 @@ impl Sae {
 pub struct Encoder<'a> {
     sae: &'a Sae,
     gpu: Option<Box<DeviceEncoder>>,
+    bf16: Option<Bf16Encoder>,
+}
+
+/// The error for `--precision bf16` with a GPU.
+pub(crate) fn bf16_not_on_gpu() -> Error {
+    Error::Precision {
+        precision: "bf16".into(),
+        reason: "the bf16 encoder GEMM runs on the CPU; on a GPU pass --tf32 instead".into(),
+    }
 }
 
 impl Encoder<'_> {
@@ -133,6 +150,18 @@ impl Encoder<'_> {
             self.sae.check_batch(x_bd)?;
             return gpu.encode(x_bd);
         }
-        self.sae.encode(&crate::backend::Cpu, x_bd)
+        self.encode_shard(x_bd, 0, &SingleProcess)
+    }
+
+    /// [`Sae::encode_shard`] on the CPU, the bf16 working set kept from batch to batch.
+    pub(crate) fn encode_shard(
+        &mut self,
+        x_bd: ArrayView2<'_, f32>,
+        offset: usize,
+        latent: &dyn Collective,
+    ) -> Result<Codes> {
+        let cpu = &crate::backend::Cpu;
+        let bf16 = self.bf16.as_mut();
+        self.sae.encode_shard(cpu, bf16, x_bd, offset, latent)
     }
 }

@@ -102,6 +102,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// A precision this CPU cannot run (`--precision bf16` without bf16 instructions), or one
+    /// asked of a device that has no such mode.
+    #[error("--precision {precision}: {reason}")]
+    Precision {
+        /// The precision asked for (`bf16`).
+        precision: String,
+        /// What is missing and what to do.
+        reason: String,
+    },
+
     /// The caller's stop flag was set before training started or resumed; what was already
     /// on disk (a checkpoint) is left as it was.
     #[error("{}: stopped at the caller's request {when}", path.display())]

@@ -225,6 +225,7 @@ pub fn evaluate_shard_until(
     grid: &dist::Grid,
 ) -> Result<Option<EvalStats>> {
     let latents = grid.latents_of(global.dict_size, shard.config().dict_size, "SAE")?;
+    let mut encoder = shard.encoder(crate::backend::Device::Cpu)?;
     let procs = Procs {
         world: &*grid.world,
         rows: &*grid.data,
@@ -237,7 +238,7 @@ pub fn evaluate_shard_until(
         skip_non_finite,
         stop,
         procs,
-        &mut |x_bd| shard.encode_shard(&crate::backend::Cpu, x_bd, latents.start, procs.latent),
+        &mut |x_bd| encoder.encode_shard(x_bd, latents.start, procs.latent),
     )
 }
 

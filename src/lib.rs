@@ -63,7 +63,9 @@ pub mod select;
 pub mod synth;
 pub mod train;
 
-pub use config::{Architecture, ConfigError, ReluVariant, SaeConfig, ThresholdRule, TrainConfig};
+pub use config::{
+    Architecture, ConfigError, Precision, ReluVariant, SaeConfig, ThresholdRule, TrainConfig,
+};
 pub use error::{Error, Result};
 pub use sae::Sae;
 pub use select::Codes;

@@ -7,6 +7,7 @@ use std::ops::Range;
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayViewMut1, Zip};
 
 use crate::arch::DecoderConstraint;
+use crate::backend::bf16::round_row_into;
 use crate::backend::simd::dispatch;
 use crate::backend::sparse::dot;
 use crate::config::SaeConfig;
@@ -381,13 +382,14 @@ impl Adam {
         decoder: DecoderConstraint,
     ) {
         let all = 0..params.w_enc_fd.nrows();
-        self.step_latents(params, grads, lr, grad_scale, decoder, all);
+        self.step_latents(params, grads, lr, grad_scale, decoder, all, None);
     }
 
     /// [`Adam::step`] on the rows (and θ_j) of the latents in `latents` and on b_dec only: the share of
     /// one process of a distributed run, which owns those latents' moments. Every other
-    /// parameter and moment is left as it is.
-    pub fn step_latents(
+    /// parameter and moment is left as it is. `w_enc_bf16`, W_enc's bf16 copy for
+    /// `--precision bf16` (one row of pairs per latent), gets the updated rows rounded.
+    pub(crate) fn step_latents(
         &mut self,
         params: ParamsMut<'_>,
         grads: &Grads,
@@ -395,6 +397,7 @@ impl Adam {
         grad_scale: f32,
         decoder: DecoderConstraint,
         latents: Range<usize>,
+        w_enc_bf16: Option<ndarray::ArrayViewMut2<'_, u32>>,
     ) {
         let s = self.next_step(lr, grad_scale);
         let g = &grads.tensors;
@@ -404,14 +407,33 @@ impl Adam {
         };
         let rows = s![latents.clone(), ..];
         let active_f = &grads.active_f[latents.clone()];
-        Zip::from(params.w_enc_fd.slice_mut(rows).rows_mut())
-            .and(self.m.w_enc_fd.slice_mut(rows).rows_mut())
-            .and(self.v.w_enc_fd.slice_mut(rows).rows_mut())
-            .and(g.w_enc_fd.slice(rows).rows())
-            .and(active_f)
-            .par_for_each(|p, m, v, g, &active| {
+        let (mut p_enc, mut m_enc) = (
+            params.w_enc_fd.slice_mut(rows),
+            self.m.w_enc_fd.slice_mut(rows),
+        );
+        let (mut v_enc, g_enc) = (self.v.w_enc_fd.slice_mut(rows), g.w_enc_fd.slice(rows));
+        let w_enc = Zip::from(p_enc.rows_mut())
+            .and(m_enc.rows_mut())
+            .and(v_enc.rows_mut())
+            .and(g_enc.rows())
+            .and(active_f);
+        match w_enc_bf16 {
+            // Each row is rounded while it is in cache: the bf16 copy costs no pass of its own.
+            Some(copy) => w_enc.and(copy.slice_move(rows).rows_mut()).par_for_each(
+                |mut p, m, v, g, &active, mut copy| {
+                    dispatch(|| {
+                        s.update_row(p.view_mut(), m, v, active.then_some(g));
+                        round_row_into(
+                            copy.as_slice_mut().expect("standard layout"),
+                            p.as_slice().expect("standard layout"),
+                        );
+                    })
+                },
+            ),
+            None => w_enc.par_for_each(|p, m, v, g, &active| {
                 dispatch(|| s.update_row(p, m, v, active.then_some(g)))
-            });
+            }),
+        }
         Zip::from(params.w_dec_fd.slice_mut(rows).rows_mut())
             .and(self.m.w_dec_fd.slice_mut(rows).rows_mut())
             .and(self.v.w_dec_fd.slice_mut(rows).rows_mut())

@@ -7,8 +7,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
+use crate::backend::bf16::{Bf16Encoder, Bf16Kernel};
 use crate::backend::Backend;
-use crate::config::SaeConfig;
+use crate::config::{Precision, SaeConfig};
 use crate::dist::Collective;
 use crate::error::{check_shape, Error, Result};
 use crate::select::PreActs;
@@ -28,6 +29,9 @@ pub struct Sae {
     /// JumpReLU's thresholds θ_j, F values (a parameter trained with the others); empty for
     /// every other architecture.
     pub(crate) threshold_f: Array1<f32>,
+    /// The bf16 kernel when the encoder GEMM runs in bf16 ([`Sae::set_precision`]); not a
+    /// parameter, and not saved.
+    pub(crate) bf16: Option<Bf16Kernel>,
 }
 
 /// JumpReLU's initial θ_j (Rajamanoharan et al. 2024, appendix I; dictionary_learning's
@@ -66,6 +70,7 @@ impl Sae {
             b_dec_d: Array1::zeros(d),
             threshold: None,
             threshold_f: initial_thresholds(&config),
+            bf16: None,
         })
     }
 
@@ -132,6 +137,7 @@ impl Sae {
             b_dec_d,
             threshold: None,
             threshold_f: initial_thresholds(&config),
+            bf16: None,
         })
     }
 
@@ -216,14 +222,36 @@ impl Sae {
         Ok(())
     }
 
+    /// How the encoder GEMM rounds its inputs: f32 (the default) or bf16 with f32
+    /// accumulation. Fails with [`Error::Precision`] for bf16 on a CPU without AVX-512 BF16.
+    /// Every encoding on the CPU follows it (training sets it from
+    /// [`crate::TrainConfig::precision`]); it is not saved with the SAE.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        self.bf16 = match precision {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(Bf16Kernel::detect()?),
+        };
+        Ok(())
+    }
+
+    /// The precision of the encoder GEMM (see [`Sae::set_precision`]).
+    pub fn precision(&self) -> Precision {
+        match self.bf16 {
+            Some(_) => Precision::Bf16,
+            None => Precision::F32,
+        }
+    }
+
     /// The encoder up to the sparsifier: `xc_bd ← x − b_dec` (x itself for an architecture that
     /// does not centre its input) and `gemm_bf ← xc·W_encᵀ`; with
     /// b_enc ([`Sae::pre_acts`]) that makes the pre-activations. Bias and ReLU are left to the
     /// selection, which reads each entry once anyway. Outputs are resized only if the batch
-    /// size changed.
+    /// size changed. In f32 the GEMM runs on `backend`; in bf16 on `bf16`, the working set
+    /// kept from batch to batch (its W_enc copy current), or a new one when `None`.
     pub(crate) fn pre_activations_into(
         &self,
         backend: &dyn Backend,
+        bf16: Option<&mut Bf16Encoder>,
         x_bd: ArrayView2<'_, f32>,
         xc_bd: &mut Array2<f32>,
         gemm_bf: &mut Array2<f32>,
@@ -232,6 +260,17 @@ impl Sae {
         resize(xc_bd, (b, self.config.d_model));
         resize(gemm_bf, (b, self.config.dict_size));
         let centre = self.config.arch.centres_input();
+        if let Some(kernel) = self.bf16 {
+            let mut fresh = None;
+            let encoder = match bf16 {
+                Some(encoder) => encoder,
+                None => fresh.insert(Bf16Encoder::new(kernel)),
+            };
+            let b_dec_d = centre.then(|| self.b_dec_d.view());
+            let (xc_bd, gemm_bf) = (xc_bd.view_mut(), gemm_bf.view_mut());
+            encoder.encode(self.w_enc_fd.view(), x_bd, b_dec_d, xc_bd, gemm_bf);
+            return;
+        }
         Zip::from(xc_bd.rows_mut())
             .and(x_bd.rows())
             .par_for_each(|mut xc, x| {
@@ -268,7 +307,7 @@ impl Sae {
     ) -> Result<Array2<f32>> {
         self.check_batch(x_bd)?;
         let (mut xc_bd, mut gemm_bf) = (Array2::zeros((0, 0)), Array2::zeros((0, 0)));
-        self.pre_activations_into(backend, x_bd, &mut xc_bd, &mut gemm_bf);
+        self.pre_activations_into(backend, None, x_bd, &mut xc_bd, &mut gemm_bf);
         Ok(self.pre_acts(&gemm_bf).to_dense())
     }
 

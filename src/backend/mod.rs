@@ -13,6 +13,7 @@ pub mod cuda;
 pub(crate) mod cuda_select;
 #[cfg(not(feature = "cuda"))]
 pub(crate) use cuda as cuda_select;
+pub mod bf16;
 mod device;
 pub mod simd;
 pub mod sparse;

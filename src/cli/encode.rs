@@ -73,10 +73,11 @@ pub fn run(args: EncodeArgs, world: &World) -> Result<Option<u8>> {
     let c = &*collective;
     let (rank, size) = (c.rank(), c.world_size());
     let lead = rank == 0;
-    let loaded = args
-        .device
-        .device()
-        .and_then(|device| Ok((device, Sae::load(&args.sae).map_err(usage)?)));
+    let loaded = args.device.device().and_then(|device| {
+        let mut sae = Sae::load(&args.sae).map_err(usage)?;
+        args.device.set_precision(&mut sae)?;
+        Ok((device, sae))
+    });
     let ((device, sae), _) = agree(c, loaded, false)?;
     let ((mut encoder, rows, mut writer), _) = agree(c, open(&args, &sae, device, lead), false)?;
     let (n, d) = (rows.n_rows(), sae.config().d_model);

@@ -153,7 +153,8 @@ fn open_shard(
         )
         .into());
     }
-    let loaded = Sae::load_shard(&args.sae, grid.shard, grid.shards).map_err(usage)?;
+    let mut loaded = Sae::load_shard(&args.sae, grid.shard, grid.shards).map_err(usage)?;
+    args.device.set_precision(&mut loaded.0)?;
     let (out, rows) = open_output_and_data(args, &loaded.0, lead)?;
     Ok((loaded, out, rows))
 }
@@ -162,7 +163,8 @@ fn open_shard(
 /// (made by the lead) and the data, checked against the SAE.
 fn open(args: &EvalArgs, lead: bool) -> Result<(Device, Sae, PathBuf, Option<NpyShards>)> {
     let device = args.device.device()?;
-    let sae = Sae::load(&args.sae).map_err(usage)?;
+    let mut sae = Sae::load(&args.sae).map_err(usage)?;
+    args.device.set_precision(&mut sae)?;
     // Before anything is written: a device that cannot run leaves --out untouched.
     device.check().map_err(usage)?;
     let (out, rows) = open_output_and_data(args, &sae, lead)?;

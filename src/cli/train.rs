@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use sparse_autoencoder::backend::bf16::Bf16Kernel;
 use sparse_autoencoder::data::DataError;
 use sparse_autoencoder::plot;
 use sparse_autoencoder::run::{
     ArchName, Observer, Outcome, Progress, ResumeOptions, Run, RunSpec, SaeSpec, Summary,
 };
-use sparse_autoencoder::{ReluVariant, ThresholdRule};
+use sparse_autoencoder::{Precision, ReluVariant, ThresholdRule};
 
 use super::{at_least_one, at_least_one_u64, fraction, usage, UsageError};
 
@@ -261,7 +262,7 @@ struct RunArgs {
             "relu_variant", "batch_size", "steps", "tokens", "lr", "l1", "warmup_steps",
             "decay_start", "auxk_alpha", "dead_tokens", "threshold_start_step",
             "threshold_beta", "threshold", "l0_coefficient", "jumprelu_bandwidth", "group_sizes", "group_fractions", "group_weights", "resample",
-            "resample_encoder_scale", "seed", "out",
+            "resample_encoder_scale", "precision", "seed", "out",
             "force", "checkpoint_every", "metrics_every",
             "max_memory"]
     )]
@@ -344,6 +345,14 @@ pub fn run(args: TrainArgs, world: &World) -> Result<Option<u8>> {
         }
         None => {
             let spec = spec_from(&args)?;
+            if spec
+                .sae
+                .iter()
+                .any(|s| s.precision == Some(Precision::Bf16))
+            {
+                // Before the run directory is made.
+                Bf16Kernel::detect().map_err(usage)?;
+            }
             let dir = args.run.out.clone().unwrap_or_else(default_run_dir);
             let created = Run::create_sharded(&spec, &dir, args.run.force, &signals.stop, grid);
             match created {
@@ -544,6 +553,7 @@ fn sweep(tables: &[SaeSpec], args: &TrainArgs) -> Vec<SaeSpec> {
         base.jumprelu_bandwidth = o.jumprelu_bandwidth.or(base.jumprelu_bandwidth);
         base.resample_every = o.resample.or(base.resample_every);
         base.resample_encoder_scale = o.resample_encoder_scale.or(base.resample_encoder_scale);
+        base.precision = args.run.device.precision().or(base.precision);
         if !o.group_sizes.is_empty() || !o.group_fractions.is_empty() {
             // One way of giving the groups replaces the other.
             base.group_sizes = (!o.group_sizes.is_empty()).then(|| o.group_sizes.clone());

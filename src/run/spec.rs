@@ -188,6 +188,8 @@ pub struct SaeSpec {
     /// Resampling: a new encoder row's norm as a multiple of the live latents' mean (default
     /// 0.2, Anthropic 2023).
     pub resample_encoder_scale: Option<f32>,
+    /// How the encoder GEMM rounds, `f32` (the default) or `bf16` ([`crate::Precision`]).
+    pub precision: Option<crate::Precision>,
 }
 
 /// Peak learning rate on the synthetic data.
@@ -313,6 +315,7 @@ impl SaeSpec {
             resample_encoder_scale: self
                 .resample_encoder_scale
                 .unwrap_or(defaults.resample_encoder_scale),
+            precision: self.precision.unwrap_or_default(),
             ..defaults
         };
         train.validate(&sae)?;
@@ -372,6 +375,8 @@ impl SaeSpec {
                 .then(|| train.group_weights.clone()),
             resample_every: train.resample_every,
             resample_encoder_scale: train.resample_every.map(|_| train.resample_encoder_scale),
+            // Recorded when not the default, so the files of f32 runs stay as they were.
+            precision: (train.precision != crate::Precision::F32).then_some(train.precision),
         };
         Ok((resolved, sae, train))
     }
@@ -410,13 +415,18 @@ fn dead_window(reference: u64, steps: u64, batch_size: usize) -> u64 {
 
 /// `batchtopk-k64-f16384`, `relu-l1_5-f4096`: what tells the SAEs of a sweep apart.
 fn default_name(sae: &SaeConfig, train: &TrainConfig) -> String {
-    match sae.arch {
+    let precision = match train.precision {
+        crate::Precision::F32 => "",
+        crate::Precision::Bf16 => "-bf16",
+    };
+    let name = match sae.arch {
         Architecture::Relu { .. } => format!("relu-l1_{}-f{}", train.l1_coefficient, sae.dict_size),
         Architecture::TopK { k } => format!("topk-k{k}-f{}", sae.dict_size),
         Architecture::BatchTopK { k } => format!("batchtopk-k{k}-f{}", sae.dict_size),
         Architecture::JumpRelu => format!("jumprelu-l0_{}-f{}", train.target_l0, sae.dict_size),
         Architecture::Matryoshka { k } => format!("matryoshka-k{k}-f{}", sae.dict_size),
-    }
+    };
+    name + precision
 }
 
 #[cfg(test)]

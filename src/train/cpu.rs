@@ -11,18 +11,21 @@ use super::loss::{aux_sq_sum, column_sums_by, residual_sum, row_sq_sum, total_va
 use super::phases::{BackwardArgs, Captured, Firing, LossSums, Phases, State, Step};
 use super::shard::{Gathered, Shard};
 use crate::arch::{DecoderConstraint, Selection};
+use crate::backend::bf16::Bf16Encoder;
 use crate::backend::{sparse, Backend};
-use crate::config::SaeConfig;
 use crate::dist::Collective;
 use crate::error::Result;
 use crate::optim::{sq, Grads, ParamTensors};
-use crate::sae::resize;
+use crate::sae::{resize, Sae};
 use crate::select::{select_into, Codes, Selector};
 
 /// The CPU's step: the dense GEMMs' backend, the gradients, the step-sized buffers and what
 /// one phase leaves for the next.
 pub(crate) struct CpuStep {
     gemm: Arc<dyn Backend>,
+    /// `--precision bf16`: the encoder GEMM's working set (W_enc's bf16 copy, which the
+    /// update keeps current, and the packed batch).
+    bf16: Option<Bf16Encoder>,
     /// ReLU: code density above which the decoder and backward use dense GEMMs.
     dense_threshold: f32,
     grads: Grads,
@@ -72,10 +75,13 @@ struct Buffers {
 }
 
 impl CpuStep {
-    /// A CPU step for an SAE of `config`, running its dense GEMMs on `gemm`.
-    pub fn new(gemm: Arc<dyn Backend>, dense_threshold: f32, config: &SaeConfig) -> Self {
+    /// A CPU step for `sae`, running its dense GEMMs on `gemm` (and its encoder GEMM in bf16
+    /// when `sae` is set to, [`crate::Sae::set_precision`]).
+    pub fn new(gemm: Arc<dyn Backend>, dense_threshold: f32, sae: &Sae) -> Self {
+        let config = &sae.config;
         CpuStep {
             gemm,
+            bf16: sae.bf16.map(Bf16Encoder::new),
             dense_threshold,
             grads: Grads::zeros_for(config),
             buf: Buffers::default(),
@@ -142,6 +148,7 @@ impl Phases for CpuStep {
     fn encode(&mut self, state: &State, step: &Step<'_>) -> Result<()> {
         state.sae.pre_activations_into(
             &*self.gemm,
+            self.bf16.as_mut(),
             step.x_bd,
             &mut self.buf.xc_bd,
             &mut self.buf.pre_bf,
@@ -523,13 +530,15 @@ impl Phases for CpuStep {
     ) -> Result<()> {
         // Across processes each steps its own latents, then gathers the others'.
         let sae = &mut state.sae;
+        let own = step.shard.latents();
         state.adam.step_latents(
             sae.params_mut(),
             &self.grads,
             lr,
             grad_scale,
             decoder,
-            step.shard.latents(),
+            own.clone(),
+            self.bf16.as_mut().and_then(Bf16Encoder::w_enc_mut),
         );
         if step.distributed() {
             step.shard.gather_latents(
@@ -540,12 +549,24 @@ impl Phases for CpuStep {
                 &mut sae.threshold_f,
             );
             self.moments_partial = true;
+            if let Some(bf16) = &mut self.bf16 {
+                // The other processes' latents arrived in f32: rounded here.
+                let w = sae.w_enc_fd.view();
+                bf16.refresh(w, 0..own.start);
+                bf16.refresh(w, own.end..w.nrows());
+            }
         }
         Ok(())
     }
 
     fn loss_sums(&mut self) -> Result<LossSums> {
         Ok(self.sums)
+    }
+
+    fn params_changed(&mut self) {
+        if let Some(bf16) = &mut self.bf16 {
+            bf16.invalidate();
+        }
     }
 
     fn residual(&mut self, step: &Step<'_>) -> Result<Array2<f32>> {

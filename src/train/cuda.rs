@@ -794,6 +794,10 @@ impl Phases for CudaStep {
         })
     }
 
+    fn params_changed(&mut self) {
+        // Resampling runs on the CPU only (`Trainer::set_device` refuses it here).
+    }
+
     fn residual(&mut self, step: &Step<'_>) -> Result<Array2<f32>> {
         let bb = self
             .batch

@@ -107,6 +107,10 @@ impl Phases for CudaStep {
         match *self {}
     }
 
+    fn params_changed(&mut self) {
+        match *self {}
+    }
+
     fn residual(&mut self, _step: &Step<'_>) -> Result<Array2<f32>> {
         match *self {}
     }

@@ -115,6 +115,10 @@ impl Phases for Engine {
         each!(self, s => s.loss_sums())
     }
 
+    fn params_changed(&mut self) {
+        each!(self, s => s.params_changed())
+    }
+
     fn residual(&mut self, step: &Step<'_>) -> Result<Array2<f32>> {
         each!(self, s => s.residual(step))
     }

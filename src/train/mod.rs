@@ -209,6 +209,7 @@ impl Trainer {
     ) -> Result<Self> {
         config.validate(&global)?;
         let mut sae = sae;
+        sae.set_precision(config.precision)?;
         for w in [&mut sae.w_enc_fd, &mut sae.w_dec_fd] {
             *w = crate::backend::huge_copy(w.view());
         }
@@ -234,6 +235,7 @@ impl Trainer {
                 weight: p.weight,
             })
             .collect();
+        let engine = Engine::Cpu(Box::new(CpuStep::new(gemm.clone(), dense_threshold, &sae)));
         Ok(Trainer {
             rules: Rules::for_config(&global, &config),
             prefixes,
@@ -245,11 +247,7 @@ impl Trainer {
             },
             config,
             step: 0,
-            engine: Engine::Cpu(Box::new(CpuStep::new(
-                gemm.clone(),
-                dense_threshold,
-                &sae_config,
-            ))),
+            engine,
             gemm,
             dense_threshold,
             collective,
@@ -298,8 +296,11 @@ impl Trainer {
             Device::Cpu => Engine::Cpu(Box::new(CpuStep::new(
                 self.gemm.clone(),
                 self.dense_threshold,
-                &self.state.sae.config,
+                &self.state.sae,
             ))),
+            Device::Cuda(_) if self.state.sae.bf16.is_some() => {
+                return Err(crate::encode::bf16_not_on_gpu())
+            }
             Device::Cuda(_) if self.collective.world_size() > 1 => {
                 return Err(one_process_on_gpu(device.to_string()))
             }
@@ -529,7 +530,9 @@ impl Trainer {
             engine.read_back(state, collective)?;
             let e_bd = engine.residual(&step)?;
             let scale = config.resample_encoder_scale;
-            resample_dead(state, &step, &e_bd, rules.dead_tokens, scale, self.step)
+            let resampled = resample_dead(state, &step, &e_bd, rules.dead_tokens, scale, self.step);
+            engine.params_changed();
+            resampled
         } else {
             0
         };

@@ -208,6 +208,10 @@ pub(crate) trait Phases {
     /// The step's loss sums.
     fn loss_sums(&mut self) -> Result<LossSums>;
 
+    /// The SAE's parameters in `State` changed outside the step (resampling): a backend that
+    /// keeps a derived copy (the CPU's bf16 W_enc) makes it afresh.
+    fn params_changed(&mut self);
+
     /// The step's residual x − x̂ on this process's rows (x̂ the whole dictionary's
     /// reconstruction), B×D, for resampling.
     fn residual(&mut self, step: &Step<'_>) -> Result<Array2<f32>>;
