@@ -150,11 +150,28 @@ impl Estimate {
         );
     }
 
+    /// The bf16 encoder GEMM's copies (`--precision bf16`): W_enc and the batch of `batch`
+    /// rows in bf16.
+    pub(crate) fn bf16_copies(&mut self, sae: &SaeConfig, batch: usize) {
+        let (f, d, b) = (u(sae.dict_size), u(sae.d_model), u(batch));
+        self.add("bf16 W_enc", Knob::DictSize, mul(&[2, f, d]));
+        self.add("bf16 batch", Knob::BatchSize, mul(&[2, b, d]));
+    }
+
     /// `sae bench`: one trainer, its fixed batch, the bare GEMM's copies of W_enc and its
-    /// B×F output, and with `data` the loader over a file of `data_batches` batches.
-    pub fn bench(sae: &SaeConfig, batch: usize, data: Option<usize>) -> Estimate {
+    /// B×F output, and with `data` the loader over a file of `data_batches` batches; with
+    /// `bf16`, a second trainer and bare GEMM in bf16 beside them.
+    pub fn bench(sae: &SaeConfig, batch: usize, data: Option<usize>, bf16: bool) -> Estimate {
         let mut e = Estimate::default();
         e.trainer(sae, batch, 1);
+        if bf16 {
+            e.trainer(sae, batch, 1);
+            e.bf16_copies(sae, batch);
+            // Its bare GEMM's own copies, and its B×F output.
+            e.bf16_copies(sae, batch);
+            let (f, b) = (u(sae.dict_size), u(batch));
+            e.add("bf16 bare GEMM output", Knob::BatchAndDictSize, mul(&[4, b, f]));
+        }
         let (f, d, b) = (u(sae.dict_size), u(sae.d_model), u(batch));
         // Sae::new's initialisation and the GEMM's own W_enc.
         e.add("initialisation copies", Knob::DictSize, mul(&[8, f, d]));

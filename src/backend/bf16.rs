@@ -14,7 +14,7 @@ use std::ops::Range;
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Zip};
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::{check_shape, Error, Result};
 
 /// Batch rows per packed panel: the kernel's two 16-lane vectors.
 pub(crate) const PANEL: usize = 32;
@@ -108,7 +108,7 @@ impl Bf16Kernel {
 /// W_enc (or any F×D matrix whose rows are the GEMM's columns) rounded to bf16: F rows of
 /// ⌈D/2⌉ pairs, with zero rows up to a whole kernel tile.
 #[derive(Clone, Debug)]
-pub(crate) struct Bf16Rows {
+pub struct Bf16Rows {
     rows: usize,
     cols: usize,
     /// (F rounded up to a tile) × ⌈D/2⌉ pairs.
@@ -157,7 +157,7 @@ impl Bf16Rows {
 /// A batch rounded to bf16 and packed for the kernel: panels of [`PANEL`] rows, each pair
 /// index holding the panel's 32 rows' pairs side by side (rows past B are zero).
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Bf16Batch {
+pub struct Bf16Batch {
     rows: usize,
     cols: usize,
     words: Vec<u32>,
@@ -169,42 +169,48 @@ impl Bf16Batch {
     }
 
     /// Forms `xc_bd` (shaped like `x_bd`) as x − `b_dec_d` (or x itself when `b_dec_d` is
-    /// `None`) in f32, and this packed, rounded copy of it in the same pass.
+    /// `None`) in f32, and this packed, rounded copy of it in the same pass. Fails with
+    /// [`Error::Shape`] when the shapes disagree.
     pub fn form(
         &mut self,
         x_bd: ArrayView2<'_, f32>,
         b_dec_d: Option<ArrayView1<'_, f32>>,
         mut xc_bd: ArrayViewMut2<'_, f32>,
-    ) {
+    ) -> Result<()> {
         let (b, d) = x_bd.dim();
-        assert_eq!(xc_bd.dim(), (b, d), "x − b_dec is shaped like x");
+        check_shape("x − b_dec (xc_bd)", xc_bd.shape(), &[b, d])?;
+        if let Some(b_dec) = &b_dec_d {
+            check_shape("b_dec_d", b_dec.shape(), &[d])?;
+        }
         self.rows = b;
         self.cols = d;
-        let panel_words = PANEL * self.pairs();
+        let pairs = self.pairs();
+        let panel_words = PANEL * pairs;
         self.words.clear();
         self.words.resize(b.div_ceil(PANEL) * panel_words, 0);
-        let pairs = self.pairs();
         xc_bd
             .axis_chunks_iter_mut(Axis(0), PANEL)
             .into_par_iter()
             .zip(x_bd.axis_chunks_iter(Axis(0), PANEL))
             .zip(self.words.par_chunks_mut(panel_words))
             .for_each(|((mut xc_rd, x_rd), panel)| {
-                let mut row_p = vec![0u32; pairs];
+                let (mut row_d, mut row_p) = (vec![0.0f32; d], vec![0u32; pairs]);
                 for (r, (mut xc, x)) in xc_rd.rows_mut().into_iter().zip(x_rd.rows()).enumerate() {
                     match &b_dec_d {
-                        Some(b_dec) => Zip::from(&mut xc)
+                        Some(b_dec) => Zip::from(&mut row_d[..])
                             .and(&x)
                             .and(b_dec)
                             .for_each(|c, &x, &bd| *c = x - bd),
-                        None => xc.assign(&x),
+                        None => Zip::from(&mut row_d[..]).and(&x).for_each(|c, &x| *c = x),
                     }
-                    round_row_into(&mut row_p, xc.as_slice().expect("standard layout"));
+                    xc.assign(&ArrayView1::from(&row_d[..]));
+                    round_row_into(&mut row_p, &row_d);
                     for (p, &w) in row_p.iter().enumerate() {
                         panel[p * PANEL + r] = w;
                     }
                 }
             });
+        Ok(())
     }
 }
 
@@ -242,8 +248,11 @@ impl Bf16Encoder {
     ) {
         let w = self.w_enc.get_or_insert_with(|| Bf16Rows::new(w_enc_fd));
         debug_assert_eq!(w.dim(), w_enc_fd.dim());
-        self.batch.form(x_bd, b_dec_d, xc_bd);
-        gemm(self.kernel, &self.batch, w, gemm_bf);
+        // The caller (`Sae::pre_activations_into`) sizes every array from the SAE.
+        self.batch
+            .form(x_bd, b_dec_d, xc_bd)
+            .expect("x − b_dec sized from the batch");
+        gemm(self.kernel, &self.batch, w, gemm_bf).expect("output sized from the SAE");
     }
 
     /// W_enc's copy, a row of pairs per latent, for the Adam pass to round the rows it
@@ -268,17 +277,23 @@ impl Bf16Encoder {
 }
 
 /// `c_bf ← a · wᵀ` in bf16 with f32 accumulation: `a` B×D (packed), `w` F×D, `c_bf` B×F in
-/// standard layout.
-pub(crate) fn gemm(
+/// standard layout. Fails with [`Error::Shape`] when the shapes or the layout disagree.
+pub fn gemm(
     kernel: Bf16Kernel,
     a: &Bf16Batch,
     w: &Bf16Rows,
     mut c_bf: ArrayViewMut2<'_, f32>,
-) {
-    assert_eq!(a.cols, w.cols, "bf16 GEMM: inner dimensions differ");
-    assert_eq!(c_bf.dim(), (a.rows, w.rows), "bf16 GEMM: output shape");
-    assert!(c_bf.is_standard_layout(), "bf16 GEMM: output layout");
+) -> Result<()> {
     let _ = kernel;
+    check_shape("bf16 GEMM weights (w_fd)", &[w.rows, w.cols], &[w.rows, a.cols])?;
+    check_shape("bf16 GEMM output (c_bf)", c_bf.shape(), &[a.rows, w.rows])?;
+    if !c_bf.is_standard_layout() {
+        return Err(Error::Shape {
+            what: "bf16 GEMM output (c_bf), which must be in standard layout".into(),
+            expected: vec![a.rows, w.rows],
+            got: c_bf.shape().to_vec(),
+        });
+    }
     let pairs = a.pairs();
     let panel_words = PANEL * pairs;
     let panels_per_block = (BLOCK_BYTES / (panel_words * 4)).max(1);
@@ -313,6 +328,7 @@ pub(crate) fn gemm(
                 }
             }
         });
+    Ok(())
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -32,11 +32,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use sparse_autoencoder::arch::ArchName;
+use sparse_autoencoder::backend::bf16::{self, Bf16Batch, Bf16Kernel, Bf16Rows};
 use sparse_autoencoder::backend::{huge_copy, zeros_huge, Backend, Cpu, Device};
 use sparse_autoencoder::data::{Batcher, LoaderConfig, NpyShards, Prefetcher};
 use sparse_autoencoder::dist::{agree, part, Collective, Grid, Traffic, World};
 use sparse_autoencoder::memory::{self, Estimate, Knob};
-use sparse_autoencoder::{PhaseTimes, Sae, SaeConfig, TrainConfig, Trainer};
+use sparse_autoencoder::{PhaseTimes, Precision, Sae, SaeConfig, TrainConfig, Trainer};
 
 use super::{at_least_one, usage, UsageError};
 
@@ -113,6 +114,7 @@ pub fn run(args: BenchArgs, world: &World) -> Result<Option<u8>> {
         mut trainer,
         backend,
         exchanges,
+        mut bf16,
     } = setup;
     let x_bd = x_bd.slice(s![rows.clone(), ..]);
 
@@ -126,11 +128,12 @@ pub fn run(args: BenchArgs, world: &World) -> Result<Option<u8>> {
         None => None,
     };
 
-    let mut m = Measured::default();
+    let (mut m, mut m_bf16) = (Measured::default(), Measured::default());
     for round in 0..args.warmup + args.steps {
         let measured = round >= args.warmup;
 
         let gemm = gemm.time()?;
+        let bf16_gemm = bf16.as_mut().map(|side| side.gemm.time()).transpose()?;
 
         let (traffic, sums) = (collective.traffic(), exchanges.get());
         let t = Instant::now();
@@ -160,7 +163,26 @@ pub fn run(args: BenchArgs, world: &World) -> Result<Option<u8>> {
             None => None,
         };
 
+        // `--precision bf16`: the same batch through the bf16 trainer, in the same round.
+        let bf16_step = match &mut bf16 {
+            Some(side) => {
+                let t = Instant::now();
+                let stats = side.trainer.step(x_bd).map_err(usage)?;
+                Some((t.elapsed(), stats.l0, side.trainer.phase_times()))
+            }
+            None => None,
+        };
+
         if measured {
+            if let (Some(gemm), Some((step, l0, phases))) = (bf16_gemm, bf16_step) {
+                let m = &mut m_bf16;
+                m.gemm.push(gemm);
+                m.step.push(step);
+                m.collective.push(Traffic::default());
+                m.exchange.push(Duration::ZERO);
+                m.l0.push(l0);
+                m.phases.push(phases);
+            }
             m.gemm.push(gemm);
             m.step.push(step);
             m.collective.push(traffic);
@@ -190,13 +212,45 @@ pub fn run(args: BenchArgs, world: &World) -> Result<Option<u8>> {
         });
     }
     if collective.rank() == 0 {
-        if args.json {
-            println!("{}", report.json());
-        } else {
-            print!("{}", report.table());
+        match &bf16 {
+            None if args.json => println!("{}", report.json()),
+            None => print!("{}", report.table()),
+            Some(side) => {
+                let backend = format!("{} (bf16 encoder GEMM, f32 accumulation)", side.kernel);
+                let bf16 = Report::new(&args, device, threads, backend, &m_bf16);
+                if args.json {
+                    let mut json = bf16.json();
+                    json["precision"] = json!("bf16");
+                    json["f32"] = report.json();
+                    json["gemm_speedup_over_f32"] = json!(report.gemm_ms / bf16.gemm_ms);
+                    json["step_ratio_to_f32"] = json!(bf16.step_ms / report.step_ms);
+                    println!("{json}");
+                } else {
+                    print!("{}", report.table());
+                    println!("\n--precision bf16, in the same rounds:\n");
+                    print!("{}", bf16.table());
+                    println!(
+                        "\nbf16 against f32: GEMM {:.2}× as fast ({:.1} against {:.1} GFLOP/s), \
+                         step {:.3} of f32's ({:.0} against {:.0} tokens/s)",
+                        report.gemm_ms / bf16.gemm_ms,
+                        bf16.gemm_gflops(),
+                        report.gemm_gflops(),
+                        bf16.step_ms / report.step_ms,
+                        bf16.tokens_per_s(bf16.step_ms),
+                        report.tokens_per_s(report.step_ms)
+                    );
+                }
+            }
         }
     }
     Ok(None)
+}
+
+/// `--precision bf16`'s second trainer and bare GEMM, timed beside the f32 ones.
+struct Bf16Side {
+    kernel: &'static str,
+    gemm: EncoderGemm,
+    trainer: Trainer,
 }
 
 /// What the bench has ready before its first round.
@@ -213,6 +267,7 @@ struct Setup {
     trainer: Trainer,
     backend: String,
     exchanges: Arc<ExchangeTimes>,
+    bf16: Option<Bf16Side>,
 }
 
 impl Setup {
@@ -239,6 +294,19 @@ impl Setup {
             ))
             .into());
         }
+        let bf16 = args.device.precision() == Some(Precision::Bf16);
+        if bf16 && (collective.world_size() > 1 || args.data) {
+            return Err(UsageError(
+                "--precision bf16 times bf16 beside f32 in one process, on the in-memory \
+                 batch: drop mpirun and --data for it"
+                    .into(),
+            )
+            .into());
+        }
+        let bf16_kernel = match bf16 {
+            true => Some(Bf16Kernel::detect().map_err(usage)?),
+            false => None,
+        };
         if collective.world_size() > 1 {
             if args.data {
                 return Err(UsageError(
@@ -284,8 +352,12 @@ impl Setup {
         };
         // The whole global batch is built on every rank (and, for relu, its pre-activations):
         // estimated at B rows, a bound on each rank's need.
-        let estimate =
-            Estimate::bench(&shard_config, args.batch, args.data.then_some(DATA_BATCHES));
+        let estimate = Estimate::bench(
+            &shard_config,
+            args.batch,
+            args.data.then_some(DATA_BATCHES),
+            bf16,
+        );
         memory::check(&estimate, args.max_memory).map_err(|err| {
             let option = |knob| match knob {
                 Knob::BatchSize => "--batch".to_string(),
@@ -318,18 +390,34 @@ impl Setup {
         // The bare GEMM gets the huge-page memory the trainer's buffers get, so the ratio
         // compares like with like; it runs on this rank's rows, as the trainer's does.
         let gemm = EncoderGemm::new(device, &sae, x_bd.slice(s![local.clone(), ..]))?;
+        let sae_bf16 = sae.clone();
         let trainer = if grid.shards > 1 {
-            Trainer::sharded(sae, sae_config, train_config, &grid)
+            Trainer::sharded(sae, sae_config, train_config.clone(), &grid)
         } else {
             Trainer::with_parts(
                 sae,
-                train_config,
+                train_config.clone(),
                 Box::new(Cpu),
                 Box::new(grid.world.clone()),
             )
         }
         .map_err(usage)?;
         let trainer = trainer.to_device(device).map_err(usage)?;
+        let bf16 = match bf16_kernel {
+            Some(kernel) => Some(Bf16Side {
+                kernel: kernel.name(),
+                gemm: EncoderGemm::bf16(kernel, &sae_bf16, x_bd.slice(s![local.clone(), ..]))?,
+                trainer: Trainer::new(
+                    sae_bf16,
+                    TrainConfig {
+                        precision: Precision::Bf16,
+                        ..train_config
+                    },
+                )
+                .map_err(usage)?,
+            }),
+            None => None,
+        };
         let backend = match device {
             Device::Cpu => Cpu.name().to_string(),
             Device::Cuda(gpu) => format!(
@@ -348,6 +436,7 @@ impl Setup {
             trainer,
             backend,
             exchanges,
+            bf16,
         })
     }
 }
@@ -437,6 +526,12 @@ enum EncoderGemm {
         w_enc_fd: Array2<f32>,
         gemm_bf: Array2<f32>,
     },
+    Bf16 {
+        kernel: Bf16Kernel,
+        batch: Bf16Batch,
+        w_enc: Bf16Rows,
+        gemm_bf: Array2<f32>,
+    },
     Cuda {
         dev: Box<sparse_autoencoder::backend::cuda::CudaDevice>,
         x_bd: sparse_autoencoder::backend::cuda::DeviceMatrix,
@@ -468,6 +563,20 @@ impl EncoderGemm {
         }
     }
 
+    /// The bf16 GEMM of `--precision bf16`: W_enc and the rows rounded beforehand, as the
+    /// trainer keeps them, so that only the multiplication is timed.
+    fn bf16(kernel: Bf16Kernel, sae: &Sae, x_bd: ArrayView2<'_, f32>) -> Result<Self> {
+        let mut batch = Bf16Batch::default();
+        let mut xc_bd = Array2::zeros(x_bd.dim());
+        batch.form(x_bd, None, xc_bd.view_mut()).map_err(usage)?;
+        Ok(EncoderGemm::Bf16 {
+            kernel,
+            batch,
+            w_enc: Bf16Rows::new(sae.w_enc_fd()),
+            gemm_bf: zeros_huge(x_bd.nrows(), sae.config().dict_size),
+        })
+    }
+
     /// One GEMM, timed to its end (on a GPU, until the stream has run it).
     fn time(&mut self) -> Result<Duration> {
         let t = Instant::now();
@@ -477,6 +586,12 @@ impl EncoderGemm {
                 w_enc_fd,
                 gemm_bf,
             } => Cpu.gemm(1.0, x_bd.view(), w_enc_fd.t(), 0.0, gemm_bf.view_mut()),
+            EncoderGemm::Bf16 {
+                kernel,
+                batch,
+                w_enc,
+                gemm_bf,
+            } => bf16::gemm(*kernel, batch, w_enc, gemm_bf.view_mut()).map_err(usage)?,
             EncoderGemm::Cuda {
                 dev,
                 x_bd,

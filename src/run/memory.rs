@@ -41,6 +41,9 @@ impl Estimate {
                 arch,
             };
             e.trainer(&config, batch, ranks);
+            if sae.precision == Some(crate::Precision::Bf16) {
+                e.bf16_copies(&config, batch / ranks.max(1));
+            }
             largest_fd = largest_fd.max(mul(&[u(f), d]));
             largest_f = largest_f.max(f);
         }
