@@ -170,7 +170,11 @@ impl Estimate {
             // Its bare GEMM's own copies, and its B×F output.
             e.bf16_copies(sae, batch);
             let (f, b) = (u(sae.dict_size), u(batch));
-            e.add("bf16 bare GEMM output", Knob::BatchAndDictSize, mul(&[4, b, f]));
+            e.add(
+                "bf16 bare GEMM output",
+                Knob::BatchAndDictSize,
+                mul(&[4, b, f]),
+            );
         }
         let (f, d, b) = (u(sae.dict_size), u(sae.d_model), u(batch));
         // Sae::new's initialisation and the GEMM's own W_enc.
@@ -218,7 +222,7 @@ pub fn available() -> Option<Available> {
     let mut best: Option<Available> = None;
     let mut offer = |bytes: Option<u64>, source: &'static str| {
         if let Some(bytes) = bytes {
-            if best.map_or(true, |b| bytes < b.bytes) {
+            if best.is_none_or(|b| bytes < b.bytes) {
                 best = Some(Available { bytes, source });
             }
         }
@@ -394,7 +398,7 @@ impl fmt::Display for ByteSize {
             ("MiB", 1 << 20),
             ("KiB", 1 << 10),
         ] {
-            if self.0 % size == 0 {
+            if self.0.is_multiple_of(size) {
                 return write!(f, "{}{unit}", self.0 / size);
             }
         }

@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use ndarray::{s, Array1, Array2, ArrayView1, ArrayViewMut1, Zip};
+use ndarray::{s, Array1, Array2, ArrayView1, ArrayViewMut1, ArrayViewMut2, Zip};
 
 use crate::arch::DecoderConstraint;
 use crate::backend::bf16::round_row_into;
@@ -244,6 +244,9 @@ pub struct ParamsMut<'a> {
     pub b_dec_d: &'a mut Array1<f32>,
     /// JumpReLU's θ_j, F (empty for the other architectures).
     pub threshold_f: &'a mut Array1<f32>,
+    /// `--precision bf16`: W_enc's bf16 copy (a row of pairs per latent), into which the
+    /// update rounds each row of W_enc it updates; `None` otherwise.
+    pub(crate) w_enc_bf16: Option<ArrayViewMut2<'a, u32>>,
 }
 
 /// Adam's hyperparameters (torch defaults: β = (0.9, 0.999), ε = 1e-8).
@@ -382,14 +385,13 @@ impl Adam {
         decoder: DecoderConstraint,
     ) {
         let all = 0..params.w_enc_fd.nrows();
-        self.step_latents(params, grads, lr, grad_scale, decoder, all, None);
+        self.step_latents(params, grads, lr, grad_scale, decoder, all);
     }
 
     /// [`Adam::step`] on the rows (and θ_j) of the latents in `latents` and on b_dec only: the share of
     /// one process of a distributed run, which owns those latents' moments. Every other
-    /// parameter and moment is left as it is. `w_enc_bf16`, W_enc's bf16 copy for
-    /// `--precision bf16` (one row of pairs per latent), gets the updated rows rounded.
-    pub(crate) fn step_latents(
+    /// parameter and moment is left as it is.
+    pub fn step_latents(
         &mut self,
         params: ParamsMut<'_>,
         grads: &Grads,
@@ -397,7 +399,6 @@ impl Adam {
         grad_scale: f32,
         decoder: DecoderConstraint,
         latents: Range<usize>,
-        w_enc_bf16: Option<ndarray::ArrayViewMut2<'_, u32>>,
     ) {
         let s = self.next_step(lr, grad_scale);
         let g = &grads.tensors;
@@ -417,7 +418,7 @@ impl Adam {
             .and(v_enc.rows_mut())
             .and(g_enc.rows())
             .and(active_f);
-        match w_enc_bf16 {
+        match params.w_enc_bf16 {
             // Each row is rounded while it is in cache: the bf16 copy costs no pass of its own.
             Some(copy) => w_enc.and(copy.slice_move(rows).rows_mut()).par_for_each(
                 |mut p, m, v, g, &active, mut copy| {

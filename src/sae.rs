@@ -168,6 +168,7 @@ impl Sae {
             w_dec_fd: &mut self.w_dec_fd,
             b_dec_d: &mut self.b_dec_d,
             threshold_f: &mut self.threshold_f,
+            w_enc_bf16: None,
         }
     }
 

@@ -364,7 +364,7 @@ impl SynthConfig {
             .n_parents
             .checked_mul(self.children_per_parent)
             .and_then(|children| self.n_features.checked_sub(children));
-        if !roots.is_some_and(|roots| roots >= self.n_parents.max(1)) {
+        if roots.is_none_or(|roots| roots < self.n_parents.max(1)) {
             return Err(ConfigError::Synth(
                 "n_parents × (children_per_parent + 1) must not exceed n_features",
             ));

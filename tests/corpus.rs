@@ -151,7 +151,7 @@ mod inputs {
     /// A version 1.0 `.npy` file: `header` padded to a multiple of 64 bytes, then `data`.
     fn npy_v1(header: &str, data: &[u8]) -> Vec<u8> {
         let mut header = header.as_bytes().to_vec();
-        while (10 + header.len() + 1) % 64 != 0 {
+        while !(10 + header.len() + 1).is_multiple_of(64) {
             header.push(b' ');
         }
         header.push(b'\n');

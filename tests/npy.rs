@@ -20,7 +20,7 @@ use sparse_autoencoder::data::{DataError, NpyShards, Source};
 fn write_npy_version(path: &Path, version: u8, dict: &str, data: &[u8]) {
     let prefix = if version == 1 { 10 } else { 12 };
     let mut header = dict.to_string();
-    while (prefix + header.len() + 1) % 64 != 0 {
+    while !(prefix + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');
@@ -258,7 +258,7 @@ fn rows_read_correctly_when_the_data_is_not_aligned() {
     ] {
         let path = dir.join(format!("{}.npy", &descr[1..]));
         let mut header = dict(descr, &[6, 4]);
-        if (10 + header.len()) % 2 == 0 {
+        if (10 + header.len()).is_multiple_of(2) {
             header.push(' ');
         }
         write_npy_raw_header(&path, 1, header.as_bytes(), &data);

@@ -315,7 +315,7 @@ pub fn run_config(input: &[u8], scratch: &Path) -> Result<Verdict, String> {
         .and_then(|text| toml::from_str::<RunSpec>(text).ok());
     // The synthetic set's evaluation rows take milliseconds even in a release build, and a
     // huge one aborts on allocation (issue 13 item 7): left to the size checks' own tests.
-    let contained = parsed.as_ref().map_or(true, |spec| {
+    let contained = parsed.as_ref().is_none_or(|spec| {
         !spec.data.paths.is_empty()
             && spec
                 .data

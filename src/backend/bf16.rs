@@ -79,12 +79,17 @@ impl Bf16Kernel {
     /// AMD Zen 4 and later), or [`Error::Precision`] naming what it lacks.
     pub fn detect() -> Result<Self> {
         #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bf16")
-            {
-                return Ok(Bf16Kernel { _detected: () });
-            }
+        let present =
+            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16");
+        #[cfg(not(target_arch = "x86_64"))]
+        let present = false;
+        Self::if_present(present)
+    }
+
+    /// The kernel when the CPU has the instructions, else the error naming what is missing.
+    fn if_present(present: bool) -> Result<Self> {
+        if present {
+            return Ok(Bf16Kernel { _detected: () });
         }
         Err(Error::Precision {
             precision: "bf16".into(),
@@ -285,7 +290,11 @@ pub fn gemm(
     mut c_bf: ArrayViewMut2<'_, f32>,
 ) -> Result<()> {
     let _ = kernel;
-    check_shape("bf16 GEMM weights (w_fd)", &[w.rows, w.cols], &[w.rows, a.cols])?;
+    check_shape(
+        "bf16 GEMM weights (w_fd)",
+        &[w.rows, w.cols],
+        &[w.rows, a.cols],
+    )?;
     check_shape("bf16 GEMM output (c_bf)", c_bf.shape(), &[a.rows, w.rows])?;
     if !c_bf.is_standard_layout() {
         return Err(Error::Shape {
@@ -404,6 +413,20 @@ mod tests {
     }
 
     #[test]
+    fn a_cpu_without_the_instructions_gets_an_error_naming_the_flag_and_them() {
+        let err = Bf16Kernel::if_present(false).unwrap_err().to_string();
+        for needle in [
+            "--precision bf16",
+            "AVX-512 BF16",
+            "avx512_bf16",
+            "--precision f32",
+        ] {
+            assert!(err.contains(needle), "{err}");
+        }
+        assert!(Bf16Kernel::if_present(true).is_ok());
+    }
+
+    #[test]
     fn rounds_to_nearest_even() {
         // 1 + 2⁻⁸ lies halfway between 1 and 1 + 2⁻⁷: ties go to the even mantissa (1).
         assert_eq!(to_bf16(1.0 + 2f32.powi(-8)), 0x3f80);
@@ -413,7 +436,7 @@ mod tests {
         assert_eq!(to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
         assert_eq!(to_bf16(f32::from_bits(0x3f80_7fff)), 0x3f80);
         assert_eq!(to_bf16(-1.5), 0xbfc0);
-        assert_eq!(round_bf16(0.1), 0.10009765625);
+        assert_eq!(round_bf16(0.1), 0.100_097_656);
         assert_eq!(to_bf16(0.0), 0);
         assert_eq!(to_bf16(-0.0), 0x8000);
         assert_eq!(to_bf16(f32::INFINITY), 0x7f80);

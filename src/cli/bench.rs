@@ -316,7 +316,7 @@ impl Setup {
                 )
                 .into());
             }
-            if args.batch % size != 0 {
+            if !args.batch.is_multiple_of(size) {
                 return Err(sparse_autoencoder::Error::Distributed {
                     reason: match args.latent_shards {
                         1 => format!(

@@ -269,9 +269,8 @@ fn report(
         // The file is read whole: its declared size must fit in memory (a sparse file can
         // declare any size).
         let mut values = Vec::new();
-        if !g
-            .checked_mul(d)
-            .is_some_and(|n| values.try_reserve_exact(n).is_ok())
+        if g.checked_mul(d)
+            .is_none_or(|n| values.try_reserve_exact(n).is_err())
         {
             return Err(UsageError(format!(
                 "invalid --true-features {}: {g} rows of {d} floats do not fit in memory; \

@@ -796,7 +796,7 @@ impl Observer for Reporter {
                     s.dead_fraction
                 ));
             }
-            None if p.step % self.log_every == 0 || p.step == p.total_steps => {
+            None if p.step.is_multiple_of(self.log_every) || p.step == p.total_steps => {
                 println!("step {:>6}  {line}{more}", p.step);
             }
             None => {}

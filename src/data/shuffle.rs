@@ -370,7 +370,7 @@ impl<S: Source> Batcher<S> {
             });
         }
         let batch = self.config.batch_size;
-        if batch % world != 0 {
+        if !batch.is_multiple_of(world) {
             let below = batch / world * world;
             let such_as = match below {
                 0 => format!("{}", world),

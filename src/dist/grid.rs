@@ -31,7 +31,7 @@ impl Grid {
     /// before any split, naming the option.
     pub fn new(world: Arc<dyn Collective>, shards: usize) -> Result<Grid> {
         let size = world.world_size();
-        if shards == 0 || size % shards != 0 {
+        if shards == 0 || !size.is_multiple_of(shards) {
             return Err(Error::Distributed {
                 reason: format!(
                     "--latent-shards {shards} does not divide the {size} ranks of this job; \

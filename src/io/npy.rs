@@ -96,7 +96,7 @@ impl<T: AutoSerialize> NpyAppender<T> {
 
     /// Appends whole rows: `values.len()` must be a multiple of the row length.
     pub fn append(&mut self, values: &[T]) -> Result<()> {
-        if values.len() as u64 % self.row_len != 0 {
+        if !(values.len() as u64).is_multiple_of(self.row_len) {
             return Err(Error::Shape {
                 what: format!("values appended to {}", self.path.display()),
                 expected: self.row_shape.iter().map(|&n| n as usize).collect(),

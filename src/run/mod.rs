@@ -485,14 +485,18 @@ fn broadcast_f32(c: &dyn Collective, value: f32) -> f32 {
 /// A global batch of `batch_size` rows must split evenly over `world` processes (or groups of
 /// latent shards).
 fn check_split(batch_size: usize, world: usize) -> Result<()> {
-    if batch_size % world != 0 {
+    if !batch_size.is_multiple_of(world) {
         let lower = batch_size / world * world;
         return Err(Error::Distributed {
             reason: format!(
                 "--batch-size {batch_size} does not split evenly over {world} ranks; pass a \
                  multiple of {world} (such as {}) or start {} ranks",
                 if lower > 0 { lower } else { world },
-                if batch_size % 2 == 0 { "2 or 1" } else { "1" },
+                if batch_size.is_multiple_of(2) {
+                    "2 or 1"
+                } else {
+                    "1"
+                },
             ),
         });
     }
@@ -1012,7 +1016,7 @@ impl Run {
             }
             let seconds = self.seconds_before + start.elapsed().as_secs_f64();
             let tokens = self.step * schedule.batch_size as u64;
-            if self.step % schedule.metrics_every == 0 || self.step == schedule.steps {
+            if self.step.is_multiple_of(schedule.metrics_every) || self.step == schedule.steps {
                 written = self.write_metrics(&stats, tokens, seconds);
             }
             observer.step(&Progress {
@@ -1023,7 +1027,8 @@ impl Run {
                 stats: &stats,
             });
             if let Some(every) = schedule.checkpoint_every {
-                if written.is_ok() && self.step % every == 0 && self.step < schedule.steps {
+                if written.is_ok() && self.step.is_multiple_of(every) && self.step < schedule.steps
+                {
                     written = self.checkpoint(seconds);
                     if written.is_ok() {
                         observer.note(&format!("checkpoint at step {}", self.step));

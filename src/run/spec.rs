@@ -505,6 +505,29 @@ mod tests {
     }
 
     #[test]
+    fn precision_is_read_from_toml_recorded_when_bf16_and_named() {
+        let spec: SaeSpec = toml::from_str("precision = \"bf16\"").unwrap();
+        let (resolved, _, train) = spec.resolve(cx(true)).unwrap();
+        assert_eq!(train.precision, crate::Precision::Bf16);
+        assert_eq!(resolved.precision, Some(crate::Precision::Bf16));
+        assert_eq!(resolved.name.as_deref(), Some("batchtopk-k8-f512-bf16"));
+        assert_eq!(resolved.resolve(cx(true)).unwrap().2, train);
+        // f32, the default, leaves the files of f32 runs as they were.
+        let (resolved, _, train) = SaeSpec::default().resolve(cx(true)).unwrap();
+        assert_eq!(
+            (resolved.precision, train.precision),
+            (None, crate::Precision::F32)
+        );
+        let written = toml::to_string(&resolved).unwrap();
+        assert!(!written.contains("precision"), "{written}");
+        let bad = toml::from_str::<SaeSpec>("precision = \"fp8\"").unwrap_err();
+        assert!(
+            bad.to_string().contains("f32") && bad.to_string().contains("bf16"),
+            "{bad}"
+        );
+    }
+
+    #[test]
     fn the_resolved_spec_resolves_to_the_same_configs() {
         for arch in ArchName::ALL {
             let spec = SaeSpec {

@@ -117,7 +117,7 @@ impl Sampler {
         let m = self.children_per_parent as f64;
         for &r in &self.parent_root {
             let p_child = self.p_root[r as usize] * self.child_probability / m;
-            p_g.extend(std::iter::repeat(p_child).take(self.children_per_parent));
+            p_g.extend(std::iter::repeat_n(p_child, self.children_per_parent));
         }
         p_g
     }

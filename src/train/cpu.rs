@@ -531,15 +531,11 @@ impl Phases for CpuStep {
         // Across processes each steps its own latents, then gathers the others'.
         let sae = &mut state.sae;
         let own = step.shard.latents();
-        state.adam.step_latents(
-            sae.params_mut(),
-            &self.grads,
-            lr,
-            grad_scale,
-            decoder,
-            own.clone(),
-            self.bf16.as_mut().and_then(Bf16Encoder::w_enc_mut),
-        );
+        let mut params = sae.params_mut();
+        params.w_enc_bf16 = self.bf16.as_mut().and_then(Bf16Encoder::w_enc_mut);
+        state
+            .adam
+            .step_latents(params, &self.grads, lr, grad_scale, decoder, own.clone());
         if step.distributed() {
             step.shard.gather_latents(
                 step.collective,

@@ -21,7 +21,9 @@ use crate::sae::JUMPRELU_INITIAL_THRESHOLD;
 /// Whether the trainer resamples after its `done`-th step (1-based): every `every` steps, as
 /// long as `every` steps remain for the new latents to train before `total_steps`.
 pub(super) fn resample_due(done: u64, every: Option<u64>, total_steps: u64) -> bool {
-    every.is_some_and(|every| done % every == 0 && done.saturating_add(every) <= total_steps)
+    every.is_some_and(|every| {
+        done.is_multiple_of(every) && done.saturating_add(every) <= total_steps
+    })
 }
 
 /// Resamples the latents whose dead counters reached `dead_tokens`, from the rows of `step`
