@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{assert_close, ok, sae, synthetic_batch, temp_dir, usage_error};
+use common::{assert_close, ok, s, sae, sae_config, synthetic_batch, temp_dir, usage_error};
 use ndarray::{concatenate, s, Array2, Axis};
 use sparse_autoencoder::backend::bf16::Bf16Kernel;
 use sparse_autoencoder::backend::{Cpu, Device};
@@ -27,14 +27,6 @@ fn bf16_here() -> bool {
             eprintln!("skipped: {err}");
             false
         }
-    }
-}
-
-fn sae_config(arch: Architecture, d: usize, f: usize) -> SaeConfig {
-    SaeConfig {
-        d_model: d,
-        dict_size: f,
-        arch,
     }
 }
 
@@ -274,10 +266,6 @@ fn bf16_across_threads_as_ranks_trains_what_one_process_trains() {
             assert_close("b_dec_d", &group0[0][3], &want[3], 1e-5);
         }
     }
-}
-
-fn s(path: &std::path::Path) -> String {
-    path.display().to_string()
 }
 
 #[test]

@@ -108,6 +108,11 @@ pub fn temp_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// A path as a command-line argument.
+pub fn s(path: &std::path::Path) -> String {
+    path.display().to_string()
+}
+
 /// Runs the `sae` binary with `args` (a backtrace is asked for, so a panic could not hide).
 pub fn sae(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_sae"))
