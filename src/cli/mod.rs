@@ -212,7 +212,7 @@ pub struct DeviceArgs {
     /// How the encoder GEMM rounds: f32, or bf16 (x − b_dec and W_enc rounded to bfloat16,
     /// f32 accumulation, everything else f32; about twice the GEMM's speed on CPUs with
     /// AVX-512 BF16). In `sae train` it sets every SAE's `precision` and is saved with the
-    /// run [default: f32; a resumed run keeps its own].
+    /// run; `sae bench` times bf16 beside f32 [default: f32; a resumed run keeps its own].
     #[arg(long, value_enum)]
     precision: Option<PrecisionArg>,
 }
