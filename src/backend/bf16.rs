@@ -123,8 +123,10 @@ pub struct Bf16Rows {
 }
 
 impl Bf16Rows {
-    /// `w_fd` rounded.
+    /// `w_fd` rounded (in any memory layout).
     pub fn new(w_fd: ArrayView2<'_, f32>) -> Self {
+        let w_fd = w_fd.as_standard_layout();
+        let w_fd = w_fd.view();
         let (rows, cols) = w_fd.dim();
         let mut w = Bf16Rows {
             rows,
@@ -135,8 +137,9 @@ impl Bf16Rows {
         w
     }
 
-    /// Rounds rows `rows` of `w_fd` (the matrix this copy was made of, since updated) again.
-    pub fn refresh(&mut self, w_fd: ArrayView2<'_, f32>, rows: Range<usize>) {
+    /// Rounds rows `rows` of `w_fd` (the matrix this copy was made of, since updated, in
+    /// standard layout as an SAE's W_enc is) again.
+    pub(crate) fn refresh(&mut self, w_fd: ArrayView2<'_, f32>, rows: Range<usize>) {
         debug_assert_eq!(w_fd.dim(), (self.rows, self.cols));
         let range = ndarray::s![rows, ..];
         Zip::from(self.pairs_fp.slice_mut(range).rows_mut())
@@ -151,12 +154,12 @@ impl Bf16Rows {
 
     /// Rows of pairs, one per row of the f32 matrix, for [`round_row_into`] (the fused
     /// refresh in the Adam pass).
-    pub fn rows_mut(&mut self) -> ArrayViewMut2<'_, u32> {
+    pub(crate) fn rows_mut(&mut self) -> ArrayViewMut2<'_, u32> {
         self.pairs_fp.slice_mut(ndarray::s![..self.rows, ..])
     }
 
     /// The f32 matrix's shape.
-    pub fn dim(&self) -> (usize, usize) {
+    pub(crate) fn dim(&self) -> (usize, usize) {
         (self.rows, self.cols)
     }
 }
@@ -556,5 +559,8 @@ mod tests {
             .mapv_inplace(|v| v * 3.0);
         w.refresh(w_fd.view(), 100..150);
         assert_eq!(w.pairs_fp, Bf16Rows::new(w_fd.view()).pairs_fp);
+        // Any layout rounds alike.
+        let w_df = w_fd.t().to_owned();
+        assert_eq!(Bf16Rows::new(w_df.t()).pairs_fp, w.pairs_fp);
     }
 }
