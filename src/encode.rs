@@ -73,13 +73,13 @@ impl Sae {
     /// rounded once. Fails with [`Error::Device`] when the device cannot run here, and with
     /// [`Error::Precision`] for a GPU and an SAE set to bf16.
     pub fn encoder(&self, device: Device) -> Result<Encoder<'_>> {
+        device.check_precision(self.precision())?;
         match device {
             Device::Cpu => Ok(Encoder {
                 sae: self,
                 gpu: None,
                 bf16: self.bf16.map(Bf16Encoder::new),
             }),
-            Device::Cuda(_) if self.bf16.is_some() => Err(bf16_not_on_gpu()),
             Device::Cuda(_) if !self.config.arch.runs_on_gpu() => {
                 Err(self.config.arch.not_on_gpu(device.to_string()))
             }
@@ -132,14 +132,6 @@ pub struct Encoder<'a> {
     sae: &'a Sae,
     gpu: Option<Box<DeviceEncoder>>,
     bf16: Option<Bf16Encoder>,
-}
-
-/// The error for `--precision bf16` with a GPU.
-pub(crate) fn bf16_not_on_gpu() -> Error {
-    Error::Precision {
-        precision: "bf16".into(),
-        reason: "the bf16 encoder GEMM runs on the CPU; on a GPU pass --tf32 instead".into(),
-    }
 }
 
 impl Encoder<'_> {

@@ -106,8 +106,8 @@ pub enum Error {
     /// asked of a device that has no such mode.
     #[error("--precision {precision}: {reason}")]
     Precision {
-        /// The precision asked for (`bf16`).
-        precision: String,
+        /// The precision asked for.
+        precision: crate::config::Precision,
         /// What is missing and what to do.
         reason: String,
     },

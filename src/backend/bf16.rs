@@ -94,7 +94,7 @@ impl Bf16Kernel {
             return Ok(Bf16Kernel { _detected: () });
         }
         Err(Error::Precision {
-            precision: "bf16".into(),
+            precision: crate::config::Precision::Bf16,
             reason: if cfg!(target_arch = "x86_64") {
                 "this CPU lacks AVX-512 BF16 (the avx512_bf16 flag of /proc/cpuinfo), which the \
                  bf16 encoder GEMM runs on; pass --precision f32 (the default)"
@@ -196,7 +196,8 @@ impl Bf16Batch {
         self.cols = d;
         let pairs = self.pairs();
         let panel_words = PANEL * pairs;
-        self.words.clear();
+        // Only the length: every word of the batch's rows is written below, and the padding
+        // rows of the last panel only ever feed output rows that are not stored.
         self.words.resize(b.div_ceil(PANEL) * panel_words, 0);
         xc_bd
             .axis_chunks_iter_mut(Axis(0), PANEL)

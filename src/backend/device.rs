@@ -4,6 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::config::Precision;
 use crate::error::{Error, Result};
 
 /// Where a step runs.
@@ -47,6 +48,22 @@ impl Device {
                     .to_string(),
             }),
             Device::Cuda(gpu) => Ok(Device::Cuda(Gpu { tf32: true, ..gpu })),
+        }
+    }
+}
+
+impl Device {
+    /// Checks that this device runs the encoder GEMM at `precision`: bf16 is the CPU's (a
+    /// GPU's GEMMs have TF32 instead), f32 runs everywhere.
+    pub fn check_precision(self, precision: Precision) -> Result<()> {
+        match (self, precision) {
+            (Device::Cuda(_), Precision::Bf16) => Err(Error::Precision {
+                precision,
+                reason: "the bf16 encoder GEMM runs on the CPU; on a GPU pass --tf32 instead, \
+                         or drop --device"
+                    .into(),
+            }),
+            _ => Ok(()),
         }
     }
 }
@@ -101,6 +118,22 @@ mod tests {
                 "{bad:?} gave {err}"
             );
         }
+    }
+
+    #[test]
+    fn bf16_is_a_cpu_mode() {
+        assert!(Device::Cpu.check_precision(Precision::Bf16).is_ok());
+        for device in [Device::Cpu, Device::cuda(1)] {
+            assert!(device.check_precision(Precision::F32).is_ok());
+        }
+        let err = Device::cuda(1)
+            .check_precision(Precision::Bf16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--precision bf16") && err.contains("--tf32"),
+            "{err}"
+        );
     }
 
     #[test]

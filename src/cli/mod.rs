@@ -221,16 +221,8 @@ impl DeviceArgs {
     /// The device asked for; `--tf32` without a GPU, or `--precision bf16` with one, is a
     /// usage error.
     pub fn device(&self) -> anyhow::Result<sparse_autoencoder::backend::Device> {
-        if let (Some(PrecisionArg::Bf16), sparse_autoencoder::backend::Device::Cuda(_)) =
-            (self.precision, self.device)
-        {
-            return Err(UsageError(
-                "invalid --precision: bf16 is the CPU's encoder GEMM; on a GPU pass --tf32 \
-                 instead, or drop --device"
-                    .into(),
-            )
-            .into());
-        }
+        let precision = self.precision().unwrap_or_default();
+        self.device.check_precision(precision)?;
         self.device
             .with_tf32(self.tf32)
             .map_err(|e| UsageError(format!("invalid --tf32: {e}")).into())

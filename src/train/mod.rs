@@ -291,6 +291,7 @@ impl Trainer {
         if self.sharding.is_some() && device != Device::Cpu {
             return Err(one_process_on_gpu(device.to_string()));
         }
+        device.check_precision(self.state.sae.precision())?;
         self.engine = match device {
             Device::Cpu if !self.engine.is_gpu() => return Ok(()),
             Device::Cpu => Engine::Cpu(Box::new(CpuStep::new(
@@ -298,9 +299,6 @@ impl Trainer {
                 self.dense_threshold,
                 &self.state.sae,
             ))),
-            Device::Cuda(_) if self.state.sae.bf16.is_some() => {
-                return Err(crate::encode::bf16_not_on_gpu())
-            }
             Device::Cuda(_) if self.collective.world_size() > 1 => {
                 return Err(one_process_on_gpu(device.to_string()))
             }
