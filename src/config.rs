@@ -408,6 +408,10 @@ pub enum ConfigError {
     /// A held-out fraction outside [0, 1).
     #[error("eval_fraction must lie in [0, 1), got {0}")]
     EvalFraction(f64),
+    /// A `[data]` key that does not fit the rows handed in through the library
+    /// ([`crate::run::RunData`]); the text names the key and the fix.
+    #[error("{0}")]
+    GivenData(String),
     /// `total_steps` = 0.
     #[error("total_steps must be at least 1")]
     ZeroTotalSteps,

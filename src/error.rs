@@ -393,4 +393,8 @@ pub enum DataError {
     /// The background loader thread died.
     #[error("the data loader thread stopped unexpectedly: {0}")]
     LoaderThread(String),
+    /// A stream of row arrays ([`crate::data::RowStream`]) failed or delivered something
+    /// unusable.
+    #[error("the row stream: {0}")]
+    Stream(String),
 }

@@ -20,6 +20,7 @@ pub mod npy;
 mod npy_header;
 mod prefetch;
 mod shuffle;
+mod stream;
 mod subset;
 
 use std::sync::Arc;
@@ -31,6 +32,9 @@ pub use normalize::{estimate_scale, SCALE_SAMPLE_ROWS};
 pub use npy::NpyShards;
 pub use prefetch::{Batch, Prefetcher};
 pub use shuffle::{Batcher, Cursor, LoaderConfig};
+pub use stream::{
+    RowStream, StreamBatcher, StreamConfig, StreamHead, StreamLoader, DEFAULT_BUFFER_BATCHES,
+};
 pub use subset::{holdout, Subset};
 
 /// Random access to N rows of D activations, converted to f32.

@@ -125,7 +125,7 @@ impl Estimate {
 /// before the set and its `eval_rows` held-out rows are built (seconds in a debug build).
 /// Runs on files pass: their width is known once the files are open.
 pub fn check_synthetic(spec: &RunSpec, eval_rows: usize) -> crate::Result<()> {
-    if !spec.data.paths.is_empty() {
+    if !spec.data.paths.is_empty() || spec.data.given.is_some() {
         return Ok(());
     }
     let synth = spec.synthetic.clone().unwrap_or_default();

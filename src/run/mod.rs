@@ -27,14 +27,15 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::io::MetricsRecord;
 pub use spec::{
-    ArchName, Context, DataSpec, RunSpec, SaeSpec, Schedule, ScheduleError, ScheduleSpec,
+    ArchName, Context, DataSpec, Given, RunSpec, SaeSpec, Schedule, ScheduleError, ScheduleSpec,
 };
 
 use crate::calibrate::calibrated_threshold;
 use crate::config::{ConfigError, ThresholdRule};
 use crate::data::{
     estimate_scale, holdout, Batcher, Cursor, DataError, LoaderConfig, NpyShards, Prefetcher,
-    Source,
+    RowStream, Source, StreamConfig, StreamHead, StreamLoader, DEFAULT_BUFFER_BATCHES,
+    SCALE_SAMPLE_ROWS,
 };
 use crate::dist::{agree, Collective, Grid, SingleProcess};
 use crate::error::{io_error, Error, Result};
@@ -47,6 +48,8 @@ use lock::RunLock;
 pub const DEFAULT_EVAL_FRACTION: f64 = 0.01;
 /// Rows of the synthetic set evaluated at the end (a batch index training never reaches).
 const SYNTH_EVAL_ROWS: usize = 16384;
+/// Rows held out from the front of a stream by default: as many as the synthetic set's.
+pub const DEFAULT_STREAM_EVAL_ROWS: u64 = SYNTH_EVAL_ROWS as u64;
 /// Rows a calibrated θ is taken from, over every process (the issue's "at least 64k"):
 /// enough that θ's rank, k·N, is estimated to well under 1% for any k.
 pub const CALIBRATION_ROWS: usize = 65536;
@@ -63,8 +66,41 @@ enum Batches {
     /// The built-in synthetic rows: batch s is a pure function of (seed, s), so a resumed run
     /// needs only the step.
     Synthetic(Box<Synth>),
-    /// Shuffled batches from `.npy` shards on a background thread.
+    /// Shuffled batches from `.npy` shards or given rows on a background thread.
     Loader(Prefetcher),
+    /// Shuffled batches from a stream handed in by the caller, on a background thread.
+    Stream(StreamLoader),
+}
+
+/// Where a run's activations come from: what its spec names, or rows the caller hands in
+/// (in memory, from a generator), which never touch the disk.
+pub enum RunData {
+    /// What `spec.data.paths` names: `.npy` files, or the built-in synthetic set when it
+    /// names none.
+    Spec,
+    /// Rows with random access (an in-memory array, a [`Source`] of your own): shuffled, held
+    /// out (`data.eval_fraction`) and evaluated exactly as `.npy` files holding the same
+    /// rows, so a run on them is bit-identical to `sae train --data` on those files.
+    Rows(Arc<dyn Source>),
+    /// Arrays from a stream read once (a generator, a forward hook on a running model). The
+    /// first `data.eval_rows` rows are held out; the rest pass through a shuffle buffer of
+    /// `data.buffer_rows` rows (see [`StreamLoader`]) read on a background thread, so the
+    /// producer works while the SAEs train. When the stream ends before the last step, the
+    /// run ends there: the SAEs are saved and evaluated as at the last step, and
+    /// [`Summary::steps`] says how far they got. The learning-rate schedule is the one
+    /// planned for every step, so give `train.steps` (or `train.tokens`) to match the stream.
+    Stream(Box<dyn RowStream>),
+}
+
+impl RunData {
+    /// How `config.toml` records this data.
+    fn given(&self) -> Option<Given> {
+        match self {
+            RunData::Spec => None,
+            RunData::Rows(_) => Some(Given::Rows),
+            RunData::Stream(_) => Some(Given::Stream),
+        }
+    }
 }
 
 /// One SAE of the run.
@@ -151,6 +187,8 @@ pub struct Summary {
     pub recovery: Option<Recovery>,
     /// Training rows skipped for holding NaN or ±Inf (each time a batch drew one).
     pub skipped_rows: u64,
+    /// Steps trained: the run's steps, or fewer when a stream ended first.
+    pub steps: u64,
     /// Seconds of training.
     pub seconds: f64,
 }
@@ -260,13 +298,143 @@ impl Resolved {
 struct Opened {
     files: usize,
     train_rows: Option<Arc<dyn Source>>,
+    /// A stream's front, past its held-out rows.
+    stream: Option<StreamHead>,
     eval_rows: Option<Arc<dyn Source>>,
     synth: Option<Synth>,
     d_model: usize,
     notes: Vec<String>,
 }
 
-fn open_data(spec: &RunSpec, seed: u64) -> Result<Opened> {
+fn open_data(spec: &RunSpec, seed: u64, given: RunData) -> Result<Opened> {
+    let data = &spec.data;
+    check_given(data, &given)?;
+    let all: Arc<dyn Source> = match given {
+        RunData::Spec => return open_files(spec, seed),
+        RunData::Rows(rows) => rows,
+        RunData::Stream(stream) => return open_stream(data, stream),
+    };
+    let d_model = all.d_model();
+    let (train_rows, eval_rows, mut notes) = held_out(data, all, d_model)?;
+    notes.shrink_to_fit();
+    Ok(Opened {
+        files: 0,
+        train_rows: Some(train_rows),
+        stream: None,
+        eval_rows,
+        synth: None,
+        d_model,
+        notes,
+    })
+}
+
+/// What `data` says of rows handed in, against what was handed in.
+fn check_given(data: &DataSpec, given: &RunData) -> Result<()> {
+    let problem = match (data.given, given.given()) {
+        (Some(_), None) => Some(
+            "`data.given` says the run's rows were handed in through the library (sparse_autoencoder::run::RunData), not read from `data.paths`; hand them in again (Run::resume_with), or remove the key to read `data.paths`".to_string(),
+        ),
+        (Some(written), Some(now)) if written != now => Some(format!(
+            "`data.given` says the run's rows were handed in as {written:?}, but {now:?} was given now; hand in the same kind of data"
+        )),
+        (_, Some(_)) if !data.paths.is_empty() => Some(
+            "`data.paths` names files, but rows were handed in as well; leave `data.paths` empty".to_string(),
+        ),
+        (_, Some(Given::Stream)) if data.eval_fraction.is_some() => Some(
+            "`data.eval_fraction` needs a row count, which a stream does not have; set `data.eval_rows` (rows held out from the stream's front) instead".to_string(),
+        ),
+        (_, Some(Given::Rows)) if data.eval_rows.is_some() => Some(
+            "`data.eval_rows` is for streams; rows with random access are held out by `data.eval_fraction`".to_string(),
+        ),
+        _ => None,
+    };
+    match problem {
+        Some(reason) => Err(ConfigError::GivenData(reason).into()),
+        None => Ok(()),
+    }
+}
+
+/// Rows handed in as a stream: D from its first array, the held-out rows from its front.
+fn open_stream(data: &DataSpec, stream: Box<dyn RowStream>) -> Result<Opened> {
+    let mut head = StreamHead::open(stream)?;
+    let d_model = head.d_model();
+    let (eval_rows, notes): (Option<Arc<dyn Source>>, Vec<String>) = if !data.eval_paths.is_empty()
+    {
+        let eval = open_eval_files(data, d_model, "the stream's first array".into())?;
+        let notes = eval.notices().to_vec();
+        (Some(Arc::new(eval)), notes)
+    } else {
+        match data.eval_rows.unwrap_or(DEFAULT_STREAM_EVAL_ROWS) {
+            0 => (None, Vec::new()),
+            n => {
+                let rows = head.take(usize::try_from(n).unwrap_or(usize::MAX))?;
+                let notes = if (rows.nrows() as u64) < n {
+                    vec![format!("the stream ended after {} rows, all of them held out for evaluation; nothing is left to train on", rows.nrows())]
+                } else {
+                    Vec::new()
+                };
+                (Some(Arc::new(rows)), notes)
+            }
+        }
+    };
+    Ok(Opened {
+        files: 0,
+        train_rows: None,
+        stream: Some(head),
+        eval_rows,
+        synth: None,
+        d_model,
+        notes,
+    })
+}
+
+/// `data.eval_paths`, opened and checked to be `d_model` wide like `first` (for the error).
+fn open_eval_files(data: &DataSpec, d_model: usize, first: PathBuf) -> Result<NpyShards> {
+    let eval = NpyShards::open(&data.eval_paths)?;
+    if eval.d_model() != d_model {
+        return Err(crate::data::DataError::WidthMismatch {
+            path: data.eval_paths[0].clone(),
+            d_model: eval.d_model(),
+            first_path: first,
+            first_d_model: d_model,
+        }
+        .into());
+    }
+    Ok(eval)
+}
+
+/// The training and held-out parts of `all`: `data.eval_paths` when given, else
+/// `data.eval_fraction` of its rows.
+#[allow(clippy::type_complexity)]
+fn held_out(
+    data: &DataSpec,
+    all: Arc<dyn Source>,
+    d_model: usize,
+) -> Result<(Arc<dyn Source>, Option<Arc<dyn Source>>, Vec<String>)> {
+    let mut notes = Vec::new();
+    if !data.eval_paths.is_empty() {
+        let first = data
+            .paths
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "the rows handed in".into());
+        let eval = open_eval_files(data, d_model, first)?;
+        notes.extend(eval.notices().iter().cloned());
+        return Ok((all, Some(Arc::new(eval)), notes));
+    }
+    let fraction = data.eval_fraction.unwrap_or(DEFAULT_EVAL_FRACTION);
+    let rounds_to_nothing = (fraction * all.n_rows() as f64).round() < 1.0;
+    if fraction == 0.0 || (data.eval_fraction.is_none() && rounds_to_nothing) {
+        return Ok((all, None, notes));
+    }
+    // The split's own seed: the held-out rows stay the same across seeds of a sweep of runs,
+    // so their evaluations compare.
+    let (train, eval) = holdout(all, fraction, 0)?;
+    Ok((Arc::new(train), Some(Arc::new(eval)), notes))
+}
+
+/// The data `spec.data.paths` names: `.npy` files, or the synthetic set when it names none.
+fn open_files(spec: &RunSpec, seed: u64) -> Result<Opened> {
     let data = &spec.data;
     if data.paths.is_empty() {
         let synth = Synth::new(SynthConfig {
@@ -277,6 +445,7 @@ fn open_data(spec: &RunSpec, seed: u64) -> Result<Opened> {
         return Ok(Opened {
             files: 0,
             train_rows: None,
+            stream: None,
             eval_rows: Some(eval_rows),
             d_model: synth.config().d_model,
             synth: Some(synth),
@@ -286,36 +455,12 @@ fn open_data(spec: &RunSpec, seed: u64) -> Result<Opened> {
     let shards = NpyShards::open(&data.paths)?;
     let mut notes = shards.notices().to_vec();
     let (d_model, files) = (shards.d_model(), shards.shards().count());
-    let all: Arc<dyn Source> = Arc::new(shards);
-    let (train_rows, eval_rows): (Arc<dyn Source>, Option<Arc<dyn Source>>) =
-        if !data.eval_paths.is_empty() {
-            let eval = NpyShards::open(&data.eval_paths)?;
-            notes.extend(eval.notices().iter().cloned());
-            if eval.d_model() != d_model {
-                return Err(crate::data::DataError::WidthMismatch {
-                    path: data.eval_paths[0].clone(),
-                    d_model: eval.d_model(),
-                    first_path: data.paths[0].clone(),
-                    first_d_model: d_model,
-                }
-                .into());
-            }
-            (all, Some(Arc::new(eval)))
-        } else {
-            let fraction = data.eval_fraction.unwrap_or(DEFAULT_EVAL_FRACTION);
-            let rounds_to_nothing = (fraction * all.n_rows() as f64).round() < 1.0;
-            if fraction == 0.0 || (data.eval_fraction.is_none() && rounds_to_nothing) {
-                (all, None)
-            } else {
-                // The split's own seed: the held-out rows stay the same across seeds of a sweep
-                // of runs, so their evaluations compare.
-                let (train, eval) = holdout(all, fraction, 0)?;
-                (Arc::new(train), Some(Arc::new(eval)))
-            }
-        };
+    let (train_rows, eval_rows, more) = held_out(data, Arc::new(shards), d_model)?;
+    notes.extend(more);
     Ok(Opened {
         files,
         train_rows: Some(train_rows),
+        stream: None,
         eval_rows,
         synth: None,
         d_model,
@@ -337,13 +482,23 @@ struct NewRun {
 impl NewRun {
     /// Resolves `spec`, opens its data and checks that everything fits, the directory
     /// included (on rank 0); writes nothing.
-    fn resolve(spec: &RunSpec, dir: &Path, force: bool, grid: &Grid) -> Result<NewRun> {
+    fn resolve(
+        spec: &RunSpec,
+        data: RunData,
+        dir: &Path,
+        force: bool,
+        grid: &Grid,
+    ) -> Result<NewRun> {
         let c = &*grid.world;
         check_schedule(spec)?;
         let seed = spec.train.seed.unwrap_or(0);
-        memory::check_synthetic(spec, SYNTH_EVAL_ROWS)?;
-        let mut opened = open_data(spec, seed)?;
+        let given = data.given();
+        if given.is_none() {
+            memory::check_synthetic(spec, SYNTH_EVAL_ROWS)?;
+        }
+        let mut opened = open_data(spec, seed, data)?;
         let synthetic = opened.synth.is_some();
+        let stream = given == Some(Given::Stream);
         let batch_size = spec
             .train
             .batch_size
@@ -390,10 +545,22 @@ impl NewRun {
             configs.push((sae_config, train_config));
         }
         check_names(&names, dir)?;
+        let holds_out = spec.data.eval_paths.is_empty();
         let resolved = RunSpec {
             data: DataSpec {
-                eval_fraction: (!synthetic && spec.data.eval_paths.is_empty())
+                eval_fraction: (!synthetic && !stream && holds_out)
                     .then(|| spec.data.eval_fraction.unwrap_or(DEFAULT_EVAL_FRACTION)),
+                eval_rows: (stream && holds_out)
+                    .then(|| spec.data.eval_rows.unwrap_or(DEFAULT_STREAM_EVAL_ROWS)),
+                buffer_rows: match stream {
+                    true => Some(
+                        spec.data
+                            .buffer_rows
+                            .unwrap_or(DEFAULT_BUFFER_BATCHES * batch_size),
+                    ),
+                    false => spec.data.buffer_rows,
+                },
+                given,
                 ..spec.data.clone()
             },
             train: ScheduleSpec {
@@ -416,7 +583,16 @@ impl NewRun {
         // before the directory is touched.
         let loader = loader_config(&resolved.data, &schedule, 1.0);
         loader.validate()?;
-        let train_n = opened.train_rows.as_ref().map(|rows| rows.n_rows());
+        // A stream's buffer is all of it the run holds.
+        let train_n = opened
+            .train_rows
+            .as_ref()
+            .map(|rows| rows.n_rows())
+            .or(resolved
+                .data
+                .buffer_rows
+                .filter(|_| stream)
+                .map(|r| r as u64));
         memory::check_run(
             &resolved,
             opened.d_model,
@@ -559,6 +735,41 @@ impl Run {
         Run::create_across(spec, dir, force, stop, Arc::new(SingleProcess))
     }
 
+    /// [`Run::create`] on rows handed in (see [`RunData`]) rather than files `spec` names:
+    /// `spec.data.paths` must be empty, and `config.toml` records `data.given` so that the
+    /// run resumes only with the data handed in again ([`Run::resume_with`]). One process.
+    ///
+    /// ```
+    /// use std::sync::atomic::AtomicBool;
+    /// use ndarray::Array2;
+    /// use sparse_autoencoder::run::{Outcome, Run, RunData, RunSpec};
+    ///
+    /// let dir = std::env::temp_dir().join(format!("sae-run-doc-{}", std::process::id()));
+    /// let spec: RunSpec = toml::from_str(
+    ///     "[train]\nsteps = 8\nbatch_size = 64\n[[sae]]\narch = 'topk'\nk = 4\ndict_size = 32",
+    /// )?;
+    /// // A generator of arrays: here 40 arrays of 32 rows, 8 wide.
+    /// let arrays = (0..40).map(|i| {
+    ///     Ok(Array2::from_shape_fn((32, 8), |(r, d)| ((i * 32 + r) as f32 * 0.1 + d as f32).sin()))
+    /// });
+    /// let stop = AtomicBool::new(false);
+    /// let mut run = Run::create_with(&spec, RunData::Stream(Box::new(arrays)), &dir, true, &stop)?;
+    /// let Outcome::Finished(summaries) = run.train(&mut (), &stop)? else { unreachable!() };
+    /// assert_eq!(summaries[0].steps, 8);
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn create_with(
+        spec: &RunSpec,
+        data: RunData,
+        dir: &Path,
+        force: bool,
+        stop: &AtomicBool,
+    ) -> Result<Run> {
+        let grid = Grid::new(Arc::new(SingleProcess), 1)?;
+        Run::create_on(spec, data, dir, force, stop, grid)
+    }
+
     /// [`Run::create`] for one process of a distributed job: every process of `collective`
     /// calls it with the same arguments. Each trains on its part of every global batch (the
     /// batch size must split evenly over the processes) and reads only that part; rank 0
@@ -586,21 +797,40 @@ impl Run {
         stop: &AtomicBool,
         grid: Grid,
     ) -> Result<Run> {
+        Run::create_on(spec, RunData::Spec, dir, force, stop, grid)
+    }
+
+    /// [`Run::create_sharded`] on `data`.
+    fn create_on(
+        spec: &RunSpec,
+        data: RunData,
+        dir: &Path,
+        force: bool,
+        stop: &AtomicBool,
+        grid: Grid,
+    ) -> Result<Run> {
         let collective = grid.world.clone();
         let c = &*collective;
         let writer = c.rank() == 0;
         let stopped = |stop: bool| stop_error(stop, dir, STOPPED_BEFORE_TRAINING);
         let (mut new, stop_now) = agree(
             c,
-            NewRun::resolve(spec, dir, force, &grid),
+            NewRun::resolve(spec, data, dir, force, &grid),
             stop.load(Ordering::Relaxed),
         )?;
         stopped(stop_now)?;
-        // The scale is estimated once, by rank 0, and sent to the others.
-        let estimated = match &new.opened.train_rows {
-            Some(rows) if spec.data.normalize && writer => {
-                estimate_scale(&**rows, new.schedule.seed, spec.data.skip_non_finite)
-            }
+        // The scale is estimated once, by rank 0, and sent to the others; on a stream, from
+        // the rows after the held-out ones, which stay there to be trained on.
+        let (seed, skip) = (new.schedule.seed, spec.data.skip_non_finite);
+        let estimated = match (&new.opened.train_rows, &mut new.opened.stream) {
+            (Some(rows), _) if spec.data.normalize && writer => estimate_scale(&**rows, seed, skip),
+            (None, Some(head)) if spec.data.normalize => head
+                .peek(SCALE_SAMPLE_ROWS as usize)
+                .map_err(|err| match err {
+                    Error::Data(err) => err,
+                    other => DataError::Stream(other.to_string()),
+                })
+                .and_then(|sample| estimate_scale(&sample, seed, skip)),
             _ => Ok(1.0),
         };
         let (scale, stop_now) = agree(
@@ -610,7 +840,7 @@ impl Run {
         )?;
         stopped(stop_now)?;
         let scale = broadcast_f32(c, scale);
-        if new.opened.train_rows.is_some() && spec.data.normalize {
+        if new.opened.synth.is_none() && spec.data.normalize {
             new.notes.push(format!(
                 "normalising: training on the activations times {scale:.6} (mean norm √{})",
                 new.opened.d_model
@@ -647,6 +877,10 @@ impl Run {
             }
             let batches = match (opened.train_rows.clone(), opened.synth.take()) {
                 (_, Some(synth)) => Batches::Synthetic(Box::new(synth)),
+                (None, None) if opened.stream.is_some() => {
+                    let head = opened.stream.take().expect("checked");
+                    Batches::Stream(stream_loader(head, &resolved.data, &schedule, scale)?)
+                }
                 (Some(rows), None) => {
                     let config = loader_config(&resolved.data, &schedule, scale);
                     Batches::Loader(Prefetcher::new(loader_part(
@@ -678,6 +912,20 @@ impl Run {
         Run::resume_across(dir, options, stop, Arc::new(SingleProcess))
     }
 
+    /// [`Run::resume`] of a run created by [`Run::create_with`], its data handed in again.
+    /// Given the same rows ([`RunData::Rows`]), the run continues on the same batches as if it
+    /// had never stopped. A stream cannot be replayed: [`RunData::Stream`] continues on the
+    /// new stream's rows (its front held out again), through a fresh shuffle buffer.
+    pub fn resume_with(
+        dir: &Path,
+        options: &ResumeOptions,
+        data: RunData,
+        stop: &AtomicBool,
+    ) -> Result<Run> {
+        let grid = Grid::new(Arc::new(SingleProcess), 1)?;
+        Run::resume_on(dir, options, data, stop, grid)
+    }
+
     /// [`Run::resume`] for one process of a distributed job (see [`Run::create_across`]).
     /// Every process reads the run directory (a file system shared by all is assumed); rank 0
     /// alone locks and writes it. The checkpoint holds the one global state, so a run
@@ -698,6 +946,17 @@ impl Run {
     pub fn resume_sharded(
         dir: &Path,
         options: &ResumeOptions,
+        stop: &AtomicBool,
+        grid: Grid,
+    ) -> Result<Run> {
+        Run::resume_on(dir, options, RunData::Spec, stop, grid)
+    }
+
+    /// [`Run::resume_sharded`] on `data`.
+    fn resume_on(
+        dir: &Path,
+        options: &ResumeOptions,
+        data: RunData,
         stop: &AtomicBool,
         grid: Grid,
     ) -> Result<Run> {
@@ -733,7 +992,7 @@ impl Run {
                 fix: "restore the file the run wrote".into(),
             })?;
             let mut run = Resolved::from_written(spec, &config_path, dir)?;
-            let synthetic = run.spec.data.paths.is_empty();
+            let synthetic = run.spec.data.paths.is_empty() && run.spec.data.given.is_none();
             let record_skip = options.skip_non_finite && !run.spec.data.skip_non_finite;
             if record_skip {
                 if synthetic {
@@ -754,7 +1013,7 @@ impl Run {
         stop_error(stop_now, dir, STOPPED_BEFORE_RESUMING)?;
         // After the checkpoint's load, whose errors name config.toml's SAE tables.
         let opened = memory::check_synthetic(&run.spec, SYNTH_EVAL_ROWS)
-            .and_then(|()| open_data(&run.spec, run.schedule.seed));
+            .and_then(|()| open_data(&run.spec, run.schedule.seed, data));
         let (mut opened, stop_now) = agree(c, opened, stop.load(Ordering::Relaxed))?;
         stop_error(stop_now, dir, STOPPED_BEFORE_RESUMING)?;
         let built = (|| -> Result<(Batches, Vec<Trainer>)> {
@@ -798,6 +1057,11 @@ impl Run {
                 &state.cursor,
             ) {
                 (_, Some(synth), _) => Batches::Synthetic(Box::new(synth)),
+                (None, None, None) if opened.stream.is_some() => {
+                    let head = opened.stream.take().expect("checked");
+                    let data = &run.spec.data;
+                    Batches::Stream(stream_loader(head, data, &run.schedule, state.scale)?)
+                }
                 (Some(rows), None, Some(cursor)) => {
                     let config = loader_config(&run.spec.data, &run.schedule, state.scale);
                     // The checkpoint counts every group's skipped rows: rank 0 carries the
@@ -999,6 +1263,18 @@ impl Run {
                     .next_batch()
                     .map(Batch::Loaded)
                     .map_err(|err| self.data_error(err)),
+                Batches::Stream(loader) => match loader.next_batch() {
+                    Ok(Some(x_bd)) => Ok(Batch::Owned(x_bd)),
+                    Ok(None) => {
+                        observer.note(&format!(
+                            "the stream ended at step {} of {}: the SAEs are saved as they are \
+                             now (the learning-rate schedule was planned for {} steps)",
+                            self.step, schedule.steps, schedule.steps
+                        ));
+                        break;
+                    }
+                    Err(err) => Err(self.data_error(err)),
+                },
             };
             let batch = match agree(c, fetched, false) {
                 Ok((batch, _)) => batch,
@@ -1077,6 +1353,7 @@ impl Run {
                 eval: None,
                 recovery: None,
                 skipped_rows,
+                steps: self.step,
                 seconds,
             };
             match self.finish(sae, global, summary, stop)? {
@@ -1127,6 +1404,12 @@ impl Run {
                     .next_batch()
                     .map(|b| b.view().to_owned())
                     .map_err(|err| self.data_error(err)),
+                Batches::Stream(loader) => match loader.next_batch() {
+                    Ok(Some(x_bd)) => Ok(x_bd),
+                    // θ is taken from the rows there are.
+                    Ok(None) => break,
+                    Err(err) => Err(self.data_error(err)),
+                },
             };
             rows.push(agree(c, fetched, false)?.0);
         }
@@ -1176,6 +1459,7 @@ impl Run {
         // The shards of a group read the same rows: the first counts them.
         let mut skipped = [match &self.batches {
             Batches::Loader(loader) if self.grid.shard == 0 => loader.skipped_rows(),
+            Batches::Stream(loader) => loader.skipped_rows(),
             _ => 0,
         }];
         self.collective.all_reduce_sum_u64(&mut skipped);
@@ -1293,7 +1577,7 @@ impl Run {
                     skipped_rows,
                     ..loader.cursor().clone()
                 }),
-                Batches::Synthetic(_) => None,
+                Batches::Synthetic(_) | Batches::Stream(_) => None,
             },
         };
         let trainers: Vec<(&str, &Trainer)> = self
@@ -1448,6 +1732,30 @@ fn loader_config(data: &DataSpec, schedule: &Schedule, scale: f32) -> LoaderConf
         scale,
         ..LoaderConfig::default()
     }
+}
+
+/// The batches of a stream run: `data`'s buffer (resolved at creation), the schedule's batch
+/// size and seed.
+fn stream_loader(
+    head: StreamHead,
+    data: &DataSpec,
+    schedule: &Schedule,
+    scale: f32,
+) -> Result<StreamLoader> {
+    let loader = loader_config(data, schedule, scale);
+    StreamLoader::new(
+        head,
+        StreamConfig {
+            batch_size: schedule.batch_size,
+            buffer_rows: data
+                .buffer_rows
+                .unwrap_or(DEFAULT_BUFFER_BATCHES * schedule.batch_size),
+            seed: schedule.seed,
+            skip_non_finite: data.skip_non_finite,
+            scale,
+            prefetch: loader.prefetch,
+        },
+    )
 }
 
 /// The fields of a spec no SAE's resolution checks.

@@ -43,8 +43,25 @@ pub struct DataSpec {
     pub normalize: bool,
     /// Skip rows holding NaN or ±Inf instead of stopping (default false).
     pub skip_non_finite: bool,
-    /// Rows of the shuffle buffer (default: [`crate::data::LoaderConfig`]'s).
+    /// Rows of the shuffle buffer (default: [`crate::data::LoaderConfig`]'s; on a stream,
+    /// [`crate::data::DEFAULT_BUFFER_BATCHES`] batches).
     pub buffer_rows: Option<usize>,
+    /// Rows held out for evaluation from the front of a stream (default 16,384; 0 disables):
+    /// a stream has no row count for `eval_fraction` to take a fraction of.
+    pub eval_rows: Option<u64>,
+    /// Set by the run, not by hand: the rows came through the library ([`super::RunData`])
+    /// rather than from `paths`, so resuming needs them handed in again.
+    pub given: Option<Given>,
+}
+
+/// How a run's rows were handed in through the library ([`super::RunData`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Given {
+    /// Random-access rows ([`super::RunData::Rows`]).
+    Rows,
+    /// A stream of arrays ([`super::RunData::Stream`]).
+    Stream,
 }
 
 /// The schedule every SAE of a run shares, since they see the same batches.
