@@ -382,3 +382,112 @@ class Trainer:
 
     def __repr__(self) -> str:
         return f"Trainer({self.sae!r}, steps_done={self.steps_done})"
+
+
+class TrainResult:
+    """What :func:`train` returns: the run directory and each SAE's summary.
+
+    ``saes`` holds one dict per SAE of the run, in its order: ``name``, ``dir`` (a directory
+    :meth:`SAE.load` reads), ``eval`` (the held-out statistics ``sae train`` prints and writes to
+    ``eval.json``: ``mse``, ``fve``, ``l0``, ``dead_fraction``, …; None when nothing was held
+    out), ``steps`` (fewer than planned when a stream ran dry), ``seconds`` and
+    ``skipped_rows``. ``notes`` are the run's notices (normalisation scale, skipped rows).
+    """
+
+    __slots__ = ("dir", "saes", "notes")
+
+    def __init__(self, summary: dict):
+        self.dir: str = summary["dir"]
+        self.saes: list = summary["saes"]
+        self.notes: list = summary["notes"]
+
+    def load(self, name: Optional[str] = None) -> SAE:
+        """The trained SAE called ``name`` (the only one when None)."""
+        if name is None:
+            if len(self.saes) != 1:
+                names = ", ".join(s["name"] for s in self.saes)
+                raise ValueError(f"the run trained {len(self.saes)} SAEs ({names}); pass a name")
+            return SAE.load(self.saes[0]["dir"])
+        for s in self.saes:
+            if s["name"] == name:
+                return SAE.load(s["dir"])
+        raise ValueError(f"no SAE named {name!r}; the run has {', '.join(s['name'] for s in self.saes)}")
+
+    def __repr__(self) -> str:
+        return f"TrainResult(dir={self.dir!r}, saes={[s['name'] for s in self.saes]})"
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, np.ndarray) or _is_torch_tensor(x) or (
+        hasattr(x, "__array__") and not hasattr(x, "__next__")
+    )
+
+
+def _stream(batches: Iterable[Any]):
+    """Each array of ``batches`` as 2-D float32 rows (its leading dimensions flattened)."""
+    for i, item in enumerate(batches):
+        arr = _to_numpy(item, f"array {i} of the stream")
+        if arr.ndim == 0:
+            raise ValueError(f"array {i} of the stream is a single number; yield [..., d_model] arrays")
+        yield arr.reshape(-1, arr.shape[-1]) if arr.ndim != 2 else arr
+
+
+def train(
+    batches: Any,
+    config: Union[Mapping[str, Any], PathLike, None] = None,
+    dir: Optional[PathLike] = None,
+    force: bool = False,
+    threads: Optional[int] = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Runs a whole training run as ``sae train`` does, writing the same run directory into
+    ``dir``: ``config.toml``, each SAE's weights, ``metrics.jsonl``, ``eval.json``,
+    ``feature_density.npy`` and plots, and ``checkpoint/``.
+
+    ``batches`` is either an array of rows (``[..., d_model]``: numpy, torch or anything with
+    ``__array__``), trained exactly as ``sae train --data x.npy`` trains on the same rows (the
+    same seed and threads give the same bits; a C-contiguous float32 array is read in place,
+    so do not write to it meanwhile), or any iterable of such arrays (a generator, a forward
+    hook's outputs), read once through a shuffle buffer while the SAEs train; the first
+    ``data.eval_rows`` rows are held out, and when the stream runs dry the run ends there.
+
+    ``config`` is a dict shaped like the run's ``config.toml`` (``{"train": {"steps": 1000,
+    "batch_size": 4096, "seed": 0}, "sae": [{"arch": "topk", "k": 32, "expansion": 8}],
+    "data": {"eval_fraction": 0.01}}``) or the path of such a TOML file; unknown keys are a
+    ``ValueError`` naming them. ``force`` replaces another run in ``dir``; ``threads`` runs on a
+    pool of that many workers (None: every core); ``resume=True`` continues the interrupted
+    run in ``dir`` (no ``config``) on ``batches`` handed in again.
+
+    Training runs with the GIL released. Ctrl-C stops it at the next step with a checkpoint
+    and raises ``KeyboardInterrupt``; an exception raised by the iterator is re-raised as it
+    was.
+    """
+    if dir is None:
+        raise ValueError("pass dir, the run directory to write")
+    spec_json = spec_toml = None
+    if isinstance(config, (str, os.PathLike)):
+        spec_toml = os.fspath(config)
+    elif isinstance(config, Mapping):
+        spec_json = _to_json(dict(config), "run configuration")
+    elif config is not None:
+        raise TypeError(f"config is a {type(config).__name__}; pass a dict or a TOML file's path")
+    if _is_array(batches):
+        arr = _to_numpy(batches, "batches")
+        if arr.ndim < 2:
+            raise ValueError(
+                f"batches has shape {tuple(arr.shape)}: pass rows shaped [..., d_model], or an "
+                "iterator of such arrays"
+            )
+        rows = np.ascontiguousarray(arr.reshape(-1, arr.shape[-1]))
+        summary = _native.train(os.fspath(dir), rows=rows, spec_json=spec_json,
+                                spec_toml=spec_toml, force=force, threads=threads, resume=resume)
+    else:
+        try:
+            iterator = iter(batches)
+        except TypeError:
+            raise TypeError(
+                f"batches is a {type(batches).__name__}: pass an array of rows or an iterable of arrays"
+            ) from None
+        summary = _native.train(os.fspath(dir), stream=_stream(iterator), spec_json=spec_json,
+                                spec_toml=spec_toml, force=force, threads=threads, resume=resume)
+    return TrainResult(json.loads(summary))

@@ -9,6 +9,7 @@
 //! `ValueError` (anything else), with the library's message.
 
 mod errors;
+mod run;
 mod sae;
 mod trainer;
 
@@ -38,6 +39,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<sae::PySae>()?;
     m.add_class::<trainer::PyTrainer>()?;
     m.add_function(wrap_pyfunction!(_last_input_address, m)?)?;
+    m.add_function(wrap_pyfunction!(run::train, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
