@@ -58,7 +58,9 @@ impl ArrayRows {
         // values of the array `_owner` keeps alive; numpy does not move or free the buffer of
         // an array that is referenced (`resize` refuses). The caller is told not to write to
         // the array while a run reads it.
-        unsafe { std::slice::from_raw_parts(self.address as *const f32, self.n_rows * self.d_model) }
+        unsafe {
+            std::slice::from_raw_parts(self.address as *const f32, self.n_rows * self.d_model)
+        }
     }
 }
 

@@ -64,15 +64,15 @@ impl PySae {
         if rows.nrows() == 0 {
             return Ok(Codes::empty(sae.config().dict_size));
         }
-        py.detach(|| {
-            guarded("encode", || {
-                sae.encode(&Cpu, rows.view()).map_err(to_py)
-            })
-        })
+        py.detach(|| guarded("encode", || sae.encode(&Cpu, rows.view()).map_err(to_py)))
     }
 
     /// x̂ of `codes` (whose latents are checked to lie below F), with the GIL released.
-    fn reconstruct<'py>(&self, py: Python<'py>, codes: Codes) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    fn reconstruct<'py>(
+        &self,
+        py: Python<'py>,
+        codes: Codes,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let sae = &*self.sae;
         let x_hat = if codes.n_rows() == 0 {
             Array2::zeros((0, sae.config().d_model))
@@ -193,8 +193,10 @@ impl PySae {
             values.extend_from_slice(val);
             pad_row(&mut indices, &mut values, start, k, config.dict_size);
         }
-        let indices = Array2::from_shape_vec((n, k), indices).map_err(|e| value_error(e.to_string()))?;
-        let values = Array2::from_shape_vec((n, k), values).map_err(|e| value_error(e.to_string()))?;
+        let indices =
+            Array2::from_shape_vec((n, k), indices).map_err(|e| value_error(e.to_string()))?;
+        let values =
+            Array2::from_shape_vec((n, k), values).map_err(|e| value_error(e.to_string()))?;
         (
             PyArray2::from_owned_array(py, indices),
             PyArray2::from_owned_array(py, values),

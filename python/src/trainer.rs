@@ -74,8 +74,10 @@ impl PyTrainer {
         f: impl FnOnce(&mut Inner) -> PyResult<T> + Send,
     ) -> PyResult<T> {
         py.detach(|| {
-            let mut inner: MutexGuard<'_, Inner> =
-                self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut inner: MutexGuard<'_, Inner> = self
+                .inner
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             if inner.broken {
                 return Err(value_error(
                     "this trainer failed with an internal error earlier; resume it from its \
@@ -165,7 +167,9 @@ impl PyTrainer {
     /// A copy of the SAE as trained so far.
     #[getter]
     fn sae(&self, py: Python<'_>) -> PyResult<PySae> {
-        let sae = self.with(py, "copying the SAE", |inner| Ok(inner.trainer.sae().clone()))?;
+        let sae = self.with(py, "copying the SAE", |inner| {
+            Ok(inner.trainer.sae().clone())
+        })?;
         Ok(PySae { sae: Arc::new(sae) })
     }
 
@@ -202,7 +206,8 @@ impl PyTrainer {
     /// counters) and its training configuration into the checkpoint directory `dir`.
     fn checkpoint(&self, py: Python<'_>, dir: PathBuf) -> PyResult<()> {
         self.with(py, "writing the checkpoint", |inner| {
-            let config = serde_json::to_value(&inner.config).map_err(|e| value_error(e.to_string()))?;
+            let config =
+                serde_json::to_value(&inner.config).map_err(|e| value_error(e.to_string()))?;
             let checkpoint = Checkpoint {
                 state: inner.trainer.state(),
                 extra: json!({ EXTRA_KEY: { "train_config": config } }),
