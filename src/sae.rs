@@ -1,7 +1,7 @@
 //! The SAE itself: its parameters, their initialisation, and the inference-time encoder
 //! (GEMM, bias, ReLU, sparsification) and decoder.
 
-use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, Zip};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Zip};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -260,6 +260,20 @@ impl Sae {
         let b = x_bd.nrows();
         resize(xc_bd, (b, self.config.d_model));
         resize(gemm_bf, (b, self.config.dict_size));
+        self.pre_activations_in(backend, bf16, x_bd, xc_bd.view_mut(), gemm_bf.view_mut());
+    }
+
+    /// [`Sae::pre_activations_into`] into outputs the caller sized: `xc_bd` B×D and `gemm_bf`
+    /// B×F, both in standard layout (views of reused capacity, see
+    /// [`crate::encode::EncodeBuffers`]).
+    pub(crate) fn pre_activations_in(
+        &self,
+        backend: &dyn Backend,
+        bf16: Option<&mut Bf16Encoder>,
+        x_bd: ArrayView2<'_, f32>,
+        mut xc_bd: ArrayViewMut2<'_, f32>,
+        gemm_bf: ArrayViewMut2<'_, f32>,
+    ) {
         let centre = self.config.arch.centres_input();
         if let Some(kernel) = self.bf16 {
             let mut fresh = None;
@@ -268,7 +282,6 @@ impl Sae {
                 None => fresh.insert(Bf16Encoder::new(kernel)),
             };
             let b_dec_d = centre.then(|| self.b_dec_d.view());
-            let (xc_bd, gemm_bf) = (xc_bd.view_mut(), gemm_bf.view_mut());
             encoder.encode(self.w_enc_fd.view(), x_bd, b_dec_d, xc_bd, gemm_bf);
             return;
         }
@@ -284,13 +297,7 @@ impl Sae {
                     xc.assign(&x)
                 }
             });
-        backend.gemm(
-            1.0,
-            xc_bd.view(),
-            self.w_enc_fd.t(),
-            0.0,
-            gemm_bf.view_mut(),
-        );
+        backend.gemm(1.0, xc_bd.view(), self.w_enc_fd.t(), 0.0, gemm_bf);
     }
 
     /// The pre-activations whose GEMM part is `gemm_bf` (from `pre_activations_into`).

@@ -122,9 +122,14 @@ impl Codes {
         out
     }
 
-    /// Number of rows.
+    /// This code as a borrowed [`SparseCodes`] view (no copy).
+    pub fn view(&self) -> SparseCodes<'_> {
+        SparseCodes::from(self)
+    }
+
+    /// Number of rows (0 for [`Codes::default`], whose `indptr` is empty).
     pub fn n_rows(&self) -> usize {
-        self.indptr.len() - 1
+        self.view().n_rows()
     }
 
     /// Total active codes.
@@ -134,6 +139,163 @@ impl Codes {
 
     /// Row `b`'s active latents and values.
     pub fn row(&self, b: usize) -> (&[u32], &[f32]) {
+        self.view().row(b)
+    }
+
+    /// Mean number of active codes per row (L0).
+    pub fn mean_l0(&self) -> f32 {
+        self.view().mean_l0()
+    }
+
+    /// The dense B×F matrix (zeros where inactive).
+    pub fn to_dense(&self) -> Array2<f32> {
+        self.view().to_dense()
+    }
+}
+
+/// Sparse codes borrowed in CSR form, the layout of scipy's `csr_array` (`indptr`, `indices`,
+/// `data`): row `b`'s active latents are `indices[indptr[b]..indptr[b + 1]]`, with their
+/// values at the same positions of `values`. A view of a [`Codes`] ([`Codes::view`], or
+/// [`crate::Sae::encode_into`]'s result) or of three slices another tool made, checked once
+/// by [`SparseCodes::new`]; either way nothing is copied, and [`crate::Sae::decode`] takes it.
+///
+/// Codes this crate makes list each row's latents in ascending order, each once; checked
+/// slices need not ([`SparseCodes::is_canonical`]): a latent listed twice in a row counts
+/// twice, as in scipy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparseCodes<'a> {
+    n_latents: usize,
+    indptr: &'a [usize],
+    indices: &'a [u32],
+    values: &'a [f32],
+}
+
+impl<'a> From<&'a Codes> for SparseCodes<'a> {
+    /// The view of `codes` (not checked again: a [`Codes`] this crate made is valid).
+    fn from(codes: &'a Codes) -> Self {
+        SparseCodes {
+            n_latents: codes.n_latents,
+            indptr: &codes.indptr,
+            indices: &codes.indices,
+            values: &codes.values,
+        }
+    }
+}
+
+impl<'a> SparseCodes<'a> {
+    /// Codes of `n_latents` latents from CSR slices, checked without copying: `indptr` holds
+    /// rows + 1 offsets, starts at 0, never decreases and ends at `indices.len()`;
+    /// `values` is as long as `indices`; every index is below `n_latents` and every value
+    /// finite. Fails with [`Error::Shape`] for the lengths, [`Error::OutOfRange`] naming the
+    /// first offending offset or index, and [`Error::NonFinite`] naming the row of a NaN or
+    /// infinite value.
+    ///
+    /// scipy's `int64` `indptr` and `int32` `indices` have the memory of `usize` (on 64-bit
+    /// targets) and `u32`: a negative entry reads as a huge one and is refused here.
+    ///
+    /// ```
+    /// use sparse_autoencoder::select::SparseCodes;
+    ///
+    /// // Two rows over 8 latents: row 0 has latents 1 and 5, row 1 none.
+    /// let codes = SparseCodes::new(8, &[0, 2, 2], &[1, 5], &[0.5, 2.0])?;
+    /// assert_eq!((codes.n_rows(), codes.nnz()), (2, 2));
+    /// assert_eq!(codes.row(0), (&[1u32, 5][..], &[0.5f32, 2.0][..]));
+    /// assert!(SparseCodes::new(8, &[0, 2, 2], &[1, 9], &[0.5, 2.0]).is_err());
+    /// # Ok::<(), sparse_autoencoder::Error>(())
+    /// ```
+    pub fn new(
+        n_latents: usize,
+        indptr: &'a [usize],
+        indices: &'a [u32],
+        values: &'a [f32],
+    ) -> Result<Self> {
+        let nnz = indices.len();
+        let Some((&last, _)) = indptr.split_last() else {
+            return Err(Error::Shape {
+                what: "indptr (rows + 1 offsets; [0] for no rows)".into(),
+                expected: vec![1],
+                got: vec![0],
+            });
+        };
+        check_shape("values (one per entry of indices)", &[values.len()], &[nnz])?;
+        if indptr[0] != 0 {
+            return Err(Error::OutOfRange {
+                what: "indptr[0], the start of row 0,".into(),
+                value: indptr[0] as f64,
+                range: "[0, 0]".into(),
+            });
+        }
+        for (b, w) in indptr.windows(2).enumerate() {
+            if w[1] < w[0] || w[1] > nnz {
+                return Err(Error::OutOfRange {
+                    what: format!("indptr[{}], the end of row {b},", b + 1),
+                    value: w[1] as f64,
+                    range: format!("[{}, {nnz}] (its start, and the length of indices)", w[0]),
+                });
+            }
+        }
+        if last != nnz {
+            return Err(Error::OutOfRange {
+                what: format!("indptr[{}], the end of the last row,", indptr.len() - 1),
+                value: last as f64,
+                range: format!("[{nnz}, {nnz}] (the length of indices and values)"),
+            });
+        }
+        for (b, w) in indptr.windows(2).enumerate() {
+            if let Some(i) = (w[0]..w[1]).find(|&i| indices[i] as usize >= n_latents) {
+                return Err(Error::OutOfRange {
+                    what: format!("indices[{i}], a latent of row {b},"),
+                    value: indices[i] as f64,
+                    range: format!("[0, {n_latents}) (the latents)"),
+                });
+            }
+            if values[w[0]..w[1]].iter().any(|v| !v.is_finite()) {
+                return Err(Error::NonFinite {
+                    what: "code values".into(),
+                    row: b,
+                });
+            }
+        }
+        Ok(SparseCodes {
+            n_latents,
+            indptr,
+            indices,
+            values,
+        })
+    }
+
+    /// F, the number of latents.
+    pub fn n_latents(&self) -> usize {
+        self.n_latents
+    }
+
+    /// Row offsets into [`SparseCodes::indices`] and [`SparseCodes::values`]; rows + 1 long.
+    pub fn indptr(&self) -> &'a [usize] {
+        self.indptr
+    }
+
+    /// Latent index of each active code.
+    pub fn indices(&self) -> &'a [u32] {
+        self.indices
+    }
+
+    /// Value of each active code.
+    pub fn values(&self) -> &'a [f32] {
+        self.values
+    }
+
+    /// Number of rows.
+    pub fn n_rows(&self) -> usize {
+        self.indptr.len().saturating_sub(1)
+    }
+
+    /// Total active codes.
+    pub fn nnz(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// Row `b`'s active latents and values.
+    pub fn row(&self, b: usize) -> (&'a [u32], &'a [f32]) {
         let r = self.indptr[b]..self.indptr[b + 1];
         (&self.indices[r.clone()], &self.values[r])
     }
@@ -143,16 +305,33 @@ impl Codes {
         self.nnz() as f32 / self.n_rows().max(1) as f32
     }
 
-    /// The dense B×F matrix (zeros where inactive).
+    /// Whether every row lists its latents in strictly ascending order (each once), as codes
+    /// this crate makes do.
+    pub fn is_canonical(&self) -> bool {
+        (0..self.n_rows()).all(|b| self.row(b).0.windows(2).all(|w| w[0] < w[1]))
+    }
+
+    /// The dense B×F matrix (zeros where inactive; a latent listed twice in a row gets the
+    /// sum).
     pub fn to_dense(&self) -> Array2<f32> {
         let mut dense = Array2::zeros((self.n_rows(), self.n_latents));
         for b in 0..self.n_rows() {
             let (idx, val) = self.row(b);
             for (&j, &v) in idx.iter().zip(val) {
-                dense[[b, j as usize]] = v;
+                dense[[b, j as usize]] += v;
             }
         }
         dense
+    }
+
+    /// An owned copy.
+    pub fn to_codes(&self) -> Codes {
+        Codes {
+            n_latents: self.n_latents,
+            indptr: self.indptr.to_vec(),
+            indices: self.indices.to_vec(),
+            values: self.values.to_vec(),
+        }
     }
 }
 
