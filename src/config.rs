@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// How the code f is made sparse. Each variant's rules live in one place, [`crate::arch`].
+/// How the code f is made sparse. Each variant's rules live in one place, the crate's `arch` module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "arch", rename_all = "lowercase")]
 pub enum Architecture {
@@ -29,7 +29,7 @@ pub enum Architecture {
         k: usize,
     },
     /// Keep the codes above a threshold learned per latent (Rajamanoharan et al. 2024,
-    /// `JumpReluTrainer`): f_j = pre_j·[pre_j > θ_j], with pre = x·W_encᵀ + b_enc (the
+    /// `JumpReluTrainer`): f_j = pre_j·\[pre_j > θ_j\], with pre = x·W_encᵀ + b_enc (the
     /// reference does not subtract b_dec before encoding). Trained with the straight-through
     /// estimator and an L0 penalty.
     #[serde(rename = "jumprelu")]
@@ -70,7 +70,7 @@ pub enum ThresholdRule {
     #[default]
     Ema,
     /// At the end of training, the k·N-th largest positive code of a sample of N ≥ 65,536
-    /// training-distribution rows ([`crate::calibrate::calibrated_threshold`]), so that
+    /// training-distribution rows (the `calibrate` module), so that
     /// inference keeps k codes a row on average even when the average had no time to settle.
     Calibrate,
 }

@@ -8,11 +8,39 @@
 //! ([`Architecture::JumpRelu`]), with the semantics of the reference Python library
 //! dictionary_learning.
 //!
-//! Data flows through the modules in this order: [`data`] (shuffled batches from `.npy`
-//! shards) → a batch `x_bd` → [`train`]'s step, whose phases run on the CPU or a GPU: encode
-//! ([`sae`]'s encoder GEMM on a [`backend`]) → [`select`] (sparsify) → decode → loss →
-//! backward → update ([`optim`]'s Adam). [`arch`] is the one place that says how each
-//! architecture behaves; [`dist`] is the seam for data-parallel training.
+//! # The API
+//!
+//! What this crate promises to keep, and all it shows; everything else is internal.
+//!
+//! - **Configurations** and their errors: [`SaeConfig`] (D, F, [`Architecture`]),
+//!   [`TrainConfig`] (the training recipe, its defaults those of dictionary_learning), each
+//!   checked by `validate()` into a [`ConfigError`] naming the field; [`Precision`].
+//! - **[`Sae`]**: [`Sae::new`], [`Sae::load`] and [`Sae::save`] (a directory of
+//!   `sae.safetensors` and `sae.json`), [`Sae::encode`] to [`Codes`] (CSR), [`Sae::decode`],
+//!   [`Sae::fold_input_scale`], the weights as array views, and an [`Encoder`] for batch
+//!   after batch on one device. Exports for SAELens and sparsify are in [`io`].
+//! - **[`Trainer`]**: one step at a time on batches you hand it ([`Trainer::step`] →
+//!   [`StepStats`]), its whole state as a [`TrainerState`] and on disk as an
+//!   [`io::Checkpoint`], resumed bit-exactly.
+//! - **Data** ([`data`]): the [`data::Source`] of rows (`.npy` shards through
+//!   [`data::NpyShards`], in-memory arrays, your own), the shuffling [`data::Batcher`] and its
+//!   background [`data::Prefetcher`], and [`data::StreamLoader`] for arrays that arrive once.
+//! - **Evaluation** ([`eval`]) and **recovery** of known features on the synthetic set
+//!   ([`synth`]).
+//! - **Runs** ([`run`]): what `sae train` does, a sweep of SAEs over one data pass with
+//!   metrics, checkpoints, resumption and evaluation in a run directory, on files, on rows
+//!   handed in or on a stream ([`run::RunData`]); [`plot`] draws its figures.
+//! - The seams a run is built on: [`backend`] (the CPU, or a GPU with the `cuda` feature),
+//!   [`dist`] (the processes of a distributed run, through [`dist::Collective`]) and
+//!   [`memory`] (what a run will need, checked before it starts).
+//!
+//! Inside, data flows in this order: a batch `x_bd` → the trainer's step, whose phases run on
+//! the CPU or a GPU: encode (the encoder GEMM on a [`backend::Backend`]) → select (sparsify)
+//! → decode → loss → backward → update (Adam). One internal module says how each
+//! architecture behaves.
+//!
+//! With `default-features = false` the crate is the library alone: the `cli` feature (on by
+//! default) adds the `sae` binary and the dependencies only it uses.
 //!
 //! Arrays are named by their shape, as the reference does: `x_bd` is B×D, `w_enc_fd` F×D,
 //! `b_enc_f` F long. B is rows in a batch, D the activations' width (`d_model`), F latents
@@ -44,29 +72,45 @@
 #[cfg(feature = "openblas")]
 extern crate blas_src;
 
-pub mod arch;
+// The API: these modules, and the items re-exported below.
 pub mod backend;
-pub mod calibrate;
-pub mod config;
 pub mod data;
 pub mod dist;
-pub mod encode;
-pub mod error;
 pub mod eval;
 pub mod io;
 pub mod memory;
-pub mod optim;
 pub mod plot;
 pub mod run;
-pub mod sae;
-pub mod select;
 pub mod synth;
-pub mod train;
+
+// Internals: what the modules above are built from, free to change.
+pub(crate) mod arch;
+pub(crate) mod calibrate;
+pub(crate) mod config;
+pub(crate) mod encode;
+pub(crate) mod error;
+pub(crate) mod optim;
+pub(crate) mod sae;
+pub(crate) mod select;
+pub(crate) mod train;
 
 pub use config::{
     Architecture, ConfigError, Precision, ReluVariant, SaeConfig, ThresholdRule, TrainConfig,
+    MAX_STEPS,
 };
+pub use data::DataError;
+pub use encode::Encoder;
 pub use error::{Error, Result};
+pub use optim::ParamTensors;
 pub use sae::Sae;
 pub use select::Codes;
-pub use train::{PhaseTimes, StepStats, Trainer};
+pub use train::{PhaseTimes, StepStats, Trainer, TrainerState};
+
+/// Internals the `sae` binary's benchmark and this crate's own tests reach into: not part of
+/// the API, and changed without notice.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::arch::Selection;
+    pub use crate::backend::bf16;
+    pub use crate::backend::{huge_copy, zeros_huge};
+}

@@ -14,7 +14,7 @@ use common::assert_close;
 use ndarray::{Array1, Array2, ArrayD, Axis, Ix1, Ix2};
 use serde_json::Value;
 use sparse_autoencoder::backend::Cpu;
-use sparse_autoencoder::optim::ParamTensors;
+use sparse_autoencoder::ParamTensors;
 use sparse_autoencoder::{Architecture, ReluVariant, Sae, SaeConfig, TrainConfig, Trainer};
 
 const ONE_STEP: f64 = 1e-5;

@@ -5,7 +5,7 @@ mod common;
 
 use common::{random_sae, synthetic_batch};
 use ndarray::{Array1, Array2, Zip};
-use sparse_autoencoder::optim::ParamTensors;
+use sparse_autoencoder::ParamTensors;
 use sparse_autoencoder::{Architecture, ReluVariant, TrainConfig, Trainer};
 
 const B: usize = 16;

@@ -19,8 +19,8 @@ use sparse_autoencoder::io::{
     ExportMetadata, NpyAppender, CHECKPOINT_CONFIG_FILE, CHECKPOINT_WEIGHTS_FILE, CONFIG_FILE,
     WEIGHTS_FILE,
 };
-use sparse_autoencoder::optim::ParamTensors;
-use sparse_autoencoder::train::TrainerState;
+use sparse_autoencoder::ParamTensors;
+use sparse_autoencoder::TrainerState;
 use sparse_autoencoder::{Architecture, Error, Sae, SaeConfig, TrainConfig, Trainer};
 
 const ARCHS: [Architecture; 5] = [

@@ -7,7 +7,7 @@ use common::{assert_close, sae_config, synthetic_batch};
 use ndarray::Array2;
 use sparse_autoencoder::backend::Cpu;
 use sparse_autoencoder::dist::{part, Threads};
-use sparse_autoencoder::train::TrainerState;
+use sparse_autoencoder::TrainerState;
 use sparse_autoencoder::{Architecture, Error, ReluVariant, Sae, StepStats, TrainConfig, Trainer};
 
 fn short_run() -> TrainConfig {

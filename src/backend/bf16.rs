@@ -164,7 +164,7 @@ impl Bf16Rows {
     }
 }
 
-/// A batch rounded to bf16 and packed for the kernel: panels of [`PANEL`] rows, each pair
+/// A batch rounded to bf16 and packed for the kernel: panels of `PANEL` (32) rows, each pair
 /// index holding the panel's 32 rows' pairs side by side (rows past B are zero).
 #[derive(Clone, Debug, Default)]
 pub struct Bf16Batch {

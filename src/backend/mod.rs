@@ -13,10 +13,13 @@ pub mod cuda;
 pub(crate) mod cuda_select;
 #[cfg(not(feature = "cuda"))]
 pub(crate) use cuda as cuda_select;
+// The bf16 GEMM's pieces are timed one by one by `sae bench` (through
+// `crate::internals`), so the module is public but not part of the API.
+#[doc(hidden)]
 pub mod bf16;
 mod device;
-pub mod simd;
-pub mod sparse;
+pub(crate) mod simd;
+pub(crate) mod sparse;
 
 pub use device::{Device, Gpu};
 
@@ -84,6 +87,7 @@ impl Backend for Cpu {
 /// (Linux transparent huge pages in `madvise` mode): the step's row-random reads of W_dec,
 /// u and xc otherwise miss the TLB on nearly every 3 KB row (measured at D=768, F=16384:
 /// decode 31 → 25 ms, backward 63 → 59 ms). Elsewhere, plain zeros.
+#[doc(hidden)]
 pub fn zeros_huge(rows: usize, cols: usize) -> Array2<f32> {
     let n = rows * cols;
     let mut v: Vec<f32> = Vec::with_capacity(n);
@@ -94,6 +98,7 @@ pub fn zeros_huge(rows: usize, cols: usize) -> Array2<f32> {
 }
 
 /// A copy of `a` in memory from [`zeros_huge`].
+#[doc(hidden)]
 pub fn huge_copy(a: ArrayView2<'_, f32>) -> Array2<f32> {
     let mut huge = zeros_huge(a.nrows(), a.ncols());
     huge.assign(&a);

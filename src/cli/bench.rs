@@ -31,12 +31,12 @@ use npyz::WriterBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
-use sparse_autoencoder::arch::ArchName;
 use sparse_autoencoder::backend::bf16::{self, Bf16Batch, Bf16Kernel, Bf16Rows};
 use sparse_autoencoder::backend::{huge_copy, zeros_huge, Backend, Cpu, Device};
 use sparse_autoencoder::data::{Batcher, LoaderConfig, NpyShards, Prefetcher};
 use sparse_autoencoder::dist::{agree, part, Collective, Grid, Traffic, World};
 use sparse_autoencoder::memory::{self, Estimate, Knob};
+use sparse_autoencoder::run::ArchName;
 use sparse_autoencoder::{PhaseTimes, Precision, Sae, SaeConfig, TrainConfig, Trainer};
 
 use super::{at_least_one, usage, UsageError};

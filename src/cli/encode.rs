@@ -4,11 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use sparse_autoencoder::arch::Selection;
 use sparse_autoencoder::data::{NpyShards, Source};
 use sparse_autoencoder::dist::{agree, World};
-use sparse_autoencoder::encode::Encoder;
+use sparse_autoencoder::internals::Selection;
 use sparse_autoencoder::io::{CodesLayout, CodesWriter};
+use sparse_autoencoder::Encoder;
 use sparse_autoencoder::{Architecture, Codes, Sae};
 
 use super::{at_least_one, usage, UsageError};

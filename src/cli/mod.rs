@@ -11,10 +11,10 @@ pub mod train;
 
 use std::fmt;
 
-use sparse_autoencoder::arch::ArchName;
 use sparse_autoencoder::data::DataError;
 use sparse_autoencoder::dist::{agree, World};
 use sparse_autoencoder::memory::{ByteSize, Knob};
+use sparse_autoencoder::run::ArchName;
 use sparse_autoencoder::synth::{Firing, SynthPreset};
 use sparse_autoencoder::ConfigError;
 

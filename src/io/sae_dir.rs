@@ -45,6 +45,23 @@ impl Sae {
     /// and, once BatchTopK has learned it, the scalar `threshold`; and `sae.json` (format, shape, architecture, θ). Each file is
     /// written atomically, the JSON last. [`Sae::load`] gives back an identical SAE, bit for
     /// bit.
+    ///
+    /// ```
+    /// use sparse_autoencoder::io::{export_saelens, ExportMetadata};
+    /// use sparse_autoencoder::{Architecture, Sae, SaeConfig};
+    ///
+    /// let dir = std::env::temp_dir().join(format!("sae-save-doc-{}", std::process::id()));
+    /// let config = SaeConfig { d_model: 8, dict_size: 32, arch: Architecture::TopK { k: 4 } };
+    /// let sae = Sae::new(config, 0)?;
+    /// sae.save(&dir.join("mine"))?;
+    /// let back = Sae::load(&dir.join("mine"))?;
+    /// assert_eq!(back.w_dec_fd(), sae.w_dec_fd());
+    /// // For SAELens: cfg.json and sae_weights.safetensors.
+    /// export_saelens(&back, &dir.join("saelens"), &ExportMetadata::default())?;
+    /// assert!(dir.join("saelens/cfg.json").is_file());
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), sparse_autoencoder::Error>(())
+    /// ```
     pub fn save(&self, dir: &Path) -> Result<()> {
         let rows = LatentRows::whole(self.config.dict_size);
         self.save_rows(dir, rows, &SingleProcess)

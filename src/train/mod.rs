@@ -38,7 +38,6 @@ use phases::{BackwardArgs, JumpArgs, Phases, State, Step};
 use resample::{resample_dead, resample_due};
 use shard::Shard;
 
-pub use crate::config::MAX_STEPS;
 pub use backward::dense_threshold_default;
 pub use phases::Captured;
 pub use state::TrainerState;
@@ -371,7 +370,7 @@ impl Trainer {
 
     /// ReLU on the CPU: code density (active / (B·F)) above which a step uses dense GEMMs for
     /// the decoder and backward instead of the sparse kernels. Both give the same result up to
-    /// float rounding; the crossover is a speed matter (default [`dense_threshold_default`]).
+    /// float rounding; the crossover is a speed matter (default 5%).
     pub fn set_dense_threshold(&mut self, density: f32) {
         self.dense_threshold = density;
         if let Engine::Cpu(cpu) = &mut self.engine {
