@@ -310,8 +310,9 @@ class Trainer:
     ``l1_coefficient``, ``threshold_start_step``, …; an unknown one is a ``ValueError`` naming
     it). ``relu_variant`` picks ReLU's L1 formulation; for JumpReLU, ``k`` is the L0 the penalty
     aims at (``target_l0``). ``threads`` runs the steps on a pool of that many workers of the
-    trainer's own (None: every core). The same seed, batches and threads give bit-identical
-    SAEs.
+    trainer's own (None: every core; the pure-Rust GEMM's own threads are process-wide, set
+    by the environment variable ``MATMUL_NUM_THREADS`` before the first GEMM, as ``sae train
+    --threads`` sets it). The same seed, batches and threads give bit-identical SAEs.
     """
 
     __slots__ = ("_native",)
@@ -442,7 +443,7 @@ def train(
 ) -> TrainResult:
     """Runs a whole training run as ``sae train`` does, writing the same run directory into
     ``dir``: ``config.toml``, each SAE's weights, ``metrics.jsonl``, ``eval.json``,
-    ``feature_density.npy`` and plots, and ``checkpoint/``.
+    ``feature_density.npy`` and plots (and ``checkpoint/`` when stopped early).
 
     ``batches`` is either an array of rows (``[..., d_model]``: numpy, torch or anything with
     ``__array__``), trained exactly as ``sae train --data x.npy`` trains on the same rows (the

@@ -148,7 +148,9 @@ impl Observer for Notes {
 
 /// How the run on the worker thread ended.
 enum Ended {
+    /// Every step taken, each SAE saved, evaluated and plotted: the summary for Python.
     Finished(serde_json::Value),
+    /// Stopped at the caller's request (Ctrl-C); what was written and how to continue.
     Interrupted(String),
 }
 

@@ -49,8 +49,11 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(json: &str, what: &str) 
 
 /// What the lock guards.
 struct Inner {
+    /// The library's trainer.
     trainer: Trainer,
+    /// Its configuration, for checkpoints.
     config: TrainConfig,
+    /// The trainer's own workers (`threads=`), or none for rayon's global pool.
     pool: Option<Arc<ThreadPool>>,
     /// Set when a step panicked: the trainer's state is then unknown.
     broken: bool,
@@ -91,6 +94,7 @@ impl PyTrainer {
         })
     }
 
+    /// The Python object around `trainer`.
     fn build(trainer: Trainer, config: TrainConfig, pool: Option<Arc<ThreadPool>>) -> Self {
         let d_model = trainer.sae().config().d_model;
         PyTrainer {
