@@ -141,7 +141,8 @@ class SAE:
         arrays ``[..., k]`` as ``sae encode`` writes them (a row with fewer than k positive codes
         is padded with value 0). Codes are those of ``sae encode``: ReLU keeps every positive
         code, TopK the k largest, BatchTopK and Matryoshka those above θ, JumpReLU those above
-        each latent's threshold.
+        each latent's threshold. (A BatchTopK SAE whose θ training has not set yet keeps the
+        k·rows largest codes of the whole call, as ``sae encode`` does per ``--batch-size``.)
         """
         if dense is not None:
             if format is not None and format != ("dense" if dense else "csr"):
