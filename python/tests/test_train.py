@@ -160,3 +160,20 @@ def test_bad_runs_raise_clear_errors(acts, tmp_path):
     sa.train(acts, small, tmp_path / "f", force=True)
     with pytest.raises(ValueError, match="drop the configuration"):
         sa.train(acts, small, tmp_path / "f", resume=True)
+
+
+def test_a_sweep_returns_every_sae(acts, tmp_path):
+    config = {"train": {"steps": 10, "batch_size": 64, "seed": 0},
+              "sae": [{"arch": "topk", "k": 4, "dict_size": 32},
+                      {"arch": "relu", "dict_size": 48, "l1": 0.1}]}
+    result = sa.train(acts, config, tmp_path / "sweep", threads=1)
+    names = [s["name"] for s in result.saes]
+    assert len(names) == 2 and names[0] != names[1]
+    assert result.load(names[0]).arch == "topk"
+    assert result.load(names[1]).dict_size == 48
+    for s in result.saes:
+        assert sa.SAE.load(s["dir"]) == result.load(s["name"])
+    with pytest.raises(ValueError, match="trained 2 SAEs"):
+        result.load()
+    with pytest.raises(ValueError, match="no SAE named 'x'"):
+        result.load("x")

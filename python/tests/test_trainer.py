@@ -185,3 +185,20 @@ def test_bad_batches_are_value_errors(tmp_path):
     t.save(tmp_path / "sae")
     with pytest.raises(OSError):
         sa.Trainer.resume(tmp_path / "sae")
+
+
+def test_resume_with_a_given_config(tmp_path):
+    data = batches(4)
+    t = trainer("topk")
+    for x in data[:2]:
+        t.step(x)
+    t.checkpoint(tmp_path / "ckpt")
+    config = t.config
+    # The configuration passed replaces the saved one (here: the same), steps continue.
+    resumed = sa.Trainer.resume(tmp_path / "ckpt", train_config=config)
+    assert resumed.steps_done == 2
+    for x in data[2:]:
+        assert resumed.step(x) == t.step(x)
+    assert resumed.sae == t.sae
+    with pytest.raises(ValueError, match="unknown field `nope`"):
+        sa.Trainer.resume(tmp_path / "ckpt", train_config={"nope": 1})
