@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import scipy.sparse
@@ -441,6 +441,8 @@ def train(
     force: bool = False,
     threads: Optional[int] = None,
     resume: bool = False,
+    progress: Optional[Callable[[dict], Any]] = None,
+    progress_every: int = 1,
 ) -> TrainResult:
     """Runs a whole training run as ``sae train`` does, writing the same run directory into
     ``dir``: ``config.toml``, each SAE's weights, ``metrics.jsonl``, ``eval.json``,
@@ -459,6 +461,11 @@ def train(
     ``ValueError`` naming them. ``force`` replaces another run in ``dir``; ``threads`` runs on a
     pool of that many workers (None: every core); ``resume=True`` continues the interrupted
     run in ``dir`` (no ``config``) on ``batches`` handed in again.
+
+    ``progress``, if given, is called every ``progress_every`` steps (and after the last) with
+    a dict: ``step``, ``total_steps``, ``tokens``, ``seconds`` and ``stats``, each SAE's step
+    statistics (as :meth:`Trainer.step` returns them); an exception it raises stops the run
+    and is re-raised.
 
     Training runs with the GIL released. Ctrl-C stops it at the next step with a checkpoint
     and raises ``KeyboardInterrupt``; an exception raised by the iterator is re-raised as it
@@ -482,7 +489,8 @@ def train(
             )
         rows = np.ascontiguousarray(arr.reshape(-1, arr.shape[-1]))
         summary = _native.train(os.fspath(dir), rows=rows, spec_json=spec_json,
-                                spec_toml=spec_toml, force=force, threads=threads, resume=resume)
+                                spec_toml=spec_toml, force=force, threads=threads, resume=resume,
+                                progress=progress, progress_every=progress_every)
     else:
         try:
             iterator = iter(batches)
@@ -491,5 +499,6 @@ def train(
                 f"batches is a {type(batches).__name__}: pass an array of rows or an iterable of arrays"
             ) from None
         summary = _native.train(os.fspath(dir), stream=_stream(iterator), spec_json=spec_json,
-                                spec_toml=spec_toml, force=force, threads=threads, resume=resume)
+                                spec_toml=spec_toml, force=force, threads=threads, resume=resume,
+                                progress=progress, progress_every=progress_every)
     return TrainResult(json.loads(summary))

@@ -10,12 +10,13 @@ use ndarray::Array2;
 use numpy::{PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyStopIteration, PyTypeError};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use sparse_autoencoder::data::{DataError, RowStream, Source};
 use sparse_autoencoder::run::{Observer, Outcome, Progress, ResumeOptions, Run, RunData, RunSpec};
 use sparse_autoencoder::{plot, Error};
 
 use crate::errors::{caught, to_py, value_error};
-use crate::trainer::{on_pool, thread_pool};
+use crate::trainer::{on_pool, stats_dict, thread_pool};
 
 /// How often the calling thread looks for a signal (Ctrl-C) while the run trains.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
@@ -135,14 +136,55 @@ impl RowStream for PyStream {
     }
 }
 
-/// Keeps the run's notes (normalisation scale, skipped rows, checkpoints) for the result.
-#[derive(Default)]
-struct Notes(Vec<String>);
+/// Keeps the run's notes (normalisation scale, skipped rows, checkpoints) for the result, and
+/// shows the progress to a Python callback every `every` steps.
+struct Watcher<'a> {
+    notes: Vec<String>,
+    /// `progress(info)`, called with the GIL taken for the call.
+    progress: Option<Py<PyAny>>,
+    every: u64,
+    /// Where an exception the callback raised goes; the run then stops at once.
+    failure: &'a Mutex<Option<PyErr>>,
+    stop: &'a AtomicBool,
+}
 
-impl Observer for Notes {
-    fn step(&mut self, _: &Progress<'_>) {}
+impl Watcher<'_> {
+    /// `progress(info)` with the step's numbers; an exception stops the run.
+    fn call(&self, callback: &Py<PyAny>, p: &Progress<'_>) {
+        let called = Python::attach(|py| -> PyResult<()> {
+            let info = PyDict::new(py);
+            info.set_item("step", p.step)?;
+            info.set_item("total_steps", p.total_steps)?;
+            info.set_item("tokens", p.tokens)?;
+            info.set_item("seconds", p.seconds)?;
+            let stats = p
+                .stats
+                .iter()
+                .map(|s| stats_dict(py, s))
+                .collect::<PyResult<Vec<_>>>()?;
+            info.set_item("stats", stats)?;
+            callback.bind(py).call1((info,))?;
+            Ok(())
+        });
+        if let Err(err) = called {
+            let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+            failure.get_or_insert(err);
+            self.stop.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Observer for Watcher<'_> {
+    fn step(&mut self, p: &Progress<'_>) {
+        if let Some(callback) = &self.progress {
+            if p.step.is_multiple_of(self.every) || p.step == p.total_steps {
+                self.call(callback, p);
+            }
+        }
+    }
+
     fn note(&mut self, line: &str) {
-        self.0.push(line.to_string());
+        self.notes.push(line.to_string());
     }
 }
 
@@ -162,8 +204,8 @@ fn run_all(
     force: bool,
     resume: bool,
     stop: &AtomicBool,
+    mut notes: Watcher<'_>,
 ) -> sparse_autoencoder::Result<Ended> {
-    let mut notes = Notes::default();
     let created = match spec {
         Some(spec) if !resume => Run::create_with(spec, data, dir, force, stop),
         _ => Run::resume_with(dir, &ResumeOptions::default(), data, stop),
@@ -199,7 +241,7 @@ fn run_all(
             let mut saes = Vec::new();
             for summary in &summaries {
                 let redrawn = plot::redraw(&summary.dir)?;
-                notes.0.extend(redrawn.note);
+                notes.notes.extend(redrawn.note);
                 let mut value = serde_json::to_value(summary).unwrap_or_default();
                 value["dir"] = summary.dir.display().to_string().into();
                 saes.push(value);
@@ -207,7 +249,7 @@ fn run_all(
             Ok(Ended::Finished(serde_json::json!({
                 "dir": dir.display().to_string(),
                 "saes": saes,
-                "notes": notes.0,
+                "notes": notes.notes,
             })))
         }
     }
@@ -216,6 +258,10 @@ fn run_all(
 /// Runs a whole training run into `dir` and returns its summary as JSON text: `{"dir", "saes":
 /// [{"name", "dir", "eval", "recovery", "skipped_rows", "steps", "seconds"}], "notes"}`.
 ///
+/// `progress`, if given, is called every `progress_every` steps (and after the last) with a
+/// dict of the step, total_steps, tokens, seconds and each SAE's step statistics; an
+/// exception it raises stops the run and is re-raised.
+///
 /// `rows` (a C-contiguous float32 array, read in place) or `stream` (an iterator of 2-D
 /// float32 arrays) is the data; `spec_json` (a `RunSpec` as JSON) or `spec_toml` (a TOML
 /// file's path) the configuration, neither when `resume`. Training runs with the GIL released
@@ -223,7 +269,7 @@ fn run_all(
 /// next step with a checkpoint, raising `KeyboardInterrupt`. An exception the stream raised is
 /// re-raised as it was.
 #[pyfunction]
-#[pyo3(signature = (dir, rows=None, stream=None, spec_json=None, spec_toml=None, force=false, threads=None, resume=false))]
+#[pyo3(signature = (dir, rows=None, stream=None, spec_json=None, spec_toml=None, force=false, threads=None, resume=false, progress=None, progress_every=1))]
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     py: Python<'_>,
@@ -235,7 +281,12 @@ pub fn train(
     force: bool,
     threads: Option<usize>,
     resume: bool,
+    progress: Option<Py<PyAny>>,
+    progress_every: u64,
 ) -> PyResult<String> {
+    if progress_every == 0 {
+        return Err(value_error("progress_every is 0; pass at least 1"));
+    }
     let spec: Option<RunSpec> = match (spec_json, &spec_toml) {
         (Some(_), Some(_)) => {
             return Err(value_error(
@@ -291,9 +342,19 @@ pub fn train(
         std::thread::scope(|scope| {
             let (done_tx, done_rx) = mpsc::channel();
             let (stop, spec, dir, pool) = (&stop, spec.as_ref(), &dir, pool.as_deref());
+            let watcher = Watcher {
+                notes: Vec::new(),
+                progress,
+                every: progress_every,
+                failure: &failure,
+                stop,
+            };
             scope.spawn(move || {
                 let result = caught("training", || {
-                    on_pool(pool, || run_all(spec, data, dir, force, resume, stop)).map_err(to_py)
+                    on_pool(pool, || {
+                        run_all(spec, data, dir, force, resume, stop, watcher)
+                    })
+                    .map_err(to_py)
                 });
                 let _ = done_tx.send(result);
             });

@@ -177,3 +177,27 @@ def test_a_sweep_returns_every_sae(acts, tmp_path):
         result.load()
     with pytest.raises(ValueError, match="no SAE named 'x'"):
         result.load("x")
+
+
+def test_progress_callback_sees_every_nth_step_and_can_stop_the_run(acts, tmp_path):
+    config = {"train": {"steps": 25, "batch_size": 32, "seed": 0},
+              "sae": [{"arch": "topk", "k": 4, "dict_size": 32}]}
+    seen = []
+    sa.train(acts, config, tmp_path / "a", progress=seen.append, progress_every=10)
+    assert [p["step"] for p in seen] == [10, 20, 25]
+    assert all(p["total_steps"] == 25 for p in seen)
+    assert seen[-1]["tokens"] == 25 * 32
+    assert set(seen[-1]["stats"][0]) >= {"loss", "mse", "fve", "l0", "lr"}
+
+    class Enough(Exception):
+        pass
+
+    def stop_at_5(p):
+        if p["step"] == 5:
+            raise Enough("seen enough")
+
+    with pytest.raises(Enough, match="seen enough"):
+        sa.train(acts, config, tmp_path / "b", progress=stop_at_5)
+    assert (tmp_path / "b" / "checkpoint").is_dir()
+    with pytest.raises(ValueError, match="progress_every is 0"):
+        sa.train(acts, config, tmp_path / "c", progress=print, progress_every=0)
