@@ -156,8 +156,16 @@ def main():
           f"{args.arch} SAE k={args.k} F={args.expansion * d_model}; {steps} steps of "
           f"{args.batch_size} tokens, streamed from the hook")
     t0 = time.perf_counter()
+
+    def progress(p):
+        s = p["stats"][0]
+        print(f"step {p['step']:>5}/{p['total_steps']}  loss {s['loss']:.4f}  fve {s['fve']:.4f}  "
+              f"l0 {s['l0']:.1f}  dead {s['dead_fraction']:.3f}  "
+              f"{p['tokens'] / (time.perf_counter() - t0):,.0f} tokens/s", flush=True)
+
     result = sparse_autoencoder.train(activation_batches(), config, args.out, force=True,
-                                      threads=args.threads)
+                                      threads=args.threads, progress=progress,
+                                      progress_every=max(1, steps // 8))
     wall = time.perf_counter() - t0
     summary = result.saes[0]
     ev = summary["eval"]
