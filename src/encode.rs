@@ -107,7 +107,7 @@ impl Sae {
     /// ```
     /// use ndarray::Array2;
     /// use sparse_autoencoder::backend::Cpu;
-    /// use sparse_autoencoder::encode::EncodeBuffers;
+    /// use sparse_autoencoder::EncodeBuffers;
     /// use sparse_autoencoder::{Architecture, Sae, SaeConfig};
     ///
     /// let config = SaeConfig { d_model: 16, dict_size: 64, arch: Architecture::TopK { k: 4 } };

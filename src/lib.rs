@@ -99,11 +99,11 @@ pub use config::{
     MAX_STEPS,
 };
 pub use data::DataError;
-pub use encode::Encoder;
+pub use encode::{EncodeBuffers, Encoder};
 pub use error::{Error, Result};
 pub use optim::ParamTensors;
 pub use sae::Sae;
-pub use select::Codes;
+pub use select::{Codes, SparseCodes};
 pub use train::{PhaseTimes, StepStats, Trainer, TrainerState};
 
 /// Internals the `sae` binary's benchmark and this crate's own tests reach into: not part of

@@ -54,7 +54,8 @@ impl<'a> PreActs<'a> {
     }
 
     /// Fraction of positive entries.
-    pub fn positive_fraction(&self) -> f32 {
+    #[cfg(test)]
+    fn positive_fraction(&self) -> f32 {
         self.positive_count() as f32 / (self.n_rows() * self.n_latents()).max(1) as f32
     }
 
@@ -73,7 +74,7 @@ impl<'a> PreActs<'a> {
     }
 
     /// The dense B×F pre-activations, bias included.
-    pub fn to_dense(&self) -> Array2<f32> {
+    pub fn to_dense(self) -> Array2<f32> {
         &self.gemm_bf + &ndarray::ArrayView1::from(self.bias_f)
     }
 }
@@ -194,7 +195,7 @@ impl<'a> SparseCodes<'a> {
     /// targets) and `u32`: a negative entry reads as a huge one and is refused here.
     ///
     /// ```
-    /// use sparse_autoencoder::select::SparseCodes;
+    /// use sparse_autoencoder::SparseCodes;
     ///
     /// // Two rows over 8 latents: row 0 has latents 1 and 5, row 1 none.
     /// let codes = SparseCodes::new(8, &[0, 2, 2], &[1, 5], &[0.5, 2.0])?;

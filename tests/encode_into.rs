@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, ShapeBuilder};
 use sparse_autoencoder::backend::bf16::Bf16Kernel;
 use sparse_autoencoder::backend::{Backend, Cpu, Device};
-use sparse_autoencoder::encode::EncodeBuffers;
-use sparse_autoencoder::select::SparseCodes;
+use sparse_autoencoder::EncodeBuffers;
+use sparse_autoencoder::SparseCodes;
 use sparse_autoencoder::{
     Architecture, Codes, Error, Precision, Sae, SaeConfig, TrainConfig, Trainer,
 };

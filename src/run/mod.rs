@@ -746,7 +746,8 @@ impl Run {
     ///
     /// let dir = std::env::temp_dir().join(format!("sae-run-doc-{}", std::process::id()));
     /// let spec: RunSpec = toml::from_str(
-    ///     "[train]\nsteps = 8\nbatch_size = 64\n[[sae]]\narch = 'topk'\nk = 4\ndict_size = 32",
+    ///     "[data]\neval_rows = 256\n[train]\nsteps = 8\nbatch_size = 64\n\
+    ///      [[sae]]\narch = 'topk'\nk = 4\ndict_size = 32",
     /// )?;
     /// // A generator of arrays: here 40 arrays of 32 rows, 8 wide.
     /// let arrays = (0..40).map(|i| {
