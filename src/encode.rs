@@ -2,13 +2,11 @@
 //! with BatchTopK's learned θ in place of its batch rule) on the CPU or a GPU, and the
 //! reconstruction from codes. The SAE itself ([`crate::sae`]) knows nothing of devices.
 
-use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
-use rayon::prelude::*;
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
 use crate::arch::Selection;
 use crate::backend::bf16::{Bf16Encoder, Bf16Kernel};
 use crate::backend::cuda_select::DeviceEncoder;
-use crate::backend::simd::{dispatch, prefetch};
 use crate::backend::{sparse, Backend, Device};
 use crate::dist::{Collective, SingleProcess};
 use crate::error::{check_shape, Error, Result};
@@ -261,7 +259,7 @@ impl Sae {
                 got: vec![b, d],
             });
         }
-        decode_rows(
+        sparse::decode_into(
             codes,
             self.w_dec_fd.view(),
             Some(self.b_dec_d.view()),
@@ -293,44 +291,12 @@ impl Sae {
         self.check_codes(codes)?;
         let mut x_hat_bd = Array2::zeros((codes.n_rows(), self.config.d_model));
         let b_dec = (latent.rank() == 0).then(|| self.b_dec_d.view());
-        decode_rows(codes, self.w_dec_fd.view(), b_dec, x_hat_bd.view_mut());
+        sparse::decode_into(codes, self.w_dec_fd.view(), b_dec, x_hat_bd.view_mut());
         if latent.world_size() > 1 {
             latent.all_reduce_sum_f32(x_hat_bd.as_slice_mut().expect("standard layout"));
         }
         Ok(x_hat_bd)
     }
-}
-
-/// `out_bd ← codes · w_fd (+ bias_d)`, [`sparse::decode_into`]'s loop (the same arithmetic in
-/// the same order, so the same bits) over a [`SparseCodes`] view; `out_bd`'s rows contiguous.
-fn decode_rows(
-    codes: SparseCodes<'_>,
-    w_fd: ArrayView2<'_, f32>,
-    bias_d: Option<ArrayView1<'_, f32>>,
-    mut out_bd: ArrayViewMut2<'_, f32>,
-) {
-    debug_assert_eq!(out_bd.nrows(), codes.n_rows());
-    out_bd
-        .axis_iter_mut(Axis(0))
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(b, mut out_d)| {
-            let out = out_d.as_slice_mut().expect("contiguous output row");
-            match bias_d {
-                Some(bias) => out.copy_from_slice(bias.as_slice().expect("contiguous bias")),
-                None => out.fill(0.0),
-            }
-            let (idx, val) = codes.row(b);
-            dispatch(|| {
-                for (i, (&j, &v)) in idx.iter().zip(val).enumerate() {
-                    if let Some(&next) = idx.get(i + 1) {
-                        prefetch(w_fd.row(next as usize).as_slice().expect("contiguous row"));
-                    }
-                    let w = w_fd.row(j as usize);
-                    sparse::axpy(v, w.as_slice().expect("contiguous row"), out);
-                }
-            })
-        });
 }
 
 /// [`Sae::encode`] for batch after batch on one device (see [`Sae::encoder`]).

@@ -184,6 +184,45 @@ impl<'a> From<&'a Codes> for SparseCodes<'a> {
 }
 
 impl<'a> SparseCodes<'a> {
+    /// Appends every row as exactly `k` codes to `indices` and `values` (row-major N×k): a
+    /// row's own codes, then zeros at the lowest latents it does not use, as `sae encode`
+    /// writes a TopK SAE's `indices.npy`/`values.npy`. A row holding more than `k` codes is
+    /// [`Error::Shape`], named as row `first_row + b` (the rows' place in a longer stream).
+    /// Rows are taken to be ascending, as [`crate::Sae::encode`] gives them.
+    pub fn pad_into(
+        &self,
+        k: usize,
+        first_row: u64,
+        indices: &mut Vec<u32>,
+        values: &mut Vec<f32>,
+    ) -> Result<()> {
+        for b in 0..self.n_rows() {
+            let (idx, val) = self.row(b);
+            if idx.len() > k {
+                return Err(Error::Shape {
+                    what: format!("row {} of the codes", first_row + b as u64),
+                    expected: vec![k],
+                    got: vec![idx.len()],
+                });
+            }
+            let start = indices.len();
+            indices.extend_from_slice(idx);
+            values.extend_from_slice(val);
+            pad_row(indices, values, start, k, self.n_latents);
+        }
+        Ok(())
+    }
+
+    /// The codes as N×k latent indices and values (see [`SparseCodes::pad_into`]).
+    pub fn to_padded(&self, k: usize) -> Result<(Array2<u32>, Array2<f32>)> {
+        let n = self.n_rows();
+        let (mut indices, mut values) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k));
+        self.pad_into(k, 0, &mut indices, &mut values)?;
+        let indices_nk = Array2::from_shape_vec((n, k), indices).expect("n·k indices");
+        let values_nk = Array2::from_shape_vec((n, k), values).expect("n·k values");
+        Ok((indices_nk, values_nk))
+    }
+
     /// Codes of `n_latents` latents from CSR slices, checked without copying: `indptr` holds
     /// rows + 1 offsets, starts at 0, never decreases and ends at `indices.len()`;
     /// `values` is as long as `indices`; every index is below `n_latents` and every value
@@ -948,12 +987,47 @@ pub(crate) fn select_into(
     }
 }
 
+/// Pads the row at `idx[start..]` to exactly `k` codes with zeros at the lowest latents the
+/// row does not use (its own latents are ascending).
+fn pad_row(idx: &mut Vec<u32>, val: &mut Vec<f32>, start: usize, k: usize, n_latents: usize) {
+    let mut own = start;
+    let end = idx.len();
+    let mut candidate = 0u32;
+    while idx.len() - start < k && (candidate as usize) < n_latents {
+        // Skip past the row's own latents below the candidate.
+        while own < end && idx[own] < candidate {
+            own += 1;
+        }
+        if own == end || idx[own] != candidate {
+            idx.push(candidate);
+            val.push(0.0);
+        }
+        candidate += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use crate::dist::SingleProcess;
     use ndarray::array;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn padding_fills_the_lowest_latents_the_row_does_not_use() {
+        let (mut idx, mut val) = (vec![7, 0, 2, 9], vec![5.0, 1.0, 2.0, 3.0]);
+        // The row under test starts at 1: latents 0, 2 and 9.
+        pad_row(&mut idx, &mut val, 1, 5, 12);
+        assert_eq!(idx, [7, 0, 2, 9, 1, 3]);
+        assert_eq!(val, [5.0, 1.0, 2.0, 3.0, 0.0, 0.0]);
+        let (mut idx, mut val) = (vec![], vec![]);
+        pad_row(&mut idx, &mut val, 0, 3, 3);
+        assert_eq!((idx, val), (vec![0, 1, 2], vec![0.0; 3]));
+        let (mut idx, mut val) = (vec![3, 7], vec![1.0, 2.0]);
+        pad_row(&mut idx, &mut val, 0, 2, 8);
+        assert_eq!((idx, val), (vec![3, 7], vec![1.0, 2.0]));
+    }
 
     /// `a` as pre-activations with a zero bias.
     fn unbiased(a: &Array2<f32>) -> PreActs<'_> {

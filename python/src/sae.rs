@@ -178,25 +178,9 @@ impl PySae {
             )));
         };
         let codes = self.codes(py, &x)?;
-        let n = codes.n_rows();
-        let (mut indices, mut values) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k));
-        for b in 0..n {
-            let (idx, val) = codes.row(b);
-            if idx.len() > k {
-                return Err(value_error(format!(
-                    "row {b} holds {} codes, more than k = {k}",
-                    idx.len()
-                )));
-            }
-            let start = indices.len();
-            indices.extend(idx.iter().map(|&j| i64::from(j)));
-            values.extend_from_slice(val);
-            pad_row(&mut indices, &mut values, start, k, config.dict_size);
-        }
-        let indices =
-            Array2::from_shape_vec((n, k), indices).map_err(|e| value_error(e.to_string()))?;
-        let values =
-            Array2::from_shape_vec((n, k), values).map_err(|e| value_error(e.to_string()))?;
+        let (indices, values) = codes.view().to_padded(k).map_err(to_py)?;
+        // numpy's default index type, as `sae encode` writes `indices.npy`.
+        let indices = indices.mapv(i64::from);
         (
             PyArray2::from_owned_array(py, indices),
             PyArray2::from_owned_array(py, values),
@@ -353,24 +337,5 @@ impl PySae {
     /// Whether both hold the same parameters and θ, bit for bit.
     fn same_as(&self, other: &PySae) -> bool {
         self.sae == other.sae
-    }
-}
-
-/// Pads one TopK row (its entries from `start`) to `k` with value 0 at the lowest latents it
-/// does not use, as `sae encode` writes its `indices.npy` (the library's `io::codes` does the
-/// same for its files).
-fn pad_row(idx: &mut Vec<i64>, val: &mut Vec<f32>, start: usize, k: usize, n_latents: usize) {
-    let mut own = start;
-    let end = idx.len();
-    let mut candidate = 0i64;
-    while idx.len() - start < k && (candidate as usize) < n_latents {
-        while own < end && idx[own] < candidate {
-            own += 1;
-        }
-        if own == end || idx[own] != candidate {
-            idx.push(candidate);
-            val.push(0.0);
-        }
-        candidate += 1;
     }
 }

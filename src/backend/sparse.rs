@@ -5,7 +5,7 @@ use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use super::simd::{dispatch, prefetch};
-use crate::select::Codes;
+use crate::select::{Codes, SparseCodes};
 
 /// Lanes of the independent accumulators in [`dot`]: enough for the compiler to vectorise.
 const LANES: usize = 16;
@@ -41,7 +41,7 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// `out_bd ← codes · w_fd (+ bias_d)`: each row is the bias plus the sum of its active
 /// latents' rows of `w_fd`, scaled by their codes.
 pub fn decode_into(
-    codes: &Codes,
+    codes: SparseCodes<'_>,
     w_fd: ArrayView2<'_, f32>,
     bias_d: Option<ArrayView1<'_, f32>>,
     mut out_bd: ArrayViewMut2<'_, f32>,
@@ -184,7 +184,7 @@ mod tests {
         let w = array![[1.0f32, 2.0], [3.0, 4.0], [5.0, 6.0]];
         let bias = array![0.5f32, -0.5];
         let mut out = Array2::zeros((3, 2));
-        decode_into(&codes, w.view(), Some(bias.view()), out.view_mut());
+        decode_into(codes.view(), w.view(), Some(bias.view()), out.view_mut());
         assert_eq!(out, dense.dot(&w) + &bias);
     }
 

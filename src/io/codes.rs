@@ -130,26 +130,12 @@ impl CodesWriter {
             CodesLayout::TopK { k } => {
                 self.batch_indices.clear();
                 self.batch_values.clear();
-                for b in 0..codes.n_rows() {
-                    let (idx, val) = codes.row(b);
-                    if idx.len() > k {
-                        return Err(Error::Shape {
-                            what: format!("row {} of the codes", self.n_rows + b as u64),
-                            expected: vec![k],
-                            got: vec![idx.len()],
-                        });
-                    }
-                    let start = self.batch_indices.len();
-                    self.batch_indices.extend_from_slice(idx);
-                    self.batch_values.extend_from_slice(val);
-                    pad_row(
-                        &mut self.batch_indices,
-                        &mut self.batch_values,
-                        start,
-                        k,
-                        self.n_latents,
-                    );
-                }
+                codes.view().pad_into(
+                    k,
+                    self.n_rows,
+                    &mut self.batch_indices,
+                    &mut self.batch_values,
+                )?;
                 self.indices.append(&self.batch_indices)?;
                 self.values.append(&self.batch_values)?;
             }
@@ -195,44 +181,5 @@ impl CodesWriter {
         };
         let json = serde_json::to_string_pretty(&manifest).expect("manifests serialise");
         super::write_atomic(&self.dir.join("codes.json"), json.as_bytes())
-    }
-}
-
-/// Pads the row at `idx[start..]` to exactly `k` codes with zeros at the lowest latents the
-/// row does not use (its own latents are ascending).
-fn pad_row(idx: &mut Vec<u32>, val: &mut Vec<f32>, start: usize, k: usize, n_latents: usize) {
-    let mut own = start;
-    let end = idx.len();
-    let mut candidate = 0u32;
-    while idx.len() - start < k && (candidate as usize) < n_latents {
-        // Skip past the row's own latents below the candidate.
-        while own < end && idx[own] < candidate {
-            own += 1;
-        }
-        if own == end || idx[own] != candidate {
-            idx.push(candidate);
-            val.push(0.0);
-        }
-        candidate += 1;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::pad_row;
-
-    #[test]
-    fn padding_fills_the_lowest_latents_the_row_does_not_use() {
-        let (mut idx, mut val) = (vec![7, 0, 2, 9], vec![5.0, 1.0, 2.0, 3.0]);
-        // The row under test starts at 1: latents 0, 2 and 9.
-        pad_row(&mut idx, &mut val, 1, 5, 12);
-        assert_eq!(idx, [7, 0, 2, 9, 1, 3]);
-        assert_eq!(val, [5.0, 1.0, 2.0, 3.0, 0.0, 0.0]);
-        let (mut idx, mut val) = (vec![], vec![]);
-        pad_row(&mut idx, &mut val, 0, 3, 3);
-        assert_eq!((idx, val), (vec![0, 1, 2], vec![0.0; 3]));
-        let (mut idx, mut val) = (vec![3, 7], vec![1.0, 2.0]);
-        pad_row(&mut idx, &mut val, 0, 2, 8);
-        assert_eq!((idx, val), (vec![3, 7], vec![1.0, 2.0]));
     }
 }

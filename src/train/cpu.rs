@@ -276,7 +276,7 @@ impl Phases for CpuStep {
             );
         } else {
             sparse::decode_into(
-                &self.buf.codes,
+                self.buf.codes.view(),
                 sae.w_dec_fd.view(),
                 with_bias.then(|| sae.b_dec_d.view()),
                 self.buf.x_hat_bd.view_mut(),
@@ -315,7 +315,7 @@ impl Phases for CpuStep {
         );
         resize(&mut self.buf.aux_hat_bd, (x_bd.nrows(), sae.config.d_model));
         sparse::decode_into(
-            &self.buf.aux_codes,
+            self.buf.aux_codes.view(),
             sae.w_dec_fd.view(),
             None,
             self.buf.aux_hat_bd.view_mut(),
