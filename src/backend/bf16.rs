@@ -205,19 +205,21 @@ impl Bf16Batch {
             .zip(x_bd.axis_chunks_iter(Axis(0), PANEL))
             .zip(self.words.par_chunks_mut(panel_words))
             .for_each(|((mut xc_rd, x_rd), panel)| {
-                let (mut row_d, mut row_p) = (vec![0.0f32; d], vec![0u32; pairs]);
                 for (r, (mut xc, x)) in xc_rd.rows_mut().into_iter().zip(x_rd.rows()).enumerate() {
                     match &b_dec_d {
-                        Some(b_dec) => Zip::from(&mut row_d[..])
+                        Some(b_dec) => Zip::from(&mut xc)
                             .and(&x)
                             .and(b_dec)
                             .for_each(|c, &x, &bd| *c = x - bd),
-                        None => Zip::from(&mut row_d[..]).and(&x).for_each(|c, &x| *c = x),
+                        None => xc.assign(&x),
                     }
-                    xc.assign(&ArrayView1::from(&row_d[..]));
-                    round_row_into(&mut row_p, &row_d);
-                    for (p, &w) in row_p.iter().enumerate() {
-                        panel[p * PANEL + r] = w;
+                    // Rounded from the f32 row just written, straight into the panel: no
+                    // scratch row, so forming a batch allocates nothing.
+                    let mut values = xc.iter().copied();
+                    for p in 0..pairs {
+                        let lo = values.next().unwrap_or(0.0);
+                        let hi = values.next().unwrap_or(0.0);
+                        panel[p * PANEL + r] = pair(lo, hi);
                     }
                 }
             });
