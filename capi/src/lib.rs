@@ -23,6 +23,8 @@
 //! environment sets `RAYON_NUM_THREADS`); the same SAE and rows give the same codes, bit for
 //! bit, as `Sae::encode` in Rust and `sae encode` on the command line.
 
+#![warn(missing_docs)]
+
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -5,6 +5,8 @@
 //! cargo run --manifest-path capi/header/Cargo.toml -- --check # fails if it is stale
 //! ```
 
+#![warn(missing_docs)]
+
 use std::path::Path;
 use std::process::ExitCode;
 
