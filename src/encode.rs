@@ -5,7 +5,7 @@
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
 use crate::arch::Selection;
-use crate::backend::bf16::{Bf16Encoder, Bf16Kernel};
+use crate::backend::bf16::Bf16Encoder;
 use crate::backend::cuda_select::DeviceEncoder;
 use crate::backend::{sparse, Backend, Device};
 use crate::dist::{Collective, SingleProcess};
@@ -33,7 +33,6 @@ pub struct EncodeBuffers {
 /// made of.
 struct Bf16State {
     encoder: Bf16Encoder,
-    kernel: Bf16Kernel,
     shape: (usize, usize),
 }
 
@@ -94,8 +93,7 @@ impl Sae {
     /// allocation by this crate, unless a batch needs more room for its codes or the
     /// selection's candidates than the batches before it (TopK keeps at most k codes a row;
     /// ReLU, JumpReLU and θ keep as many as the data passes). The CPU GEMM library may still
-    /// allocate its own packing space (matrixmultiply does, on every product); the bf16
-    /// GEMM's batch packing allocates two D-long rows per 32 rows of the batch.
+    /// allocate its own packing space (matrixmultiply does, on every product).
     ///
     /// The codes returned borrow `buffers` until the next call ([`EncodeBuffers::codes`] gives
     /// them again). In bf16, W_enc's bf16 copy lives in `buffers` and is rounded again from
@@ -163,7 +161,7 @@ impl Sae {
             Some(kernel) => {
                 let shape = self.w_enc_fd.dim();
                 match bf16 {
-                    Some(state) if state.kernel == kernel && state.shape == shape => {
+                    Some(state) if state.shape == shape => {
                         if !w_enc_current {
                             state.encoder.refresh(self.w_enc_fd.view(), 0..f);
                         }
@@ -171,7 +169,6 @@ impl Sae {
                     _ => {
                         *bf16 = Some(Bf16State {
                             encoder: Bf16Encoder::new(kernel),
-                            kernel,
                             shape,
                         })
                     }

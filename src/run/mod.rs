@@ -315,8 +315,7 @@ fn open_data(spec: &RunSpec, seed: u64, given: RunData) -> Result<Opened> {
         RunData::Stream(stream) => return open_stream(data, stream),
     };
     let d_model = all.d_model();
-    let (train_rows, eval_rows, mut notes) = held_out(data, all, d_model)?;
-    notes.shrink_to_fit();
+    let (train_rows, eval_rows, notes) = held_out(data, all, d_model)?;
     Ok(Opened {
         files: 0,
         train_rows: Some(train_rows),
